@@ -1,0 +1,47 @@
+"""graphpass.optimize: capture -> tag -> check schedule -> executor (phases are specialised on first use)."""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+from .errors import InputError
+from .passes.capture import capture
+from .passes.tag import tag_attention
+from .runtime.executor import OptimizedModel
+from .schedules.base import Schedule
+from .schedules.pab import PAB
+
+
+def optimize(model: torch.nn.Module, schedule: Schedule | str, *, example_kwargs: dict[str, Any],
+             timestep_arg: str = "timestep", video_input: str | None = None, kinds: dict[str, str] | None = None,
+             backend: str = "eager", timesteps: Sequence[float] | None = None) -> OptimizedModel:
+    """Compile ``model`` for ``schedule``.
+
+    Args:
+        model: the DiT (an ``nn.Module`` called with keyword arguments).
+        schedule: a :class:`~graphpass.PAB` (or a PAB preset name such as ``"pab246"`` or ``"latte"``).
+        example_kwargs: one real call's keyword arguments; tensors become graph inputs (the graphs are
+            specialised to their shapes), plain constants such as ``return_dict=False`` are bound.
+        timestep_arg: the argument holding the timestep, read on every call to pick the phase.
+        video_input: the latent video argument (default: the first 5-D floating input).
+        kinds: override tagging by module-path glob, e.g. ``{"temporal_transformer_blocks.*.attn1": "temporal"}``.
+        backend: ``"eager"`` (FX graphs) or ``"inductor"`` (torch.compile per phase graph).
+        timesteps: the sampler's timesteps, if known: builds the plan and all phase graphs up front.
+
+    Returns an :class:`~graphpass.OptimizedModel` called exactly like ``model``.
+    """
+    if isinstance(schedule, str):
+        schedule = PAB.preset(schedule)
+    if not isinstance(schedule, Schedule):
+        raise TypeError(f"schedule must be a graphpass schedule (e.g. graphpass.PAB(...)), got {type(schedule).__name__}")
+    if timestep_arg not in example_kwargs:
+        raise InputError(f"example_kwargs has no {timestep_arg!r}: graphpass reads the timestep of every call to pick "
+                         f"the schedule phase; include it or set timestep_arg= to the argument that holds it")
+    captured = capture(model, example_kwargs)
+    regions = tag_attention(captured, video_input=video_input, kinds=kinds)
+    schedule.check_model({r.kind for r in regions})
+    opt = OptimizedModel(model, captured, regions, schedule, timestep_arg=timestep_arg, backend=backend)
+    if timesteps is not None:
+        opt.plan(timesteps)
+    return opt

@@ -1,0 +1,25 @@
+"""Errors raised by graphpass. Every message names the problem and the fix."""
+
+
+class GraphpassError(Exception):
+    """Base class of all graphpass errors."""
+
+
+class CaptureError(GraphpassError):
+    """The model could not be captured as a graph, or captured into something graphpass cannot optimise."""
+
+
+class TaggingError(GraphpassError):
+    """Attention regions could not be found or classified."""
+
+
+class ScheduleError(GraphpassError, ValueError):
+    """A schedule is malformed or does not fit the model it is applied to."""
+
+
+class InputError(GraphpassError, ValueError):
+    """A call's inputs do not match what the captured graph can serve (names, shapes, dtypes, timestep)."""
+
+
+class ArtefactError(GraphpassError):
+    """A saved artefact (weights, exported folder, manifest) is missing, corrupt or from another version."""

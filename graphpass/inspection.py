@@ -1,0 +1,136 @@
+"""Human-readable reports of an optimised model: regions, phases, plan; phase graphs as code and DOT."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
+import torch.fx as fx
+
+from .passes.flops import graph_flops
+from .schedules.base import Action, Phase
+
+if TYPE_CHECKING:
+    from .runtime.executor import OptimizedModel
+
+_KIND_COLOUR = {"spatial": "lightblue", "temporal": "palegreen", "cross": "khaki", "joint": "plum",
+                "mlp": "lightsalmon"}
+
+
+def _fmt_flops(f: float) -> str:
+    for unit, div in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if f >= div:
+            return f"{f / div:.2f}{unit}"
+    return f"{f:.0f}"
+
+
+def _fmt_bytes(b: float) -> str:
+    for unit, div in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if b >= div:
+            return f"{b / div:.2f} {unit}"
+    return f"{b:.0f} B"
+
+
+def default_timesteps(n: int = 50) -> list[float]:
+    """DDIM-style timesteps on the 0..1000 scale, used when no plan or trace is known."""
+    step = 1000 // n
+    return [float(t) for t in range((n - 1) * step + 1, -1, -step)][:n]
+
+
+def report(opt: "OptimizedModel", folder: str | None = None, timesteps: Sequence[float] | None = None) -> str:
+    full = graph_flops(opt.captured.gm)
+    lines = [f"graphpass: {opt.captured.model_type} with {opt.schedule}",
+             f"captured graph: {sum(1 for n in opt.captured.gm.graph.nodes if n.op not in ('placeholder', 'output'))}"
+             f" nodes, {_fmt_flops(full)}FLOP per call; inputs: "
+             + ", ".join(f"{n} {s}" for n, s in zip(opt.captured.input_names, opt.captured.input_specs)),
+             "", f"regions ({len(opt.regions)}):",
+             f"  {'path':<42} {'kind':<9} {'output shape':<22} {'FLOP':>9} {'share':>6}  why"]
+    for r in opt.regions:
+        shape = "; ".join("x".join(map(str, s.shape)) for s in r.exit_specs)
+        lines.append(f"  {r.path:<42} {r.kind:<9} {shape:<22} {_fmt_flops(r.flops):>9} {r.flops / full:>6.1%}  "
+                     f"{r.reason}")
+
+    plan = None
+    if timesteps is not None:
+        plan = opt.schedule.plan(opt.regions, list(timesteps))
+        source = "given timesteps"
+    elif opt.current_plan is not None:
+        plan, source = opt.current_plan, "opt.plan(...)"
+    elif opt.state().trace:
+        ts = [t for t, _ in opt.state().trace]
+        plan = opt.schedule.plan(opt.regions, ts)
+        source = "timesteps of the last generation"
+    else:
+        plan = opt.schedule.plan(opt.regions, default_timesteps())
+        source = "50 DDIM-spaced timesteps (no plan or call yet)"
+
+    phases = plan.distinct()
+    ids = {ph: i for i, ph in enumerate(phases)}
+    lines += ["", f"phases ({len(phases)}, from {source}):",
+              f"  {'id':<3} {'nodes':>6} {'attn':>5} {'FLOP':>9} {'share':>6} {'steps':>5}  reuse / store"]
+    total = 0.0
+    for ph in phases:
+        pg = opt.phase_graph(ph)
+        steps = sum(1 for p in plan.phases if p == ph)
+        total += steps * pg.flops
+        kinds_r = _kind_counts(opt, ph, Action.REUSE)
+        kinds_s = _kind_counts(opt, ph, Action.STORE)
+        lines.append(f"  P{ids[ph]:<2} {pg.node_count:>6} {pg.attention_ops():>5} {_fmt_flops(pg.flops):>9} "
+                     f"{pg.flops / full:>6.1%} {steps:>5}  reuse[{kinds_r or '-'}] store[{kinds_s or '-'}]")
+    n = len(plan)
+    lines.append(f"  plan FLOP share {total / (n * full):.1%} -> ideal speedup {n * full / total:.2f}x over {n} steps")
+
+    lines += ["", "plan (step: timestep -> phase, cache held after the step):"]
+    held = 0
+    keys_bytes = {r.path: r.exit_bytes for r in opt.regions}
+    cache: set[str] = set()
+    row = []
+    for i, (t, ph) in enumerate(zip(plan.timesteps, plan.phases)):
+        for r in opt.regions:
+            a = ph.action(r.path)
+            if a == Action.STORE:
+                cache.add(r.path)
+            elif a == Action.COMPUTE:
+                cache.discard(r.path)
+        held = sum(keys_bytes[p] for p in cache)
+        row.append(f"{i:>3}: t={t:>6.1f} P{ids[ph]:<2} {_fmt_bytes(held):>10}")
+        if len(row) == 3:
+            lines.append("  " + "   ".join(row))
+            row = []
+    if row:
+        lines.append("  " + "   ".join(row))
+
+    if folder is not None:
+        out = Path(folder)
+        out.mkdir(parents=True, exist_ok=True)
+        for ph in phases:
+            pg = opt.phase_graph(ph)
+            stem = out / f"phase{ids[ph]}"
+            stem.with_suffix(".py").write_text(f"# phase P{ids[ph]}: {ph.label()}\n# reuse: {list(ph.reused)}\n"
+                                               f"# store: {list(ph.stored)}\n" + pg.gm.code)
+            stem.with_suffix(".dot").write_text(to_dot(pg.gm, opt.regions, f"P{ids[ph]}"))
+        (out / "report.txt").write_text("\n".join(lines) + "\n")
+        lines.append(f"\nwrote {len(phases)} phase graphs (.py, .dot) and report.txt to {out}")
+    return "\n".join(lines)
+
+
+def _kind_counts(opt, ph: Phase, action: Action) -> str:
+    counts: dict[str, int] = {}
+    for r in opt.regions:
+        if ph.action(r.path) == action:
+            counts[r.kind] = counts.get(r.kind, 0) + 1
+    return " ".join(f"{k}:{v}" for k, v in counts.items())
+
+
+def to_dot(gm: fx.GraphModule, regions, name: str = "G") -> str:
+    """Graphviz DOT of a graph, nodes filled by the kind of the region they belong to."""
+    owner = {n: r for r in regions for n in r.nodes}
+    out = [f'digraph "{name}" {{', "  rankdir=TB; node [shape=box, style=filled, fontsize=9];"]
+    for n in gm.graph.nodes:
+        r = owner.get(n.name)
+        colour = _KIND_COLOUR.get(r.kind, "white") if r else ("lightgrey" if n.op == "placeholder" else "white")
+        label = n.name if n.op != "call_function" else f"{n.name}\\n{getattr(n.target, '__name__', n.target)}"
+        out.append(f'  "{n.name}" [label="{label}", fillcolor="{colour}"];')
+        for a in n.all_input_nodes:
+            out.append(f'  "{a.name}" -> "{n.name}";')
+    out.append("}")
+    return "\n".join(out) + "\n"

@@ -1,0 +1,234 @@
+"""VDT-style video diffusion transformer in pixel space.
+
+Each block runs, in order: spatial self-attention (one frame's tokens, batch
+B*F), temporal self-attention (one token position across frames, batch B*T),
+cross-attention to an embedded label sequence, and an MLP. The timestep enters
+through adaLN-Zero (shift / scale / gate per sublayer). The gate multiply and
+the residual add live in the block, so every ``Attention`` / ``Mlp`` module
+returns its raw output: this is the boundary a caching compiler replaces.
+
+Frames given as clean conditioning (VDT spatial-temporal mask modelling) are
+marked by ``cond_mask`` and receive a learned "given" embedding; the caller
+places the clean frames at those positions of ``hidden_states``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class VDTConfig:
+    """Architecture hyper-parameters; the video shape is part of the config."""
+
+    num_frames: int = 16
+    image_size: int = 32
+    in_channels: int = 3
+    patch_size: int = 4
+    hidden_size: int = 128
+    depth: int = 4
+    num_heads: int = 4
+    mlp_ratio: float = 4.0
+    vocab_size: int = 11
+    cond_len: int = 7
+    freq_dim: int = 256
+
+    @property
+    def tokens_per_frame(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "VDTConfig":
+        return cls(**json.loads(text))
+
+
+CONFIGS: dict[str, VDTConfig] = {
+    # Random-init model for fast tests.
+    "vdt-tiny": VDTConfig(num_frames=4, image_size=16, patch_size=4, hidden_size=32, depth=2,
+                          num_heads=2, freq_dim=64),
+    # The trained model shipped in graphpass/models/weights/vdt-s.safetensors.
+    "vdt-s": VDTConfig(num_frames=16, image_size=32, patch_size=4, hidden_size=96, depth=4,
+                       num_heads=4),
+}
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale) + shift
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of float timesteps (B,) on the 0..1000 scale."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def _sincos_1d(dim: int, pos: torch.Tensor) -> torch.Tensor:
+    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2.0))
+    out = pos.double().reshape(-1)[:, None] * omega[None]
+    return torch.cat([torch.sin(out), torch.cos(out)], dim=1).float()
+
+
+def sincos_pos_embed(num_frames: int, grid: int, dim: int) -> torch.Tensor:
+    """Fixed space-time embedding (F, T, D): 2D sin-cos over the grid plus 1D over frames."""
+    ys, xs = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    spatial = torch.cat([_sincos_1d(dim // 2, ys), _sincos_1d(dim // 2, xs)], dim=1)  # (T, D)
+    temporal = _sincos_1d(dim, torch.arange(num_frames))  # (F, D)
+    return spatial[None] + temporal[:, None]
+
+
+class Attention(nn.Module):
+    """Multi-head attention with separate q/k/v/out projections.
+
+    Self-attention when ``context`` is None; otherwise k and v come only from
+    ``context`` (cross-attention), so they are constant across denoising steps.
+    """
+
+    def __init__(self, dim: int, num_heads: int, context_dim: int | None = None):
+        super().__init__()
+        assert dim % num_heads == 0
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        ctx = dim if context_dim is None else context_dim
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(ctx, dim)
+        self.v = nn.Linear(ctx, dim)
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        ctx = x if context is None else context
+        n, s, d = x.shape
+        sk = ctx.shape[1]
+        q = self.q(x).reshape(n, s, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k(ctx).reshape(n, sk, self.num_heads, self.head_dim).transpose(1, 2)
+        v = self.v(ctx).reshape(n, sk, self.num_heads, self.head_dim).transpose(1, 2)
+        o = F.scaled_dot_product_attention(q, k, v)
+        return self.out(o.transpose(1, 2).reshape(n, s, d))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, ratio: float):
+        super().__init__()
+        hidden = int(dim * ratio)
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class VDTBlock(nn.Module):
+    """Spatial attn -> temporal attn -> cross attn -> MLP, each adaLN-Zero gated."""
+
+    def __init__(self, cfg: VDTConfig):
+        super().__init__()
+        d = cfg.hidden_size
+        self.norm1 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        self.spatial_attn = Attention(d, cfg.num_heads)
+        self.norm2 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        self.temporal_attn = Attention(d, cfg.num_heads)
+        self.norm3 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        self.cross_attn = Attention(d, cfg.num_heads)
+        self.norm4 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(d, cfg.mlp_ratio)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(d, 12 * d))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        b, f, t, d = x.shape
+        mods = self.adaLN_modulation(c)[:, None, None, :].chunk(12, dim=-1)
+        (sh1, sc1, g1, sh2, sc2, g2, sh3, sc3, g3, sh4, sc4, g4) = mods
+
+        h = modulate(self.norm1(x), sh1, sc1).reshape(b * f, t, d)
+        x = x + g1 * self.spatial_attn(h).reshape(b, f, t, d)
+
+        h = modulate(self.norm2(x), sh2, sc2).permute(0, 2, 1, 3).reshape(b * t, f, d)
+        h = self.temporal_attn(h).reshape(b, t, f, d).permute(0, 2, 1, 3)
+        x = x + g2 * h
+
+        h = modulate(self.norm3(x), sh3, sc3).reshape(b, f * t, d)
+        x = x + g3 * self.cross_attn(h, context).reshape(b, f, t, d)
+
+        x = x + g4 * self.mlp(modulate(self.norm4(x), sh4, sc4))
+        return x
+
+
+class VDT(nn.Module):
+    """Video diffusion transformer predicting the noise epsilon."""
+
+    def __init__(self, config: VDTConfig):
+        super().__init__()
+        self.config = cfg = config
+        d, p = cfg.hidden_size, cfg.patch_size
+        assert cfg.image_size % p == 0
+        self.grid = cfg.image_size // p
+        self.patch_embed = nn.Conv2d(cfg.in_channels, d, kernel_size=p, stride=p)
+        self.register_buffer("pos_embed", sincos_pos_embed(cfg.num_frames, self.grid, d), persistent=False)
+        self.given_embed = nn.Parameter(torch.zeros(d))
+        self.t_embedder = nn.Sequential(nn.Linear(cfg.freq_dim, d), nn.SiLU(), nn.Linear(d, d))
+        self.token_embed = nn.Embedding(cfg.vocab_size, d)
+        self.token_pos = nn.Parameter(torch.zeros(cfg.cond_len, d))
+        self.cond_norm = nn.LayerNorm(d, eps=1e-6)
+        self.blocks = nn.ModuleList([VDTBlock(cfg) for _ in range(cfg.depth)])
+        self.final_norm = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        self.final_modulation = nn.Sequential(nn.SiLU(), nn.Linear(d, 2 * d))
+        self.final_linear = nn.Linear(d, p * p * cfg.in_channels)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        w = self.patch_embed.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.patch_embed.bias)
+        nn.init.normal_(self.t_embedder[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder[2].weight, std=0.02)
+        nn.init.normal_(self.token_embed.weight, std=0.02)
+        nn.init.normal_(self.token_pos, std=0.02)
+        nn.init.normal_(self.given_embed, std=0.02)
+        # adaLN-Zero: every residual branch and the output start at zero.
+        for blk in self.blocks:
+            nn.init.zeros_(blk.adaLN_modulation[-1].weight)
+            nn.init.zeros_(blk.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_modulation[-1].weight)
+        nn.init.zeros_(self.final_modulation[-1].bias)
+        nn.init.zeros_(self.final_linear.weight)
+        nn.init.zeros_(self.final_linear.bias)
+
+    def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor,
+                encoder_hidden_states: torch.Tensor, cond_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden_states (B, F, C, H, W) in [-1, 1]-ish noise scale; timestep (B,) float on 0..1000;
+        encoder_hidden_states (B, L) int64 token ids (0 = null); cond_mask (B, F), 1 = clean given frame.
+        Returns predicted epsilon with the shape of hidden_states."""
+        cfg = self.config
+        b, f, ch, hgt, wid = hidden_states.shape
+        p, g, d = cfg.patch_size, self.grid, cfg.hidden_size
+
+        x = self.patch_embed(hidden_states.reshape(b * f, ch, hgt, wid))  # (B*F, D, g, g)
+        x = x.flatten(2).transpose(1, 2).reshape(b, f, g * g, d)
+        x = x + self.pos_embed.to(x.dtype)
+        if cond_mask is not None:
+            x = x + cond_mask.to(x.dtype)[:, :, None, None] * self.given_embed
+
+        c = self.t_embedder(timestep_embedding(timestep, cfg.freq_dim).to(x.dtype))
+        context = self.cond_norm(self.token_embed(encoder_hidden_states) + self.token_pos)
+
+        for blk in self.blocks:
+            x = blk(x, c, context)
+
+        shift, scale = self.final_modulation(c)[:, None, None, :].chunk(2, dim=-1)
+        x = self.final_linear(modulate(self.final_norm(x), shift, scale))  # (B, F, T, p*p*C)
+        x = x.reshape(b, f, g, g, p, p, ch).permute(0, 1, 6, 2, 4, 3, 5)
+        return x.reshape(b, f, ch, hgt, wid)

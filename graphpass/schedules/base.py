@@ -1,0 +1,183 @@
+"""Schedules are data about steps: which region kinds may be reused at which step.
+
+A schedule never sees a graph. Given the regions of a model (anything with ``.path`` and ``.kind``) and
+the timesteps of a generation, it yields a :class:`Plan`: the :class:`Phase` of every step, i.e. what each
+region does at that step (compute, compute and store for a later step, or reuse the stored output).
+The passes turn each distinct phase into a graph; the runtime executes the plan.
+"""
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Any, ClassVar, Iterable, Protocol, Sequence
+
+from ..errors import ScheduleError
+
+#: Region kinds the tagger assigns and schedules may name.
+KINDS = ("spatial", "temporal", "cross", "joint", "mlp")
+
+
+class Action(str, Enum):
+    COMPUTE = "compute"  # run the region; nothing is kept
+    STORE = "store"  # run the region and hand its outputs to the cache for a later step
+    REUSE = "reuse"  # skip the region; read its outputs from the cache
+
+
+class RegionRef(Protocol):
+    path: str
+    kind: str
+
+
+@dataclass(frozen=True)
+class Phase:
+    """What every region does in one step. Only non-compute regions are listed, sorted by path, so the
+    phase that computes everything is ``Phase(())`` and equal phases hash equal."""
+
+    actions: tuple[tuple[str, Action], ...] = ()
+
+    @staticmethod
+    def of(actions: dict[str, Action]) -> "Phase":
+        return Phase(tuple(sorted((p, Action(a)) for p, a in actions.items() if Action(a) != Action.COMPUTE)))
+
+    def action(self, path: str) -> Action:
+        for p, a in self.actions:
+            if p == path:
+                return a
+        return Action.COMPUTE
+
+    @property
+    def reused(self) -> tuple[str, ...]:
+        return tuple(p for p, a in self.actions if a == Action.REUSE)
+
+    @property
+    def stored(self) -> tuple[str, ...]:
+        return tuple(p for p, a in self.actions if a == Action.STORE)
+
+    def label(self) -> str:
+        if not self.actions:
+            return "compute-all"
+        parts = []
+        if self.reused:
+            parts.append(f"reuse {len(self.reused)}")
+        if self.stored:
+            parts.append(f"store {len(self.stored)}")
+        return ", ".join(parts)
+
+
+@dataclass
+class Plan:
+    """The phase of every step of one generation, with the timesteps it was made for."""
+
+    timesteps: list[float]
+    phases: list[Phase]
+
+    def distinct(self) -> list[Phase]:
+        """Distinct phases in order of first use."""
+        seen: dict[Phase, None] = {}
+        for ph in self.phases:
+            seen.setdefault(ph, None)
+        return list(seen)
+
+    def __len__(self) -> int:
+        return len(self.phases)
+
+
+class Schedule(ABC):
+    """Base of all schedules. Subclasses are dataclasses registered by ``type_name`` for JSON."""
+
+    type_name: ClassVar[str] = ""
+    _registry: ClassVar[dict[str, type["Schedule"]]] = {}
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        if cls.type_name:
+            Schedule._registry[cls.type_name] = cls
+
+    # --- decisions -------------------------------------------------------------------------------
+    @abstractmethod
+    def kinds(self) -> set[str]:
+        """Kinds this schedule may reuse; optimising a model that lacks one of them is an error."""
+
+    @abstractmethod
+    def reuses(self, region: RegionRef, t: float, counter: int) -> bool:
+        """Whether ``region`` reuses its stored output at the call numbered ``counter`` (0-based, one per
+        model call of a generation) whose timestep is ``t``."""
+
+    @abstractmethod
+    def may_reuse_next(self, region: RegionRef, t: float, counter: int) -> bool:
+        """Whether the call after ``counter`` (whose timestep is unknown but lower than ``t``) could reuse
+        ``region``. Used when steps arrive one by one: a region is stored only when this says so."""
+
+    def check_model(self, available_kinds: Iterable[str]) -> None:
+        missing = sorted(self.kinds() - set(available_kinds))
+        if missing:
+            raise ScheduleError(
+                f"{type(self).__name__} schedule reuses {', '.join(missing)} attention, but the model has no region of "
+                f"that kind (it has: {', '.join(sorted(set(available_kinds))) or 'none'}). Remove those kinds from the "
+                f"schedule, or override the tagging with kinds={{'<module path pattern>': '<kind>'}} if a region was "
+                f"mis-tagged.")
+
+    # --- plans -----------------------------------------------------------------------------------
+    def plan(self, regions: Sequence[RegionRef], timesteps: Sequence[float]) -> Plan:
+        """The phase of every step when all timesteps are known up front: a region is stored only at the
+        compute step right before a reuse, so the cache holds exactly what a later step reads."""
+        ts = [float(t) for t in timesteps]
+        reuse = [{r.path: self.reuses(r, t, i) for r in regions} for i, t in enumerate(ts)]
+        phases = []
+        for i in range(len(ts)):
+            acts = {}
+            for r in regions:
+                if reuse[i][r.path]:
+                    acts[r.path] = Action.REUSE
+                elif i + 1 < len(ts) and reuse[i + 1][r.path]:
+                    acts[r.path] = Action.STORE
+            phases.append(Phase.of(acts))
+        return Plan(ts, phases)
+
+    def step_phase(self, regions: Sequence[RegionRef], t: float, counter: int, cached: set[str]) -> Phase:
+        """The phase of one step when timesteps arrive one by one. A reuse whose output is not cached
+        (nothing computed it yet) computes instead."""
+        acts = {}
+        for r in regions:
+            if self.reuses(r, t, counter) and r.path in cached:
+                acts[r.path] = Action.REUSE
+            elif self.may_reuse_next(r, t, counter):
+                acts[r.path] = Action.STORE
+        return Phase.of(acts)
+
+    # --- serialisation ---------------------------------------------------------------------------
+    @abstractmethod
+    def to_dict(self) -> dict[str, Any]:
+        ...
+
+    @classmethod
+    @abstractmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Schedule":
+        ...
+
+    def to_json(self, **kw) -> str:
+        return json.dumps({"type": self.type_name, **self.to_dict()}, **kw)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json(indent=2) + "\n")
+
+
+def schedule_from_json(text_or_path: str | Path) -> Schedule:
+    """Load any schedule from JSON text or a ``.json`` file path."""
+    text = str(text_or_path)
+    if not text.lstrip().startswith("{"):
+        p = Path(text)
+        if not p.exists():
+            raise ScheduleError(f"schedule file {p} does not exist; pass JSON text or an existing .json file")
+        text = p.read_text()
+    try:
+        d = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ScheduleError(f"schedule JSON is malformed ({e}); write it with Schedule.save() or to_json()") from e
+    kind = d.pop("type", None)
+    if kind not in Schedule._registry:
+        raise ScheduleError(f"unknown schedule type {kind!r}; known: {', '.join(sorted(Schedule._registry))}")
+    return Schedule._registry[kind].from_dict(d)

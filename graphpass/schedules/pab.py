@@ -1,0 +1,146 @@
+"""Pyramid Attention Broadcast (Zhao et al., ICLR 2025) as a schedule.
+
+Inside a timestep window, an attention region computes its output at one step and broadcasts it to the
+next ``range - 1`` steps. Each kind has its own range (spatial shortest, cross longest: the "pyramid").
+Rule, as in the reference code: at model call ``counter`` (0 at the start of a generation, +1 per call)
+with timestep ``t``, a region of kind ``k`` reuses iff ``lo_k < t < hi_k and counter % range_k != 0``.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import ScheduleError
+from .base import KINDS, RegionRef, Schedule
+
+DEFAULT_WINDOW = (100.0, 800.0)
+
+# Published defaults (reference code): ranges per kind and the window (lo, hi) on the 0..1000 scale.
+PRESETS: dict[str, dict[str, Any]] = {
+    "open-sora": dict(spatial=2, temporal=4, cross=6, window=(450, 930)),
+    "latte": dict(spatial=2, temporal=3, cross=6, window=(100, 800)),
+    "open-sora-plan": dict(spatial=2, temporal=4, cross=6, window=(100, 850)),
+    # 3D full attention; the reference treats it as "spatial" with range 2.
+    "cogvideox": dict(joint=2, window=(100, 850)),
+}
+
+
+@dataclass
+class PAB(Schedule):
+    """Pyramid Attention Broadcast schedule.
+
+    Fields:
+        spatial, temporal, cross, joint, mlp: broadcast range per region kind: the region computes every
+            ``range``-th call inside its window and reuses its last output otherwise. ``None`` or ``1`` means
+            the kind is always computed.
+        window: ``(lo, hi)`` timestep window (exclusive) in which reuse is allowed, on the model's timestep
+            scale (0..1000 for DDPM/DDIM-trained models). Outside it, every region computes and the cache
+            of the kind is dropped.
+        windows: per-kind window overriding ``window``, e.g. ``{"cross": (100, 900)}``.
+
+    Example:
+        >>> s = PAB(spatial=2, temporal=4, cross=6, window=(100, 800))
+        >>> PAB.preset("pab246") == PAB(spatial=2, temporal=4, cross=6)
+        True
+    """
+
+    type_name = "PAB"
+
+    spatial: int | None = None
+    temporal: int | None = None
+    cross: int | None = None
+    joint: int | None = None
+    mlp: int | None = None
+    window: tuple[float, float] = DEFAULT_WINDOW
+    windows: dict[str, tuple[float, float]] = field(default_factory=dict)
+
+    def __post_init__(self):
+        for k in KINDS:
+            r = getattr(self, k)
+            if r is None:
+                continue
+            if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+                raise ScheduleError(f"PAB {k}={r!r}: a broadcast range must be an integer >= 1 (1 = always compute)")
+        self.window = self._check_window("window", self.window)
+        unknown = set(self.windows) - set(KINDS)
+        if unknown:
+            raise ScheduleError(f"PAB windows names unknown kinds {sorted(unknown)}; kinds are {', '.join(KINDS)}")
+        self.windows = {k: self._check_window(f"windows[{k!r}]", w) for k, w in self.windows.items()}
+        if not self.kinds():
+            raise ScheduleError("PAB schedule reuses nothing: give at least one of spatial/temporal/cross/joint/mlp a "
+                                "range >= 2, e.g. PAB(spatial=2, temporal=4, cross=6)")
+
+    @staticmethod
+    def _check_window(name, w) -> tuple[float, float]:
+        try:
+            lo, hi = (float(x) for x in w)
+        except (TypeError, ValueError):
+            raise ScheduleError(f"PAB {name}={w!r}: a window is a pair (lo, hi) of timesteps") from None
+        if not lo < hi:
+            raise ScheduleError(f"PAB {name}=({lo:g}, {hi:g}): lo must be below hi (reuse happens for lo < t < hi)")
+        return (lo, hi)
+
+    # --- Schedule --------------------------------------------------------------------------------
+    def range_of(self, kind: str) -> int:
+        return getattr(self, kind, None) or 1
+
+    def window_of(self, kind: str) -> tuple[float, float]:
+        return self.windows.get(kind, self.window)
+
+    def kinds(self) -> set[str]:
+        return {k for k in KINDS if self.range_of(k) > 1}
+
+    def reuses(self, region: RegionRef, t: float, counter: int) -> bool:
+        r = self.range_of(region.kind)
+        lo, hi = self.window_of(region.kind)
+        return r > 1 and lo < t < hi and counter % r != 0
+
+    def may_reuse_next(self, region: RegionRef, t: float, counter: int) -> bool:
+        r = self.range_of(region.kind)
+        lo, _ = self.window_of(region.kind)
+        # The next timestep is below t: it can be inside the window only if t is above lo.
+        return r > 1 and t > lo and (counter + 1) % r != 0
+
+    # --- construction ----------------------------------------------------------------------------
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "PAB":
+        """A published default: ``"open-sora"``, ``"latte"``, ``"open-sora-plan"``, ``"cogvideox"``, or
+        ``"pabXYZ"`` (spatial X, temporal Y, cross Z; default window). Keyword overrides replace fields."""
+        key = name.lower().replace("_", "-")
+        if key in PRESETS:
+            kw = dict(PRESETS[key])
+        elif m := re.fullmatch(r"pab-?(\d)(\d)(\d)", key):
+            kw = dict(spatial=int(m[1]), temporal=int(m[2]), cross=int(m[3]))
+        else:
+            raise ScheduleError(f"unknown PAB preset {name!r}; known: {', '.join(PRESETS)}, or 'pabXYZ' "
+                                f"such as 'pab246' (spatial 2, temporal 4, cross 6)")
+        kw.update(overrides)
+        return cls(**kw)
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {k: getattr(self, k) for k in KINDS if getattr(self, k) is not None}
+        d["window"] = list(self.window)
+        if self.windows:
+            d["windows"] = {k: list(w) for k, w in self.windows.items()}
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "PAB":
+        unknown = set(d) - set(KINDS) - {"window", "windows"}
+        if unknown:
+            raise ScheduleError(f"PAB JSON has unknown fields {sorted(unknown)}")
+        d = dict(d)
+        if "window" in d:
+            d["window"] = tuple(d["window"])
+        if "windows" in d:
+            d["windows"] = {k: tuple(w) for k, w in d["windows"].items()}
+        return cls(**d)
+
+    def __str__(self) -> str:
+        parts = []
+        for k in KINDS:
+            if self.range_of(k) > 1:
+                lo, hi = self.window_of(k)
+                parts.append(f"{k}={self.range_of(k)}@({lo:g},{hi:g})")
+        return "PAB(" + ", ".join(parts) + ")"
