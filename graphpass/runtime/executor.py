@@ -46,6 +46,7 @@ class OptimizedModel(torch.nn.Module):
         from ..exporters.backends import make_runner  # backends come after the passes
 
         self.model = model  # keeps the shared parameters registered on this module
+        self.config = getattr(model, "config", None)  # pipelines and samplers read the model's config
         self.captured = captured
         self.regions = regions
         self.schedule = schedule
