@@ -7,7 +7,7 @@ import torch
 
 from .errors import InputError
 from .passes.capture import capture
-from .passes.tag import tag_attention
+from .passes.tag import include_gates, tag_attention
 from .runtime.executor import OptimizedModel
 from .schedules.base import Schedule
 from .schedules.pab import PAB
@@ -15,7 +15,8 @@ from .schedules.pab import PAB
 
 def optimize(model: torch.nn.Module, schedule: Schedule | str, *, example_kwargs: dict[str, Any],
              timestep_arg: str = "timestep", video_input: str | None = None, kinds: dict[str, str] | None = None,
-             backend: str = "eager", timesteps: Sequence[float] | None = None) -> OptimizedModel:
+             backend: str = "eager", timesteps: Sequence[float] | None = None,
+             reuse_gated: bool = False) -> OptimizedModel:
     """Compile ``model`` for ``schedule``.
 
     Args:
@@ -28,6 +29,9 @@ def optimize(model: torch.nn.Module, schedule: Schedule | str, *, example_kwargs
         kinds: override tagging by module-path glob, e.g. ``{"temporal_transformer_blocks.*.attn1": "temporal"}``.
         backend: ``"eager"`` (FX graphs) or ``"inductor"`` (torch.compile per phase graph).
         timesteps: the sampler's timesteps, if known: builds the plan and all phase graphs up front.
+        reuse_gated: cache ``gate * output`` as the Open-Sora/Latte reference code does, reusing a stale gate,
+            instead of the raw region output with the current step's gate re-applied (the default; see
+            benchmarks/gate_choice.py for the measured difference).
 
     Returns an :class:`~graphpass.OptimizedModel` called exactly like ``model``.
     """
@@ -40,6 +44,8 @@ def optimize(model: torch.nn.Module, schedule: Schedule | str, *, example_kwargs
                          f"the schedule phase; include it or set timestep_arg= to the argument that holds it")
     captured = capture(model, example_kwargs)
     regions = tag_attention(captured, video_input=video_input, kinds=kinds)
+    if reuse_gated:
+        regions = include_gates(captured, regions)
     schedule.check_model({r.kind for r in regions})
     opt = OptimizedModel(model, captured, regions, schedule, timestep_arg=timestep_arg, backend=backend)
     if timesteps is not None:

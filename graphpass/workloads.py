@@ -22,7 +22,9 @@ def load_model(name: str) -> torch.nn.Module:
 
         if name not in models.CONFIGS:
             raise GraphpassError(f"unknown model {name!r}; known: {', '.join(WORKLOADS)}")
-        return models.load(name) if models.weights_path(name).is_file() or name == "vdt-s" else models.create(name)
+        if models.weights_path(name).is_file() or name == "vdt-s":
+            return models.load(name)
+        return randomise_zero_init(models.create(name))
     if name == "latte-tiny":
         from diffusers import LatteTransformer3DModel
 
@@ -32,6 +34,17 @@ def load_model(name: str) -> torch.nn.Module:
                                        caption_channels=16, num_embeds_ada_norm=1000, norm_type="ada_norm_single",
                                        video_length=4).eval()
     raise GraphpassError(f"unknown model {name!r}; known: {', '.join(WORKLOADS)}")
+
+
+def randomise_zero_init(model: torch.nn.Module, std: float = 0.02, seed: int = 0) -> torch.nn.Module:
+    """Give adaLN-Zero's zero-initialised parameters small random values, so a random-weight model's
+    attention actually reaches its output (with zeros every block is the identity and the output is 0)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.any():
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model
 
 
 def example_call(name: str, batch: int = 2, num_steps: int = 50) -> tuple[torch.nn.Module, dict[str, Any], list[float]]:

@@ -265,3 +265,47 @@ def _check_disjoint(regions: list[Region]) -> None:
                 raise TaggingError(f"regions {owner[n]} and {r.path} overlap (node {n}); a region must not contain "
                                    f"another. Override kinds or restructure the model.")
             owner[n] = r.path
+
+
+_SHAPE_OPS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.permute.default,
+              aten.transpose.int, aten.unsqueeze.default, aten.contiguous.default, aten.clone.default}
+
+
+def include_gates(captured: CapturedGraph, regions: list[Region]) -> list[Region]:
+    """Extend each region over the gate multiplication that follows it, when there is one.
+
+    By default graphpass caches a region's raw output and the block re-applies the *current* step's gate
+    (the gate depends on the timestep). The Open-Sora and Latte reference code instead caches
+    ``gate * output``, reusing a stale gate; this pass gives that behaviour for comparison. A gate is a
+    ``mul`` reached from the region's single exit through single-user shape ops, whose other operand does
+    not depend on the region. Regions without one are returned unchanged.
+    """
+    by_name = {n.name: n for n in captured.gm.graph.nodes}
+    out = []
+    for r in regions:
+        if len(r.exits) != 1:
+            out.append(r)
+            continue
+        chain, node = [], by_name[r.exits[0]]
+        while len(node.users) == 1:
+            (user,) = node.users
+            if user.op != "call_function":
+                break
+            if user.target in _SHAPE_OPS:
+                chain.append(user)
+                node = user
+                continue
+            if user.target == aten.mul.Tensor and len(user.all_input_nodes) == 2:
+                chain.append(user)
+                node = user
+            break
+        if not chain or chain[-1].target != aten.mul.Tensor:
+            out.append(r)
+            continue
+        gate_node = chain[-1]
+        nodes = r.nodes + [n.name for n in chain]
+        out.append(Region(path=r.path, module_type=r.module_type, kind=r.kind, nodes=nodes, exits=[gate_node.name],
+                          exit_specs=[_spec(gate_node)],
+                          flops=r.flops + sum(node_flops(n) for n in chain), reason=r.reason + "; gate included",
+                          block=r.block, attention_shape=r.attention_shape))
+    return out
