@@ -10,16 +10,22 @@ Public API::
 
 * :func:`optimize` -> :class:`OptimizedModel` (an ``nn.Module``; ``plan``, ``cache_context``, ``reset``, ``inspect``)
 * schedules: :class:`PAB` (``PAB.preset("latte")``, ``"pab246"``...), :func:`schedule_from_json`
+* step caches: :class:`AdaCache` (``AdaCache.preset("slow")``, with :class:`MoReg`), :class:`FrozenAdaCache` (a run's decisions replayed)
+* sequence parallelism: ``optimize(..., parallel=SequenceParallel())`` splits frames over torch.distributed ranks (DSP)
+* deployment: :func:`export` (per-phase ONNX files or TensorRT engines + manifest) and :func:`load`
 * errors: :class:`GraphpassError` and subclasses in :mod:`graphpass.errors`
 """
 from .api import optimize
 from .errors import ArtefactError, CaptureError, GraphpassError, InputError, ScheduleError, TaggingError
+from .exporters import export, load
 from .runtime.cache import CacheStore
 from .runtime.executor import OptimizedModel
+from .runtime.parallel import ParallelError, SequenceParallel
 from .schedules import PAB, Action, Phase, Plan, Schedule, schedule_from_json
+from .schedules.adacache import AdaCache, FrozenAdaCache, MoReg
 
 __version__ = "0.1.0"
 
-__all__ = ["optimize", "OptimizedModel", "CacheStore", "PAB", "Schedule", "Phase", "Plan", "Action",
-           "schedule_from_json", "GraphpassError", "CaptureError", "TaggingError", "ScheduleError", "InputError",
-           "ArtefactError", "__version__"]
+__all__ = ["optimize", "export", "load", "OptimizedModel", "CacheStore", "PAB", "AdaCache", "MoReg", "FrozenAdaCache", "Schedule", "Phase", "Plan",
+           "Action", "schedule_from_json", "SequenceParallel", "ParallelError", "GraphpassError", "CaptureError", "TaggingError", "ScheduleError",
+           "InputError", "ArtefactError", "__version__"]

@@ -1,7 +1,7 @@
 """graphpass.optimize: capture -> tag -> check schedule -> executor (phases are specialised on first use)."""
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
@@ -12,16 +12,20 @@ from .runtime.executor import OptimizedModel
 from .schedules.base import Schedule
 from .schedules.pab import PAB
 
+if TYPE_CHECKING:
+    from .runtime.parallel import SequenceParallel
+
 
 def optimize(model: torch.nn.Module, schedule: Schedule | str, *, example_kwargs: dict[str, Any],
              timestep_arg: str = "timestep", video_input: str | None = None, kinds: dict[str, str] | None = None,
              backend: str = "eager", timesteps: Sequence[float] | None = None,
-             reuse_gated: bool = False) -> OptimizedModel:
+             reuse_gated: bool = False, parallel: "SequenceParallel | None" = None) -> OptimizedModel:
     """Compile ``model`` for ``schedule``.
 
     Args:
         model: the DiT (an ``nn.Module`` called with keyword arguments).
         schedule: a :class:`~graphpass.PAB` (or a PAB preset name such as ``"pab246"`` or ``"latte"``).
+            Or a residual step cache: :class:`~graphpass.AdaCache`, :class:`~graphpass.FrozenAdaCache`.
         example_kwargs: one real call's keyword arguments; tensors become graph inputs (the graphs are
             specialised to their shapes), plain constants such as ``return_dict=False`` are bound.
         timestep_arg: the argument holding the timestep, read on every call to pick the phase.
@@ -32,6 +36,9 @@ def optimize(model: torch.nn.Module, schedule: Schedule | str, *, example_kwargs
         reuse_gated: cache ``gate * output`` as the Open-Sora/Latte reference code does, reusing a stale gate,
             instead of the raw region output with the current step's gate re-applied (the default; see
             benchmarks/gate_choice.py for the measured difference).
+        parallel: a :class:`~graphpass.SequenceParallel` to split the frames over the ranks of a
+            ``torch.distributed`` process group (DSP; every rank calls ``optimize`` and the model alike). Phases
+            that reuse a temporal attention also skip its all-to-alls. See :mod:`graphpass.runtime.parallel`.
 
     Returns an :class:`~graphpass.OptimizedModel` called exactly like ``model``.
     """
@@ -42,12 +49,24 @@ def optimize(model: torch.nn.Module, schedule: Schedule | str, *, example_kwargs
     if timestep_arg not in example_kwargs:
         raise InputError(f"example_kwargs has no {timestep_arg!r}: graphpass reads the timestep of every call to pick "
                          f"the schedule phase; include it or set timestep_arg= to the argument that holds it")
+    if not isinstance(example_kwargs[timestep_arg], torch.Tensor):
+        # A constant would be bound into the graph: every step would run with the example's timestep.
+        raise InputError(f"example_kwargs[{timestep_arg!r}] is {example_kwargs[timestep_arg]!r}, not a tensor: the "
+                         f"timestep must be a graph input, e.g. torch.full((batch,), 500.0)")
     captured = capture(model, example_kwargs)
     regions = tag_attention(captured, video_input=video_input, kinds=kinds)
     if reuse_gated:
         regions = include_gates(captured, regions)
     schedule.check_model({r.kind for r in regions})
-    opt = OptimizedModel(model, captured, regions, schedule, timestep_arg=timestep_arg, backend=backend)
+    # Residual-caching schedules (AdaCache) bring their own subclass of the executor.
+    runtime = schedule.runtime_class() if hasattr(schedule, "runtime_class") else OptimizedModel
+    if parallel is not None:
+        from .runtime.parallel import build as build_parallel
+
+        opt = build_parallel(model, captured, regions, schedule, parallel, runtime=runtime, timestep_arg=timestep_arg,
+                             backend=backend, video_input=video_input)
+    else:
+        opt = runtime(model, captured, regions, schedule, timestep_arg=timestep_arg, backend=backend)
     if timesteps is not None:
         opt.plan(timesteps)
     return opt

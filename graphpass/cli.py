@@ -7,7 +7,7 @@ import importlib
 import sys
 
 #: Subcommand modules under graphpass.commands, in help order.
-COMMANDS = ["demo", "inspect"]
+COMMANDS = ["demo", "inspect", "export", "analyze", "search", "bench", "calibrate"]
 
 
 def build_parser() -> argparse.ArgumentParser:

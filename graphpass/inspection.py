@@ -78,6 +78,7 @@ def report(opt: "OptimizedModel", folder: str | None = None, timesteps: Sequence
                      f"{pg.flops / full:>6.1%} {steps:>5}  reuse[{kinds_r or '-'}] store[{kinds_s or '-'}]")
     n = len(plan)
     lines.append(f"  plan FLOP share {total / (n * full):.1%} -> ideal speedup {n * full / total:.2f}x over {n} steps")
+    lines += _communication(opt, plan, phases, ids)
 
     lines += ["", "plan (step: timestep -> phase, cache held after the step):"]
     held = 0
@@ -85,12 +86,13 @@ def report(opt: "OptimizedModel", folder: str | None = None, timesteps: Sequence
     cache: set[str] = set()
     row = []
     for i, (t, ph) in enumerate(zip(plan.timesteps, plan.phases)):
+        nxt = plan.phases[i + 1] if i + 1 < len(plan.phases) else Phase(())
         for r in opt.regions:
             a = ph.action(r.path)
             if a == Action.STORE:
                 cache.add(r.path)
-            elif a == Action.COMPUTE:
-                cache.discard(r.path)
+            elif a == Action.COMPUTE or (a == Action.REUSE and nxt.action(r.path) != Action.REUSE):
+                cache.discard(r.path)  # the executor frees a planned cache after its last reuse
         held = sum(keys_bytes[p] for p in cache)
         row.append(f"{i:>3}: t={t:>6.1f} P{ids[ph]:<2} {_fmt_bytes(held):>10}")
         if len(row) == 3:
@@ -111,6 +113,53 @@ def report(opt: "OptimizedModel", folder: str | None = None, timesteps: Sequence
         (out / "report.txt").write_text("\n".join(lines) + "\n")
         lines.append(f"\nwrote {len(phases)} phase graphs (.py, .dot) and report.txt to {out}")
     return "\n".join(lines)
+
+
+def _collective_bytes(node: fx.Node) -> int:
+    """Bytes this rank sends to other ranks per run of a collective node (recorded by the pass that made it,
+    else from the shapes: an all-to-all keeps 1/world of its input, an all-gather sends its input to each)."""
+    from .passes.elide import collective_info
+
+    info = collective_info(node)
+    if info is not None:
+        return info.bytes_sent
+    v = node.args[0].meta.get("val")
+    nbytes = v.numel() * v.element_size() if v is not None else 0
+    if "all_to_all" in str(node.target):
+        w = max(len(node.args[2]), 1)
+        return nbytes * (w - 1) // w
+    if "all_gather" in str(node.target):
+        return nbytes * (node.args[1] - 1)
+    return nbytes
+
+
+def _communication(opt, plan, phases, ids) -> list[str]:
+    """Per phase: collectives kept and removed (by elide_collectives), and their bytes per step."""
+    from .passes.elide import collective_info, collective_nodes
+
+    everything = collective_nodes(opt.captured.gm.graph)
+    if not everything:
+        return []
+    par = getattr(opt, "parallel", None)
+    who = f"rank {par.rank} of {par.world_size}" if par is not None else "this rank"
+    lines = ["", f"communication per step ({who}; bytes sent to other ranks):",
+             f"  {'id':<3} {'kept':>5} {'bytes':>10} {'removed':>8} {'bytes':>10}  removed around"]
+    total = full = 0
+    every_bytes = sum(_collective_bytes(c) for c in everything)
+    for ph in phases:
+        kept = {c.name for c in collective_nodes(opt.phase_graph(ph).gm.graph)}
+        k = [c for c in everything if c.name in kept]
+        r = [c for c in everything if c.name not in kept]
+        kb, rb = sum(map(_collective_bytes, k)), sum(map(_collective_bytes, r))
+        steps = sum(1 for p in plan.phases if p == ph)
+        total, full = total + steps * kb, full + steps * every_bytes
+        where = sorted({collective_info(c).region for c in r if collective_info(c) is not None} - {""})
+        lines.append(f"  P{ids[ph]:<2} {len(k):>5} {_fmt_bytes(kb):>10} {len(r):>8} {_fmt_bytes(rb):>10}  "
+                     f"{', '.join(where) or ('-' if not r else 'regions reused in this phase')}")
+    saved = 1 - total / full if full else 0.0
+    lines.append(f"  plan: {_fmt_bytes(total)} per generation, {saved:.1%} less than without reuse "
+                 f"({_fmt_bytes(full)})")
+    return lines
 
 
 def _kind_counts(opt, ph: Phase, action: Action) -> str:

@@ -1,0 +1,71 @@
+"""Backends and saved artefacts: run phase graphs eagerly or with Inductor, export them to ONNX/TensorRT.
+
+    >>> opt = graphpass.optimize(model, "pab246", example_kwargs=kw, timesteps=ts)
+    >>> graphpass.export(opt, "out/vdt-onnx")                    # one ONNX file per phase + weights.bin
+    >>> model = graphpass.load("out/vdt-onnx")                   # ONNX Runtime, same keyword call
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
+from ..errors import ArtefactError
+from .artefact import ArtefactModel, load
+from .tensorrt import TensorRTConfig
+
+if TYPE_CHECKING:
+    from ..runtime.executor import OptimizedModel
+
+FORMATS = ("onnx", "tensorrt")
+
+
+def export(opt: "OptimizedModel", folder: str | Path, format: str = "onnx", *,
+           timesteps: Sequence[float] | None = None, single_file: bool = False, opset: int | None = None,
+           tensorrt: TensorRTConfig | None = None) -> Path:
+    """Save the phases of ``opt``'s plan to ``folder`` for deployment; load them with :func:`graphpass.load`.
+
+    Layouts (``format="onnx"``):
+
+    * per phase (default): ``phase_<i>.onnx`` for each distinct phase of the plan, cached tensors as named
+      inputs/outputs (``cache.blocks.0.spatial_attn.0``), all files reading one shared ``weights.bin``.
+      Default because each phase graph contains only the work it does: no branch, and nothing of a reused
+      region (benchmarks/backends.py measures both layouts).
+    * ``single_file=True``: ``model.onnx``, one graph where every reusable region is an ONNX ``If`` on a
+      boolean input ``reuse.<path>``; one file and one session serve every phase.
+
+    ``format="tensorrt"`` writes the per-phase ONNX files and builds one engine per phase from them
+    (``phase_<i>.engine``; options in :class:`TensorRTConfig`); it needs an NVIDIA GPU and the ``tensorrt``
+    package. Every folder has a ``manifest.json`` (versions, schedule, plan, per-phase inputs/outputs, sha256
+    of every file).
+
+    Args:
+        opt: the optimised model; its plan (``opt.plan(timesteps)``) fixes which phases exist.
+        folder: output folder (created; earlier phase files in it are replaced).
+        timesteps: the sampler's timesteps, if ``opt.plan`` was not called.
+        single_file: the single-graph layout above (ONNX only).
+        opset: ONNX opset (default: the exporter's).
+        tensorrt: engine options for ``format="tensorrt"``.
+
+    Returns the folder.
+    """
+    from .onnx_export import export_onnx
+
+    if format not in FORMATS:
+        raise ArtefactError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
+    folder = Path(folder)
+    if format == "onnx":
+        if tensorrt is not None:
+            raise ArtefactError("tensorrt= options apply to format='tensorrt' only")
+        export_onnx(opt, folder, timesteps=timesteps, single_file=single_file, opset=opset)
+        return folder
+    from .tensorrt import export_tensorrt, require_tensorrt
+
+    if single_file:
+        raise ArtefactError("format='tensorrt' builds one engine per phase; single_file=True is for ONNX only")
+    require_tensorrt()  # before the (slow) ONNX export
+    export_onnx(opt, folder, timesteps=timesteps, opset=opset)
+    export_tensorrt(folder, tensorrt or TensorRTConfig())
+    return folder
+
+
+__all__ = ["export", "load", "ArtefactModel", "TensorRTConfig", "FORMATS"]

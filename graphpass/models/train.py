@@ -68,14 +68,23 @@ def random_masks(batch: int, num_frames: int, gen: torch.Generator) -> torch.Ten
 
 
 def masked_loss(model, x0: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
-                t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """Epsilon MSE on non-given frames only; given frames are fed clean."""
+                t: torch.Tensor, noise: torch.Tensor, snr_gamma: float | None = None) -> torch.Tensor:
+    """Epsilon MSE on non-given frames only; given frames are fed clean.
+
+    ``snr_gamma`` enables Min-SNR weighting (Hang et al. 2023), w = min(SNR, gamma) / SNR, which
+    stops the low-noise steps from dominating and speeds up learning of the video's structure.
+    The recorded fixed-batch loss is always unweighted."""
     xt = diffusion.add_noise(x0, noise, t)
     m = mask[:, :, None, None, None]
     xt = m * x0 + (1 - m) * xt
     eps = model(hidden_states=xt, timestep=t.float(), encoder_hidden_states=labels, cond_mask=mask)
     per = ((eps.float() - noise) ** 2).mean(dim=(2, 3, 4))  # (B, F)
     w = 1 - mask
+    if snr_gamma is not None:
+        ab = diffusion.alphas_cumprod().to(per.device)[t.long()]
+        snr = ab / (1 - ab)
+        w = w * (snr.clamp(max=snr_gamma) / snr).float()[:, None]
+        return (per * w).sum() / (1 - mask).sum().clamp_min(1.0)
     return (per * w).sum() / w.sum().clamp_min(1.0)
 
 
@@ -136,10 +145,13 @@ def save_weights(model: VDT, config_name: str, steps: int, path: str | os.PathLi
     return rec
 
 
-def lr_at(step: int, base: float, warmup: int, total: int) -> float:
+def lr_at(step: int, base: float, warmup: int, total: int, time_frac: float = 0.0) -> float:
+    """Linear warmup, then cosine decay to 10% of ``base``. Progress is the larger of the step
+    fraction and ``time_frac`` (elapsed / time budget), so a run slowed by a busy machine still
+    anneals before its time limit."""
     if step < warmup:
         return base * (step + 1) / warmup
-    prog = min(1.0, (step - warmup) / max(1, total - warmup))
+    prog = min(1.0, max((step - warmup) / max(1, total - warmup), time_frac))
     return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * prog)))
 
 
@@ -153,6 +165,7 @@ def main(argv=None) -> None:
     ap.add_argument("--weight-decay", type=float, default=0.01)
     ap.add_argument("--ema", type=float, default=0.998)
     ap.add_argument("--cond-drop", type=float, default=0.1)
+    ap.add_argument("--snr-gamma", type=float, default=5.0, help="Min-SNR loss weighting; 0 disables")
     ap.add_argument("--out", default="graphpass/models/weights/vdt-s.safetensors")
     ap.add_argument("--loss-log", default=None, help="default: <out without .safetensors>.loss.json")
     ap.add_argument("--state", default=None, help="resumable optimizer state (default runs/<config>.state.pt)")
@@ -161,7 +174,8 @@ def main(argv=None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--log-every", type=int, default=10)
     ap.add_argument("--save-every-min", type=float, default=5.0)
-    ap.add_argument("--max-minutes", type=float, default=None, help="stop (and save) after this wall time")
+    ap.add_argument("--max-minutes", type=float, default=None,
+                    help="stop (and save) after this wall time; the LR schedule also follows elapsed time")
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -180,7 +194,7 @@ def main(argv=None) -> None:
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.99))
     gen = torch.Generator().manual_seed(args.seed)
-    log = {"config_name": args.config, "config": json.loads(cfg.to_json()), "batch": args.batch, "lr": args.lr,
+    log = {"config_name": args.config, "snr_gamma": args.snr_gamma, "ema": args.ema, "config": json.loads(cfg.to_json()), "batch": args.batch, "lr": args.lr,
            "total_steps": args.steps, "threads": args.threads, "step": [], "loss": [], "it_per_s": [],
            "wall_s": [], "fixed_batch_loss": []}
     start_step, wall_offset = 0, 0.0
@@ -225,9 +239,12 @@ def main(argv=None) -> None:
         t = torch.randint(0, diffusion.NUM_TRAIN_TIMESTEPS, (args.batch,), generator=gen)
         noise = torch.randn(x0.shape, generator=gen)
 
+        time_frac = 0.0
+        if args.max_minutes:
+            time_frac = (wall_offset + time.time() - t0) / (args.max_minutes * 60)
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, args.lr, args.warmup, args.steps)
-        loss = masked_loss(model, x0, labels, mask, t, noise)
+            g["lr"] = lr_at(step, args.lr, args.warmup, args.steps, time_frac)
+        loss = masked_loss(model, x0, labels, mask, t, noise, snr_gamma=args.snr_gamma or None)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -15,8 +15,10 @@ Worked example (a model whose only reused region is ``blocks.0.temporal_attn``):
 """
 from __future__ import annotations
 
+import operator
 import re
 from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import torch
 import torch.fx as fx
@@ -67,11 +69,47 @@ class PhaseGraph:
                    and n.target == aten.scaled_dot_product_attention.default)
 
 
+def written_through(node: fx.Node, ignore: frozenset[fx.Node] | set[fx.Node] = frozenset()) -> bool:
+    """Whether an op (other than those in ``ignore``) writes in place to ``node``'s tensor, directly or
+    through a view of it. Export keeps in-place ops (``a.mul_(gate)`` is ``aten.mul_``), so a cached tensor
+    fed to one would be changed for every later step that reads it."""
+    todo, seen = [node], {node}
+    while todo:
+        n = todo.pop()
+        for user in n.users:
+            if user.op == "call_function" and user.target is operator.getitem and user not in seen:
+                seen.add(user)  # an element of split/unbind/chunk: a view
+                todo.append(user)
+                continue
+            schema = getattr(user.target, "_schema", None)
+            if user.op != "call_function" or schema is None:
+                continue
+            for i, arg in enumerate(schema.arguments):
+                val = user.args[i] if i < len(user.args) else user.kwargs.get(arg.name)
+                if val is n and arg.alias_info is not None and arg.alias_info.is_write and user not in ignore:
+                    return True
+            if any(r.alias_info is not None for r in schema.returns) and user not in seen:
+                seen.add(user)  # a view of the tensor (or the tensor itself, returned by an in-place op)
+                todo.append(user)
+    return False
+
+
+def _clone_before_first_user(graph: fx.Graph, node: fx.Node, users: set[fx.Node]) -> fx.Node:
+    first = next(n for n in graph.nodes if n in users)
+    with graph.inserting_before(first):
+        copy = graph.call_function(aten.clone.default, (node,))
+    copy.meta["val"] = node.meta.get("val")
+    return copy
+
+
 def cache_input_name(key: str) -> str:
     return "cache_" + re.sub(r"\W", "_", key)
 
 
-def specialise_phase(captured: CapturedGraph, regions: list[Region], phase: Phase) -> PhaseGraph:
+def specialise_phase(captured: CapturedGraph, regions: list[Region], phase: Phase, *,
+                     passes: Sequence[Callable[[fx.Graph], object]] = ()) -> PhaseGraph:
+    """``passes`` run on the rewritten graph after dead-code elimination and before the checks, for removals
+    plain DCE cannot prove safe (e.g. :func:`~graphpass.passes.elide.elide_collectives`)."""
     src = captured.gm
     known = {r.path for r in regions}
     unknown = {p for p, _ in phase.actions} - known
@@ -103,6 +141,10 @@ def specialise_phase(captured: CapturedGraph, regions: list[Region], phase: Phas
             ph.meta["graphpass_cache_key"] = key
             last_input = ph
             old.replace_all_uses_with(ph, delete_user_cb=lambda user: user not in inside)
+            if written_through(ph):  # the cached tensor must stay as stored: the graph mutates a copy
+                users = set(ph.users)
+                copy = _clone_before_first_user(graph, ph, users)
+                ph.replace_all_uses_with(copy, delete_user_cb=lambda user: user in users)
             replaced[old] = ph
             cache_inputs.append(key)
 
@@ -110,10 +152,18 @@ def specialise_phase(captured: CapturedGraph, regions: list[Region], phase: Phas
     cache_outputs: list[str] = []
     for r in regions:
         if phase.action(r.path) == Action.STORE:
-            outs.extend(by_name[e] for e in r.exits)
+            inside = {by_name[n] for n in r.nodes}
+            for e in r.exits:
+                node = by_name[e]
+                if written_through(node, ignore=inside):
+                    # store the value the region produced, before the block changes it in place
+                    node = _clone_before_first_user(graph, node, set(node.users) - inside)
+                outs.append(node)
             cache_outputs.extend(r.cache_keys)
     graph.output(tuple(outs))
     eliminate_dead_code(graph)
+    for extra in passes:
+        extra(graph)
 
     # ensures: nothing of a reused region survives (it would mean the region was not cut at its exits)
     alive = set(graph.nodes)

@@ -237,8 +237,9 @@ def find_mlp_regions(captured: CapturedGraph, attention: list[Region],
     innermost = [p for p in candidates if not any(q != p and q.startswith(p + ".") for q in candidates)]
     regions = []
     for p in innermost:
-        kind = _override(p, kinds) or "mlp"
-        regions.append(_make_region(gm, p, types[p], kind, "expand/contract linear pair in a block"))
+        forced = _override(p, kinds)
+        reason = "set by kinds override" if forced else "expand/contract linear pair in a block"
+        regions.append(_make_region(gm, p, types[p], forced or "mlp", reason))
     return regions
 
 

@@ -10,15 +10,46 @@ class CacheStore:
     The executor puts a region's outputs when a phase stores them and drops them as soon as a phase
     computes the region without storing (the reuse window is over), so ``nbytes`` returns to zero after
     the last reuse. ``peak_nbytes`` records the most held at once since the last :meth:`clear`.
+
+    Bytes are counted per storage: a cached tensor that is a view (CogVideoX's text and video parts of
+    one attention output) holds its whole base alive, and two views of one base count it once.
+
+    >>> c = CacheStore(); base = torch.zeros(2, 53, 16)
+    >>> c.put("a:0", base[:, :5]); c.put("a:1", base[:, 5:])
+    >>> c.nbytes == base.numel() * 4
+    True
     """
 
     def __init__(self):
         self._data: dict[str, torch.Tensor] = {}
+        self._storages: dict[int, list[int]] = {}  # storage address -> [bytes, entries using it]
+        self._nbytes = 0
         self.peak_nbytes = 0
 
+    def _hold(self, t: torch.Tensor) -> None:
+        s = t.untyped_storage()
+        entry = self._storages.get(s.data_ptr())
+        if entry is None:
+            self._storages[s.data_ptr()] = [s.nbytes(), 1]
+            self._nbytes += s.nbytes()
+        else:
+            entry[1] += 1
+
+    def _release(self, t: torch.Tensor) -> None:
+        ptr = t.untyped_storage().data_ptr()
+        entry = self._storages[ptr]
+        entry[1] -= 1
+        if entry[1] == 0:
+            del self._storages[ptr]
+            self._nbytes -= entry[0]
+
     def put(self, key: str, value: torch.Tensor) -> None:
+        self._hold(value)  # before releasing the old entry: they may share a storage
+        old = self._data.get(key)
+        if old is not None:
+            self._release(old)
         self._data[key] = value
-        self.peak_nbytes = max(self.peak_nbytes, self.nbytes)
+        self.peak_nbytes = max(self.peak_nbytes, self._nbytes)
 
     def get(self, key: str) -> torch.Tensor:
         try:
@@ -27,10 +58,14 @@ class CacheStore:
             raise KeyError(f"cache has no entry {key!r} (has {sorted(self._data)})") from None
 
     def drop(self, key: str) -> None:
-        self._data.pop(key, None)
+        old = self._data.pop(key, None)
+        if old is not None:
+            self._release(old)
 
     def clear(self) -> None:
         self._data.clear()
+        self._storages.clear()
+        self._nbytes = 0
         self.peak_nbytes = 0
 
     def __contains__(self, key: str) -> bool:
@@ -44,4 +79,5 @@ class CacheStore:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self._data.values())
+        """Bytes of the distinct storages the cached tensors keep alive."""
+        return self._nbytes

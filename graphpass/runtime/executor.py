@@ -9,6 +9,7 @@ import torch
 
 from ..errors import InputError
 from ..passes.capture import CapturedGraph
+from ..passes.elide import elide_collectives
 from ..passes.specialise import PhaseGraph, specialise_phase
 from ..passes.tag import Region
 from ..schedules.base import Action, Phase, Plan, Schedule
@@ -40,6 +41,10 @@ class OptimizedModel(torch.nn.Module):
     A call whose timestep is above the previous one starts a new generation (counter 0, empty cache).
     """
 
+    #: Set when the model runs split over ranks (:mod:`graphpass.runtime.parallel`); decisions taken from
+    #: measured values must go through ``self.parallel.reduce_metric(value)`` so that all ranks agree.
+    parallel = None
+
     def __init__(self, model: torch.nn.Module, captured: CapturedGraph, regions: list[Region], schedule: Schedule,
                  *, timestep_arg: str = "timestep", backend: str = "eager"):
         super().__init__()
@@ -58,6 +63,7 @@ class OptimizedModel(torch.nn.Module):
         self._contexts: dict[str, GenerationState] = {}
         self._context = "default"
         self._plan: Plan | None = None
+        self._on_plan = False  # whether the current call follows the plan
         self._keys_by_region = {r.path: r.cache_keys for r in regions}
         self.phase_calls: dict[Phase, int] = {}
 
@@ -78,7 +84,9 @@ class OptimizedModel(torch.nn.Module):
 
     def phase_graph(self, phase: Phase) -> PhaseGraph:
         if phase not in self._phase_graphs:
-            self._phase_graphs[phase] = specialise_phase(self.captured, self.regions, phase)
+            # Collectives in the graph (sequence parallelism) that only reused regions needed go too.
+            self._phase_graphs[phase] = specialise_phase(self.captured, self.regions, phase,
+                                                         passes=(elide_collectives,))
         return self._phase_graphs[phase]
 
     @contextlib.contextmanager
@@ -111,11 +119,12 @@ class OptimizedModel(torch.nn.Module):
         if args:
             raise InputError(f"call the optimised model with keyword arguments only (got {len(args)} positional); "
                              f"the capture's inputs are {self.captured.input_names}")
+        t = self._timestep(kwargs)  # first: a missing timestep gets the message that explains why it is needed
         flat = self.captured.flatten_call(kwargs)
-        t = self._timestep(kwargs)
         st = self._state()
         if st.last_t is not None and t > st.last_t:
             st.reset()  # timestep went back up: a new generation
+        self._on_plan = False  # _phase_for sets it when this call follows the plan
         phase = self._phase_for(st, t)
         pg = self.phase_graph(phase)
         runner = self._runners.get(phase)
@@ -126,8 +135,15 @@ class OptimizedModel(torch.nn.Module):
         n = pg.num_user_outputs
         for key, value in zip(pg.cache_outputs, outs[n:]):
             st.cache.put(key, value)
+        # Free what no later step reads: regions computed without storing, and, on the plan, regions reused
+        # for the last time (the next step computes or re-stores them).
+        nxt = None
+        if self._on_plan and st.counter + 1 < len(self._plan):
+            nxt = self._plan.phases[st.counter + 1]
         for r in self.regions:
-            if phase.action(r.path) == Action.COMPUTE:
+            a = phase.action(r.path)
+            if a == Action.COMPUTE or (a == Action.REUSE and self._on_plan
+                                       and (nxt is None or nxt.action(r.path) != Action.REUSE)):
                 for key in r.cache_keys:
                     st.cache.drop(key)
         st.trace.append((t, phase))
@@ -157,6 +173,7 @@ class OptimizedModel(torch.nn.Module):
         plan = self._plan
         if plan is not None and st.counter < len(plan) and abs(plan.timesteps[st.counter] - t) < 1e-6:
             # The plan was made for this generation; its stores guarantee every reuse finds its tensors.
+            self._on_plan = True
             return plan.phases[st.counter]
         cached = {p for p, keys in self._keys_by_region.items() if all(k in st.cache for k in keys)}
         return self.schedule.step_phase(self.regions, t, st.counter, cached)

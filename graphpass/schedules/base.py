@@ -178,6 +178,7 @@ def schedule_from_json(text_or_path: str | Path) -> Schedule:
     except json.JSONDecodeError as e:
         raise ScheduleError(f"schedule JSON is malformed ({e}); write it with Schedule.save() or to_json()") from e
     kind = d.pop("type", None)
+    d.pop("measured", None)  # figures `graphpass search` measured for the schedule: information, not a field
     if kind not in Schedule._registry:
         raise ScheduleError(f"unknown schedule type {kind!r}; known: {', '.join(sorted(Schedule._registry))}")
     return Schedule._registry[kind].from_dict(d)

@@ -1,0 +1,34 @@
+"""``graphpass bench``: one speed/quality table over step-caching methods for a model, with a Pareto plot."""
+from __future__ import annotations
+
+from .analyze import add_workload_args, workload_from_args
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("bench", help="table of seconds per video, speedup, ideal FLOP speedup, cache memory, "
+                       "PSNR, SSIM and physics over methods (baseline, PAB presets, searched, AdaCache, diffusers "
+                       "hooks); JSON, Markdown and a speedup-vs-PSNR PNG")
+    add_workload_args(p)
+    p.add_argument("--methods", nargs="+", default=None, help="methods to run (default: all that apply)")
+    p.add_argument("--schedule", default=None, help="schedule JSON from `graphpass search` (the 'searched' row)")
+    p.add_argument("--out", default="out/bench", help="folder for bench.json, bench.md and bench.png")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from pathlib import Path
+
+    from ..eval.bench import bench, plot_bench
+
+    wl = workload_from_args(args)
+    res = bench(wl, args.seeds, args.methods, schedule_path=args.schedule, progress=not args.quiet)
+    out = Path(args.out)
+    res.save(out / "bench.json")
+    table = res.markdown()
+    (out / "bench.md").write_text(table + "\n")
+    plot_bench(res, out / "bench.png")
+    print(f"{wl.name}: {wl.num_steps} DDIM steps, seeds {res.seeds}, {res.threads} thread(s); PSNR/SSIM vs the "
+          f"baseline video of each seed; s/video = fastest seed")
+    print(table)
+    print(f"wrote {out / 'bench.json'}, {out / 'bench.md'}, {out / 'bench.png'}")
+    return 0

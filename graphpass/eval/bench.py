@@ -1,0 +1,305 @@
+"""One speed/quality table over step-caching methods for one model and a set of seeds.
+
+Every method samples the same seeds with the same sampler; PSNR/SSIM compare each video with the baseline's
+video of the same seed (:mod:`graphpass.eval.metrics`), and for the VDT physics models the physics check
+(:mod:`graphpass.eval.physics`) scores each video on its own. Methods:
+
+* ``baseline``: the model as is. ``graphpass-noreuse``: graphpass's phase graph with nothing reused (what
+  running the captured graph alone costs or saves).
+* ``pab246``, ``pab357``, ``pab579``: the published PAB ranges (spatial, temporal, cross) with the default
+  window; ``pab-<preset>``: the model type's published preset (:data:`MODEL_PRESETS`).
+* ``searched``: a schedule written by ``graphpass search`` (given as a file).
+* ``adacache-slow``, ``adacache-fast``, ``adacache-fast-moreg``: AdaCache with the published 30-step codebooks
+  (and MoReg), when :mod:`graphpass.schedules.adacache` is present.
+* ``diffusers-pab``, ``diffusers-fbc``: diffusers' own cache hooks (``transformer.enable_cache``) with
+  Pyramid Attention Broadcast (same ranges and window as the model's preset) and First Block Cache
+  (threshold 0.05), for diffusers models. A method that does not apply to the model gets a row with its
+  ``status`` saying why.
+
+Figures per method: seconds per video (fastest seed), speedup over the baseline, ideal FLOP speedup (FLOPs
+of the baseline's steps over those of the phase graphs run; graphpass methods only), peak cache bytes
+(graphpass methods), PSNR, SSIM, physics.
+
+Example::
+
+    >>> wl = Workload.from_name("latte-tiny", num_steps=10)
+    >>> res = bench(wl, seeds=[0], methods=["baseline", "pab246", "diffusers-pab"], progress=False)
+    >>> [r["method"] for r in res.rows]
+    ['baseline', 'pab246', 'diffusers-pab']
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from ..errors import InputError
+from ..schedules.pab import PAB
+from .harness import Baseline, ComputeAll, Measurement, Workload, json_float
+
+#: The published PAB preset that fits each model family (VDT blocks are spatial -> temporal -> cross -> MLP
+#: with adaLN, the Open-Sora STDiT layout).
+MODEL_PRESETS = {"vdt": "open-sora", "latte": "latte", "cogvideox": "cogvideox"}
+PAB_PRESETS = ("pab246", "pab357", "pab579")
+FIELDS = ("sec_per_video", "speedup", "ideal_speedup", "cache_peak_bytes", "psnr", "ssim", "physics")
+
+
+def model_preset(workload: Workload) -> str:
+    """The PAB preset of ``workload``'s model type (``"latte"`` for Latte, ``"open-sora"`` for VDT...)."""
+    name = type(workload.model).__name__.lower()
+    for family, preset in MODEL_PRESETS.items():
+        if family in name or workload.name.startswith(family):
+            return preset
+    return "pab246"
+
+
+def _adacache_variants(num_steps: int) -> dict[str, Any]:
+    try:
+        from ..schedules.adacache import AdaCache, MoReg
+    except ImportError:
+        return {}
+    return {"adacache-slow": AdaCache.preset("slow"), "adacache-fast": AdaCache.preset("fast"),
+            "adacache-fast-moreg": AdaCache.preset("fast", moreg=MoReg.for_steps(num_steps))}
+
+
+def available_methods(workload: Workload, schedule_path: str | Path | None = None) -> list[str]:
+    """Every method that has a row for ``workload`` (diffusers hooks only for diffusers models)."""
+    names = ["baseline", "graphpass-noreuse", *PAB_PRESETS, f"pab-{model_preset(workload)}"]
+    if schedule_path is not None:
+        names.append("searched")
+    names += list(_adacache_variants(workload.num_steps))
+    if workload.family == "diffusers":
+        names += ["diffusers-pab", "diffusers-fbc"]
+    return list(dict.fromkeys(names))
+
+
+def _diffusers_config(kind: str, workload: Workload, adapter_ref: dict):
+    from diffusers import FirstBlockCacheConfig, PyramidAttentionBroadcastConfig
+
+    if kind == "fbc":
+        return FirstBlockCacheConfig(threshold=0.05)
+    p = PAB.preset(model_preset(workload))
+    win = lambda k: tuple(int(v) for v in p.window_of(k))  # noqa: E731
+    kw = {}
+    if "Latte" in type(workload.model).__name__:
+        # re.search against module names: anchored, so temporal blocks do not match the spatial identifier
+        kw = dict(spatial_attention_block_identifiers=(r"^transformer_blocks\.",),
+                  temporal_attention_block_identifiers=(r"^temporal_transformer_blocks\.",),
+                  cross_attention_block_identifiers=(r"^transformer_blocks\.",))
+    return PyramidAttentionBroadcastConfig(
+        spatial_attention_block_skip_range=p.spatial or p.joint, temporal_attention_block_skip_range=p.temporal,
+        cross_attention_block_skip_range=p.cross, spatial_attention_timestep_skip_range=win("spatial"),
+        temporal_attention_timestep_skip_range=win("temporal"), cross_attention_timestep_skip_range=win("cross"),
+        current_timestep_callback=lambda: adapter_ref["adapter"].current_timestep, **kw)
+
+
+def _measure_diffusers(workload: Workload, kind: str, baseline: Baseline) -> Measurement:
+    model = workload.model
+    ref: dict[str, Any] = {}
+    model.enable_cache(_diffusers_config(kind, workload, ref))
+    try:
+        def fn(**kw):
+            with model.cache_context("batched_cfg"):
+                return model(**kw)
+
+        ref["adapter"] = workload.adapt(fn, on_new_generation=model._reset_stateful_cache)
+        return workload.measure(fn, baseline, adapted=ref["adapter"])
+    finally:
+        model.disable_cache()
+
+
+@dataclass
+class BenchResult:
+    """The table: one row per method (``method``, ``schedule``, ``status`` and the :data:`FIELDS`)."""
+
+    model: str
+    seeds: list[int]
+    num_steps: int
+    threads: int
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+    def row(self, method: str) -> dict[str, Any]:
+        for r in self.rows:
+            if r["method"] == method:
+                return r
+        raise KeyError(f"no row {method!r}; rows: {[r['method'] for r in self.rows]}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.model, "seeds": self.seeds, "num_steps": self.num_steps, "threads": self.threads,
+                "timing": "seconds per video = fastest seed; speedup = baseline seconds / method seconds",
+                "rows": self.rows}
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+        return path
+
+    def markdown(self) -> str:
+        """The table in Markdown (PSNR of the baseline is shown as ``inf``: identical by definition)."""
+        head = ("| method | s/video | speedup | ideal FLOP speedup | cache peak | PSNR dB | SSIM | physics |\n"
+                "|---|---:|---:|---:|---:|---:|---:|---:|")
+        lines = [head]
+        for r in self.rows:
+            if r["status"] != "ok":
+                lines.append(f"| {r['method']} | {r['status']} |  |  |  |  |  |  |")
+                continue
+            psnr = "inf" if r["psnr"] is None else f"{r['psnr']:.2f}"
+            ideal = "-" if r["ideal_speedup"] is None else f"{r['ideal_speedup']:.2f}x"
+            cache = "-" if r["cache_peak_bytes"] is None else _fmt_bytes(r["cache_peak_bytes"])
+            phys = "-" if r["physics"] is None else f"{r['physics']:.3f}"
+            lines.append(f"| {r['method']} | {r['sec_per_video']:.2f} | {r['speedup']:.2f}x | {ideal} | {cache} | "
+                         f"{psnr} | {r['ssim']:.4f} | {phys} |")
+        return "\n".join(lines)
+
+
+def _fmt_bytes(b: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if b < 1024 or unit == "GiB":
+            return f"{b:.0f} {unit}" if unit == "B" else f"{b:.1f} {unit}"
+        b /= 1024
+    return str(b)
+
+
+def _row(method: str, schedule: str, m: Measurement) -> dict[str, Any]:
+    d = m.to_dict()
+    return {"method": method, "schedule": schedule, "status": "ok", **{k: d[k] for k in FIELDS},
+            "psnr_per_seed": d["psnr_per_seed"]}
+
+
+def bench(workload: Workload, seeds: Sequence[int] = (0, 1), methods: Sequence[str] | None = None, *,
+          schedule_path: str | Path | None = None, progress: bool = True) -> BenchResult:
+    """Measure every method (default: :func:`available_methods`) on ``seeds``."""
+    from tqdm.auto import tqdm
+
+    seeds = [int(s) for s in seeds]
+    known = available_methods(workload, schedule_path)
+    methods = list(methods) if methods else known
+    unknown = [m for m in methods if m not in known and not m.startswith(("adacache", "diffusers-"))]
+    if unknown:
+        raise InputError(f"unknown bench method(s) {unknown} for {workload.name}; available: {', '.join(known)}"
+                         + ("" if schedule_path else " (give a searched schedule file for 'searched')"))
+    baseline = workload.baseline(seeds, progress=progress)
+    ada = _adacache_variants(workload.num_steps)
+    result = BenchResult(workload.name, seeds, workload.num_steps, torch.get_num_threads())
+    for method in tqdm(methods, desc=f"{workload.name} bench", disable=not progress):
+        if method == "baseline":
+            continue  # filled in at the end, with its re-timing
+        try:
+            if method.startswith("diffusers-"):
+                if workload.family != "diffusers":
+                    raise _NotApplicable(f"n/a: diffusers hooks need a diffusers model ({workload.name} is not one)")
+                kind = method.split("-", 1)[1]
+                try:
+                    m = _measure_diffusers(workload, kind, baseline)
+                except _NotApplicable:
+                    raise
+                except Exception as e:  # the hook's own failure on this architecture
+                    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                    raise _NotApplicable(f"n/a: diffusers {kind} hook fails on {type(workload.model).__name__}: "
+                                         f"{first}") from e
+                result.rows.append(_row(method, _diffusers_schedule(kind, workload), m))
+                continue
+            if method.startswith("adacache"):
+                if method not in ada:
+                    raise _NotApplicable("n/a: graphpass.schedules.adacache is not available")
+                sched = ada[method]
+            elif method == "graphpass-noreuse":
+                sched = ComputeAll()
+            elif method == "searched":
+                from .search import load_searched
+
+                sched, _ = load_searched(schedule_path)
+            elif method.startswith("pab-"):
+                sched = PAB.preset(method[4:])
+            else:
+                sched = PAB.preset(method)
+            try:
+                opt = workload.optimize(sched)
+            except Exception as e:  # e.g. a schedule that names a kind the model lacks
+                raise _NotApplicable(f"n/a: {e}") from e
+            result.rows.append(_row(method, str(sched), workload.measure(opt, baseline)))
+        except _NotApplicable as e:
+            result.rows.append({"method": method, "schedule": "", "status": str(e), **{k: None for k in FIELDS}})
+    # time the baseline again after the methods and keep the fastest run: the table's speedups are relative
+    # to the baseline's best time, not to a run slowed by other load
+    again = workload.baseline(seeds, progress=False)
+    baseline.seconds = [min(a, b) for a, b in zip(baseline.seconds, again.seconds)]
+    for r in result.rows:
+        if r["status"] == "ok":
+            r["speedup"] = baseline.sec_per_video / r["sec_per_video"]
+    if "baseline" in methods:
+        result.rows.insert(0, {"method": "baseline", "schedule": "model as is", "status": "ok",
+                               "sec_per_video": baseline.sec_per_video, "speedup": 1.0, "ideal_speedup": 1.0,
+                               "cache_peak_bytes": 0, "psnr": None, "ssim": 1.0,
+                               "physics": workload.physics_of(baseline.videos),
+                               "psnr_per_seed": [None] * len(seeds)})
+    order = {m: i for i, m in enumerate(methods)}
+    result.rows.sort(key=lambda r: order[r["method"]])
+    return result
+
+
+class _NotApplicable(Exception):
+    pass
+
+
+def _diffusers_schedule(kind: str, workload: Workload) -> str:
+    if kind == "fbc":
+        return "FirstBlockCacheConfig(threshold=0.05)"
+    return f"PyramidAttentionBroadcastConfig as {PAB.preset(model_preset(workload))}"
+
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of the points (psnr, speedup) no other point beats on both (higher is better), by PSNR."""
+    idx = sorted(range(len(points)), key=lambda i: (-points[i][0], -points[i][1]))
+    front, best = [], -math.inf
+    for i in idx:
+        if points[i][1] > best:
+            front.append(i)
+            best = points[i][1]
+    return front
+
+
+def plot_bench(result: BenchResult, path: str | Path) -> Path:
+    """Speedup (wall, filled; ideal FLOPs, hollow) against PSNR per method, the wall-time Pareto front drawn.
+    The baseline (identical videos, infinite PSNR) is drawn at the right edge."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in result.rows if r["status"] == "ok"]
+    finite = [r["psnr"] for r in ok if r["psnr"] is not None]
+    top = (max(finite) + 5) if finite else 60.0
+    xs = [top if r["psnr"] is None else r["psnr"] for r in ok]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, (r, x) in enumerate(zip(ok, xs)):
+        ax.scatter([x], [r["speedup"]], color=f"C{i % 10}", zorder=3, label=r["method"])
+        if r["ideal_speedup"] is not None and r["method"] != "baseline":
+            ax.scatter([x], [r["ideal_speedup"]], facecolors="none", edgecolors=f"C{i % 10}", zorder=3)
+            ax.plot([x, x], [r["speedup"], r["ideal_speedup"]], color=f"C{i % 10}", lw=0.6, ls=":")
+        ax.annotate(r["method"], (x, r["speedup"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
+    front = pareto_front([(x, r["speedup"]) for x, r in zip(xs, ok)])
+    fx = [xs[i] for i in front]
+    fy = [ok[i]["speedup"] for i in front]
+    ax.plot(fx, fy, color="k", lw=1, ls="--", label="Pareto front (wall time)")
+    ax.set_xlabel("PSNR vs baseline (dB; baseline drawn at the right edge)")
+    ax.set_ylabel("speedup (filled: wall time, hollow: ideal FLOPs)")
+    ax.set_title(f"{result.model}: {result.num_steps} steps, seeds {result.seeds}, {result.threads} thread(s)",
+                 fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+__all__ = ["bench", "BenchResult", "available_methods", "model_preset", "plot_bench", "pareto_front",
+           "MODEL_PRESETS", "json_float"]

@@ -1,0 +1,249 @@
+"""Run an exported folder: the plan's phases on ONNX Runtime sessions or TensorRT engines.
+
+:func:`load` returns an :class:`ArtefactModel`, an :class:`~graphpass.OptimizedModel` whose phase graphs
+are the exported files: the executor's step logic (timestep -> phase, cache contexts, store/reuse/drop,
+new generation when the timestep goes back up) is the same code; only the runner of each phase differs.
+
+    >>> model = graphpass.load("out/vdt-onnx")                       # checks version and hashes
+    >>> out = model(hidden_states=x, timestep=t, encoder_hidden_states=c, cond_mask=m)
+
+Only the exported phases exist, so calls must follow the exported plan (its timesteps, in order); a call
+that does not raises :class:`~graphpass.errors.ArtefactError` saying which step and timestep was expected.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from ..errors import ArtefactError, InputError
+from ..passes.capture import CapturedGraph, TensorSpec
+from ..passes.tag import Region
+from ..runtime.executor import GenerationState, OptimizedModel
+from ..schedules.base import Action, Phase, Plan, schedule_from_json
+from .manifest import cache_tensor_name, dtype_of, read_manifest, reuse_flag_name
+
+LOAD_BACKENDS = ("onnxruntime", "tensorrt")
+
+
+@dataclass
+class PhaseSpec:
+    """One exported phase, as the executor sees a phase graph (inputs: the model's, then ``cache_inputs``;
+    outputs: ``num_user_outputs`` model outputs, then ``cache_outputs``) plus where it lives.
+
+    file: the phase's file in the folder (``model.onnx`` for every phase of the single-file layout).
+    engine: its TensorRT engine file, when built.
+    """
+
+    id: int
+    phase: Phase
+    file: str
+    cache_inputs: list[str]
+    cache_outputs: list[str]
+    num_user_outputs: int
+    engine: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class ArtefactModel(OptimizedModel):
+    """An exported model: same keyword call and outputs as the model it was exported from.
+
+    ``folder``/``manifest``: where it was loaded from and what it holds; ``backend``: the runtime of the
+    phase files (``"onnxruntime"`` or ``"tensorrt"``).
+    """
+
+    def __init__(self, folder: Path, manifest: dict[str, Any], backend: str,
+                 make_runner: Callable[[PhaseSpec, str], Callable]):
+        import torch.utils._pytree as pytree
+
+        captured = CapturedGraph(
+            gm=None,  # no FX graph: the phases are the exported files
+            input_names=[e["name"] for e in manifest["inputs"]],
+            input_specs=[TensorSpec(tuple(e["shape"]), dtype_of(e["dtype"])) for e in manifest["inputs"]],
+            constants=dict(manifest["constants"]),
+            out_spec=pytree.treespec_loads(manifest["out_spec"]),
+            model_type=manifest["model_type"])
+        regions = [Region(path=r["path"], module_type=r["module_type"], kind=r["kind"], nodes=[], exits=r["exits"],
+                          exit_specs=[TensorSpec(tuple(s), dtype_of(d)) for s, d in r["exit_specs"]],
+                          flops=r["flops"], reason=r["reason"], block=r["block"]) for r in manifest["regions"]]
+        schedule = schedule_from_json(json.dumps(manifest["schedule"]))
+        super().__init__(None, captured, regions, schedule, timestep_arg=manifest["timestep_arg"], backend=backend)
+        self.folder = folder
+        self.manifest = manifest
+        self._make_runner = make_runner
+        self.specs: list[PhaseSpec] = []
+        for e in manifest["phases"]:
+            ph = Phase(tuple((p, Action(a)) for p, a in e["actions"]))
+            spec = PhaseSpec(id=e["id"], phase=ph, file=e["file"], cache_inputs=e["cache_inputs"],
+                             cache_outputs=e["cache_outputs"], num_user_outputs=e["num_user_outputs"],
+                             engine=e.get("engine"), extra=e)
+            self.specs.append(spec)
+            self._phase_graphs[ph] = spec
+        self._plan = Plan([float(t) for t in manifest["plan"]["timesteps"]],
+                          [self.specs[i].phase for i in manifest["plan"]["phase_ids"]])
+
+    # --- the executor's hooks --------------------------------------------------------------------
+    def phase_graph(self, phase: Phase) -> PhaseSpec:  # type: ignore[override]
+        try:
+            return self._phase_graphs[phase]
+        except KeyError:
+            raise ArtefactError(f"phase {phase.label()!r} was not exported to {self.folder}; only the plan's "
+                                f"{len(self.specs)} phases exist: re-export with the timesteps you sample with") from None
+
+    def _phase_for(self, st: GenerationState, t: float) -> Phase:
+        plan = self._plan
+        i = st.counter
+        if i >= len(plan):
+            raise ArtefactError(f"call {i + 1} of a generation, but {self.folder} was exported for a plan of "
+                                f"{len(plan)} steps; start a new generation (a higher timestep) or call reset()")
+        if abs(plan.timesteps[i] - t) > 1e-6:
+            raise ArtefactError(f"step {i} got timestep {t:g}, but {self.folder} was exported for timestep "
+                                f"{plan.timesteps[i]:g} at that step (plan: {_short(plan.timesteps)}); only the exported "
+                                f"phases exist: sample with the exported timesteps or re-export with yours")
+        self._on_plan = True  # the executor frees caches by the plan's next phase
+        return plan.phases[i]
+
+    def plan(self, timesteps: Sequence[float] | torch.Tensor) -> Plan:
+        if isinstance(timesteps, torch.Tensor):
+            timesteps = timesteps.detach().cpu().flatten().tolist()
+        ts = [float(t) for t in timesteps]
+        if len(ts) != len(self._plan) or any(abs(a - b) > 1e-6 for a, b in zip(ts, self._plan.timesteps)):
+            raise ArtefactError(f"{self.folder} holds the phases of a plan over {_short(self._plan.timesteps)}; it "
+                                f"cannot serve {_short(ts)}: re-export with graphpass.export(..., timesteps=...)")
+        return self._plan
+
+    def inspect(self, folder: str | None = None, timesteps: Sequence[float] | None = None) -> str:
+        m = self.manifest
+        lines = [f"{m['model_type']} exported by graphpass {m['graphpass_version']} ({m['format']}, {m['layout']}), "
+                 f"backend {self.backend}; schedule {self.schedule}",
+                 f"plan: {len(self._plan)} steps, phases per step {m['plan']['phase_ids']}"]
+        for s in self.specs:
+            lines.append(f"  phase {s.id}: {s.phase.label():<22} file {s.engine or s.file}  reads {len(s.cache_inputs)} "
+                         f"cached tensors, stores {len(s.cache_outputs)}")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return f"ArtefactModel({self.manifest['model_type']}, {self.folder}, backend={self.backend!r})"
+
+
+def _short(ts: Sequence[float]) -> str:
+    s = ", ".join(f"{t:g}" for t in ts[:4])
+    return f"[{s}{', ...' if len(ts) > 4 else ''}] ({len(ts)} steps)"
+
+
+# --- ONNX Runtime ---------------------------------------------------------------------------------
+def _require_onnxruntime():
+    try:
+        import onnxruntime
+    except ImportError:
+        raise ArtefactError("loading with backend='onnxruntime' needs the onnxruntime package: "
+                            "pip install onnxruntime (or 'graphpass[onnx]')") from None
+    return onnxruntime
+
+
+class OrtPhaseRunner:
+    """Runs one phase with an ONNX Runtime session: feeds the model's inputs and the cached tensors by
+    name, returns the phase's outputs as torch tensors on the inputs' device.
+
+    For the single-file layout, ``flags``/``zeros`` complete the feed: every region's reuse boolean, and
+    zeros for the cached tensors this phase does not read (their branch is not taken).
+    """
+
+    def __init__(self, session, input_names: list[str], output_names: list[str],
+                 flags: dict[str, bool] | None = None, zeros: dict[str, torch.Tensor] | None = None):
+        import numpy as np
+
+        self.session = session
+        self.input_names = input_names
+        self.output_names = output_names
+        wanted = {i.name for i in session.get_inputs()}
+        self._feed_const = {reuse_flag_name(p): np.array(v, dtype=np.bool_) for p, v in (flags or {}).items()}
+        self._feed_const.update({n: z.numpy() for n, z in (zeros or {}).items()})
+        self._keep = [n in wanted for n in input_names]
+
+    def __call__(self, *args: torch.Tensor) -> list[torch.Tensor]:
+        if len(args) != len(self.input_names):
+            raise InputError(f"phase expects {len(self.input_names)} inputs, got {len(args)}")
+        device = args[0].device if args else torch.device("cpu")
+        feed = dict(self._feed_const)
+        for name, keep, a in zip(self.input_names, self._keep, args):
+            if keep:
+                feed[name] = a.detach().cpu().contiguous().numpy()
+        outs = self.session.run(self.output_names, feed)
+        return [torch.from_numpy(o).to(device) for o in outs]
+
+
+def ort_runner_factory(folder: Path, manifest: dict[str, Any], providers: Sequence[str] | None = None,
+                       threads: int | None = None) -> Callable[[PhaseSpec, str], Callable]:
+    """A ``make_runner(spec, backend)`` for the executor that builds ONNX Runtime sessions (one per file,
+    shared by the phases of a single-file export)."""
+    ort = _require_onnxruntime()
+    sessions: dict[str, Any] = {}
+    user_out = [e["name"] for e in manifest["user_outputs"]]
+    in_names = [e["name"] for e in manifest["inputs"]]
+    single = manifest.get("single_file")
+
+    def session(file: str):
+        if file not in sessions:
+            so = ort.SessionOptions()
+            if threads:
+                so.intra_op_num_threads = threads
+                so.inter_op_num_threads = 1
+            so.log_severity_level = 3
+            sessions[file] = ort.InferenceSession(str(folder / file), so,
+                                                  providers=list(providers or ["CPUExecutionProvider"]))
+        return sessions[file]
+
+    def make(spec: PhaseSpec, backend: str) -> Callable:
+        sess = session(spec.file)
+        if single is None:
+            return OrtPhaseRunner(sess, in_names + [cache_tensor_name(k) for k in spec.cache_inputs],
+                                  user_out + [cache_tensor_name(k) for k in spec.cache_outputs])
+        specs = {e["name"]: e for e in single["inputs"]}
+        flags = {p: spec.phase.action(p) == Action.REUSE for p in single["switch_regions"]}
+        zeros = {cache_tensor_name(k): torch.zeros(specs[cache_tensor_name(k)]["shape"],
+                                                   dtype=dtype_of(specs[cache_tensor_name(k)]["dtype"]))
+                 for k in single["cache_keys"] if k not in spec.cache_inputs}
+        return OrtPhaseRunner(sess, in_names + [cache_tensor_name(k) for k in spec.cache_inputs],
+                              user_out + [cache_tensor_name(k, output=True) for k in spec.cache_outputs],
+                              flags=flags, zeros=zeros)
+
+    return make
+
+
+# --- load -----------------------------------------------------------------------------------------
+def load(folder: str | Path, backend: str | None = None, *, providers: Sequence[str] | None = None,
+         threads: int | None = None, verify: bool = True) -> ArtefactModel:
+    """Load an exported folder as a runnable model.
+
+    Args:
+        folder: written by :func:`graphpass.export`.
+        backend: ``"onnxruntime"`` (default for ONNX exports) or ``"tensorrt"`` (default when the folder holds
+            engines; needs an NVIDIA GPU and the ``tensorrt`` package).
+        providers: ONNX Runtime execution providers (default CPU).
+        threads: ONNX Runtime intra-op threads (default: its own choice).
+        verify: check the sha256 of every file against the manifest (on by default).
+
+    Raises :class:`~graphpass.errors.ArtefactError` for another graphpass version, a modified or missing
+    file, or a missing runtime.
+    """
+    folder = Path(folder)
+    manifest = read_manifest(folder, verify=verify)
+    if backend is None:
+        backend = "tensorrt" if manifest["format"] == "tensorrt" else "onnxruntime"
+    if backend == "onnxruntime":
+        make = ort_runner_factory(folder, manifest, providers=providers, threads=threads)
+    elif backend == "tensorrt":
+        from .tensorrt import trt_runner_factory
+
+        if manifest["format"] != "tensorrt":
+            raise ArtefactError(f"{folder} holds no TensorRT engines (format {manifest['format']!r}); export with "
+                                f"graphpass.export(opt, folder, format='tensorrt') or load with backend='onnxruntime'")
+        make = trt_runner_factory(folder, manifest)
+    else:
+        raise ArtefactError(f"unknown backend {backend!r} for an exported folder; choose one of "
+                            f"{', '.join(LOAD_BACKENDS)}")
+    return ArtefactModel(folder, manifest, backend, make)

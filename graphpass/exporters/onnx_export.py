@@ -1,0 +1,318 @@
+"""ONNX export of an optimised model: one file per distinct phase of its plan, weights stored once.
+
+Each phase graph (:func:`~graphpass.passes.specialise.specialise_phase`) is exported with
+``torch.onnx.export(dynamo=True)``; its inputs are the model's tensor arguments then the cached tensors it
+reads, its outputs the model's outputs then the cached tensors it stores, all named (see
+:func:`~graphpass.exporters.manifest.cache_tensor_name`). Every initializer of 1 KiB or more is then moved
+into one external-data file, ``weights.bin``, deduplicated by content: the phases read the same bytes, so a
+folder of N phases holds the weights once instead of N times.
+
+    >>> from graphpass.exporters.onnx_export import export_onnx
+    >>> manifest = export_onnx(opt, "out/vdt-onnx")          # opt.plan(timesteps) was called before
+    >>> [p["file"] for p in manifest["phases"]]
+    ['phase_0.onnx', 'phase_1.onnx', 'phase_2.onnx']
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import time
+import warnings
+from contextlib import redirect_stdout
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, BinaryIO, Sequence
+
+import torch
+
+from ..errors import ArtefactError, GraphpassError, InputError
+from ..schedules.base import Action, Plan
+from .manifest import (MANIFEST_FORMAT, WEIGHTS_FILE, cache_tensor_name, dtype_name, reuse_flag_name, tensor_entry,
+                       user_output_name, versions, write_manifest)
+
+if TYPE_CHECKING:
+    import onnx
+
+    from ..runtime.executor import OptimizedModel
+
+#: Initializers below this many bytes stay inside their .onnx file (scalars, small shape constants).
+EXTERNAL_THRESHOLD = 1024
+#: Offsets into the shared weights file are multiples of this (aligned reads, mmap-friendly).
+ALIGN = 64
+
+
+def require_onnx() -> None:
+    missing = []
+    for mod in ("onnx", "onnxscript"):
+        try:
+            __import__(mod)
+        except ImportError:
+            missing.append(mod)
+    if missing:
+        raise ArtefactError(f"ONNX export needs the packages {', '.join(missing)}: pip install 'graphpass[onnx]' "
+                            f"(onnx, onnxscript, onnxruntime)")
+
+
+def plan_for_export(opt: "OptimizedModel", timesteps: Sequence[float] | None) -> Plan:
+    """The plan an export covers: ``timesteps`` if given, else the one fixed by ``opt.plan(...)``."""
+    if getattr(opt, "parallel", None) is not None:
+        raise ArtefactError("export a single-process model: phase graphs split over ranks hold collectives that "
+                            "ONNX cannot express; call graphpass.optimize without parallel= for export")
+    if timesteps is not None:
+        if isinstance(timesteps, torch.Tensor):
+            timesteps = timesteps.detach().cpu().flatten().tolist()
+        return opt.schedule.plan(opt.regions, [float(t) for t in timesteps])
+    if opt.current_plan is None:
+        raise InputError("export needs the sampler's timesteps to know which phases exist: call "
+                         "opt.plan(timesteps) first or pass graphpass.export(..., timesteps=...)")
+    return opt.current_plan
+
+
+# --- one graph -> ONNX -----------------------------------------------------------------------------
+def to_onnx(module: torch.nn.Module, args: Sequence[torch.Tensor], input_names: list[str], output_names: list[str],
+            opset: int | None = None) -> "onnx.ModelProto":
+    """Export ``module(*args)`` with the dynamo exporter and return the in-memory model (weights inline)."""
+    require_onnx()
+    module.eval()
+    with warnings.catch_warnings(), redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+        try:
+            prog = torch.onnx.export(module, tuple(args), dynamo=True, input_names=input_names,
+                                     output_names=output_names, opset_version=opset, optimize=True, verbose=False,
+                                     external_data=False)
+        except Exception as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ArtefactError(f"torch.onnx.export failed on {type(module).__name__}: {first}") from e
+    proto = prog.model_proto
+    _strip_node_metadata(proto.graph)
+    got_in = [i.name for i in proto.graph.input]
+    got_out = [o.name for o in proto.graph.output]
+    if got_out != output_names or not set(got_in) <= set(input_names):
+        raise ArtefactError(f"the ONNX exporter renamed graph inputs/outputs ({got_in} -> {got_out}); expected "
+                            f"{input_names} -> {output_names}")
+    return proto
+
+
+def _strip_node_metadata(graph) -> None:
+    """Drop the exporter's per-node stack traces and FX dumps (most of a small model's file size, and
+    they hold local source paths); keep ``namespace``, the module scope of each node."""
+    for node in graph.node:
+        keep = [(p.key, p.value) for p in node.metadata_props if p.key == "namespace"]
+        del node.metadata_props[:]
+        for k, v in keep:
+            node.metadata_props.add(key=k, value=v)
+        node.doc_string = ""
+        for attr in node.attribute:
+            if attr.HasField("g"):
+                _strip_node_metadata(attr.g)
+            for g in attr.graphs:
+                _strip_node_metadata(g)
+
+
+# --- shared weights ------------------------------------------------------------------------------
+def _graph_tensors(graph) -> list:
+    """Initializers of ``graph`` and of every subgraph (If/Loop branches)."""
+    out = list(graph.initializer)
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("g"):
+                out.extend(_graph_tensors(attr.g))
+            for g in attr.graphs:
+                out.extend(_graph_tensors(g))
+    return out
+
+
+class SharedWeights:
+    """Appends initializer bytes to one file, once per distinct content, and points the initializers at it.
+
+    ``stored_bytes`` is what the file holds; ``referenced_bytes`` what the models reference in total (the
+    size the folder would have with a weights file per phase).
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._f: BinaryIO = open(path, "wb")
+        self._where: dict[str, tuple[int, int]] = {}
+        self.stored_bytes = 0
+        self.referenced_bytes = 0
+        self.tensors = 0
+
+    def externalise(self, model: "onnx.ModelProto") -> None:
+        from onnx import numpy_helper
+        from onnx.external_data_helper import set_external_data
+
+        import onnx
+
+        for t in _graph_tensors(model.graph):
+            if t.data_location == onnx.TensorProto.EXTERNAL:
+                continue
+            raw = t.raw_data if t.HasField("raw_data") else numpy_helper.to_array(t).tobytes()
+            if len(raw) < EXTERNAL_THRESHOLD:
+                continue
+            digest = hashlib.sha256(raw).hexdigest() + f":{t.data_type}"
+            if digest not in self._where:
+                pad = (-self._f.tell()) % ALIGN
+                self._f.write(b"\0" * pad)
+                self._where[digest] = (self._f.tell(), len(raw))
+                self._f.write(raw)
+                self.stored_bytes += len(raw)
+                self.tensors += 1
+            self.referenced_bytes += len(raw)
+            offset, length = self._where[digest]
+            for fld in ("float_data", "int32_data", "string_data", "int64_data", "double_data", "uint64_data"):
+                t.ClearField(fld)
+            t.raw_data = raw
+            set_external_data(t, WEIGHTS_FILE, offset=offset, length=length)
+            t.ClearField("raw_data")
+
+    def close(self) -> None:
+        self._f.close()
+
+
+# --- export ---------------------------------------------------------------------------------------
+def _example_inputs(opt: "OptimizedModel", device: torch.device) -> list[torch.Tensor]:
+    return [torch.zeros(s.shape, dtype=s.dtype, device=device) for s in opt.captured.input_specs]
+
+
+def _cache_specs(opt: "OptimizedModel") -> dict[str, Any]:
+    return {k: s for r in opt.regions for k, s in zip(r.cache_keys, r.exit_specs)}
+
+
+def _device_of(opt: "OptimizedModel") -> torch.device:
+    for p in opt.captured.gm.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _user_output_entries(opt: "OptimizedModel") -> list[dict[str, Any]]:
+    vals = [n for n in opt.captured.gm.graph.nodes if n.op == "output"][0].args[0]
+    out = []
+    for i, node in enumerate(vals):
+        v = node.meta.get("val") if hasattr(node, "meta") else None
+        if not isinstance(v, torch.Tensor):
+            raise ArtefactError(f"model output {i} is not a tensor ({type(v).__name__}); graphpass exports models "
+                                f"whose outputs are tensors (diffusers: pass return_dict=False)")
+        out.append(tensor_entry(user_output_name(i), v.shape, v.dtype))
+    return out
+
+
+def base_manifest(opt: "OptimizedModel", plan: Plan, fmt: str, layout: str) -> dict[str, Any]:
+    """Fields every export shares: versions, call signature, schedule, regions and plan."""
+    import torch.utils._pytree as pytree
+
+    cap = opt.captured
+    try:
+        out_spec = pytree.treespec_dumps(cap.out_spec)
+    except Exception as e:
+        raise ArtefactError(f"the output structure of {cap.model_type} cannot be saved ({e}); export a call that "
+                            f"returns tensors or tuples (diffusers: return_dict=False)") from e
+    phases = plan.distinct()
+    ids = {ph: i for i, ph in enumerate(phases)}
+    return {
+        **versions(),
+        "manifest_format": MANIFEST_FORMAT,
+        "format": fmt,
+        "layout": layout,
+        "model_type": cap.model_type,
+        "timestep_arg": opt.timestep_arg,
+        "inputs": [tensor_entry(n, s.shape, s.dtype) for n, s in zip(cap.input_names, cap.input_specs)],
+        "constants": dict(cap.constants),
+        "out_spec": out_spec,
+        "user_outputs": _user_output_entries(opt),
+        "schedule": opt.schedule.to_dict() | {"type": opt.schedule.type_name},
+        "regions": [{"path": r.path, "kind": r.kind, "module_type": r.module_type, "cache_keys": r.cache_keys,
+                     "exits": r.exits, "exit_specs": [[list(s.shape), dtype_name(s.dtype)] for s in r.exit_specs],
+                     "flops": r.flops, "reason": r.reason, "block": r.block} for r in opt.regions],
+        "plan": {"timesteps": list(plan.timesteps), "phase_ids": [ids[ph] for ph in plan.phases]},
+        "phases": [{"id": i, "label": ph.label(), "actions": [[p, a.value] for p, a in ph.actions]}
+                   for i, ph in enumerate(phases)],
+    }
+
+
+def export_onnx(opt: "OptimizedModel", folder: str | Path, *, timesteps: Sequence[float] | None = None,
+                single_file: bool = False, opset: int | None = None) -> dict[str, Any]:
+    """Write the ONNX files, ``weights.bin`` and ``manifest.json`` of ``opt``'s plan into ``folder``;
+    returns the manifest. See :func:`graphpass.export` for the layouts."""
+    require_onnx()
+    import onnx
+
+    plan = plan_for_export(opt, timesteps)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in list(folder.glob("*.onnx")) + list(folder.glob("*.engine")) + [folder / WEIGHTS_FILE]:
+        old.unlink(missing_ok=True)  # a re-export must not leave files of another plan behind
+    manifest = base_manifest(opt, plan, "onnx", "single-file" if single_file else "per-phase")
+    device = _device_of(opt)
+    inputs = _example_inputs(opt, device)
+    cache_specs = _cache_specs(opt)
+    user_names = [e["name"] for e in manifest["user_outputs"]]
+    weights = SharedWeights(folder / WEIGHTS_FILE)
+    try:
+        if single_file:
+            from .cond import build_switch_graph
+
+            t0 = time.perf_counter()
+            sw = build_switch_graph(opt.captured, opt.regions, plan)
+            args = inputs + [torch.zeros((), dtype=torch.bool, device=device) for _ in sw.switch_paths] + [
+                torch.zeros(cache_specs[k].shape, dtype=cache_specs[k].dtype, device=device) for k in sw.cache_keys]
+            in_names = (list(opt.captured.input_names) + [reuse_flag_name(p) for p in sw.switch_paths]
+                        + [cache_tensor_name(k) for k in sw.cache_keys])
+            out_names = user_names + [cache_tensor_name(k, output=True) for k in sw.cache_keys]
+            proto = to_onnx(sw.gm, args, in_names, out_names, opset)
+            weights.externalise(proto)
+            onnx.save_model(proto, str(folder / "model.onnx"))
+            manifest["single_file"] = {
+                "file": "model.onnx", "switch_regions": sw.switch_paths, "cache_keys": sw.cache_keys,
+                "inputs": _entries(args, in_names), "outputs": _output_entries(proto),
+                "export_seconds": round(time.perf_counter() - t0, 3)}
+            for entry, ph in zip(manifest["phases"], plan.distinct()):
+                entry.update(file="model.onnx",
+                             cache_inputs=[k for r in opt.regions if ph.action(r.path) == Action.REUSE
+                                           for k in r.cache_keys],
+                             cache_outputs=[k for r in opt.regions if ph.action(r.path) == Action.STORE
+                                            for k in r.cache_keys],
+                             num_user_outputs=len(user_names))
+        else:
+            for entry, ph in zip(manifest["phases"], plan.distinct()):
+                t0 = time.perf_counter()
+                pg = opt.phase_graph(ph)
+                args = inputs + [torch.zeros(cache_specs[k].shape, dtype=cache_specs[k].dtype, device=device)
+                                 for k in pg.cache_inputs]
+                in_names = list(opt.captured.input_names) + [cache_tensor_name(k) for k in pg.cache_inputs]
+                out_names = user_names + [cache_tensor_name(k) for k in pg.cache_outputs]
+                proto = to_onnx(pg.gm, args, in_names, out_names, opset)
+                weights.externalise(proto)
+                name = f"phase_{entry['id']}.onnx"
+                onnx.save_model(proto, str(folder / name))
+                entry.update(file=name, inputs=_entries(args, in_names), outputs=_output_entries(proto),
+                             onnx_inputs=[i.name for i in proto.graph.input],
+                             cache_inputs=list(pg.cache_inputs), cache_outputs=list(pg.cache_outputs),
+                             num_user_outputs=pg.num_user_outputs, flops=pg.flops, nodes=pg.node_count,
+                             export_seconds=round(time.perf_counter() - t0, 3))
+    finally:
+        weights.close()
+    manifest["weights"] = {"file": WEIGHTS_FILE, "stored_bytes": weights.stored_bytes,
+                           "referenced_bytes": weights.referenced_bytes, "tensors": weights.tensors,
+                           "external_threshold_bytes": EXTERNAL_THRESHOLD}
+    write_manifest(folder, manifest)
+    return manifest
+
+
+def _entries(args: Sequence[torch.Tensor], names: Sequence[str]) -> list[dict[str, Any]]:
+    return [tensor_entry(n, a.shape, a.dtype) for n, a in zip(names, args)]
+
+
+_ONNX_TO_TORCH = {1: torch.float32, 10: torch.float16, 16: torch.bfloat16, 11: torch.float64, 7: torch.int64,
+                  6: torch.int32, 9: torch.bool, 3: torch.int8, 2: torch.uint8}
+
+
+def _output_entries(proto) -> list[dict[str, Any]]:
+    out = []
+    for o in proto.graph.output:
+        tt = o.type.tensor_type
+        dt = _ONNX_TO_TORCH.get(tt.elem_type)
+        if dt is None:
+            raise GraphpassError(f"ONNX output {o.name} has element type {tt.elem_type}, which graphpass cannot map")
+        out.append(tensor_entry(o.name, [d.dim_value for d in tt.shape.dim], dt))
+    return out

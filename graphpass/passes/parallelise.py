@@ -1,0 +1,774 @@
+"""Dynamic Sequence Parallelism (DSP) as a graph pass: one rank's graph of a captured DiT.
+
+The model is captured once with the whole video (every rank captures the same graph). This pass rewrites
+that graph into the graph one rank runs when the frames are split across ``world_size`` ranks:
+
+* the video input's frame dimension is cut to this rank's frames (a slice, no communication), unless
+  ``keep_sharded`` (then the rank is given its frames);
+* every op that does not mix frames (spatial, cross and MLP regions, norms, embeddings) runs on the local
+  frames; the shape arguments of reshapes are rewritten to local sizes and full-frame constants such as
+  position embeddings are sliced to the rank's frames;
+* around each **temporal** region, an all-to-all switches the sharded dimension from frames to tokens on
+  the way in (every rank then holds all frames of a slice of the token positions, so temporal attention is
+  exact) and a second all-to-all switches it back on the way out;
+* frame-sharded outputs are all-gathered into whole tensors, unless ``keep_sharded``.
+
+Collectives are ``torch.ops._c10d_functional`` nodes (``all_to_all_single`` / ``all_gather_into_tensor``
+followed by ``wait_tensor``), so later passes see them: :func:`~graphpass.passes.elide.elide_collectives`
+removes the pair around a temporal region a phase reuses.
+
+Uneven splits are exact: frames are divided as evenly as possible (3 frames on 2 ranks: 2 + 1), tokens
+likewise, and the all-to-alls carry per-rank split sizes, so nothing is padded inside the model (only the
+final all-gather pads to the largest shard and drops the padding again).
+
+How it works: the pass walks the graph once and tracks, for every tensor, where the frame axis sits (its
+dimension and the elements of that dimension below it, so merged dims such as ``B*F`` are followed through
+reshapes and permutes). Each op the sharded data reaches must have a rule saying which dims it mixes;
+an op that would mix the sharded axis (attention over frames outside a temporal region, a reshape that
+splits frames) is an error naming the node. The result is checked by propagating fake tensors through the
+local graph and comparing every node's shape with the shape the pass predicted.
+
+>>> sg = parallelise(captured, regions, rank=0, world_size=2, group_name="0")
+>>> sg.frames.sizes, len(sg.collectives)          # VDT-tiny: 4 frames, 2 temporal regions + 1 output
+((2, 2), 5)
+"""
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from ..errors import GraphpassError
+from .capture import CapturedGraph, TensorSpec, module_path
+from .elide import META_KEY, WAIT_OP, CollectiveInfo, collective_nodes
+from .flops import node_flops
+from .tag import Region, _pick_video_input
+
+aten = torch.ops.aten
+_C10D = torch.ops._c10d_functional
+
+
+class ParallelError(GraphpassError):
+    """A model, a process group or a call does not fit sequence-parallel execution."""
+
+
+# --- splits and axes -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Split:
+    """How ``total`` elements of one axis are divided over the ranks: ``sizes[r]`` for rank ``r``, in
+    rank order (contiguous blocks). ``Split.even(3, 2).sizes == (2, 1)``."""
+
+    name: str
+    sizes: tuple[int, ...]
+
+    @staticmethod
+    def even(name: str, total: int, world_size: int) -> "Split":
+        q, r = divmod(total, world_size)
+        return Split(name, tuple(q + (i < r) for i in range(world_size)))
+
+    @property
+    def total(self) -> int:
+        return sum(self.sizes)
+
+    @property
+    def offsets(self) -> tuple[int, ...]:
+        out, acc = [], 0
+        for s in self.sizes:
+            out.append(acc)
+            acc += s
+        return tuple(out)
+
+
+@dataclass(frozen=True)
+class Axis:
+    """Where a logical axis (frames, tokens) sits in a tensor: dimension ``dim`` has size
+    ``outer * size * inner`` and the axis is its middle factor (``inner`` elements below it)."""
+
+    dim: int
+    inner: int
+    size: int
+
+
+@dataclass(frozen=True)
+class _State:
+    """Sharding of one tensor: ``shard`` is the axis split over the ranks (by ``split``), ``frames``
+    where the frames are (the sharded axis outside temporal regions; tracked, whole, inside them)."""
+
+    shard: Axis | None = None
+    split: Split | None = None
+    frames: Axis | None = None
+
+
+_REPLICATED = _State()
+
+
+class _Mixed(Exception):
+    """An op mixes (or splits) an axis it would need to keep."""
+
+
+# --- the result ----------------------------------------------------------------------------------
+@dataclass
+class ShardedGraph:
+    """One rank's graph.
+
+    captured: the local :class:`CapturedGraph` (same inputs and outputs as the model: whole tensors, or
+        this rank's frames of the video input and outputs with ``keep_sharded``).
+    regions: the regions with local exit shapes; a temporal region's exits are the outputs of its exit
+        all-to-alls, so caching a temporal region stores (and reusing it skips) its communication too.
+    frames: the frame split; ``frame_dim`` the video input's frame dimension.
+    collectives: names of the collective nodes of the local graph, in order.
+    """
+
+    captured: CapturedGraph
+    regions: list[Region]
+    frames: Split
+    video_input: str
+    frame_dim: int
+    rank: int
+    world_size: int
+    keep_sharded: bool
+    collectives: list[str] = field(default_factory=list)
+
+
+def _shape(n) -> tuple[int, ...]:
+    v = n.meta.get("val") if isinstance(n, fx.Node) else n
+    if not isinstance(v, torch.Tensor):
+        raise ParallelError(f"node {getattr(n, 'name', n)} has no tensor shape (meta['val']); capture the model "
+                            f"with graphpass.passes.capture.capture")
+    return tuple(int(s) for s in v.shape)
+
+
+def _norm(d: int, rank: int) -> int:
+    return d + rank if d < 0 else d
+
+
+def _local_shape(shape: tuple[int, ...], st: _State, rank: int) -> list[int]:
+    out = list(shape)
+    if st.shard is not None:
+        a = st.shard
+        out[a.dim] = shape[a.dim] // a.size * st.split.sizes[rank]
+    return out
+
+
+def _reshape_axis(axis: Axis, in_shape, out_shape) -> Axis:
+    """The axis after a row-major reshape, or _Mixed if the reshape splits it across dims."""
+    stride = axis.inner * math.prod(in_shape[axis.dim + 1:])
+    suffix = 1
+    for d in range(len(out_shape) - 1, -1, -1):
+        span = suffix * out_shape[d]
+        if suffix <= stride and stride % suffix == 0 and span % (stride * axis.size) == 0:
+            return Axis(d, stride // suffix, axis.size)
+        suffix = span
+    raise _Mixed(f"the reshape {list(in_shape)} -> {list(out_shape)} splits the axis over several dims")
+
+
+# --- op rules ------------------------------------------------------------------------------------
+# An index map says, for each dim of one tensor operand, which output dim it becomes and whether the op
+# mixes values along it (reduction, contraction, normalisation): {in_dim: (out_dim or None, mixed)}.
+IndexMap = dict[int, tuple[int | None, bool]]
+
+_RESHAPES = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.flatten.using_ints,
+             aten.unflatten.int}
+_IDENTITY = {aten.to.dtype, aten._to_copy.default, aten.clone.default, aten.dropout.default, aten.alias.default,
+             aten.detach.default, aten.contiguous.default, aten.lift_fresh_copy.default, aten.type_as.default}
+_NO_OUTPUT = {aten._assert_tensor_metadata.default}
+_TUPLE_SPLITS = {aten.chunk.default, aten.split.Tensor, aten.split_with_sizes.default, aten.unbind.int}
+
+
+def _bcast(rank_in: int, rank_out: int) -> IndexMap:
+    return {i: (i + rank_out - rank_in, False) for i in range(rank_in)}
+
+
+def _arg(n: fx.Node, i: int, name: str, default=None):
+    if len(n.args) > i:
+        return n.args[i]
+    return n.kwargs.get(name, default)
+
+
+def _index_maps(n: fx.Node) -> list[tuple[fx.Node, IndexMap]]:
+    """Index maps of the tensor operands of ``n``; raises KeyError for ops without a rule."""
+    t = n.target
+    out_rank = len(_shape(n)) if isinstance(n.meta.get("val"), torch.Tensor) else 0
+    rk = lambda a: len(_shape(a))  # noqa: E731
+    tensors = [a for a in n.all_input_nodes]
+    if t in _IDENTITY or (isinstance(t, torch._ops.OpOverload) and torch.Tag.pointwise in t.tags):
+        return [(a, _bcast(rk(a), out_rank)) for a in tensors]
+    if t == aten.expand.default:
+        x = n.args[0]
+        return [(x, _bcast(rk(x), out_rank))]
+    if t == aten.permute.default:
+        x, perm = n.args[0], [_norm(p, out_rank) for p in n.args[1]]
+        return [(x, {i: (perm.index(i), False) for i in range(rk(x))})]
+    if t == aten.transpose.int:
+        x = n.args[0]
+        r = rk(x)
+        a, b = _norm(n.args[1], r), _norm(n.args[2], r)
+        sw = {a: b, b: a}
+        return [(x, {i: (sw.get(i, i), False) for i in range(r)})]
+    if t == aten.t.default:
+        x = n.args[0]
+        return [(x, {i: (rk(x) - 1 - i, False) for i in range(rk(x))})]
+    if t == aten.unsqueeze.default:
+        x, d = n.args[0], _norm(n.args[1], out_rank)
+        return [(x, {i: (i + (i >= d), False) for i in range(rk(x))})]
+    if t in (aten.squeeze.dim, aten.squeeze.dims):
+        x = n.args[0]
+        r = rk(x)
+        dims = n.args[1] if isinstance(n.args[1], (list, tuple)) else [n.args[1]]
+        gone = {_norm(d, r) for d in dims if _shape(x)[_norm(d, r)] == 1}
+        m, j = {}, 0
+        for i in range(r):
+            if i in gone:
+                m[i] = (None, True)
+            else:
+                m[i] = (j, False)
+                j += 1
+        return [(x, m)]
+    if t == aten.slice.Tensor:
+        x = n.args[0]
+        d = _norm(_arg(n, 1, "dim", 0), rk(x))
+        whole = _shape(x)[d] == _shape(n)[d]
+        return [(x, {i: (i, i == d and not whole) for i in range(rk(x))})]
+    if t == aten.select.int:
+        x, d = n.args[0], _norm(n.args[1], rk(n.args[0]))
+        return [(x, {i: ((None, True) if i == d else (i - (i > d), False)) for i in range(rk(x))})]
+    if t == aten.linear.default:
+        x, w = n.args[0], n.args[1]
+        b = _arg(n, 2, "bias")
+        r = rk(x)
+        maps = [(x, {**{i: (i, False) for i in range(r - 1)}, r - 1: (None, True)}),
+                (w, {0: (out_rank - 1, False), 1: (None, True)})]
+        if isinstance(b, fx.Node):
+            maps.append((b, {0: (out_rank - 1, False)}))
+        return maps
+    if t == aten.layer_norm.default:
+        x, ns = n.args[0], n.args[1]
+        r, k = rk(x), len(n.args[1])
+        maps = [(x, {i: (i, i >= r - k) for i in range(r)})]
+        for a in n.args[2:4]:
+            if isinstance(a, fx.Node):
+                maps.append((a, _bcast(rk(a), out_rank)))
+        return maps
+    if t == aten.group_norm.default:
+        x = n.args[0]
+        maps = [(x, {i: (i, i > 0) for i in range(rk(x))})]
+        for a in n.args[2:4]:
+            if isinstance(a, fx.Node):
+                maps.append((a, {0: (1, False)}))
+        return maps
+    if t in (aten.softmax.int, aten._softmax.default, aten._log_softmax.default, aten.log_softmax.int):
+        x = n.args[0]
+        d = _norm(n.args[1], rk(x))
+        return [(x, {i: (i, i == d) for i in range(rk(x))})]
+    if t in (aten.mean.dim, aten.sum.dim_IntList, aten.amax.default, aten.amin.default):
+        x = n.args[0]
+        r = rk(x)
+        dims = _arg(n, 1, "dim")
+        keep = bool(_arg(n, 2, "keepdim", False))
+        red = set(range(r)) if dims in (None, []) else {_norm(d, r) for d in dims}
+        m, j = {}, 0
+        for i in range(r):
+            if i in red:
+                m[i] = ((j if keep else None), True)
+                j += keep
+            else:
+                m[i] = (j, False)
+                j += 1
+        return [(x, m)]
+    if t == aten.scaled_dot_product_attention.default:
+        q, k, v = n.args[:3]
+        mask = _arg(n, 3, "attn_mask")
+        maps = [(q, {**{i: (i, False) for i in range(rk(q) - 1)}, rk(q) - 1: (None, True)})]
+        for a, last in ((k, None), (v, out_rank - 1)):
+            r = rk(a)
+            m = {i: (i + out_rank - r, False) for i in range(r - 2)}
+            m[r - 2] = (None, True)
+            m[r - 1] = (last, last is None)
+            maps.append((a, m))
+        if isinstance(mask, fx.Node):
+            r = rk(mask)
+            m = {i: (i + out_rank - r, False) for i in range(r - 1)}
+            m[r - 1] = (None, True)
+            maps.append((mask, m))
+        return maps
+    if t in (aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.convolution.default):
+        x = n.args[0]
+        maps = [(x, {i: (i, i > 0) for i in range(rk(x))})]
+        return maps + [(a, {i: (None, True) for i in range(rk(a))}) for a in tensors if a is not x]
+    if t == aten.embedding.default:
+        w, idx = n.args[0], n.args[1]
+        return [(w, {0: (None, True), 1: (out_rank - 1, False)}), (idx, {i: (i, False) for i in range(rk(idx))})]
+    if t == aten.cat.default:
+        d = _norm(_arg(n, 1, "dim", 0), out_rank)
+        return [(a, {i: (i, i == d) for i in range(rk(a))}) for a in n.args[0]]
+    if t in (aten.bmm.default, aten.matmul.default, aten.mm.default):
+        a, b = n.args[0], n.args[1]
+        ra, rb = rk(a), rk(b)
+        ma = {i: (i + out_rank - ra, False) for i in range(ra - 2)}
+        ma.update({ra - 2: (out_rank - 2, False), ra - 1: (None, True)})
+        mb = {i: (i + out_rank - rb, False) for i in range(rb - 2)}
+        mb.update({rb - 2: (None, True), rb - 1: (out_rank - 1, False)})
+        return [(a, ma), (b, mb)]
+    if t == aten.repeat_interleave.self_int:
+        x = n.args[0]
+        d = _norm(_arg(n, 2, "dim"), rk(x))
+        return [(x, {i: (i, i == d) for i in range(rk(x))})]
+    if t == aten.constant_pad_nd.default:
+        x, pad = n.args[0], n.args[1]
+        padded = {rk(x) - 1 - i for i in range(len(pad) // 2)}
+        return [(x, {i: (i, i in padded) for i in range(rk(x))})]
+    if t == aten.einsum.default:
+        eq = n.args[0].replace(" ", "")
+        if "." in eq or "->" not in eq:
+            raise KeyError(t)
+        ins, out = eq.split("->")
+        return [(a, {i: ((out.index(ch), False) if ch in out else (None, True)) for i, ch in enumerate(spec)})
+                for spec, a in zip(ins.split(","), n.args[1])]
+    raise KeyError(t)
+
+
+def _tuple_maps(n: fx.Node) -> tuple[fx.Node, int, bool]:
+    """(operand, dim, removed) of chunk/split/unbind."""
+    x = n.args[0]
+    r = len(_shape(x))
+    if n.target == aten.unbind.int:
+        return x, _norm(_arg(n, 1, "dim", 0), r), True
+    return x, _norm(_arg(n, 2, "dim", 0), r), False
+
+
+# --- the builder ---------------------------------------------------------------------------------
+class _Builder:
+    def __init__(self, captured: CapturedGraph, regions: list[Region], *, rank: int, world_size: int,
+                 group_name: str, video: str, frame_dim: int, keep_sharded: bool):
+        self.src = captured.gm
+        self.captured = captured
+        self.rank, self.world, self.group = rank, world_size, group_name
+        self.video, self.frame_dim, self.keep_sharded = video, frame_dim, keep_sharded
+        vshape = captured.input_specs[captured.input_names.index(video)].shape
+        self.frames = Split.even("frames", vshape[frame_dim], world_size)
+        self.temporal = {r.path: r for r in regions if r.kind == "temporal"}
+        self.region_of = {n: r.path for r in self.temporal.values() for n in r.nodes}
+        self.exits_of = {e: r.path for r in self.temporal.values() for e in r.exits}
+        self.g = fx.Graph()
+        self.env: dict[fx.Node, Any] = {}
+        self.state: dict[fx.Node, Any] = {}
+        self.outside: dict[fx.Node, tuple[fx.Node, _State]] = {}
+        self.entered: dict[tuple[fx.Node, str], tuple[fx.Node, _State]] = {}
+        self.sliced: dict[tuple, fx.Node] = {}
+        self.expected: dict[fx.Node, list[int]] = {}  # new node -> predicted local shape
+        self.exit_nodes: dict[str, list[fx.Node]] = {p: [] for p in self.temporal}
+        self.collectives: list[fx.Node] = []
+        self._count = 0
+        self.frames_at_attention: list[tuple[str, bool]] = []
+
+    # helpers -------------------------------------------------------------------------------------
+    def call(self, target, *args, hint: str) -> fx.Node:
+        self._count += 1
+        return self.g.create_node("call_function", target, args, {}, name=f"sp_{hint}_{self._count}")
+
+    def fail(self, n: fx.Node, why: str) -> ParallelError:
+        path = module_path(n)
+        where = f" in {path[-1][0]}" if path else ""
+        return ParallelError(
+            f"cannot shard frames through node {n.name} ({n.target}){where}: {why}. Sequence parallelism needs "
+            f"every op outside temporal attention to keep frames independent; if this op is temporal attention, "
+            f"tag its module as temporal with kinds={{'<path>': 'temporal'}}")
+
+    def _expanded(self, shape, axes: list[tuple[Axis, int]]) -> tuple[list[int], list[int]]:
+        """Shape with each axis' dim split into (outer, count, inner), and the index of each count."""
+        by_dim = {a.dim: (a, c) for a, c in axes}
+        out, pos = [], {}
+        for d, s in enumerate(shape):
+            if d in by_dim:
+                a, c = by_dim[d]
+                out += [s // (a.size * a.inner), c, a.inner]
+                pos[d] = len(out) - 2
+            else:
+                out.append(s)
+        return out, [pos[a.dim] for a, _ in axes]
+
+    def _a2a(self, x: fx.Node, send: list[int], recv: list[int], info: CollectiveInfo) -> fx.Node:
+        c = self.call(_C10D.all_to_all_single.default, x, recv, send, self.group, hint="all_to_all")
+        c.meta[META_KEY] = info
+        self.collectives.append(c)
+        return self.call(WAIT_OP, c, hint="wait")
+
+    def _switch(self, x: fx.Node, shape, dtype, cut: tuple[Axis, Split], join: tuple[Axis, Split],
+                region: str, role: str) -> fx.Node:
+        """All-to-all: rank j receives block j of axis ``cut`` (whole here) and every rank's block of axis
+        ``join`` (split here), which becomes whole. ``shape`` is the global shape; returns the local result."""
+        (ca, cs), (ja, js) = cut, join
+        me, w = self.rank, self.world
+        expand = lambda c, j: self._expanded(shape, [(ca, c), (ja, j)])  # noqa: E731
+        here, (cpos, jpos) = expand(ca.size, js.sizes[me])
+        x = self.call(aten.reshape.default, x, here, hint="expand")
+        pieces = []
+        for j in range(w):
+            s = self.call(aten.slice.Tensor, x, cpos, cs.offsets[j], cs.offsets[j] + cs.sizes[j], hint="block")
+            pieces.append(self.call(aten.reshape.default, s, [-1], hint="flat"))
+        buf = self.call(aten.cat.default, pieces, 0, hint="send")
+        send = [math.prod(expand(cs.sizes[j], js.sizes[me])[0]) for j in range(w)]
+        recv = [math.prod(expand(cs.sizes[me], js.sizes[i])[0]) for i in range(w)]
+        info = CollectiveInfo("all_to_all", region, role, (sum(send) - send[me]) * dtype.itemsize)
+        y = self._a2a(buf, send, recv, info)
+        parts = self.call(aten.split_with_sizes.default, y, recv, hint="recv")
+        blocks = []
+        for i in range(w):
+            p = self.call(operator.getitem, parts, i, hint="from")
+            blocks.append(self.call(aten.reshape.default, p, expand(cs.sizes[me], js.sizes[i])[0], hint="block"))
+        joined = self.call(aten.cat.default, blocks, jpos, hint="join")
+        local = list(shape)
+        local[ca.dim] = shape[ca.dim] // ca.size * cs.sizes[me]
+        return self.call(aten.reshape.default, joined, local, hint="merge")
+
+    def _slice_replicated(self, a_new: fx.Node, a_shape, dim: int, ax: Axis, split: Split) -> fx.Node:
+        key = (a_new, dim, ax.inner, ax.size, split)
+        if key in self.sliced:
+            return self.sliced[key]
+        s, me = split, self.rank
+        ex, (pos,) = self._expanded(a_shape, [(Axis(dim, ax.inner, ax.size), ax.size)])
+        x = self.call(aten.reshape.default, a_new, ex, hint="view")
+        x = self.call(aten.slice.Tensor, x, pos, s.offsets[me], s.offsets[me] + s.sizes[me], hint="local")
+        local = list(a_shape)
+        local[dim] = a_shape[dim] // ax.size * s.sizes[me]
+        out = self.call(aten.reshape.default, x, local, hint="local")
+        self.sliced[key] = out
+        return out
+
+    # inputs as seen by a consumer ----------------------------------------------------------------
+    def view_of(self, a: fx.Node, consumer: fx.Node) -> tuple[Any, Any]:
+        """``a`` as ``consumer`` reads it: after the exit all-to-all when ``a`` leaves a temporal region,
+        after an enter all-to-all when it enters one."""
+        inside = self.region_of.get(consumer.name)
+        if a in self.outside and self.region_of.get(a.name) != inside:
+            new, st = self.outside[a]
+        else:
+            new, st = self.env[a], self.state[a]
+        if inside is not None and self.region_of.get(a.name) != inside and isinstance(st, _State) \
+                and st.shard is not None:
+            key = (a, inside)
+            if key not in self.entered:
+                self.entered[key] = self.enter(a, new, st, inside)
+            return self.entered[key]
+        return new, st
+
+    def enter(self, a: fx.Node, new: fx.Node, st: _State, region: str) -> tuple[fx.Node, _State]:
+        if st.split.name != "frames":
+            raise self.fail(a, f"it enters temporal region {region} sharded by {st.split.name}, not frames")
+        shape = _shape(a)
+        fa = st.shard
+        tok_dim = next((d for d in range(len(shape) - 1) if d != fa.dim and shape[d] >= self.world), None)
+        if tok_dim is None:
+            raise self.fail(a, f"temporal region {region} gets a tensor of shape {list(shape)} with no batch dim "
+                               f"(other than frames and features) of at least {self.world} elements to shard")
+        tokens = Split.even("tokens", shape[tok_dim], self.world)
+        ta = Axis(tok_dim, 1, shape[tok_dim])
+        out = self._switch(new, shape, a.meta["val"].dtype, cut=(ta, tokens), join=(fa, self.frames),
+                           region=region, role="enter")
+        new_st = _State(shard=ta, split=tokens, frames=fa)
+        self.expected[out] = _local_shape(shape, new_st, self.rank)
+        return out, new_st
+
+    def exit(self, e: fx.Node, region: str) -> tuple[fx.Node, _State]:
+        st: _State = self.state[e]
+        if st.frames is None:
+            raise self.fail(e, f"the frames of temporal region {region}'s output cannot be located")
+        if st.frames.dim == st.shard.dim:
+            raise self.fail(e, f"temporal region {region} returns tokens and frames merged in one dim")
+        shape = _shape(e)
+        out = self._switch(self.env[e], shape, e.meta["val"].dtype, cut=(st.frames, self.frames),
+                           join=(st.shard, st.split), region=region, role="exit")
+        new_st = _State(shard=st.frames, split=self.frames, frames=st.frames)
+        self.expected[out] = _local_shape(shape, new_st, self.rank)
+        return out, new_st
+
+    def gather(self, x: fx.Node, shape, dtype, st: _State) -> fx.Node:
+        """All-gather a frame-sharded output into the whole tensor (padding to the largest shard)."""
+        me, w, fr = self.rank, self.world, self.frames
+        ex, (fpos,) = self._expanded(shape, [(st.shard, fr.sizes[me])])
+        x = self.call(aten.reshape.default, x, ex, hint="expand")
+        perm = [fpos] + [i for i in range(len(ex)) if i != fpos]
+        x = self.call(aten.permute.default, x, perm, hint="frames_first")
+        x = self.call(aten.clone.default, x, hint="contiguous")
+        fmax = max(fr.sizes)
+        pad = [0, 0] * (len(ex) - 1) + [0, fmax - fr.sizes[me]]
+        x = self.call(aten.constant_pad_nd.default, x, pad, 0.0, hint="pad")
+        rest = [ex[i] for i in perm[1:]]
+        info = CollectiveInfo("all_gather", "", "gather", fmax * math.prod(rest) * dtype.itemsize * (w - 1))
+        c = self.call(_C10D.all_gather_into_tensor.default, x, w, self.group, hint="all_gather")
+        c.meta[META_KEY] = info
+        self.collectives.append(c)
+        y = self.call(WAIT_OP, c, hint="wait")
+        blocks = [self.call(aten.slice.Tensor, y, 0, i * fmax, i * fmax + fr.sizes[i], hint="rank") for i in range(w)]
+        y = self.call(aten.cat.default, blocks, 0, hint="whole")
+        inv = [perm.index(i) for i in range(len(ex))]
+        y = self.call(aten.permute.default, y, inv, hint="frames_back")
+        return self.call(aten.reshape.default, y, list(shape), hint="whole")
+
+    # nodes ---------------------------------------------------------------------------------------
+    def run(self) -> fx.Graph:
+        placeholders = [n for n in self.src.graph.nodes if n.op == "placeholder"]
+        for n in placeholders:
+            new = self.g.node_copy(n, lambda a: self.env[a])
+            self.env[n], self.state[n] = new, _REPLICATED
+        v = placeholders[self.captured.input_names.index(self.video)]
+        fa = Axis(self.frame_dim, 1, self.frames.total)
+        vst = _State(shard=fa, split=self.frames, frames=fa)
+        if not self.keep_sharded:
+            me = self.rank
+            self.env[v] = self.call(aten.slice.Tensor, self.env[v], self.frame_dim, self.frames.offsets[me],
+                                    self.frames.offsets[me] + self.frames.sizes[me], hint="my_frames")
+        self.state[v] = vst
+        self.video_local_shape = _local_shape(_shape(v), vst, self.rank)
+        self.expected[self.env[v]] = self.video_local_shape
+        for n in self.src.graph.nodes:
+            if n.op == "placeholder":
+                continue
+            if n.op == "output":
+                self.output(n)
+            elif n.op == "get_attr":
+                self.env[n] = self.g.node_copy(n, lambda a: self.env[a])
+                self.state[n] = _REPLICATED
+            elif n.op == "call_function":
+                self.node(n)
+            else:
+                raise self.fail(n, f"graphs from capture() have only call_function nodes, not {n.op}")
+        return self.g
+
+    def node(self, n: fx.Node) -> None:
+        views = {a: self.view_of(a, n) for a in n.all_input_nodes}
+        if n.target is operator.getitem and isinstance(self.state[n.args[0]], list):
+            new_src, sts = views[n.args[0]]
+            new = self.g.create_node("call_function", n.target, (new_src, n.args[1]), {}, name=n.name)
+            self._finish(n, new, sts[n.args[1]])
+            return
+        sharded = any(isinstance(st, _State) and st.shard is not None for _, st in views.values())
+        if not sharded:  # nothing sharded reaches this op: copy it
+            new = self.g.create_node("call_function", n.target, fx.node.map_arg(n.args, lambda a: views[a][0]),
+                                     fx.node.map_arg(n.kwargs, lambda a: views[a][0]), name=n.name)
+            val = n.meta.get("val")
+            self._finish(n, new, [_REPLICATED] * len(val) if isinstance(val, (list, tuple)) else _REPLICATED)
+            return
+        try:
+            if n.target in _RESHAPES:
+                self.reshape(n, views)
+            elif n.target in _TUPLE_SPLITS:
+                self.split(n, views)
+            elif n.target in _NO_OUTPUT:
+                new = self.g.create_node("call_function", n.target, fx.node.map_arg(n.args, lambda a: views[a][0]),
+                                         fx.node.map_arg(n.kwargs, lambda a: views[a][0]), name=n.name)
+                self._finish(n, new, _REPLICATED)
+            else:
+                self.indexwise(n, views)
+        except _Mixed as e:
+            raise self.fail(n, str(e)) from None
+        if n.name in self.exits_of:
+            region = self.exits_of[n.name]
+            if self.state[n].shard is not None:
+                self.outside[n] = self.exit(n, region)
+                self.exit_nodes[region].append(self.outside[n][0])
+            else:
+                self.exit_nodes[region].append(self.env[n])
+
+    def _finish(self, n: fx.Node, new: fx.Node, st) -> None:
+        new.meta = {k: v for k, v in n.meta.items() if k != "val"}
+        self.env[n], self.state[n] = new, st
+        if isinstance(st, _State) and isinstance(n.meta.get("val"), torch.Tensor):
+            self.expected[new] = _local_shape(_shape(n), st, self.rank)
+
+    def reshape(self, n: fx.Node, views) -> None:
+        x = n.args[0]
+        new_x, st = views[x]
+        in_shape, out_shape = _shape(x), _shape(n)
+        shard = _reshape_axis(st.shard, in_shape, out_shape)
+        frames = st.frames
+        if frames is not None:
+            try:
+                frames = _reshape_axis(frames, in_shape, out_shape)
+            except _Mixed:
+                frames = None
+        out_st = _State(shard=shard, split=st.split, frames=frames)
+        new = self.g.create_node("call_function", aten.reshape.default,
+                                 (new_x, _local_shape(out_shape, out_st, self.rank)), {}, name=n.name)
+        self._finish(n, new, out_st)
+
+    def split(self, n: fx.Node, views) -> None:
+        x, d, removed = _tuple_maps(n)
+        new_x, st = views[x]
+        if st.shard.dim == d:
+            raise _Mixed(f"it splits the sharded {st.split.name} dim {d}")
+        move = lambda a: None if a is None else (  # noqa: E731
+            None if removed and a.dim == d else Axis(a.dim - (removed and a.dim > d), a.inner, a.size))
+        out = _State(shard=move(st.shard), split=st.split, frames=move(st.frames))
+        new = self.g.create_node("call_function", n.target, (new_x, *n.args[1:]), dict(n.kwargs), name=n.name)
+        self._finish(n, new, [out] * len(n.meta["val"]))
+
+    def indexwise(self, n: fx.Node, views) -> None:
+        try:
+            maps = _index_maps(n)
+        except KeyError:
+            raise _Mixed("graphpass has no sharding rule for this op (add one to graphpass.passes.parallelise)") \
+                from None
+        out_shape = _shape(n)
+        shard, split, frames = None, None, None
+        for a, m in maps:
+            st = views[a][1]
+            if st.shard is not None:
+                od, mixed = m.get(st.shard.dim, (None, True))
+                if od is None or mixed:
+                    raise _Mixed(f"it mixes values along the sharded {st.split.name} axis (dim {st.shard.dim} of "
+                                 f"{a.name})")
+                if out_shape[od] != _shape(a)[st.shard.dim]:
+                    raise _Mixed(f"it resizes the sharded {st.split.name} dim")
+                cand = Axis(od, st.shard.inner, st.shard.size)
+                if shard is not None and (cand, st.split) != (shard, split):
+                    raise _Mixed(f"its operands are sharded along different axes ({shard} vs {cand})")
+                shard, split = cand, st.split
+            if frames is None and st.frames is not None:
+                od, _ = m.get(st.frames.dim, (None, True))
+                if od is not None and out_shape[od] == _shape(a)[st.frames.dim]:
+                    frames = Axis(od, st.frames.inner, st.frames.size)
+        if n.target == aten.scaled_dot_product_attention.default and self.region_of.get(n.name):
+            q_frames = views[n.args[0]][1].frames
+            self.frames_at_attention.append((n.name, q_frames is not None and q_frames.dim == len(out_shape) - 2))
+        replace_by: dict[fx.Node, fx.Node] = {}
+        for a, m in maps:
+            new_a, st = views[a]
+            if st.shard is None and a not in replace_by:
+                for j, (od, mixed) in m.items():
+                    if od == shard.dim and _shape(a)[j] == out_shape[od] and out_shape[od] > 1:
+                        if mixed:
+                            raise _Mixed(f"a whole-{split.name} operand {a.name} is mixed along the sharded axis")
+                        new_a = self._slice_replicated(new_a, _shape(a), j, shard, split)
+                replace_by[a] = new_a
+        lookup = lambda a: replace_by.get(a, views[a][0])  # noqa: E731
+        args = fx.node.map_arg(n.args, lookup)
+        kwargs = fx.node.map_arg(n.kwargs, lookup)
+        out_st = _State(shard=shard, split=split, frames=frames)
+        if n.target == aten.expand.default:
+            args = (args[0], [(-1 if s == -1 else v) for s, v in zip(n.args[1], _local_shape(out_shape, out_st,
+                                                                                              self.rank))])
+        new = self.g.create_node("call_function", n.target, args, kwargs, name=n.name)
+        self._finish(n, new, out_st)
+
+    def output(self, n: fx.Node) -> None:
+        outs = []
+        for o in n.args[0]:
+            if not isinstance(o, fx.Node):
+                outs.append(o)
+                continue
+            new, st = self.view_of(o, n)
+            if isinstance(st, _State) and st.shard is not None:
+                if st.split.name != "frames":
+                    raise self.fail(o, "a model output is sharded by tokens")
+                if not self.keep_sharded:
+                    new = self.gather(new, _shape(o), o.meta["val"].dtype, st)
+            outs.append(new)
+        self.g.output(tuple(outs))
+
+
+def _find_frame_dim(captured: CapturedGraph, video: str, regions: list[Region]) -> list[int]:
+    vshape = captured.input_specs[captured.input_names.index(video)].shape
+    lengths = {r.attention_shape[-2] for r in regions if r.kind == "temporal" and r.attention_shape}
+    return [d for d in range(1, len(vshape)) if vshape[d] in lengths]
+
+
+def parallelise(captured: CapturedGraph, regions: list[Region], *, rank: int, world_size: int, group_name: str,
+                video_input: str | None = None, frame_dim: int | None = None,
+                keep_sharded: bool = False) -> ShardedGraph:
+    """The graph rank ``rank`` of ``world_size`` runs (see the module docstring).
+
+    requires: at least one temporal region; at least one frame per rank.
+    ensures: every node's shape (fake-tensor propagation) equals the predicted local shape; original nodes
+    keep their names (regions still name them); every temporal region's attention sees all frames.
+    """
+    temporal = [r for r in regions if r.kind == "temporal"]
+    if not temporal:
+        kinds = ", ".join(sorted({r.kind for r in regions}))
+        raise ParallelError(
+            f"{captured.model_type} has no temporal attention region (it has: {kinds}). DSP shards frames and "
+            f"exchanges them only around temporal attention; a model whose attention spans all frames at once "
+            f"(joint 3D attention) needs head-split (Ulysses) attention instead. If a region is temporal but was "
+            f"tagged otherwise, pass kinds={{'<module path>': 'temporal'}} to graphpass.optimize.")
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ParallelError(f"rank {rank} is not in a group of {world_size}")
+    video = _pick_video_input(captured, video_input)
+    vshape = captured.input_specs[captured.input_names.index(video)].shape
+    candidates = [frame_dim] if frame_dim is not None else _find_frame_dim(captured, video, regions)
+    if not candidates:
+        raise ParallelError(f"no dim of video input {video!r} {list(vshape)} matches the temporal attention length "
+                            f"{sorted({r.attention_shape[-2] for r in temporal})}; pass SequenceParallel(frame_dim=...)")
+    frame_dim = _norm(candidates[0], len(vshape))
+    if vshape[frame_dim] < world_size:
+        raise ParallelError(f"{vshape[frame_dim]} frames cannot be split over {world_size} ranks (each rank needs at "
+                            f"least one frame); use fewer ranks (at most {vshape[frame_dim]})")
+    errors = []
+    for cand in candidates:
+        b = _Builder(captured, regions, rank=rank, world_size=world_size, group_name=group_name, video=video,
+                     frame_dim=_norm(cand, len(vshape)), keep_sharded=keep_sharded)
+        try:
+            graph = b.run()
+        except ParallelError as e:
+            errors.append(e)
+            continue
+        bad = [name for name, ok in b.frames_at_attention if not ok]
+        if bad:
+            errors.append(ParallelError(f"with frames on dim {cand} of {video!r}, temporal attention {bad[0]} does "
+                                        f"not attend over frames; pass SequenceParallel(frame_dim=...)"))
+            continue
+        return _finish(captured, regions, b, graph)
+    raise errors[0]
+
+
+def _finish(captured: CapturedGraph, regions: list[Region], b: _Builder, graph: fx.Graph) -> ShardedGraph:
+    graph.lint()
+    gm = fx.GraphModule(captured.gm, graph, class_name="ShardedGraph")
+    names = {n.name for n in gm.graph.nodes}
+    lost = [n.name for n in captured.gm.graph.nodes if n.op != "output" and n.name not in names]
+    if lost:  # ensures: regions still name their nodes
+        raise ParallelError(f"internal: sharding renamed nodes {lost[:3]}")
+    specs = list(captured.input_specs)
+    vi = captured.input_names.index(b.video)
+    if b.keep_sharded:
+        specs[vi] = TensorSpec(tuple(b.video_local_shape), specs[vi].dtype)
+    _propagate_shapes(gm, specs)
+    for node, shape in b.expected.items():  # ensures: the local graph computes the shapes we planned
+        got = list(node.meta["val"].shape)
+        if got != list(shape):
+            raise ParallelError(f"internal: node {node.name} has local shape {got}, expected {shape}")
+    local_regions = []
+    by_name = {n.name: n for n in gm.graph.nodes}
+    for r in regions:
+        exits = [n.name for n in b.exit_nodes[r.path]] if r.path in b.temporal else r.exits
+        specs_r = [TensorSpec(tuple(int(s) for s in by_name[e].meta["val"].shape), by_name[e].meta["val"].dtype)
+                   for e in exits]
+        local_regions.append(replace(r, exits=exits, exit_specs=specs_r,
+                                     flops=sum(node_flops(by_name[n]) for n in r.nodes)))
+    local = CapturedGraph(gm=gm, input_names=list(captured.input_names), input_specs=specs,
+                          constants=dict(captured.constants), out_spec=captured.out_spec,
+                          model_type=captured.model_type, extra=dict(captured.extra))
+    return ShardedGraph(captured=local, regions=local_regions, frames=b.frames, video_input=b.video,
+                        frame_dim=b.frame_dim, rank=b.rank, world_size=b.world, keep_sharded=b.keep_sharded,
+                        collectives=[n.name for n in collective_nodes(gm.graph)])
+
+
+def _propagate_shapes(gm: fx.GraphModule, specs: list[TensorSpec]) -> None:
+    """Fill meta['val'] of every node with fake tensors (nothing runs, no communication)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    with mode:
+        args = [torch.empty(s.shape, dtype=s.dtype) for s in specs]
+    FakeTensorProp(gm, mode).propagate(*args)
+
+
+def describe(sg: ShardedGraph) -> str:
+    """One line: split and collectives of a sharded graph."""
+    return (f"rank {sg.rank}/{sg.world_size}: frames {list(sg.frames.sizes)} on dim {sg.frame_dim} of "
+            f"{sg.video_input!r}, {len(sg.collectives)} collectives")
+

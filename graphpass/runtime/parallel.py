@@ -1,0 +1,348 @@
+"""Sequence-parallel inference (DSP) on torch.distributed, with communication elided by the graph.
+
+Every rank runs the same script::
+
+    # torchrun --nproc_per_node 2 script.py
+    import torch.distributed as dist, graphpass
+    dist.init_process_group("gloo")                      # "nccl" on GPUs
+    opt = graphpass.optimize(model, graphpass.PAB.preset("latte"), example_kwargs=kw,
+                             parallel=graphpass.SequenceParallel())
+    out = opt(**kw)        # whole inputs in, whole outputs out, on every rank
+
+Each rank captures the whole model, then :func:`~graphpass.passes.parallelise.parallelise` rewrites the
+graph into that rank's graph: its share of the frames, with an all-to-all before and after every temporal
+attention (DSP). Each phase graph then goes through
+:func:`~graphpass.passes.elide.elide_collectives`: a temporal attention the phase reuses needs neither of
+its all-to-alls, and both disappear from that phase's graph. Caches hold each rank's shard only.
+
+Ranks must call the model in lockstep (same timesteps, same number of calls); with ``check_calls`` (the
+default) each call first checks that, and that every rank's inputs are valid, with one small all-reduce,
+so an error on one rank is raised on all ranks instead of leaving the others waiting in a collective.
+
+Adaptive schedules decide from a metric measured on each rank's shard; ranks must decide alike, so such a
+runtime calls ``opt.parallel.reduce_metric(metric)`` once per compute step (an all-reduce max): every
+rank then sees the same value.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from ..errors import GraphpassError, InputError
+from ..passes.capture import CapturedGraph
+from ..passes.elide import COLLECTIVE_OPS, collective_info, collective_nodes
+from ..passes.parallelise import ParallelError, ShardedGraph, parallelise
+from ..passes.tag import Region
+from ..schedules.base import Phase, Plan, Schedule
+from .executor import OptimizedModel
+
+__all__ = ["SequenceParallel", "ParallelModel", "ParallelRuntime", "ParallelError", "count_collectives",
+           "CollectiveCounts"]
+
+
+@dataclass
+class SequenceParallel:
+    """Sequence parallelism over frames (DSP) for :func:`graphpass.optimize` (``parallel=``).
+
+    Fields:
+        group: the ``torch.distributed`` process group to split frames over; ``None`` = the default group
+            (``torch.distributed.init_process_group`` must have been called, e.g. under ``torchrun``).
+        keep_sharded: ``False``: every rank passes whole inputs and gets whole outputs (the graph takes its
+            frames on entry and all-gathers the frames of the outputs on exit). ``True``: the video input is
+            this rank's frames (``opt.parallel.shard(x)``) and outputs that carry frames are returned as this
+            rank's frames, with no all-gather: a sampler can keep its latent sharded between steps and call
+            ``opt.parallel.gather(x)`` once at the end. Other inputs are whole tensors in both modes.
+        world_size: the number of ranks the caller expects; if set and the group has another size,
+            ``optimize`` raises (on every rank). ``None`` accepts any size.
+        frame_dim: the video input's frame dimension; ``None`` infers it (the dim whose size equals the
+            sequence length of temporal attention).
+        check_calls: before each call the ranks check, with one all-reduce of 5 numbers, that every rank's
+            inputs are valid and that all ranks are at the same timestep and call of the generation. An
+            error on one rank is then raised on all of them (a mismatch would otherwise wait forever in a
+            collective). ``False`` skips the check.
+
+    Example:
+        >>> sp = SequenceParallel()                      # default group, whole tensors in and out
+        >>> sp = SequenceParallel(keep_sharded=True, world_size=2)
+    """
+
+    group: Any = None
+    keep_sharded: bool = False
+    world_size: int | None = None
+    frame_dim: int | None = None
+    check_calls: bool = True
+
+
+def _device(group) -> torch.device:
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+class ParallelRuntime:
+    """The process-group side of a sequence-parallel model (``opt.parallel``): rank, frame split,
+    agreement between ranks, and the :meth:`reduce_metric` hook for adaptive schedules."""
+
+    def __init__(self, config: SequenceParallel):
+        if not dist.is_available() or not dist.is_initialized():
+            raise ParallelError("SequenceParallel needs torch.distributed: call torch.distributed.init_process_group"
+                                "(...) on every rank first (torchrun sets up the environment for it), then "
+                                "graphpass.optimize(..., parallel=graphpass.SequenceParallel())")
+        self.config = config
+        self.group = config.group if config.group is not None else dist.group.WORLD
+        self.group_name: str = self.group.group_name
+        self.rank = dist.get_rank(self.group)
+        self.world_size = dist.get_world_size(self.group)
+        self.device = _device(self.group)
+        self.sharded: ShardedGraph | None = None
+
+    # --- agreement -------------------------------------------------------------------------------
+    def agree(self, error: BaseException | None, fingerprint: Any = None) -> None:
+        """Collective: every rank learns whether any rank failed (and why) and whether their
+        ``fingerprint`` differ; raises the same :class:`ParallelError` on every rank if so."""
+        msg = None if error is None else f"{type(error).__name__}: {error}"
+        got: list = [None] * self.world_size
+        dist.all_gather_object(got, (msg, fingerprint), group=self.group)
+        failed = [(r, m) for r, (m, _) in enumerate(got) if m is not None]
+        if failed:
+            lines = "; ".join(f"rank {r}: {m}" for r, m in failed)
+            raise ParallelError(f"graphpass.optimize failed on {len(failed)} of {self.world_size} ranks ({lines})") \
+                from error
+        prints = [f for _, f in got]
+        if any(f != prints[0] for f in prints):
+            diff = ", ".join(f"rank {r}: {f}" for r, f in enumerate(prints))
+            raise ParallelError(f"ranks optimised different things ({diff}); every rank must call graphpass.optimize "
+                                f"with the same model, schedule, example input shapes and SequenceParallel options")
+
+    def agree_call(self, error: BaseException | None, t: float, counter: int) -> None:
+        """Collective, once per call: one all-reduce of [failed, t, -t, counter, -counter]."""
+        bad = error is not None
+        v = torch.tensor([float(bad), 0.0 if bad else t, 0.0 if bad else -t, 0.0 if bad else counter,
+                          0.0 if bad else -counter], dtype=torch.float64, device=self.device)
+        dist.all_reduce(v, op=dist.ReduceOp.MAX, group=self.group)
+        failed, t_hi, t_lo, c_hi, c_lo = v.tolist()
+        if failed:
+            msgs: list = [None] * self.world_size
+            dist.all_gather_object(msgs, None if error is None else f"{type(error).__name__}: {error}",
+                                   group=self.group)
+            lines = "; ".join(f"rank {r}: {m}" for r, m in enumerate(msgs) if m is not None)
+            raise ParallelError(f"the call failed on rank(s) {[r for r, m in enumerate(msgs) if m is not None]} "
+                                f"of {self.world_size}, so no rank ran it ({lines})") from error
+        if t_hi != -t_lo or c_hi != -c_lo:
+            raise ParallelError(f"ranks are out of step: timesteps {-t_lo:g}..{t_hi:g}, calls {-c_lo:g}..{c_hi:g} of "
+                                f"the generation; call the optimised model on every rank with the same timestep, "
+                                f"the same number of times")
+
+    def reduce_metric(self, t: torch.Tensor | float) -> torch.Tensor | float:
+        """All-reduce (max) of a metric over the ranks, so that every rank takes the same decision.
+        Adaptive schedules measure their metric on this rank's shard and call this once per compute step.
+
+        >>> d = opt.parallel.reduce_metric(local_distance)   # same value on every rank
+        """
+        if isinstance(t, torch.Tensor):
+            out = t.detach().to(self.device, torch.float64).clone()
+            dist.all_reduce(out, op=dist.ReduceOp.MAX, group=self.group)
+            return out.to(t.device, t.dtype)
+        v = torch.tensor([float(t)], dtype=torch.float64, device=self.device)
+        dist.all_reduce(v, op=dist.ReduceOp.MAX, group=self.group)
+        return float(v.item())
+
+    # --- frames ----------------------------------------------------------------------------------
+    def _dim(self, x: torch.Tensor, dim: int | None) -> int:
+        d = self.sharded.frame_dim if dim is None else dim
+        return d + x.dim() if d < 0 else d
+
+    def shard(self, x: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+        """This rank's frames of a whole tensor (``dim``: its frame dim, default the video input's)."""
+        d = self._dim(x, dim)
+        fr = self.sharded.frames
+        if x.shape[d] != fr.total:
+            raise InputError(f"dim {d} of a {tuple(x.shape)} tensor has {x.shape[d]} frames, the model was split for "
+                             f"{fr.total}; pass dim= for a tensor whose frames are elsewhere")
+        return x.narrow(d, fr.offsets[self.rank], fr.sizes[self.rank])
+
+    def gather(self, x: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+        """The whole tensor from every rank's frames (the inverse of :meth:`shard`); collective."""
+        d = self._dim(x, dim)
+        fr = self.sharded.frames
+        if x.shape[d] != fr.sizes[self.rank]:
+            raise InputError(f"dim {d} of a {tuple(x.shape)} tensor has {x.shape[d]} frames, rank {self.rank} holds "
+                             f"{fr.sizes[self.rank]}")
+        fmax = max(fr.sizes)
+        y = x.movedim(d, 0)
+        pad = torch.zeros((fmax - y.shape[0], *y.shape[1:]), dtype=y.dtype, device=y.device)
+        y = torch.cat([y, pad]).contiguous()
+        parts = [torch.empty_like(y) for _ in range(self.world_size)]
+        dist.all_gather(parts, y, group=self.group)
+        return torch.cat([p[:n] for p, n in zip(parts, fr.sizes)]).movedim(0, d)
+
+
+class ParallelModel(OptimizedModel):
+    """An :class:`~graphpass.OptimizedModel` that runs this rank's sharded graphs (see the module doc).
+
+    ``opt.parallel`` is the :class:`ParallelRuntime`; ``opt.global_captured`` the whole-model capture;
+    ``opt.communication(plan)`` the collectives a plan runs on this rank.
+    """
+
+    def __init__(self, model: torch.nn.Module, sharded: ShardedGraph, global_captured: CapturedGraph,
+                 schedule: Schedule, runtime: ParallelRuntime, *, timestep_arg: str = "timestep",
+                 backend: str = "eager"):
+        super().__init__(model, sharded.captured, sharded.regions, schedule, timestep_arg=timestep_arg,
+                         backend=backend)
+        self.parallel = runtime
+        self.sharded = sharded
+        self.global_captured = global_captured
+
+    def forward(self, *args, **kwargs):
+        if self.parallel.config.check_calls:
+            err, t, counter = None, 0.0, 0
+            try:
+                if args:
+                    raise InputError(f"call the optimised model with keyword arguments only (got {len(args)} "
+                                     f"positional); the capture's inputs are {self.captured.input_names}")
+                self.captured.flatten_call(kwargs)
+                t = self._timestep(kwargs)
+                st = self._state()
+                counter = 0 if st.last_t is not None and t > st.last_t else st.counter
+            except GraphpassError as e:
+                err = e
+            self.parallel.agree_call(err, t, counter)
+        return super().forward(*args, **kwargs)
+
+    # --- communication ---------------------------------------------------------------------------
+    def collectives(self, phase: Phase) -> tuple[list[Any], list[Any]]:
+        """(kept, removed) collectives of a phase graph, as (node name, CollectiveInfo) pairs: kept are
+        those its graph runs, removed those of the full sharded graph that elision took out."""
+        kept_names = {n.name for n in collective_nodes(self.phase_graph(phase).gm.graph)}
+        everything = [(n.name, collective_info(n)) for n in collective_nodes(self.captured.gm.graph)]
+        return ([c for c in everything if c[0] in kept_names], [c for c in everything if c[0] not in kept_names])
+
+    def communication(self, plan: Plan | None = None) -> "CollectiveCounts":
+        """Collectives (calls and bytes this rank sends) that a generation following ``plan`` (default: the
+        current plan) runs, read from the phase graphs."""
+        plan = plan or self.current_plan
+        if plan is None:
+            raise GraphpassError("no plan: call opt.plan(timesteps) first or pass a plan")
+        out = CollectiveCounts()
+        for ph in plan.phases:
+            for _, info in self.collectives(ph)[0]:
+                out.add(info.kind, info.bytes_sent)
+        return out
+
+    def __repr__(self) -> str:
+        return (f"ParallelModel({self.captured.model_type}, {self.schedule}, rank {self.parallel.rank} of "
+                f"{self.parallel.world_size}, frames {list(self.sharded.frames.sizes)})")
+
+
+def build(model: torch.nn.Module, captured: CapturedGraph, regions: list[Region], schedule: Schedule,
+          config: SequenceParallel, *, timestep_arg: str, backend: str, video_input: str | None = None,
+          runtime: type = OptimizedModel) -> ParallelModel:
+    """Shard ``captured`` for this rank and wrap it; collective (all ranks call it together)."""
+    if not isinstance(config, SequenceParallel):
+        raise TypeError(f"parallel= takes a graphpass.SequenceParallel, got {type(config).__name__}")
+    rt = ParallelRuntime(config)
+    err, sharded = None, None
+    try:
+        if runtime is not OptimizedModel:
+            raise ParallelError(f"{type(schedule).__name__} runs on its own executor ({runtime.__name__}), which "
+                                f"SequenceParallel does not drive yet; use a PAB schedule with parallel=, or run "
+                                f"{type(schedule).__name__} on one process")
+        if config.world_size is not None and config.world_size != rt.world_size:
+            raise ParallelError(f"SequenceParallel(world_size={config.world_size}) but the process group has "
+                                f"{rt.world_size} ranks; launch {config.world_size} processes (torchrun "
+                                f"--nproc_per_node {config.world_size}) or drop world_size=")
+        sharded = parallelise(captured, regions, rank=rt.rank, world_size=rt.world_size, group_name=rt.group_name,
+                              video_input=video_input, frame_dim=config.frame_dim, keep_sharded=config.keep_sharded)
+    except GraphpassError as e:
+        err = e
+    fingerprint = (captured.model_type, [(n, str(s)) for n, s in zip(captured.input_names, captured.input_specs)],
+                   schedule.to_json(), config.keep_sharded, config.frame_dim, rt.world_size)
+    rt.agree(err, fingerprint)
+    rt.sharded = sharded
+    return ParallelModel(model, sharded, captured, schedule, rt, timestep_arg=timestep_arg, backend=backend)
+
+
+# --- counting collectives at run time --------------------------------------------------------------
+class CollectiveCounts:
+    """Calls and bytes sent to other ranks, per collective kind (``all_to_all``, ``all_gather``,
+    ``all_reduce``, ``other``)."""
+
+    def __init__(self):
+        self.calls: Counter = Counter()
+        self.bytes: Counter = Counter()
+
+    def add(self, kind: str, nbytes: int) -> None:
+        self.calls[kind] += 1
+        self.bytes[kind] += nbytes
+
+    def __repr__(self) -> str:
+        return "CollectiveCounts(" + ", ".join(f"{k}: {self.calls[k]} calls, {self.bytes[k]} B"
+                                               for k in sorted(self.calls)) + ")"
+
+
+def _group_rank(name: str) -> int:
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    return _resolve_process_group(name).rank()
+
+
+class _Counting(TorchDispatchMode):
+    def __init__(self, counts: CollectiveCounts):
+        super().__init__()
+        self.counts = counts
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        c10d = torch.ops._c10d_functional
+        if func == c10d.all_to_all_single.default:
+            x, _, in_splits, name = args
+            row = x.numel() // max(x.shape[0], 1) if x.dim() else 1
+            me = _group_rank(name)
+            self.counts.add("all_to_all", (x.numel() - in_splits[me] * row) * x.element_size())
+        elif func == c10d.all_gather_into_tensor.default:
+            x, size = args[0], args[1]
+            self.counts.add("all_gather", x.numel() * x.element_size() * (size - 1))
+        elif func in COLLECTIVE_OPS or (func.namespace == "c10d" and not func.__name__.startswith("wait")):
+            kind = "all_reduce" if "allreduce" in func.__name__ or "all_reduce" in func.__name__ else "other"
+            tensors = [a for a in args if isinstance(a, torch.Tensor)]
+            tensors += [t for a in args if isinstance(a, (list, tuple)) for t in a if isinstance(t, torch.Tensor)]
+            self.counts.add(kind, sum(t.numel() * t.element_size() for t in tensors))
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def count_collectives():
+    """Count the collectives this process runs inside the block (calls, and bytes sent to other ranks),
+    as they are dispatched, not as planned::
+
+        with count_collectives() as counts:
+            for t in timesteps: opt(hidden_states=x, timestep=t, ...)
+        counts.calls["all_to_all"], counts.bytes["all_to_all"]
+    """
+    counts = CollectiveCounts()
+    with _Counting(counts):
+        yield counts
+
+
+def plan_reuse_savings(opt: ParallelModel, plan: Plan | None = None) -> CollectiveCounts:
+    """The all-to-alls a plan skips, from the plan alone: for every step, each temporal region the step
+    reuses skips its enter and exit all-to-alls (their bytes as recorded on the sharded graph)."""
+    plan = plan or opt.current_plan
+    per_region: dict[str, list[int]] = {}
+    for n in collective_nodes(opt.captured.gm.graph):
+        info = collective_info(n)
+        if info.region:
+            per_region.setdefault(info.region, []).append(info.bytes_sent)
+    out = CollectiveCounts()
+    for ph in plan.phases:
+        for path in ph.reused:
+            for b in per_region.get(path, []):
+                out.add("all_to_all", b)
+    return out
+

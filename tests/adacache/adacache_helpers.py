@@ -1,0 +1,85 @@
+"""Helpers of the AdaCache tests: captures shared by all tests of a session, and a plain module-level
+implementation of residual reuse written independently of graphpass's passes.
+
+The reference wraps every transformer block's ``forward``: on a compute step the block runs and its residual
+(output - input) is kept; on a reuse step the block returns its input plus the kept residual. This is what
+AdaCache does per block in the reference code (there split into an attention and a cross+MLP residual, whose
+sum is the block residual).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import torch
+
+from conftest import first, make_case, step
+from graphpass.passes.capture import capture
+from graphpass.passes.tag import tag_attention
+from graphpass.runtime.adaptive import ResidualModel
+
+
+@functools.lru_cache(maxsize=None)
+def captured(name: str):
+    """(model case, capture, tagged regions) of a conftest model, captured once per test session. Do not
+    modify the case's model: graphs read its parameters."""
+    case = make_case(name)
+    cap = capture(case.model, case.kwargs())
+    return case, cap, tag_attention(cap)
+
+
+def residual_model(name: str, schedule, timesteps: Sequence[float] | None = None) -> ResidualModel:
+    """What ``graphpass.optimize(model, schedule, timesteps=...)`` returns, on the session's capture."""
+    case, cap, regions = captured(name)
+    opt = ResidualModel(case.model, cap, regions, schedule)
+    if timesteps is not None:
+        opt.plan(timesteps)
+    return opt
+
+
+class BlockResidualReuse:
+    """Wrap the blocks of ``model`` named ``block_paths``; set ``reuse`` before each call."""
+
+    def __init__(self, model: torch.nn.Module, block_paths: Sequence[str]):
+        self.model = model
+        self.reuse = False
+        self.cache: dict[str, torch.Tensor] = {}
+        for path in block_paths:
+            block = model.get_submodule(path)
+            block.forward = self._wrap(path, block.forward)
+
+    def _wrap(self, path, forward):
+        def wrapped(x, *args, **kwargs):
+            if self.reuse:
+                return x + self.cache[path]
+            out = forward(x, *args, **kwargs)
+            self.cache[path] = out - x
+            return out
+
+        return wrapped
+
+
+def block_paths(model: torch.nn.Module) -> list[str]:
+    """Names of the transformer blocks: the entries of the model's ``blocks`` / ``transformer_blocks`` /
+    ``temporal_transformer_blocks`` module lists, in call order (Latte alternates spatial and temporal)."""
+    if hasattr(model, "blocks"):
+        return [f"blocks.{i}" for i in range(len(model.blocks))]
+    return [p for i in range(len(model.transformer_blocks))
+            for p in (f"transformer_blocks.{i}", f"temporal_transformer_blocks.{i}")]
+
+
+def run_reference(model: torch.nn.Module, kwargs: dict, timesteps: Sequence[float], decisions: str) -> list[torch.Tensor]:
+    """Like ``conftest.run_loop`` with block residuals reused on the steps marked 'R' in ``decisions``."""
+    ref = BlockResidualReuse(model, block_paths(model))
+    kw = dict(kwargs)
+    x = kw["hidden_states"]
+    outs = []
+    with torch.no_grad():
+        for t, d in zip(timesteps, decisions):
+            ref.reuse = d == "R"
+            kw["hidden_states"] = x
+            kw["timestep"] = torch.full_like(kwargs["timestep"], t)
+            out = model(**kw)
+            outs.append(first(out))
+            x = step(x, out)
+    return outs

@@ -1,0 +1,41 @@
+"""Physics plausibility separates real physics from noise and broken motion."""
+
+import numpy as np
+import torch
+
+from graphpass.eval.physics import detect, evaluate, physics_score
+from graphpass.models.physics import PhysicsParams, generate, render
+
+
+def test_detection_finds_generator_balls_at_their_positions():
+    item = generate(4)
+    det = detect(item.video)
+    assert sorted(det) == item.colors
+    for b, ci in enumerate(item.colors):
+        err = [np.hypot(*(np.array(det[ci][f]) - item.positions[f, b])) for f in det[ci]]
+        assert np.median(err) < 0.3
+
+
+def test_generator_videos_score_high_and_noise_scores_near_zero():
+    real = [evaluate(generate(s).video).plausibility for s in range(10)]
+    g = torch.Generator().manual_seed(0)
+    noise = [evaluate(torch.rand(16, 3, 32, 32, generator=g) * 2 - 1).plausibility for _ in range(5)]
+    assert np.mean(real) > 0.8
+    assert max(noise) < 0.1
+    assert min(real) > max(noise)
+
+
+def test_teleporting_ball_scores_lower_than_real_motion():
+    p = PhysicsParams()
+    item = generate(1)
+    pos = item.positions.copy()
+    rng = np.random.default_rng(0)
+    pos[::2] = rng.uniform(p.radius, p.size - p.radius, size=pos[::2].shape)
+    frames = render(pos, item.colors, p.size, p.radius)
+    broken = torch.from_numpy(frames).permute(0, 3, 1, 2).float() * 2 - 1
+    assert evaluate(broken).plausibility < 0.5 * evaluate(item.video).plausibility
+
+
+def test_batch_score_is_mean_of_videos():
+    vids = torch.stack([generate(s).video for s in range(3)])
+    assert physics_score(vids) == np.mean([evaluate(v).plausibility for v in vids])

@@ -1,0 +1,245 @@
+"""ONNX export per phase (and single-file) run in ONNX Runtime against graphpass's eager executor.
+
+Every case exports a tiny model under a PAB schedule whose 8-step plan has 3 distinct phases (compute all,
+store, reuse), loads the folder with :func:`graphpass.load` and runs the same sampling-like loop as the
+eager :class:`~graphpass.OptimizedModel` with the same plan: each step's output must match within 1e-4.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+import graphpass
+from graphpass import PAB, ArtefactError, InputError
+from graphpass.exporters.manifest import cache_tensor_name
+from conftest import make_case, run_loop
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+ATOL = 1e-4
+#: 8 steps; with PAB(spatial=2, cross=2) inside (100, 800): compute-all x2, then store/reuse alternating.
+STEPS = [981.0 - 120 * i for i in range(8)]
+SCHEDULE = PAB(spatial=2, cross=2, window=(100, 800))
+STEPS_IN_WINDOW = [741.0 - 120 * i for i in range(6)]
+
+
+def max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    assert len(a) == len(b)
+    return max(float((x - y).abs().max()) for x, y in zip(a, b))
+
+
+class Exported:
+    def __init__(self, name: str, folder: Path, single_file: bool = False, steps: list[float] = STEPS):
+        self.case = make_case(name)
+        self.kw = self.case.kwargs()
+        self.opt = graphpass.optimize(self.case.model, SCHEDULE, example_kwargs=self.kw, timesteps=steps)
+        self.eager = run_loop(self.opt, self.kw, steps)
+        self.folder = graphpass.export(self.opt, folder, single_file=single_file)
+        self.manifest = json.loads((folder / "manifest.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def vdt(tmp_path_factory) -> Exported:
+    return Exported("vdt", tmp_path_factory.mktemp("vdt_onnx"))
+
+
+@pytest.fixture(scope="module")
+def vdt_single(tmp_path_factory) -> Exported:
+    return Exported("vdt", tmp_path_factory.mktemp("vdt_single"), single_file=True)
+
+
+def copy_of(ex: Exported, tmp_path: Path) -> Path:
+    dst = tmp_path / "copy"
+    shutil.copytree(ex.folder, dst)
+    return dst
+
+
+# --- per-phase export ------------------------------------------------------------------------------
+def test_vdt_per_phase_onnxruntime_matches_eager(vdt):
+    plan = vdt.opt.current_plan
+    assert len(plan.distinct()) == 3
+    model = graphpass.load(vdt.folder, threads=1)
+    outs = run_loop(model, vdt.kw, STEPS)
+    assert max_diff(outs, vdt.eager) <= ATOL
+    # the exported phases ran as often as the plan says, with the same cache bookkeeping as eager
+    assert {s.id: model.phase_calls.get(s.phase, 0) for s in model.specs} == dict(Counter(
+        vdt.manifest["plan"]["phase_ids"]))
+    assert model.cache_nbytes == vdt.opt.cache_nbytes
+    assert model.state().cache.peak_nbytes == vdt.opt.state().cache.peak_nbytes > 0
+    # a second generation (timestep back up) starts over with an empty cache and gives the same outputs
+    assert max_diff(run_loop(model, vdt.kw, STEPS), vdt.eager) <= ATOL
+
+
+def test_phase_files_have_named_cache_inputs_and_outputs(vdt):
+    files = sorted(p.name for p in vdt.folder.glob("*.onnx"))
+    assert files == [f"phase_{i}.onnx" for i in range(3)]
+    store = reuse = None
+    for entry, ph in zip(vdt.manifest["phases"], vdt.opt.current_plan.distinct()):
+        m = onnx.load(str(vdt.folder / entry["file"]), load_external_data=False)
+        ins = [i.name for i in m.graph.input]
+        outs = [o.name for o in m.graph.output]
+        pg = vdt.opt.phase_graph(ph)
+        assert [n for n in ins if n.startswith("cache.")] == [cache_tensor_name(k) for k in pg.cache_inputs]
+        assert outs == ["output.0"] + [cache_tensor_name(k) for k in pg.cache_outputs]
+        assert entry["cache_inputs"] == pg.cache_inputs and entry["cache_outputs"] == pg.cache_outputs
+        if pg.cache_outputs:
+            store = (m, pg)
+        if pg.cache_inputs:
+            reuse = (m, pg)
+    assert store and reuse
+    assert "cache.blocks.0.spatial_attn.0" in [o.name for o in store[0].graph.output]
+    assert "cache.blocks.0.spatial_attn.0" in [i.name for i in reuse[0].graph.input]
+    # the reuse phase's file has no attention of the reused regions: 2 blocks x (temporal) remain of 2 x 3
+    ops = Counter(n.op_type for n in reuse[0].graph.node)
+    full = Counter(n.op_type for n in onnx.load(str(vdt.folder / "phase_0.onnx"), load_external_data=False).graph.node)
+    assert ops["Softmax"] == full["Softmax"] - 4 == 2
+
+
+def test_weights_are_stored_once_for_all_phases(vdt):
+    w = vdt.manifest["weights"]
+    assert (vdt.folder / "weights.bin").stat().st_size >= w["stored_bytes"]
+    params = sum(p.numel() * p.element_size() for p in vdt.case.model.parameters() if p.numel() * 4 >= 1024)
+    assert w["stored_bytes"] <= params * 1.5  # each weight once (plus a few folded constants)
+    assert w["referenced_bytes"] >= 2.5 * w["stored_bytes"]  # three phases read (almost) all of them
+    where: dict[str, set] = {}
+    for entry in vdt.manifest["phases"]:
+        m = onnx.load(str(vdt.folder / entry["file"]), load_external_data=False)
+        for t in m.graph.initializer:
+            if t.data_location == onnx.TensorProto.EXTERNAL:
+                ext = {e.key: e.value for e in t.external_data}
+                assert ext["location"] == "weights.bin"
+                where.setdefault(t.name, set()).add((ext["offset"], ext["length"]))
+    assert len(where) > 10 and all(len(v) == 1 for v in where.values())
+
+
+def test_manifest_records_versions_schedule_plan_and_hashes(vdt):
+    m = vdt.manifest
+    assert m["graphpass_version"] == graphpass.__version__
+    assert m["torch_version"] == torch.__version__ and m["onnx_version"] == onnx.__version__
+    assert graphpass.schedule_from_json(json.dumps(m["schedule"])) == SCHEDULE
+    assert m["plan"]["timesteps"] == STEPS and len(m["plan"]["phase_ids"]) == len(STEPS)
+    assert set(m["files"]) == {"phase_0.onnx", "phase_1.onnx", "phase_2.onnx", "weights.bin"}
+    e = m["phases"][0]
+    assert {"file", "inputs", "outputs", "cache_inputs", "cache_outputs"} <= set(e)
+    assert e["inputs"][0] == {"name": "hidden_states", "shape": list(vdt.kw["hidden_states"].shape),
+                              "dtype": "float32"}
+
+
+def test_other_version_is_refused(vdt, tmp_path):
+    folder = copy_of(vdt, tmp_path)
+    m = json.loads((folder / "manifest.json").read_text())
+    m["graphpass_version"] = "0.0.1"
+    (folder / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ArtefactError, match=r"exported by graphpass 0\.0\.1.*re-export"):
+        graphpass.load(folder)
+
+
+def test_modified_file_is_refused(vdt, tmp_path):
+    folder = copy_of(vdt, tmp_path)
+    with open(folder / "weights.bin", "r+b") as f:
+        f.seek(100)
+        b = f.read(1)
+        f.seek(100)
+        f.write(bytes([b[0] ^ 1]))
+    with pytest.raises(ArtefactError, match=r"weights\.bin does not match the sha256"):
+        graphpass.load(folder)
+
+
+def test_missing_phase_file_is_named(vdt, tmp_path):
+    folder = copy_of(vdt, tmp_path)
+    (folder / "phase_1.onnx").unlink()
+    with pytest.raises(ArtefactError, match=r"missing phase_1\.onnx"):
+        graphpass.load(folder)
+
+
+def test_calls_off_the_exported_plan_are_refused(vdt):
+    model = graphpass.load(vdt.folder, threads=1)
+    with pytest.raises(ArtefactError, match=r"step 0 got timestep 900.*exported for timestep 981"):
+        run_loop(model, vdt.kw, [900.0])
+    model.reset()
+    with pytest.raises(ArtefactError, match=r"plan of 8 steps"):
+        run_loop(model, vdt.kw, STEPS + [0.5])
+    with pytest.raises(ArtefactError, match="cannot serve"):
+        model.plan(STEPS[:4])
+
+
+def _has_tensorrt() -> bool:
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+@pytest.mark.skipif(_has_tensorrt(), reason="this machine has TensorRT and a GPU: the error path cannot occur")
+def test_tensorrt_without_gpu_or_package_says_what_is_missing(vdt, tmp_path):
+    missing = r"needs .*(tensorrt. Python package|NVIDIA GPU)"
+    with pytest.raises(ArtefactError, match=missing):
+        graphpass.export(vdt.opt, tmp_path / "trt", format="tensorrt")
+    assert not (tmp_path / "trt").exists()  # refused before the (slow) ONNX export
+    with pytest.raises(ArtefactError, match="holds no TensorRT engines"):
+        graphpass.load(vdt.folder, backend="tensorrt")
+    folder = copy_of(vdt, tmp_path)  # a folder whose manifest says it holds engines
+    m = json.loads((folder / "manifest.json").read_text())
+    m["format"] = "tensorrt"
+    (folder / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ArtefactError, match=missing):
+        graphpass.load(folder)
+
+
+def test_export_needs_a_plan(tmp_path):
+    case = make_case("vdt")
+    opt = graphpass.optimize(case.model, SCHEDULE, example_kwargs=case.kwargs())
+    with pytest.raises(InputError, match=r"opt\.plan\(timesteps\)"):
+        graphpass.export(opt, tmp_path / "x")
+    with pytest.raises(ArtefactError, match="unknown export format"):
+        graphpass.export(opt, tmp_path / "x", format="tflite", timesteps=STEPS)
+
+
+# --- other models -----------------------------------------------------------------------------------
+def test_latte_per_phase_onnxruntime_matches_eager(tmp_path):
+    # every step inside the window: two phases (compute and store, reuse) keep the export short
+    ex = Exported("latte", tmp_path / "latte", steps=STEPS_IN_WINDOW)
+    assert [e["label"] for e in ex.manifest["phases"]] == ["store 4", "reuse 4"]
+    outs = run_loop(graphpass.load(ex.folder, threads=1), ex.kw, STEPS_IN_WINDOW)
+    assert max_diff(outs, ex.eager) <= ATOL
+
+
+def test_shipped_vdt_s_onnxruntime_matches_eager(tmp_path):
+    from graphpass import models
+
+    if not models.weights_path("vdt-s").is_file():
+        pytest.skip(f"shipped weights {models.weights_path('vdt-s')} not present yet (trained in the background)")
+    from graphpass.workloads import example_call
+
+    model, kw, _ = example_call("vdt-s", batch=2, num_steps=8)
+    steps = STEPS_IN_WINDOW[:4]  # two phases: the model is larger than the tiny ones
+    opt = graphpass.optimize(model, SCHEDULE, example_kwargs=kw, timesteps=steps)
+    eager = run_loop(opt, kw, steps)
+    graphpass.export(opt, tmp_path / "vdt-s")
+    outs = run_loop(graphpass.load(tmp_path / "vdt-s", threads=1), kw, steps)
+    assert max_diff(outs, eager) <= ATOL
+
+
+# --- single file ------------------------------------------------------------------------------------
+def test_single_file_runs_every_phase_with_if_branches(vdt_single, vdt):
+    ex = vdt_single
+    assert sorted(p.name for p in ex.folder.glob("*.onnx")) == ["model.onnx"]
+    m = onnx.load(str(ex.folder / "model.onnx"), load_external_data=False)
+    switch = ex.manifest["single_file"]["switch_regions"]
+    assert sorted(switch) == sorted(f"blocks.{i}.{k}" for i in range(2) for k in ("spatial_attn", "cross_attn"))
+    assert sum(n.op_type == "If" for n in m.graph.node) == len(switch)
+    assert [i.name for i in m.graph.input if i.name.startswith("reuse.")] == [f"reuse.{p}" for p in switch]
+    model = graphpass.load(ex.folder, threads=1)
+    outs = run_loop(model, ex.kw, STEPS)
+    assert max_diff(outs, ex.eager) <= ATOL
+    assert len(model.phase_calls) == 3 and model.cache_nbytes == ex.opt.cache_nbytes
+    # same weights bytes as the per-phase export, referenced once
+    assert ex.manifest["weights"]["stored_bytes"] == vdt.manifest["weights"]["stored_bytes"]

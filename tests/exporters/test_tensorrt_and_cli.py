@@ -1,0 +1,71 @@
+"""TensorRT engines against eager (with a GPU and the tensorrt package; the error path without them is in
+test_onnx_export.py, which has an exported folder at hand) and the ``graphpass export`` command."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import graphpass
+from graphpass import PAB, ArtefactError
+from graphpass.cli import main
+from graphpass.exporters import TensorRTConfig
+from conftest import make_case, run_loop
+
+STEPS = [741.0 - 120 * i for i in range(6)]  # inside the window: phases "store 2", "reuse 2"
+SCHEDULE = PAB(spatial=2, window=(100, 800))
+
+
+def has_tensorrt() -> bool:
+    """The tensorrt package and a CUDA GPU are both present."""
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def test_tensorrt_options_are_checked():
+    with pytest.raises(ArtefactError, match="precision 'int4'"):
+        TensorRTConfig(precision="int4")
+
+
+@pytest.mark.skipif(not has_tensorrt(), reason="needs an NVIDIA GPU and the tensorrt package")
+@pytest.mark.parametrize("strip", [True, False])
+def test_tensorrt_engines_match_eager(tmp_path, strip):
+    case = make_case("vdt")
+    model = case.model.cuda()
+    kw = {k: v.cuda() for k, v in case.kwargs().items()}
+    opt = graphpass.optimize(model, SCHEDULE, example_kwargs=kw, timesteps=STEPS)
+    eager = run_loop(opt, kw, STEPS)
+    graphpass.export(opt, tmp_path / "trt", format="tensorrt", tensorrt=TensorRTConfig(strip_weights=strip))
+    loaded = graphpass.load(tmp_path / "trt")
+    assert loaded.backend == "tensorrt"
+    outs = run_loop(loaded, kw, STEPS)
+    assert max(float((a - b).abs().max()) for a, b in zip(outs, eager)) <= 1e-3
+
+
+def test_export_command_writes_a_loadable_folder(tmp_path, capsys):
+    out = tmp_path / "cli"
+    window = [0, 1000]  # 2 DDIM steps (501, 1), both inside: phases "store 2", "reuse 2"
+    sched = json.dumps({"type": "PAB", "spatial": 2, "window": window})
+    assert main(["export", "--model", "vdt-tiny", "--schedule", sched, "--steps", "2", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    m = json.loads((out / "manifest.json").read_text())
+    assert [e["label"] for e in m["phases"]] == ["store 2", "reuse 2"]
+    assert "2 phases" in text and "weights stored once" in text
+    assert m["inputs"][0]["shape"][0] == 2  # batch 2: one video with batched CFG
+    from graphpass.workloads import example_call
+
+    model, kw, ts = example_call("vdt-tiny", batch=2, num_steps=2)
+    assert m["plan"]["timesteps"] == ts
+    opt = graphpass.optimize(model, PAB(spatial=2, window=window), example_kwargs=kw, timesteps=ts)
+    eager = run_loop(opt, kw, ts)
+    outs = run_loop(graphpass.load(out, threads=1), kw, ts)
+    assert max(float((a - b).abs().max()) for a, b in zip(outs, eager)) <= 1e-4
+
+
+def test_export_command_reports_errors(tmp_path, capsys):
+    assert main(["export", "--model", "vdt-huge", "--out", str(tmp_path / "x")]) == 1
+    assert "unknown model 'vdt-huge'" in capsys.readouterr().err

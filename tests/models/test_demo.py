@@ -1,0 +1,39 @@
+"""Demo plumbing, including the optimised-column hook, on the tiny random model."""
+
+import math
+
+import torch
+
+from graphpass import demo
+from graphpass.models import create
+
+
+def _model():
+    m = create("vdt-tiny")
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(5)
+        for p in m.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return m
+
+
+def test_baseline_only_when_no_optimize_fn(tmp_path, capsys):
+    out = demo.run(tmp_path, num_videos=2, num_steps=2, model=_model())
+    assert set(out) == {"baseline", "generator"}
+    assert out["baseline"]["psnr"] == math.inf and out["baseline"]["speedup"] == 1.0
+    assert (tmp_path / "00_baseline.mp4").is_file() and (tmp_path / "01_side_by_side.gif").is_file()
+    assert "optimized" not in capsys.readouterr().out
+
+
+def test_identity_optimize_fn_matches_baseline(tmp_path):
+    calls = []
+
+    def optimize_fn(model):
+        def fn(**kw):
+            calls.append(sorted(kw))
+            return model(**kw)
+        return fn
+
+    out = demo.run(tmp_path, num_videos=2, num_steps=2, model=_model(), optimize_fn=optimize_fn, write=False)
+    assert out["optimized"]["psnr"] == math.inf and out["optimized"]["ssim"] == 1.0
+    assert calls and calls[0] == ["cond_mask", "encoder_hidden_states", "hidden_states", "timestep"]

@@ -1,0 +1,111 @@
+"""VDT forward contract that the sampler and the compiler rely on."""
+
+import pytest
+import torch
+
+from graphpass.models import CONFIGS, VDT, create
+from graphpass.models.train import TASKS, fixed_batch_loss, masked_loss, task_mask
+from graphpass.models.vdt import Attention, Mlp
+
+
+def _inputs(cfg, b=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, cfg.num_frames, cfg.in_channels, cfg.image_size, cfg.image_size, generator=g)
+    t = torch.tensor([10.0, 900.0])[:b]
+    ids = torch.randint(0, cfg.vocab_size, (b, cfg.cond_len), generator=g)
+    return x, t, ids
+
+
+def _perturbed(name="vdt-tiny"):
+    """Random init with the zero-initialised adaLN/output layers perturbed, so outputs are non-trivial."""
+    m = create(name)
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(1)
+        for p in m.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return m
+
+
+@pytest.mark.parametrize("task", TASKS + ("none",))
+def test_forward_shape_every_task(task):
+    m = _perturbed()
+    cfg = m.config
+    x, t, ids = _inputs(cfg)
+    g = torch.Generator().manual_seed(0)
+    mask = None if task == "none" else torch.stack([task_mask(task, cfg.num_frames, g) for _ in range(2)])
+    out = m(hidden_states=x, timestep=t, encoder_hidden_states=ids, cond_mask=mask)
+    assert isinstance(out, torch.Tensor) and out.shape == x.shape
+    assert torch.isfinite(out).all()
+
+
+def test_zero_init_predicts_zero_and_mask_matters_after_perturbation():
+    m = create("vdt-tiny")
+    x, t, ids = _inputs(m.config)
+    assert torch.count_nonzero(m(hidden_states=x, timestep=t, encoder_hidden_states=ids)) == 0
+    m = _perturbed()
+    f = m.config.num_frames
+    a = m(hidden_states=x, timestep=t, encoder_hidden_states=ids, cond_mask=torch.zeros(2, f))
+    b = m(hidden_states=x, timestep=t, encoder_hidden_states=ids, cond_mask=torch.ones(2, f))
+    assert not torch.allclose(a, b)
+
+
+def test_module_structure_for_the_compiler():
+    m = create("vdt-tiny")
+    names = dict(m.named_modules())
+    for i in range(m.config.depth):
+        for kind in ("spatial_attn", "temporal_attn", "cross_attn"):
+            mod = names[f"blocks.{i}.{kind}"]
+            assert type(mod).__name__ == "Attention" and isinstance(mod, Attention)
+            assert {"q", "k", "v", "out"} <= set(dict(mod.named_children()))
+        assert isinstance(names[f"blocks.{i}.mlp"], Mlp)
+
+
+def test_cross_attention_kv_depend_only_on_labels():
+    m = _perturbed()
+    cfg = m.config
+    seen = {}
+    blk = m.blocks[0].cross_attn
+    hooks = [blk.k.register_forward_hook(lambda mod, i, o: seen.setdefault("k", []).append(o)),
+             blk.v.register_forward_hook(lambda mod, i, o: seen.setdefault("v", []).append(o))]
+    x, t, ids = _inputs(cfg)
+    m(hidden_states=x, timestep=t, encoder_hidden_states=ids)
+    m(hidden_states=torch.randn_like(x), timestep=t + 37, encoder_hidden_states=ids)
+    for h in hooks:
+        h.remove()
+    assert torch.equal(seen["k"][0], seen["k"][1]) and torch.equal(seen["v"][0], seen["v"][1])
+
+
+def test_batch_elements_are_independent():
+    m = _perturbed()
+    x, t, ids = _inputs(m.config)
+    full = m(hidden_states=x, timestep=t, encoder_hidden_states=ids)
+    one = m(hidden_states=x[1:], timestep=t[1:], encoder_hidden_states=ids[1:])
+    torch.testing.assert_close(full[1:], one, rtol=1e-4, atol=1e-5)
+
+
+def test_given_frames_are_excluded_from_the_loss():
+    m = _perturbed()
+    cfg = m.config
+    x, t, ids = _inputs(cfg)
+    noise = torch.randn_like(x)
+    mask = torch.zeros(2, cfg.num_frames)
+    mask[:, 0] = 1
+    base = masked_loss(m, x, ids, mask, t.long(), noise)
+    noise2 = noise.clone()
+    noise2[:, 0] += 5.0  # target changes only on given frames; the clean input there hides the noise
+    assert torch.isclose(base, masked_loss(m, x, ids, mask, t.long(), noise2))
+
+
+def test_fixed_batch_loss_is_deterministic():
+    m = _perturbed()
+    assert fixed_batch_loss(m) == fixed_batch_loss(m)
+
+
+def test_export_non_strict_static_shapes():
+    m = create("vdt-tiny")
+    x, t, ids = _inputs(m.config)
+    mask = torch.zeros(2, m.config.num_frames)
+    ep = torch.export.export(m, (), dict(hidden_states=x, timestep=t, encoder_hidden_states=ids, cond_mask=mask),
+                             strict=False)
+    torch.testing.assert_close(ep.module()(hidden_states=x, timestep=t, encoder_hidden_states=ids, cond_mask=mask),
+                               m(hidden_states=x, timestep=t, encoder_hidden_states=ids, cond_mask=mask))

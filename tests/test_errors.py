@@ -1,0 +1,158 @@
+"""Every misuse gets a graphpass error that names the problem and the fix."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import graphpass
+from graphpass import PAB, InputError, Schedule, ScheduleError, TaggingError, schedule_from_json
+from conftest import make_case
+
+
+class NoAttention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+
+    def forward(self, hidden_states, timestep):
+        return self.proj(hidden_states) * timestep[:, None, None, None, None]
+
+
+@pytest.fixture(scope="module")
+def cog():
+    """CogVideoX tiny (the fastest to capture), optimised with its preset, and one call's kwargs."""
+    case = make_case("cogvideox")
+    kw = case.kwargs()
+    return graphpass.optimize(case.model, "cogvideox", example_kwargs=kw), kw
+
+
+def test_model_without_attention():
+    x = torch.randn(2, 3, 2, 2, 4)
+    with pytest.raises(TaggingError, match="no attention op.*scaled_dot_product_attention"):
+        graphpass.optimize(NoAttention(), PAB(spatial=2), example_kwargs=dict(hidden_states=x, timestep=torch.ones(2)))
+
+
+def test_schedule_kind_the_model_lacks():
+    case = make_case("cogvideox")
+    with pytest.raises(ScheduleError, match=r"temporal.*it has: joint, mlp"):
+        graphpass.optimize(case.model, PAB(temporal=3), example_kwargs=case.kwargs())
+
+
+def test_schedule_kinds_checked_against_regions(cog):
+    opt, _ = cog
+    with pytest.raises(ScheduleError, match="cross, spatial, temporal"):
+        PAB.preset("pab246").check_model({r.kind for r in opt.regions})
+
+
+def test_missing_timestep_at_optimize():
+    case = make_case("cogvideox")
+    kw = case.kwargs()
+    del kw["timestep"]
+    with pytest.raises(InputError, match="no 'timestep'.*timestep_arg="):
+        graphpass.optimize(case.model, "cogvideox", example_kwargs=kw)
+    with pytest.raises(InputError, match="no 't'"):
+        graphpass.optimize(case.model, "cogvideox", example_kwargs=case.kwargs(), timestep_arg="t")
+
+
+def test_missing_timestep_at_call(cog):
+    opt, kw = cog
+    for bad in ({k: v for k, v in kw.items() if k != "timestep"}, dict(kw, timestep=None)):
+        with pytest.raises(InputError, match="missing timestep.*'timestep'"):
+            opt(**bad)
+
+
+def test_timestep_differs_within_batch(cog):
+    opt, kw = cog
+    with pytest.raises(InputError, match="different values in one call"):
+        opt(**dict(kw, timestep=torch.tensor([500, 400])))
+
+
+def test_call_with_another_shape(cog):
+    opt, kw = cog
+    x = kw["hidden_states"][:1]
+    with pytest.raises(InputError) as e:
+        opt(**dict(kw, hidden_states=x, timestep=kw["timestep"][:1], encoder_hidden_states=kw["encoder_hidden_states"][:1]))
+    msg = str(e.value)
+    assert "hidden_states" in msg and "(1, 3, 4, 8, 8)" in msg and "(2, 3, 4, 8, 8)" in msg and "optimize" in msg
+
+
+def test_call_with_another_dtype_or_argument(cog):
+    opt, kw = cog
+    with pytest.raises(InputError, match="dtype torch.float64.*float32"):
+        opt(**dict(kw, hidden_states=kw["hidden_states"].double()))
+    with pytest.raises(InputError, match=r"unexpected argument\(s\) \['image_rotary_emb_typo'\]"):
+        opt(**dict(kw, image_rotary_emb_typo=torch.ones(1)))
+    with pytest.raises(InputError, match="return_dict=True differs.*return_dict=False"):
+        opt(**dict(kw, return_dict=True))
+
+
+def test_positional_call(cog):
+    opt, kw = cog
+    with pytest.raises(InputError, match="keyword arguments only"):
+        opt(kw["hidden_states"], timestep=kw["timestep"])
+    assert opt.state().counter == 0  # failed calls do not advance the generation
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(spatial=0), "spatial=0.*integer >= 1"),
+    (dict(spatial=-2), "integer >= 1"),
+    (dict(spatial=2.0), "integer >= 1"),
+    (dict(spatial=True), "integer >= 1"),
+    (dict(spatial=2, window=(800, 100)), "lo must be below hi"),
+    (dict(spatial=2, window=(500, 500)), "lo must be below hi"),
+    (dict(spatial=2, window=(100,)), "pair"),
+    (dict(spatial=2, windows={"cross": (900, 100)}), "lo must be below hi"),
+    (dict(spatial=2, windows={"spacial": (100, 800)}), "unknown kinds"),
+    (dict(), "reuses nothing"),
+    (dict(spatial=1, cross=1), "reuses nothing"),
+])
+def test_bad_pab_values(kwargs, match):
+    with pytest.raises(ScheduleError, match=match):
+        PAB(**kwargs)
+
+
+def test_unknown_preset():
+    with pytest.raises(ScheduleError, match="unknown PAB preset 'pab24'.*pab246"):
+        PAB.preset("pab24")
+    with pytest.raises(ScheduleError, match="unknown PAB preset"):
+        graphpass.optimize(NoAttention(), "opensora-fast", example_kwargs=dict(hidden_states=torch.ones(1)))
+
+
+@pytest.mark.parametrize("schedule", [
+    PAB(spatial=2, temporal=4, cross=6, window=(100, 800)),
+    PAB(joint=2, mlp=3, window=(150.5, 850), windows={"mlp": (300, 700)}),
+    *(PAB.preset(n) for n in ("open-sora", "latte", "open-sora-plan", "cogvideox", "pab579")),
+])
+def test_json_round_trip(schedule, tmp_path):
+    text = schedule.to_json()
+    assert json.loads(text)["type"] == "PAB"
+    back = schedule_from_json(text)
+    assert isinstance(back, PAB) and back == schedule
+    path = tmp_path / "s.json"
+    schedule.save(path)
+    assert schedule_from_json(path) == schedule == schedule_from_json(str(path))
+    # decisions survive too
+    assert str(back) == str(schedule)
+
+
+@pytest.mark.parametrize("text, match", [
+    ('{"type": "PAB", "spatial": 2', "malformed"),
+    ('{"type": "Nope", "spatial": 2}', "unknown schedule type 'Nope'.*PAB"),
+    ('{"spatial": 2}', "unknown schedule type None"),
+    ('{"type": "PAB", "spatial": 2, "speed": 3}', r"unknown fields \['speed'\]"),
+    ('{"type": "PAB", "spatial": 0}', "integer >= 1"),
+    ("no/such/schedule.json", "does not exist"),
+])
+def test_bad_schedule_json(text, match):
+    with pytest.raises(ScheduleError, match=match):
+        schedule_from_json(text)
+
+
+def test_schedule_type_checked():
+    with pytest.raises(TypeError, match="graphpass schedule"):
+        graphpass.optimize(NoAttention(), {"spatial": 2}, example_kwargs=dict(hidden_states=torch.ones(1)))
+    assert issubclass(ScheduleError, ValueError) and issubclass(InputError, ValueError)
+    assert Schedule._registry["PAB"] is PAB
