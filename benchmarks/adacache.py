@@ -6,16 +6,16 @@ after another in a rotating order, so load changes on a shared machine hit them 
 seconds per video, wall-clock speedup, steps whose blocks were computed (AdaCache) and the FLOP speedup, and
 PSNR / SSIM of the video against the baseline's (mean over seeds).
 
-The calibrated row runs ``graphpass calibrate`` (slow codebook, target 1.5x in steps computed) on OTHER seeds
-(100, 101, 102) than the ones evaluated. Also printed: what a reuse step costs against a full step, in FLOPs
+The calibrated rows ("cal.") run ``graphpass calibrate`` (slow codebook, target 1.5x in steps computed) on
+OTHER seeds (100, 101, 102) than the ones evaluated. "outputs" rows cache the attention/MLP outputs and re-gate
+them on reuse steps (``cache_unit="outputs"``) instead of the blocks' residual (published). Also printed: what a reuse step costs against a full step, in FLOPs
 (graphpass.passes.flops) and in wall time (median of repeated calls of the two phase graphs).
 
     python benchmarks/adacache.py                    # vdt-s (shipped weights), 30 steps, seeds 0 1 2
     python benchmarks/adacache.py --steps 30 --seeds 0 1 2 3 --threads 2
     python benchmarks/adacache.py --no-calibrate     # published codebooks and PAB only
 
-Without the shipped weights it falls back to vdt-tiny and says so (random adaLN-Zero weights: every block is
-the identity, so the figures mean nothing beyond the code running).
+Without the shipped weights it falls back to vdt-tiny with random weights and says so.
 """
 from __future__ import annotations
 
@@ -27,15 +27,17 @@ import torch
 
 
 def load_model(name: str):
-    from graphpass import models
+    """(model, label): the shipped vdt-s, else vdt-tiny with random weights (and a note saying so)."""
+    from graphpass import models, workloads
 
     if name == "vdt-s" and not models.weights_path("vdt-s").is_file():
-        print("NOTE: graphpass/models/weights/vdt-s.safetensors not found; falling back to vdt-tiny (random weights: "
-              "adaLN-Zero makes every block the identity, the figures below say nothing about quality)")
-        return models.create("vdt-tiny"), "vdt-tiny (random)"
-    for attempt in range(3):  # the file may be rewritten by a running training job
+        print("NOTE: graphpass/models/weights/vdt-s.safetensors not found; falling back to vdt-tiny with random "
+              "weights: the figures below show the code running, not the quality on a trained model")
+        name = "vdt-tiny"
+    for attempt in range(3):  # the weights file may be rewritten by a running training job
         try:
-            return (models.load(name) if name == "vdt-s" else models.create(name)), name
+            model = workloads.load_model(name)
+            return model, name if name == "vdt-s" else f"{name} (random weights)"
         except models.WeightsError:
             if attempt == 2:
                 raise
@@ -43,25 +45,26 @@ def load_model(name: str):
 
 
 def reuse_cost(opt, kwargs, reps: int) -> tuple[float, float]:
-    """(FLOP share, wall-time share) of a reuse step against a full compute step."""
+    """(FLOP share, wall-time share) of a reuse step against a full compute step of a ResidualModel."""
     from graphpass.schedules.base import Action, Phase
 
     full = opt.phase_graph(Phase())
+    store = opt.phase_graph(Phase.of({opt.span.path: Action.STORE}))
     reuse = opt.phase_graph(Phase.of({opt.span.path: Action.REUSE}))
     flat = opt.captured.flatten_call(kwargs)
+
+    def median(fn):
+        ts = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+        return statistics.median(ts)
+
     with torch.no_grad():
-        residual = opt.phase_graph(Phase.of({opt.span.path: Action.STORE})).gm(*flat)[-1]
-
-        def median(fn):
-            ts = []
-            for _ in range(reps):
-                t0 = time.perf_counter()
-                fn()
-                ts.append(time.perf_counter() - t0)
-            return statistics.median(ts)
-
+        cached = store.gm(*flat)[store.num_user_outputs:]
         t_full = median(lambda: full.gm(*flat))
-        t_reuse = median(lambda: reuse.gm(*flat, residual))
+        t_reuse = median(lambda: reuse.gm(*flat, *cached))
     return reuse.flops / full.flops, t_reuse / t_full
 
 
@@ -76,6 +79,7 @@ def main() -> None:
     p.add_argument("--no-calibrate", action="store_true", help="skip the calibrated AdaCache row")
     p.add_argument("--calibration-seeds", type=int, nargs="+", default=[100, 101, 102])
     p.add_argument("--reps", type=int, default=20, help="calls per phase graph for the reuse-step cost")
+    p.add_argument("--iters", type=int, default=6, help="bisection runs of each calibration")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -96,20 +100,21 @@ def main() -> None:
 
     schedules = {"AdaCache-fast": graphpass.AdaCache.preset("fast"),
                  "AdaCache-slow": graphpass.AdaCache.preset("slow"),
-                 "AdaCache-fast+MoReg": graphpass.AdaCache.preset("fast", moreg=mo)}
+                 "AdaCache-fast+MoReg": graphpass.AdaCache.preset("fast", moreg=mo),
+                 "AdaCache-slow, outputs": graphpass.AdaCache.preset("slow", cache_unit="outputs")}
     base_opt = graphpass.optimize(model, schedules["AdaCache-fast"], example_kwargs=kwargs, timesteps=ts)
     if not args.no_calibrate:
-        print(f"calibrating (slow codebook, target 1.5x in steps) on seeds {args.calibration_seeds} ...")
-        cal = calibrate(model, kwargs, ts, seeds=args.calibration_seeds, target_speedup=1.5, codebook="slow",
-                        guidance=args.guidance, log=lambda s: None)
-        print(f"  -> {cal.schedule}: on the calibration seeds {cal.chosen.speedup:.2f}x (steps), "
-              f"PSNR {cal.chosen.mean_psnr:.2f} dB")
-        schedules["AdaCache-slow (calibrated)"] = cal.schedule
-        cal_mo = calibrate(model, kwargs, ts, seeds=args.calibration_seeds, target_speedup=1.5, codebook="slow",
-                           moreg=True, guidance=args.guidance, log=lambda s: None)
-        print(f"  -> {cal_mo.schedule}: on the calibration seeds {cal_mo.chosen.speedup:.2f}x (steps), "
-              f"PSNR {cal_mo.chosen.mean_psnr:.2f} dB")
-        schedules["AdaCache-slow+MoReg (calibrated)"] = cal_mo.schedule
+        for row, unit, moreg in (("AdaCache-slow cal.", "residual", False),
+                                 ("AdaCache-slow cal., outputs", "outputs", False),
+                                 ("AdaCache-slow+MoReg cal., outputs", "outputs", True)):
+            print(f"calibrating {row} (slow codebook, target 1.5x in steps) on seeds {args.calibration_seeds} ...",
+                  flush=True)
+            cal = calibrate(model, kwargs, ts, seeds=args.calibration_seeds, target_speedup=1.5, codebook="slow",
+                            moreg=moreg, cache_unit=unit, guidance=args.guidance, iters=args.iters,
+                            log=lambda s: None)
+            print(f"  -> {cal.schedule}: on the calibration seeds {cal.chosen.speedup:.2f}x (steps), "
+                  f"PSNR {cal.chosen.mean_psnr:.2f} dB", flush=True)
+            schedules[row] = cal.schedule
     runners = {"baseline": model}
     for name, s in schedules.items():
         runners[name] = base_opt.with_schedule(s)
@@ -139,13 +144,15 @@ def main() -> None:
             else:
                 flops[name] += n * full_flops
 
-    flop_share, wall_share = reuse_cost(base_opt, kwargs, args.reps)
+    costs = {unit: reuse_cost(base_opt.with_schedule(graphpass.AdaCache(cache_unit=unit)), kwargs, args.reps)
+             for unit in ("residual", "outputs")}
     k = len(args.seeds)
     print(f"\nmodel {label}; {n} DDIM steps, guidance {args.guidance}, seeds {args.seeds}, {args.threads} thread(s); "
           f"one call = batch 2 (cond + uncond)")
-    print(f"reuse step (blocks skipped, embedders + final layer + one add): {flop_share:.1%} of a full step's FLOPs, "
-          f"{wall_share:.1%} of its wall time (median of {args.reps} calls)")
-    print(f"\n{'variant':<34} {'s/video':>8} {'speedup':>8} {'FLOP x':>7} {'steps computed':>16} {'PSNR dB':>8} "
+    for unit, (flop_share, wall_share) in costs.items():
+        print(f"reuse step, cache_unit={unit!r}: {flop_share:.1%} of a full step's FLOPs, {wall_share:.1%} of its "
+              f"wall time (median of {args.reps} calls)")
+    print(f"\n{'variant':<36} {'s/video':>8} {'speedup':>8} {'FLOP x':>7} {'steps computed':>16} {'PSNR dB':>8} "
           f"{'SSIM':>7}")
     base_s = secs["baseline"] / k
     for name in names:
@@ -157,7 +164,7 @@ def main() -> None:
             sm = [ssim(a, b) for a, b in zip(videos[name], videos["baseline"])]
             q, ss = f"{sum(ps) / k:.2f}", f"{sum(sm) / k:.4f}"
         comp = "/".join(map(str, computed[name])) if computed[name] else ("all" if name == "baseline" else "-")
-        print(f"{name:<34} {s:>8.2f} {base_s / s:>7.2f}x {n * k * full_flops / flops[name]:>6.2f}x {comp:>16} "
+        print(f"{name:<36} {s:>8.2f} {base_s / s:>7.2f}x {n * k * full_flops / flops[name]:>6.2f}x {comp:>16} "
               f"{q:>8} {ss:>7}")
     for name, s in schedules.items():
         print(f"  {name}: {s}")

@@ -12,7 +12,7 @@ video with the DDIM sampler (batched classifier-free guidance: one model call of
 "baseline" is a schedule whose window no timestep enters: its plan is the compute-all phase at every step.
 Each variant's sampling loop runs ``--reps`` times, variants in a rotating order per repetition (load changes
 on a shared machine hit them alike); the table gives the median per-step time, the speedup against the
-``nn.Module`` baseline, the max |difference| of the video against the eager variant of the same schedule,
+``nn.Module`` baseline (after one warm-up loop per variant), the max |difference| of the video against the eager variant of the same schedule,
 and the compile/export seconds per phase. Then the exported folders' sizes: weights stored once in
 ``weights.bin`` against what a weights file per phase would hold.
 
@@ -95,8 +95,17 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch and ONNX Runtime intra-op threads")
     ap.add_argument("--no-inductor", action="store_true", help="skip torch.compile (slow to compile on CPU)")
     ap.add_argument("--out", default=None, help="keep the exported folders here (default: a temporary folder)")
+    ap.add_argument("--warm-cache", action="store_true", help="let Inductor reuse its on-disk caches (default: "
+                    "cold compiles, so the compile column is what a fresh machine pays)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    torch._dynamo.reset()
+    if not args.warm_cache:
+        from torch._functorch import config as functorch_config
+        from torch._inductor import config as inductor_config
+
+        inductor_config.fx_graph_cache = False
+        functorch_config.enable_autograd_cache = False
 
     name = pick_model(args.model)
     model, kw, timesteps = example_call(name, batch=2, num_steps=args.steps)
@@ -118,7 +127,6 @@ def main(argv=None) -> None:
         if not args.no_inductor:
             ind = graphpass.optimize(model, sched, example_kwargs=kw, timesteps=timesteps, backend="inductor")
             run = sampler_fn(ind, labels, shape, args.steps)
-            torch._dynamo.reset()
             video, firsts = timed_first_loop(ind, run)
             variants[(sname, "inductor")] = {"run": run, "setup": firsts, "phases": phases, "video": video}
         layouts = [("onnxruntime", False)] + ([("onnxruntime 1-file", True)] if sname != "baseline" else [])
@@ -132,6 +140,9 @@ def main(argv=None) -> None:
                                         "phases": phases, "folder": folder, "manifest": m}
 
     keys = list(variants)
+    for k in keys:  # warm-up: ONNX Runtime sessions are created on a phase's first call
+        if "video" not in variants[k]:
+            variants[k]["video"] = variants[k]["run"]()
     times: dict = {k: [] for k in keys}
     for rep in range(args.reps):
         order = keys[rep % len(keys):] + keys[:rep % len(keys)]

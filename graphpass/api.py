@@ -53,18 +53,21 @@ def optimize(model: torch.nn.Module, schedule: Schedule | str, *, example_kwargs
         # A constant would be bound into the graph: every step would run with the example's timestep.
         raise InputError(f"example_kwargs[{timestep_arg!r}] is {example_kwargs[timestep_arg]!r}, not a tensor: the "
                          f"timestep must be a graph input, e.g. torch.full((batch,), 500.0)")
+    # Residual-caching schedules (AdaCache) bring their own subclass of the executor.
+    runtime = schedule.runtime_class() if hasattr(schedule, "runtime_class") else OptimizedModel
+    session = None
+    if parallel is not None:  # collective: the ranks agree on the group and the options before capturing
+        from .runtime import parallel as sp
+
+        session = sp.connect(parallel, schedule, runtime)
     captured = capture(model, example_kwargs)
     regions = tag_attention(captured, video_input=video_input, kinds=kinds)
     if reuse_gated:
         regions = include_gates(captured, regions)
     schedule.check_model({r.kind for r in regions})
-    # Residual-caching schedules (AdaCache) bring their own subclass of the executor.
-    runtime = schedule.runtime_class() if hasattr(schedule, "runtime_class") else OptimizedModel
-    if parallel is not None:
-        from .runtime.parallel import build as build_parallel
-
-        opt = build_parallel(model, captured, regions, schedule, parallel, runtime=runtime, timestep_arg=timestep_arg,
-                             backend=backend, video_input=video_input)
+    if session is not None:
+        opt = sp.build(model, captured, regions, schedule, session, timestep_arg=timestep_arg, backend=backend,
+                       video_input=video_input)
     else:
         opt = runtime(model, captured, regions, schedule, timestep_arg=timestep_arg, backend=backend)
     if timesteps is not None:

@@ -57,6 +57,14 @@ def test_missing_timestep_at_optimize():
         graphpass.optimize(case.model, "cogvideox", example_kwargs=case.kwargs(), timestep_arg="t")
 
 
+@pytest.mark.parametrize("value", [None, 500, 500.0])
+def test_timestep_that_is_not_a_tensor_at_optimize(value):
+    # A constant would be bound into the captured graph: every step would run at the example's timestep.
+    case = make_case("cogvideox")
+    with pytest.raises(InputError, match="not a tensor.*graph input"):
+        graphpass.optimize(case.model, "cogvideox", example_kwargs=dict(case.kwargs(), timestep=value))
+
+
 def test_missing_timestep_at_call(cog):
     opt, kw = cog
     for bad in ({k: v for k, v in kw.items() if k != "timestep"}, dict(kw, timestep=None)):

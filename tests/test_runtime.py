@@ -200,3 +200,19 @@ def test_parameters_are_shared_not_copied(name):
     opt.reset()
     assert not torch.equal(first(opt(**kw)), before)
     assert torch.equal(first(opt(**kw)), first(model(**kw)))
+
+
+def test_inspect_cli_writes_graphs(tmp_path, capsys):
+    """``graphpass inspect --model vdt-tiny --out DIR`` reports the regions and writes every phase graph."""
+    from graphpass.cli import main
+
+    assert main(["inspect", "--model", "vdt-tiny", "--steps", "10", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    py, dot = sorted(tmp_path.glob("*.py")), sorted(tmp_path.glob("*.dot"))
+    assert py and [p.stem for p in py] == [p.stem for p in dot]
+    assert f"wrote {len(py)} phase graphs" in out and "regions (8)" in out
+    assert all("def forward" in p.read_text() for p in py)
+    assert all(p.read_text().lstrip().startswith("digraph") for p in dot)
+    # the compute-all phase still runs attention; the phase that reuses every region runs none
+    sdpa = [p.read_text().count("scaled_dot_product_attention.default(") for p in py]
+    assert max(sdpa) == 6 and min(sdpa) == 0

@@ -10,7 +10,10 @@ def add_parser(sub) -> None:
                        "hooks); JSON, Markdown and a speedup-vs-PSNR PNG")
     add_workload_args(p)
     p.add_argument("--methods", nargs="+", default=None, help="methods to run (default: all that apply)")
-    p.add_argument("--schedule", default=None, help="schedule JSON from `graphpass search` (the 'searched' row)")
+    p.add_argument("--schedule", nargs="+", default=None, help="schedule JSON file(s) from `graphpass search` (the "
+                   "'searched' row; several files: one 'searched-<stem>' row each)")
+    p.add_argument("--plot-speed", choices=("wall", "cpu"), default="wall", help="speedup plotted against PSNR: "
+                   "wall time, or process CPU time (steadier on a machine shared with other jobs)")
     p.add_argument("--out", default="out/bench", help="folder for bench.json, bench.md and bench.png")
     p.set_defaults(func=run)
 
@@ -26,7 +29,7 @@ def run(args) -> int:
     res.save(out / "bench.json")
     table = res.markdown()
     (out / "bench.md").write_text(table + "\n")
-    plot_bench(res, out / "bench.png")
+    plot_bench(res, out / "bench.png", speed=args.plot_speed)
     print(f"{wl.name}: {wl.num_steps} DDIM steps, seeds {res.seeds}, {res.threads} thread(s); PSNR/SSIM vs the "
           f"baseline video of each seed; s/video = fastest seed")
     print(table)

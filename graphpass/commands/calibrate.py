@@ -34,6 +34,8 @@ def add_parser(sub) -> None:
     p.add_argument("--codebook", default="fast", help="codebook whose steps are kept: fast, slow, 100-step")
     p.add_argument("--moreg", action="store_true", help="use MoReg (its normaliser is calibrated too)")
     p.add_argument("--metric-at", default=None, help="block or region path to measure at (default: published)")
+    p.add_argument("--cache-unit", default="residual", choices=["residual", "outputs"],
+                   help="what a reuse step adds: the blocks' residual (published) or re-gated attention/MLP outputs")
     p.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance scale")
     p.add_argument("--iters", type=int, default=8, help="bisection runs after the two bracketing runs")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -120,8 +122,8 @@ def _scaled(codebook: dict[float, int], scale: float) -> dict[float, int]:
 # --- calibration -----------------------------------------------------------------------------------------
 def calibrate(model, example_kwargs: dict, timesteps: Sequence[float], *, seeds: Sequence[int] = (0, 1, 2),
               target_speedup: float | None = None, target_psnr: float | None = None, codebook: str = "fast",
-              moreg: bool = False, metric_at: str | int | None = None, guidance: float = 2.0, iters: int = 8,
-              log: Callable[[str], None] = print) -> Calibration:
+              moreg: bool = False, metric_at: str | int | None = None, cache_unit: str = "residual",
+              guidance: float = 2.0, iters: int = 8, log: Callable[[str], None] = print) -> Calibration:
     """Propose an AdaCache for ``model`` meeting one target (see the module docstring)."""
     from ..api import optimize
     from ..errors import GraphpassError
@@ -139,7 +141,7 @@ def calibrate(model, example_kwargs: dict, timesteps: Sequence[float], *, seeds:
     mo = MoReg.for_steps(n) if moreg else None
 
     # 1. baseline through an AdaCache that always computes: the model's outputs plus every step's metric.
-    probe = AdaCache(codebook={1.0: 1}, metric_at=metric_at, moreg=mo)
+    probe = AdaCache(codebook={1.0: 1}, metric_at=metric_at, moreg=mo, cache_unit=cache_unit)
     opt = optimize(model, probe, example_kwargs=example_kwargs, timesteps=timesteps)
     baseline, computed, records = run_schedule(opt, model, seeds, n, guidance)
     metrics = [[r.metric for r in recs] for recs in records]
@@ -173,7 +175,7 @@ def calibrate(model, example_kwargs: dict, timesteps: Sequence[float], *, seeds:
     trials: list[Trial] = []
 
     def evaluate(scale: float) -> Trial:
-        sched = AdaCache(codebook=_scaled(base, scale), metric_at=metric_at, moreg=mo)
+        sched = AdaCache(codebook=_scaled(base, scale), metric_at=metric_at, moreg=mo, cache_unit=cache_unit)
         videos, comp, _ = run_schedule(opt.with_schedule(sched), model, seeds, n, guidance)
         tr = Trial(scale, comp, n * len(seeds) / sum(comp), [psnr(v, b) for v, b in zip(videos, baseline)],
                    [ssim(v, b) for v, b in zip(videos, baseline)])
@@ -206,7 +208,7 @@ def calibrate(model, example_kwargs: dict, timesteps: Sequence[float], *, seeds:
         chosen = min(feasible, key=lambda t: t.scale) if want_low else max(feasible, key=lambda t: t.scale)
     else:  # unreachable target: the closest trial
         chosen = max(trials, key=lambda t: t.speedup if want_low else t.mean_psnr)
-    schedule = AdaCache(codebook=_scaled(base, chosen.scale), metric_at=metric_at, moreg=mo)
+    schedule = AdaCache(codebook=_scaled(base, chosen.scale), metric_at=metric_at, moreg=mo, cache_unit=cache_unit)
     target = ("speedup", target_speedup) if target_speedup is not None else ("psnr", target_psnr)
     return Calibration(schedule=schedule, chosen=chosen, steps=n, seeds=seeds, metrics=metrics, motion=motion,
                        trials=trials, target=target, reached=bool(feasible))
@@ -237,7 +239,7 @@ def run(args) -> int:
         metric_at = int(metric_at)
     cal = calibrate(model, kwargs, timesteps, seeds=args.seeds, target_speedup=args.target_speedup,
                     target_psnr=args.target_psnr, codebook=args.codebook, moreg=args.moreg, metric_at=metric_at,
-                    guidance=args.guidance, iters=args.iters)
+                    cache_unit=args.cache_unit, guidance=args.guidance, iters=args.iters)
     cal.schedule.save(args.out)
     c = cal.chosen
     kind, value = cal.target

@@ -19,9 +19,10 @@ averaged over the seeds, then per kind as the mean over that kind's regions.
 
 Stable window rule (per kind, on the kind's mean ``rel_l1`` curve ``c[1..S-1]``)::
 
-    threshold = min(c) + frac * (max(c) - min(c))          # frac = 0.25 by default
-    stable steps = the longest run of consecutive steps s with c[s] <= threshold
-                   (ties: the run with the lowest mean change)
+    m = running median of c over 3 steps (s-1, s, s+1; 2 at the ends)   # one noisy step does not split a run
+    threshold = min(m) + frac * (max(m) - min(m))          # frac = 0.25 by default
+    stable steps = the longest run of consecutive steps s with m[s] <= threshold
+                   (ties: the run with the lowest mean of m)
     window (lo, hi) = (t[last + 1] or 0, t[first - 1])     # PAB's exclusive lo < t < hi
 
 so a PAB schedule with that window may reuse the kind exactly on the stable steps (a step may reuse when its
@@ -39,7 +40,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -52,9 +53,9 @@ from .harness import Workload
 #: Default fraction of a kind's range of change below which a step counts as stable.
 DEFAULT_FRAC = 0.25
 
-RULE = ("per kind, threshold = min(c) + frac * (max(c) - min(c)) on the kind's mean relative-L1 change curve c; "
-        "stable steps = longest run of consecutive steps with c <= threshold (ties: lowest mean); window (lo, hi) = "
-        "(timestep after the run or 0, timestep before the run), exclusive as in PAB")
+RULE = ("per kind, m = 3-step running median of the kind's mean relative-L1 change curve; threshold = min(m) + "
+        "frac * (max(m) - min(m)); stable steps = longest run of consecutive steps with m <= threshold (ties: lowest "
+        "mean); window (lo, hi) = (timestep after the run or 0, timestep before the run), exclusive as in PAB")
 
 
 class RecordAll(Schedule):
@@ -92,7 +93,7 @@ class StableWindow:
     Fields:
         first_step, last_step: the run of stable steps (indices into the sampler's steps, inclusive).
         window: ``(lo, hi)`` timesteps for a PAB window that reuses exactly on those steps.
-        threshold: the change below which a step counted as stable.
+        threshold: the (3-step median) change at or below which a step counted as stable.
         frac: the fraction of the kind's range that set the threshold.
     """
 
@@ -107,6 +108,15 @@ class StableWindow:
                 "threshold": self.threshold, "frac": self.frac}
 
 
+def median3(curve: Sequence[float]) -> list[float]:
+    """Running median over 3 consecutive values (the 2 available at each end: their mean)."""
+    out = []
+    for i in range(len(curve)):
+        w = sorted(curve[max(0, i - 1):i + 2])
+        out.append(w[1] if len(w) == 3 else sum(w) / len(w))
+    return out
+
+
 def stable_window(curve: Sequence[float], timesteps: Sequence[float], frac: float = DEFAULT_FRAC) -> StableWindow:
     """Apply the stable window rule (module docstring) to ``curve[i]`` = change at step ``i + 1``."""
     if not 0.0 <= frac <= 1.0:
@@ -114,6 +124,7 @@ def stable_window(curve: Sequence[float], timesteps: Sequence[float], frac: floa
     if len(curve) != len(timesteps) - 1 or not curve:
         raise InputError(f"a change curve has one value per step after the first: got {len(curve)} values for "
                          f"{len(timesteps)} timesteps")
+    curve = median3(curve)
     lo_c, hi_c = min(curve), max(curve)
     thr = lo_c + frac * (hi_c - lo_c)
     runs, start = [], None

@@ -8,7 +8,8 @@ video of the same seed (:mod:`graphpass.eval.metrics`), and for the VDT physics 
   running the captured graph alone costs or saves).
 * ``pab246``, ``pab357``, ``pab579``: the published PAB ranges (spatial, temporal, cross) with the default
   window; ``pab-<preset>``: the model type's published preset (:data:`MODEL_PRESETS`).
-* ``searched``: a schedule written by ``graphpass search`` (given as a file).
+* ``searched``: a schedule written by ``graphpass search`` (given as a file; with several files, one row
+  ``searched-<file stem>`` each).
 * ``adacache-slow``, ``adacache-fast``, ``adacache-fast-moreg``: AdaCache with the published 30-step codebooks
   (and MoReg), when :mod:`graphpass.schedules.adacache` is present.
 * ``diffusers-pab``, ``diffusers-fbc``: diffusers' own cache hooks (``transformer.enable_cache``) with
@@ -16,7 +17,8 @@ video of the same seed (:mod:`graphpass.eval.metrics`), and for the VDT physics 
   (threshold 0.05), for diffusers models. A method that does not apply to the model gets a row with its
   ``status`` saying why.
 
-Figures per method: seconds per video (fastest seed), speedup over the baseline, ideal FLOP speedup (FLOPs
+Figures per method: seconds per video (fastest seed; wall time and process CPU time, the steadier figure on a
+shared machine), speedup over the baseline, ideal FLOP speedup (FLOPs
 of the baseline's steps over those of the phase graphs run; graphpass methods only), peak cache bytes
 (graphpass methods), PSNR, SSIM, physics.
 
@@ -33,19 +35,20 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 
 from ..errors import InputError
 from ..schedules.pab import PAB
-from .harness import Baseline, ComputeAll, Measurement, Workload, json_float
+from .harness import Baseline, ComputeAll, Measurement, Workload
 
 #: The published PAB preset that fits each model family (VDT blocks are spatial -> temporal -> cross -> MLP
 #: with adaLN, the Open-Sora STDiT layout).
 MODEL_PRESETS = {"vdt": "open-sora", "latte": "latte", "cogvideox": "cogvideox"}
 PAB_PRESETS = ("pab246", "pab357", "pab579")
-FIELDS = ("sec_per_video", "speedup", "ideal_speedup", "cache_peak_bytes", "psnr", "ssim", "physics")
+FIELDS = ("sec_per_video", "speedup", "cpu_sec_per_video", "cpu_speedup", "ideal_speedup", "cache_peak_bytes",
+          "psnr", "ssim", "physics")
 
 
 def model_preset(workload: Workload) -> str:
@@ -66,11 +69,21 @@ def _adacache_variants(num_steps: int) -> dict[str, Any]:
             "adacache-fast-moreg": AdaCache.preset("fast", moreg=MoReg.for_steps(num_steps))}
 
 
-def available_methods(workload: Workload, schedule_path: str | Path | None = None) -> list[str]:
+def searched_methods(schedule_paths: str | Path | Sequence[str | Path] | None) -> dict[str, Path]:
+    """Method name per searched schedule file: ``searched`` for one file, ``searched-<file stem>`` for several."""
+    if schedule_paths is None:
+        return {}
+    paths = [Path(schedule_paths)] if isinstance(schedule_paths, (str, Path)) else [Path(p) for p in schedule_paths]
+    if len(paths) == 1:
+        return {"searched": paths[0]}
+    return {f"searched-{p.stem}": p for p in paths}
+
+
+def available_methods(workload: Workload,
+                      schedule_paths: str | Path | Sequence[str | Path] | None = None) -> list[str]:
     """Every method that has a row for ``workload`` (diffusers hooks only for diffusers models)."""
     names = ["baseline", "graphpass-noreuse", *PAB_PRESETS, f"pab-{model_preset(workload)}"]
-    if schedule_path is not None:
-        names.append("searched")
+    names += list(searched_methods(schedule_paths))
     names += list(_adacache_variants(workload.num_steps))
     if workload.family == "diffusers":
         names += ["diffusers-pab", "diffusers-fbc"]
@@ -130,7 +143,8 @@ class BenchResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {"model": self.model, "seeds": self.seeds, "num_steps": self.num_steps, "threads": self.threads,
-                "timing": "seconds per video = fastest seed; speedup = baseline seconds / method seconds",
+                "timing": "seconds per video = fastest seed (wall; cpu = process CPU time); speedup = baseline "
+                          "seconds / method seconds",
                 "rows": self.rows}
 
     def save(self, path: str | Path) -> Path:
@@ -141,18 +155,19 @@ class BenchResult:
 
     def markdown(self) -> str:
         """The table in Markdown (PSNR of the baseline is shown as ``inf``: identical by definition)."""
-        head = ("| method | s/video | speedup | ideal FLOP speedup | cache peak | PSNR dB | SSIM | physics |\n"
-                "|---|---:|---:|---:|---:|---:|---:|---:|")
+        head = ("| method | s/video | speedup | CPU s/video | CPU speedup | ideal FLOP speedup | cache peak | PSNR dB "
+                "| SSIM | physics |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         lines = [head]
         for r in self.rows:
             if r["status"] != "ok":
-                lines.append(f"| {r['method']} | {r['status']} |  |  |  |  |  |  |")
+                lines.append(f"| {r['method']} | {r['status']} |  |  |  |  |  |  |  |  |")
                 continue
             psnr = "inf" if r["psnr"] is None else f"{r['psnr']:.2f}"
             ideal = "-" if r["ideal_speedup"] is None else f"{r['ideal_speedup']:.2f}x"
             cache = "-" if r["cache_peak_bytes"] is None else _fmt_bytes(r["cache_peak_bytes"])
             phys = "-" if r["physics"] is None else f"{r['physics']:.3f}"
-            lines.append(f"| {r['method']} | {r['sec_per_video']:.2f} | {r['speedup']:.2f}x | {ideal} | {cache} | "
+            lines.append(f"| {r['method']} | {r['sec_per_video']:.2f} | {r['speedup']:.2f}x | "
+                         f"{r['cpu_sec_per_video']:.2f} | {r['cpu_speedup']:.2f}x | {ideal} | {cache} | "
                          f"{psnr} | {r['ssim']:.4f} | {phys} |")
         return "\n".join(lines)
 
@@ -172,8 +187,9 @@ def _row(method: str, schedule: str, m: Measurement) -> dict[str, Any]:
 
 
 def bench(workload: Workload, seeds: Sequence[int] = (0, 1), methods: Sequence[str] | None = None, *,
-          schedule_path: str | Path | None = None, progress: bool = True) -> BenchResult:
-    """Measure every method (default: :func:`available_methods`) on ``seeds``."""
+          schedule_path: str | Path | Sequence[str | Path] | None = None, progress: bool = True) -> BenchResult:
+    """Measure every method (default: :func:`available_methods`) on ``seeds``. ``schedule_path``: one or more
+    schedule files from ``graphpass search`` (rows named by :func:`searched_methods`)."""
     from tqdm.auto import tqdm
 
     seeds = [int(s) for s in seeds]
@@ -185,6 +201,7 @@ def bench(workload: Workload, seeds: Sequence[int] = (0, 1), methods: Sequence[s
                          + ("" if schedule_path else " (give a searched schedule file for 'searched')"))
     baseline = workload.baseline(seeds, progress=progress)
     ada = _adacache_variants(workload.num_steps)
+    searched = searched_methods(schedule_path)
     result = BenchResult(workload.name, seeds, workload.num_steps, torch.get_num_threads())
     for method in tqdm(methods, desc=f"{workload.name} bench", disable=not progress):
         if method == "baseline":
@@ -210,10 +227,10 @@ def bench(workload: Workload, seeds: Sequence[int] = (0, 1), methods: Sequence[s
                 sched = ada[method]
             elif method == "graphpass-noreuse":
                 sched = ComputeAll()
-            elif method == "searched":
+            elif method in searched:
                 from .search import load_searched
 
-                sched, _ = load_searched(schedule_path)
+                sched, _ = load_searched(searched[method])
             elif method.startswith("pab-"):
                 sched = PAB.preset(method[4:])
             else:
@@ -229,12 +246,16 @@ def bench(workload: Workload, seeds: Sequence[int] = (0, 1), methods: Sequence[s
     # to the baseline's best time, not to a run slowed by other load
     again = workload.baseline(seeds, progress=False)
     baseline.seconds = [min(a, b) for a, b in zip(baseline.seconds, again.seconds)]
+    baseline.cpu_seconds = [min(a, b) for a, b in zip(baseline.cpu_seconds, again.cpu_seconds)]
     for r in result.rows:
         if r["status"] == "ok":
             r["speedup"] = baseline.sec_per_video / r["sec_per_video"]
+            r["cpu_speedup"] = baseline.cpu_sec_per_video / r["cpu_sec_per_video"]
     if "baseline" in methods:
         result.rows.insert(0, {"method": "baseline", "schedule": "model as is", "status": "ok",
-                               "sec_per_video": baseline.sec_per_video, "speedup": 1.0, "ideal_speedup": 1.0,
+                               "sec_per_video": baseline.sec_per_video, "speedup": 1.0,
+                               "cpu_sec_per_video": baseline.cpu_sec_per_video, "cpu_speedup": 1.0,
+                               "ideal_speedup": 1.0,
                                "cache_peak_bytes": 0, "psnr": None, "ssim": 1.0,
                                "physics": workload.physics_of(baseline.videos),
                                "psnr_per_seed": [None] * len(seeds)})
@@ -264,31 +285,36 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
     return front
 
 
-def plot_bench(result: BenchResult, path: str | Path) -> Path:
-    """Speedup (wall, filled; ideal FLOPs, hollow) against PSNR per method, the wall-time Pareto front drawn.
-    The baseline (identical videos, infinite PSNR) is drawn at the right edge."""
+def plot_bench(result: BenchResult, path: str | Path, speed: str = "wall") -> Path:
+    """Speedup against PSNR per method: measured (filled; ``speed`` = ``"wall"`` or ``"cpu"`` time) and ideal
+    FLOPs (hollow), with the Pareto front of the measured speedups. The baseline (identical videos, infinite
+    PSNR) is drawn at the right edge."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if speed not in ("wall", "cpu"):
+        raise InputError(f"speed={speed!r}: plot 'wall' or 'cpu' speedups")
+    key = "speedup" if speed == "wall" else "cpu_speedup"
     ok = [r for r in result.rows if r["status"] == "ok"]
     finite = [r["psnr"] for r in ok if r["psnr"] is not None]
     top = (max(finite) + 5) if finite else 60.0
     xs = [top if r["psnr"] is None else r["psnr"] for r in ok]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    cmap = plt.get_cmap("tab20")
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
     for i, (r, x) in enumerate(zip(ok, xs)):
-        ax.scatter([x], [r["speedup"]], color=f"C{i % 10}", zorder=3, label=r["method"])
+        col = cmap(i % 20)
+        ax.scatter([x], [r[key]], color=col, zorder=3, label=r["method"])
         if r["ideal_speedup"] is not None and r["method"] != "baseline":
-            ax.scatter([x], [r["ideal_speedup"]], facecolors="none", edgecolors=f"C{i % 10}", zorder=3)
-            ax.plot([x, x], [r["speedup"], r["ideal_speedup"]], color=f"C{i % 10}", lw=0.6, ls=":")
-        ax.annotate(r["method"], (x, r["speedup"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
-    front = pareto_front([(x, r["speedup"]) for x, r in zip(xs, ok)])
-    fx = [xs[i] for i in front]
-    fy = [ok[i]["speedup"] for i in front]
-    ax.plot(fx, fy, color="k", lw=1, ls="--", label="Pareto front (wall time)")
+            ax.scatter([x], [r["ideal_speedup"]], facecolors="none", edgecolors=col, zorder=3)
+            ax.plot([x, x], [r[key], r["ideal_speedup"]], color=col, lw=0.6, ls=":")
+        ax.annotate(r["method"], (x, r[key]), fontsize=7, xytext=(4, 3), textcoords="offset points")
+    front = pareto_front([(x, r[key]) for x, r in zip(xs, ok)])
+    ax.plot([xs[i] for i in front], [ok[i][key] for i in front], color="k", lw=1, ls="--",
+            label=f"Pareto front ({speed} time)")
     ax.set_xlabel("PSNR vs baseline (dB; baseline drawn at the right edge)")
-    ax.set_ylabel("speedup (filled: wall time, hollow: ideal FLOPs)")
+    ax.set_ylabel(f"speedup (filled: {speed} time, hollow: ideal FLOPs)")
     ax.set_title(f"{result.model}: {result.num_steps} steps, seeds {result.seeds}, {result.threads} thread(s)",
                  fontsize=10)
     ax.grid(alpha=0.3)
@@ -301,5 +327,5 @@ def plot_bench(result: BenchResult, path: str | Path) -> Path:
     return path
 
 
-__all__ = ["bench", "BenchResult", "available_methods", "model_preset", "plot_bench", "pareto_front",
-           "MODEL_PRESETS", "json_float"]
+__all__ = ["bench", "BenchResult", "available_methods", "searched_methods", "model_preset", "plot_bench",
+           "pareto_front", "MODEL_PRESETS"]

@@ -83,17 +83,22 @@ class DiffusersAdapter:
 
 @dataclass
 class Baseline:
-    """The unaccelerated videos of a workload, one per seed, and the seconds each took."""
+    """The unaccelerated videos of a workload, one per seed, and the wall and process-CPU seconds each took."""
 
     seeds: list[int]
     videos: list[torch.Tensor]
     seconds: list[float]
+    cpu_seconds: list[float]
 
     @property
     def sec_per_video(self) -> float:
         """The fastest seed's seconds (every seed samples the same shapes; the minimum is the figure least
         disturbed by other load on the machine)."""
         return min(self.seconds)
+
+    @property
+    def cpu_sec_per_video(self) -> float:
+        return min(self.cpu_seconds)
 
 
 @dataclass
@@ -103,6 +108,9 @@ class Measurement:
     Fields:
         sec_per_video: wall seconds to sample one video (all steps, with guidance): the fastest seed's.
         speedup: baseline seconds / these seconds.
+        cpu_sec_per_video, cpu_speedup: the same in process CPU seconds (fastest seed). On a machine shared
+            with other jobs, CPU time counts only this process's work, so with one torch thread it is the
+            steadier figure; on an idle machine it equals wall time.
         ideal_speedup: FLOPs of the baseline's steps / FLOPs of the phase graphs this sampler ran (``None`` when
             the sampler is not a graphpass model, e.g. diffusers hooks).
         cache_peak_bytes: most bytes the graphpass cache held at once during a generation (max over seeds;
@@ -115,6 +123,8 @@ class Measurement:
 
     sec_per_video: float
     speedup: float
+    cpu_sec_per_video: float
+    cpu_speedup: float
     ideal_speedup: float | None
     cache_peak_bytes: int | None
     psnr: float
@@ -124,7 +134,9 @@ class Measurement:
     videos: list[torch.Tensor] = field(default_factory=list, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"sec_per_video": self.sec_per_video, "speedup": self.speedup, "ideal_speedup": self.ideal_speedup,
+        return {"sec_per_video": self.sec_per_video, "speedup": self.speedup,
+                "cpu_sec_per_video": self.cpu_sec_per_video, "cpu_speedup": self.cpu_speedup,
+                "ideal_speedup": self.ideal_speedup,
                 "cache_peak_bytes": self.cache_peak_bytes, "psnr": json_float(self.psnr), "ssim": self.ssim,
                 "psnr_per_seed": [json_float(p) for p in self.psnr_per_seed], "physics": self.physics}
 
@@ -186,9 +198,8 @@ class Workload:
     def from_name(cls, name: str, num_steps: int = 50, weights: str | Path | None = None) -> "Workload":
         """The workload of a model name (``vdt-s``, ``vdt-tiny``, ``latte-tiny``). ``weights``: a VDT
         checkpoint to load instead of the shipped one (e.g. a training checkpoint)."""
-        from ..workloads import example_call
-
         from .. import models
+        from ..workloads import example_call
 
         if weights is not None:
             if not name.startswith("vdt-"):
@@ -311,23 +322,25 @@ class Workload:
         from tqdm.auto import tqdm
 
         self._warm_up(self.model)
-        videos, secs = [], []
+        videos, secs, cpus = [], [], []
         for s in tqdm(list(seeds), desc=f"{self.name} baseline", disable=not progress, leave=False):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             videos.append(self.generate(self.model, s))
             secs.append(time.perf_counter() - t0)
-        return Baseline(list(seeds), videos, secs)
+            cpus.append(time.process_time() - c0)
+        return Baseline(list(seeds), videos, secs, cpus)
 
     def measure(self, fn: Callable, baseline: Baseline, *, adapted: Callable | None = None) -> Measurement:
         """Sample the baseline's seeds with ``fn`` (an :class:`OptimizedModel`, or the model with cache hooks
         installed) and compare. ``adapted``: a prepared sampler-convention callable wrapping ``fn``."""
         call = adapted if adapted is not None else self.adapt(fn)
         self._warm_up(fn, call)
-        videos, secs, flops, peak = [], [], [], 0
+        videos, secs, cpus, flops, peak = [], [], [], [], 0
         for s in baseline.seeds:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             videos.append(self.generate(fn, s, adapted=call))
             secs.append(time.perf_counter() - t0)
+            cpus.append(time.process_time() - c0)
             if isinstance(fn, OptimizedModel):
                 st = fn.state()
                 flops.append(sum(fn.phase_graph(ph).flops for _, ph in st.trace))
@@ -338,7 +351,9 @@ class Workload:
         ideal = None
         if flops:
             ideal = self.num_steps * self.step_flops * len(flops) / sum(flops)
-        return Measurement(sec_per_video=sec, speedup=baseline.sec_per_video / sec, ideal_speedup=ideal,
+        cpu = min(cpus)
+        return Measurement(sec_per_video=sec, speedup=baseline.sec_per_video / sec, cpu_sec_per_video=cpu,
+                           cpu_speedup=baseline.cpu_sec_per_video / cpu, ideal_speedup=ideal,
                            cache_peak_bytes=peak if isinstance(fn, OptimizedModel) else None,
                            psnr=sum(p) / len(p), ssim=sum(q) / len(q), psnr_per_seed=p, physics=self.physics_of(videos),
                            videos=videos)

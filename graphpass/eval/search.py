@@ -12,7 +12,7 @@ beforehand from its plan and the FLOPs of its phase graphs, without sampling):
 
 1. *Bracket.* Sort the space by ideal speedup (the "ladder"; PSNR falls roughly as it rises) and bisect it for
    the boundary of the target: with ``min_psnr`` the last candidate whose mean PSNR over the seeds is still
-   >= ``min_psnr``; with ``speedup`` the first that reaches it (wall time, bisected; or, with
+   >= ``min_psnr``; with ``speedup`` the first that reaches it (wall or CPU time, bisected; or, with
    ``speedup_metric="ideal"``, known without sampling: the first candidate at or above it).
 2. *Refine.* Climb from there through neighbours (one kind's range +-1 keeping the pyramid, or the window
    level +-1), sampling only those that could do better (with ``min_psnr``: a higher ideal speedup), to the
@@ -28,7 +28,7 @@ Example::
     >>> res = search(wl, SearchConfig(min_psnr=30), seeds=[0], progress=False)
     >>> res.measurement.psnr >= 30
     True
-    >>> res.save("schedule.json")          # graphpass.schedule_from_json("schedule.json") loads it
+    >>> path = res.save("schedule.json")   # graphpass.schedule_from_json(path) loads it
 """
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ from typing import Any, Sequence
 from ..errors import InputError, ScheduleError
 from ..schedules.pab import PAB
 from .analyze import ChangeAnalysis, analyze
-from .harness import Baseline, Measurement, Workload, json_float
+from .harness import Baseline, Measurement, Workload
 
 #: Kinds a PAB search may reuse; the first three form the pyramid (ranges non-decreasing in this order).
 PYRAMID = ("spatial", "temporal", "cross")
@@ -59,8 +59,9 @@ class SearchConfig:
         min_psnr: keep the mean PSNR over the seeds (dB, vs the baseline videos) at least this; maximise the
             ideal FLOP speedup. Exactly one of ``min_psnr`` and ``speedup`` is given.
         speedup: reach at least this speedup; maximise the mean PSNR.
-        speedup_metric: ``"wall"`` (seconds per video, baseline / schedule) or ``"ideal"`` (FLOPs of the baseline
-            steps / FLOPs of the phase graphs run): which speedup ``speedup`` refers to.
+        speedup_metric: ``"wall"`` (seconds per video, baseline / schedule), ``"cpu"`` (the same in process CPU
+            seconds, steadier on a shared machine) or ``"ideal"`` (FLOPs of the baseline steps / FLOPs of the
+            phase graphs run): which speedup ``speedup`` refers to.
         kinds: kinds the search may reuse (those the model has are used); add ``"mlp"`` to also broadcast MLPs
             (outside the pyramid).
         max_range: largest broadcast range tried for any kind.
@@ -79,8 +80,8 @@ class SearchConfig:
     def __post_init__(self):
         if (self.min_psnr is None) == (self.speedup is None):
             raise InputError("give exactly one search target: min_psnr (e.g. 30 dB) or speedup (e.g. 1.4)")
-        if self.speedup_metric not in ("wall", "ideal"):
-            raise InputError(f"speedup_metric={self.speedup_metric!r}: choose 'wall' or 'ideal'")
+        if self.speedup_metric not in ("wall", "cpu", "ideal"):
+            raise InputError(f"speedup_metric={self.speedup_metric!r}: choose 'wall', 'cpu' or 'ideal'")
         if self.speedup is not None and self.speedup <= 1:
             raise InputError(f"speedup={self.speedup}: a target speedup is above 1 (e.g. 1.4)")
         if list(self.fracs) != sorted(self.fracs) or not self.fracs:
@@ -129,8 +130,8 @@ class Evaluated:
 
 def _figures(m: Measurement) -> dict[str, Any]:
     d = m.to_dict()
-    return {k: d[k] for k in ("psnr", "ssim", "ideal_speedup", "speedup", "sec_per_video", "cache_peak_bytes",
-                              "psnr_per_seed", "physics")}
+    return {k: d[k] for k in ("psnr", "ssim", "ideal_speedup", "speedup", "sec_per_video", "cpu_speedup",
+                              "cpu_sec_per_video", "cache_peak_bytes", "psnr_per_seed", "physics")}
 
 
 @dataclass
@@ -211,7 +212,7 @@ def _moves(c: Candidate, kinds: Sequence[str], cfg: SearchConfig, same_windows) 
 def _meets(m: Measurement, cfg: SearchConfig) -> bool:
     if cfg.min_psnr is not None:
         return m.psnr >= cfg.min_psnr
-    s = m.speedup if cfg.speedup_metric == "wall" else m.ideal_speedup
+    s = {"wall": m.speedup, "cpu": m.cpu_speedup, "ideal": m.ideal_speedup}[cfg.speedup_metric]
     return s >= cfg.speedup
 
 
@@ -349,4 +350,4 @@ def load_searched(path: str | Path) -> tuple[PAB, dict[str, Any]]:
     return schedule_from_json(p), measured
 
 
-__all__ = ["SearchConfig", "SearchResult", "SearchError", "search", "load_searched", "json_float"]
+__all__ = ["SearchConfig", "SearchResult", "SearchError", "search", "load_searched"]

@@ -89,10 +89,21 @@ def versions() -> dict[str, str]:
     return out
 
 
+def artefact_files(manifest: dict[str, Any]) -> list[str]:
+    """The files an export wrote: phase files, engines, the shared weights (relative to its folder)."""
+    names = {e[k] for e in manifest["phases"] for k in ("file", "engine") if e.get(k)}
+    if manifest.get("weights"):
+        names.add(manifest["weights"]["file"])
+    return sorted(names)
+
+
 def write_manifest(folder: Path, manifest: dict[str, Any]) -> Path:
-    """Hash every file of the folder (except the manifest) into ``manifest["files"]`` and write it."""
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
-    manifest["files"] = {p.relative_to(folder).as_posix(): sha256_file(p) for p in files}
+    """Hash the export's files (:func:`artefact_files`) into ``manifest["files"]`` and write the manifest."""
+    manifest["files"] = {}
+    for rel in artefact_files(manifest):
+        if not (folder / rel).is_file():
+            raise ArtefactError(f"export did not write {rel} into {folder}")
+        manifest["files"][rel] = sha256_file(folder / rel)
     path = folder / MANIFEST
     path.write_text(json.dumps(manifest, indent=2) + "\n")
     return path

@@ -25,7 +25,7 @@ from .train import fixed_batch_loss
 
 
 def random_weights_model(name: str, seed: int = 0):
-    """Random init with every parameter perturbed (N(0, 0.02)); a plain adaLN-Zero init predicts zero noise."""
+    """Random init with every parameter perturbed (N(0, 0.02)); a plain adaLN-Zero init outputs v = 0."""
     m = create(name, seed=seed)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -109,10 +109,13 @@ video DiT to optimise and check against, small enough to run on a CPU.
 
 ## Training
 
-DDPM epsilon prediction, linear betas 1e-4..0.02 over 1000 steps (`graphpass.models.diffusion`),
-AdamW with warmup and cosine decay, EMA weights shipped, tasks per sample: unconditional,
-first-k frames given, first+last given, random frames given; 10% label dropout to the null token.
-Fresh generator videos every step (no fixed dataset, no overfitting to a finite set).
+DDPM, linear betas 1e-4..0.02 over 1000 steps (`graphpass.models.diffusion`). The network predicts
+v (config `prediction="{cfg.prediction}"`) and `forward` returns epsilon; the loss is v-MSE weighted
+min(1, {loss_log.get('snr_gamma')}/SNR). AdamW with warmup and cosine decay (following steps or the
+time budget, whichever is further), EMA weights shipped ({loss_log.get('ema')}). Tasks per sample:
+unconditional, first-k frames given, first+last given, random frames given; 10% label dropout to the
+null token. Fresh generator videos every step (no fixed dataset). Initialised from:
+{loss_log.get('init') or 'random (adaLN-Zero)'}.
 
 | field | value |
 |---|---|

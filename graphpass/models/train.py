@@ -71,9 +71,11 @@ def masked_loss(model, x0: torch.Tensor, labels: torch.Tensor, mask: torch.Tenso
                 t: torch.Tensor, noise: torch.Tensor, snr_gamma: float | None = None) -> torch.Tensor:
     """Epsilon MSE on non-given frames only; given frames are fed clean.
 
-    ``snr_gamma`` enables Min-SNR weighting (Hang et al. 2023), w = min(SNR, gamma) / SNR, which
-    stops the low-noise steps from dominating and speeds up learning of the video's structure.
-    The recorded fixed-batch loss is always unweighted."""
+    ``snr_gamma`` switches to a v-space loss: per sample the eps error is rescaled to the v error
+    (v_err = eps_err / sqrt(ab) for the v parametrisation) and weighted by min(1, gamma / SNR),
+    i.e. plain v-MSE at high noise (where the video's layout is decided) and Min-SNR-style
+    down-weighting (Hang et al. 2023) of the low-noise steps. The recorded fixed-batch loss is
+    always the unweighted eps-MSE."""
     xt = diffusion.add_noise(x0, noise, t)
     m = mask[:, :, None, None, None]
     xt = m * x0 + (1 - m) * xt
@@ -83,7 +85,7 @@ def masked_loss(model, x0: torch.Tensor, labels: torch.Tensor, mask: torch.Tenso
     if snr_gamma is not None:
         ab = diffusion.alphas_cumprod().to(per.device)[t.long()]
         snr = ab / (1 - ab)
-        w = w * (snr.clamp(max=snr_gamma) / snr).float()[:, None]
+        w = w * ((snr_gamma / snr).clamp(max=1.0) / ab).float()[:, None]
         return (per * w).sum() / (1 - mask).sum().clamp_min(1.0)
     return (per * w).sum() / w.sum().clamp_min(1.0)
 
@@ -165,11 +167,13 @@ def main(argv=None) -> None:
     ap.add_argument("--weight-decay", type=float, default=0.01)
     ap.add_argument("--ema", type=float, default=0.998)
     ap.add_argument("--cond-drop", type=float, default=0.1)
-    ap.add_argument("--snr-gamma", type=float, default=5.0, help="Min-SNR loss weighting; 0 disables")
+    ap.add_argument("--snr-gamma", type=float, default=5.0,
+                    help="v-space loss weighted min(1, gamma/SNR) (see masked_loss); 0 = plain eps-MSE")
     ap.add_argument("--out", default="graphpass/models/weights/vdt-s.safetensors")
     ap.add_argument("--loss-log", default=None, help="default: <out without .safetensors>.loss.json")
     ap.add_argument("--state", default=None, help="resumable optimizer state (default runs/<config>.state.pt)")
     ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--init", default=None, help="start from these weights (safetensors of the same config)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--log-every", type=int, default=10)
@@ -191,10 +195,15 @@ def main(argv=None) -> None:
     state_path = Path(args.state) if args.state else Path("runs") / f"{args.config}.state.pt"
 
     model = VDT(cfg)
+    if args.init:
+        from safetensors.torch import load_file
+
+        model.load_state_dict({k: v.float() for k, v in load_file(args.init).items()})
+        print(f"initialised from {args.init}", flush=True)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.99))
     gen = torch.Generator().manual_seed(args.seed)
-    log = {"config_name": args.config, "snr_gamma": args.snr_gamma, "ema": args.ema, "config": json.loads(cfg.to_json()), "batch": args.batch, "lr": args.lr,
+    log = {"config_name": args.config, "snr_gamma": args.snr_gamma, "ema": args.ema, "init": args.init, "config": json.loads(cfg.to_json()), "batch": args.batch, "lr": args.lr,
            "total_steps": args.steps, "threads": args.threads, "step": [], "loss": [], "it_per_s": [],
            "wall_s": [], "fixed_batch_loss": []}
     start_step, wall_offset = 0, 0.0

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import diffusion
+
 
 @dataclass(frozen=True)
 class VDTConfig:
@@ -38,6 +40,10 @@ class VDTConfig:
     vocab_size: int = 11
     cond_len: int = 7
     freq_dim: int = 256
+    # "v": the network predicts v = sqrt(ab) eps - sqrt(1 - ab) x0 and forward() converts it to
+    # eps = sqrt(ab) v + sqrt(1 - ab) x_t, so high-noise steps need no 1/sqrt(ab) amplification.
+    # "eps": the network output is eps directly.
+    prediction: str = "v"
 
     @property
     def tokens_per_frame(self) -> int:
@@ -183,6 +189,11 @@ class VDT(nn.Module):
         self.final_norm = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
         self.final_modulation = nn.Sequential(nn.SiLU(), nn.Linear(d, 2 * d))
         self.final_linear = nn.Linear(d, p * p * cfg.in_channels)
+        if cfg.prediction not in ("v", "eps"):
+            raise ValueError(f"prediction must be 'v' or 'eps', got {cfg.prediction!r}")
+        ab = diffusion.alphas_cumprod()
+        self.register_buffer("sqrt_ab", ab.sqrt().float(), persistent=False)
+        self.register_buffer("sqrt_one_minus_ab", (1 - ab).sqrt().float(), persistent=False)
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -211,7 +222,8 @@ class VDT(nn.Module):
                 encoder_hidden_states: torch.Tensor, cond_mask: torch.Tensor | None = None) -> torch.Tensor:
         """hidden_states (B, F, C, H, W) in [-1, 1]-ish noise scale; timestep (B,) float on 0..1000;
         encoder_hidden_states (B, L) int64 token ids (0 = null); cond_mask (B, F), 1 = clean given frame.
-        Returns predicted epsilon with the shape of hidden_states."""
+        Returns predicted epsilon with the shape of hidden_states (for prediction="v" the network's
+        v output is converted to epsilon here, outside every block)."""
         cfg = self.config
         b, f, ch, hgt, wid = hidden_states.shape
         p, g, d = cfg.patch_size, self.grid, cfg.hidden_size
@@ -231,4 +243,10 @@ class VDT(nn.Module):
         shift, scale = self.final_modulation(c)[:, None, None, :].chunk(2, dim=-1)
         x = self.final_linear(modulate(self.final_norm(x), shift, scale))  # (B, F, T, p*p*C)
         x = x.reshape(b, f, g, g, p, p, ch).permute(0, 1, 6, 2, 4, 3, 5)
-        return x.reshape(b, f, ch, hgt, wid)
+        out = x.reshape(b, f, ch, hgt, wid)
+        if cfg.prediction == "v":
+            idx = timestep.round().long().clamp(0, diffusion.NUM_TRAIN_TIMESTEPS - 1)
+            a = self.sqrt_ab[idx].to(out.dtype).reshape(b, 1, 1, 1, 1)
+            s = self.sqrt_one_minus_ab[idx].to(out.dtype).reshape(b, 1, 1, 1, 1)
+            out = a * out + s * hidden_states
+        return out

@@ -44,7 +44,7 @@ from ..errors import GraphpassError, ScheduleError, TaggingError
 from ..schedules.base import Action, Phase
 from .capture import CapturedGraph, TensorSpec, module_path
 from .flops import graph_flops, node_flops
-from .specialise import PhaseGraph, cache_input_name, eliminate_dead_code
+from .specialise import PhaseGraph, cache_input_name, eliminate_dead_code, specialise_phase
 from .tag import Region
 
 aten = torch.ops.aten
@@ -57,6 +57,8 @@ _LAYOUT = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, a
 _TO_RESIDUAL = _LAYOUT | {aten.mul.Tensor, aten.div.Tensor}
 _ADD = {aten.add.Tensor}
 
+#: What a reuse step adds (see :class:`graphpass.schedules.adacache.AdaCache` ``cache_unit``).
+CACHE_UNITS = ("residual", "outputs")
 #: Metric modes of a residual phase (see :class:`graphpass.schedules.adacache.ResidualPhase`).
 METRIC_MODES = ("none", "store", "measure")
 
@@ -91,6 +93,7 @@ class BlockSpan:
     spec: TensorSpec
     flops: int
     region: Region
+    inner: list[Region]
 
     @property
     def path(self) -> str:
@@ -99,6 +102,26 @@ class BlockSpan:
     @property
     def residual_key(self) -> str:
         return self.region.cache_keys[0]
+
+    def as_region(self, unit: str = "residual") -> Region:
+        """The span as the region the runtime caches: for ``unit="residual"`` one exit (the pre-summed
+        residual, key ``<span>:0``); for ``unit="outputs"`` the exits of every attention/MLP region inside the
+        blocks, in graph order (keys ``<span>:0..K-1``)."""
+        if unit == "residual":
+            return self.region
+        if unit != "outputs":
+            raise GraphpassError(f"unknown cache unit {unit!r}; one of {CACHE_UNITS}")
+        exits = [e for r in self.inner for e in r.exits]
+        specs = [s for r in self.inner for s in r.exit_specs]
+        return Region(path=self.path, module_type="blocks", kind="blocks", nodes=self.region.nodes, exits=exits,
+                      exit_specs=specs, flops=sum(r.flops for r in self.inner),
+                      reason=f"outputs of the {len(self.inner)} attention/MLP regions of {len(self.blocks)} blocks, "
+                             f"re-gated on reuse")
+
+    def inner_keys(self) -> dict[str, str]:
+        """Cache key of each inner region exit (``<region>:<i>``) -> the span's key for it (unit "outputs")."""
+        keys = [k for r in self.inner for k in r.cache_keys]
+        return {k: f"{self.path}:{j}" for j, k in enumerate(keys)}
 
 
 @dataclass
@@ -265,8 +288,9 @@ def find_block_span(captured: CapturedGraph, regions: Sequence[Region]) -> Block
                     exits=[h_out.name], exit_specs=[spec], flops=block_flops,
                     reason=f"chain of {len(paths)} blocks from {h_in.name} to {h_out.name}; cached as one "
                            f"pre-summed residual")
+    inner = [r for r in regions if block_of(r.path) in block_io]
     return BlockSpan(blocks=paths, input=h_in.name, output=h_out.name, block_io=block_io,
-                     nodes=[n.name for n in span_nodes], spec=spec, flops=block_flops, region=region)
+                     nodes=[n.name for n in span_nodes], spec=spec, flops=block_flops, region=region, inner=inner)
 
 
 # --- the metric site ------------------------------------------------------------------------------------
@@ -415,12 +439,29 @@ def _add(a, b):
     return a + b
 
 
+def _copy(gm: fx.GraphModule) -> tuple[fx.Graph, dict[str, fx.Node], list]:
+    """A copy of ``gm``'s graph without its output node: (graph, node by name, output values)."""
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    outputs = None
+    for node in gm.graph.nodes:
+        if node.op == "output":
+            outputs = node.args[0]
+            continue
+        env[node] = graph.node_copy(node, lambda n: env[n])
+    return graph, {n.name: env[n] for n in gm.graph.nodes if n in env}, [
+        fx.node.map_arg(o, lambda n: env[n]) for o in outputs]
+
+
 def specialise_residual_phase(captured: CapturedGraph, span: BlockSpan, phase: Phase, metric: MetricSite | None = None,
-                              strides: Sequence[int] = ()) -> PhaseGraph:
+                              strides: Sequence[int] = (), unit: str = "residual") -> PhaseGraph:
     """The graph of one residual-caching phase.
 
-    ``phase.action(span.path)``: REUSE -> the blocks are cut out and ``h_out = h_in + cache[span residual]``;
-    STORE -> the graph also returns ``h_out - h_in``; COMPUTE -> the captured graph.
+    ``phase.action(span.path)`` with ``unit="residual"``: REUSE -> the blocks are cut out and
+    ``h_out = h_in + cache[span residual]``; STORE -> the graph also returns ``h_out - h_in``; COMPUTE -> the
+    captured graph. With ``unit="outputs"`` the action applies to every attention/MLP region inside the blocks
+    (:func:`~graphpass.passes.specialise.specialise_phase`): a reuse step reads their cached outputs and still
+    runs the blocks' gates and skip adds with the current step's conditioning.
     ``phase.metric`` (a :class:`~graphpass.schedules.adacache.ResidualPhase`; ``"none"`` for plain phases):
     ``"store"`` also returns the metric residual; ``"measure"`` reads the previous metric residual from the
     cache and returns the new one and :func:`residual_stats` (with MoReg motion when ``strides`` are given).
@@ -432,24 +473,30 @@ def specialise_residual_phase(captured: CapturedGraph, span: BlockSpan, phase: P
         raise GraphpassError(f"residual phase names {sorted(unknown)}; it may only name the block span {span.path}")
     if mode not in METRIC_MODES:
         raise GraphpassError(f"unknown metric mode {mode!r}; one of {METRIC_MODES}")
+    if unit not in CACHE_UNITS:
+        raise GraphpassError(f"unknown cache unit {unit!r}; one of {CACHE_UNITS}")
     if mode != "none" and (metric is None or action == Action.REUSE):
         raise GraphpassError(f"metric mode {mode!r} needs a metric site and a step that computes the blocks")
     if strides and mode == "measure" and metric.frame_layout is None:
         raise GraphpassError(f"MoReg needs the frame axis of the metric residual {metric.path} {metric.spec}")
 
-    src = captured.gm
-    graph = fx.Graph()
-    env: dict[fx.Node, fx.Node] = {}
-    user_outputs = None
-    for node in src.graph.nodes:
-        if node.op == "output":
-            user_outputs = node.args[0]
-            continue
-        env[node] = graph.node_copy(node, lambda n: env[n])
-    by_name = {n.name: env[n] for n in src.graph.nodes if n in env}
-    outs = [fx.node.map_arg(o, lambda n: env[n]) for o in user_outputs]
+    cache_inputs: list[str] = []
+    stored: list[tuple[str, fx.Node]] = []  # (cache key, node) returned after the model's outputs
+    if unit == "outputs":
+        inner = specialise_phase(captured, span.inner, Phase.of({r.path: action for r in span.inner}))
+        graph, by_name, outs = _copy(inner.gm)
+        rename = span.inner_keys()
+        n_user = inner.num_user_outputs
+        stored = [(rename[k], v) for k, v in zip(inner.cache_outputs, outs[n_user:])]
+        outs = outs[:n_user]
+        cache_inputs = [rename[k] for k in inner.cache_inputs]
+        for ph in graph.nodes:
+            if ph.op == "placeholder" and "graphpass_cache_key" in ph.meta:
+                ph.meta["graphpass_cache_key"] = rename[ph.meta["graphpass_cache_key"]]
+    else:
+        graph, by_name, outs = _copy(captured.gm)
+        n_user = len(outs)
     last_input = [n for n in graph.nodes if n.op == "placeholder"][-1]
-    h_in, h_out = by_name[span.input], by_name[span.output]
 
     def placeholder(key: str, like: fx.Node) -> fx.Node:
         nonlocal last_input
@@ -460,17 +507,16 @@ def specialise_residual_phase(captured: CapturedGraph, span: BlockSpan, phase: P
         last_input = ph
         return ph
 
-    cache_inputs: list[str] = []
-    stored: list[tuple[str, fx.Node]] = []  # (cache key, node) returned after the model's outputs
-    if action == Action.REUSE:
+    if unit == "residual" and action == Action.REUSE:
+        h_in, h_out = by_name[span.input], by_name[span.output]
         cached = placeholder(span.residual_key, h_out)
         cache_inputs.append(span.residual_key)
         new = inline(graph, _add, [h_in, cached], before=h_out)
         h_out.replace_all_uses_with(new)
         outs = [fx.node.map_arg(o, lambda n: new if n is h_out else n) for o in outs]
-    else:
-        if action == Action.STORE:
-            stored.append((span.residual_key, inline(graph, _sub, [h_out, h_in])))
+    elif action != Action.REUSE:
+        if unit == "residual" and action == Action.STORE:
+            stored.append((span.residual_key, inline(graph, _sub, [by_name[span.output], by_name[span.input]])))
         if mode != "none":
             if metric.kind == "region":
                 r = by_name[metric.node]
@@ -488,18 +534,19 @@ def specialise_residual_phase(captured: CapturedGraph, span: BlockSpan, phase: P
 
                 stored.append((metric.stats_key, inline(graph, stats, [r, prev])))
     cache_outputs = [k for k, _ in stored]
-    extra = [n for _, n in stored]
-    graph.output(tuple(outs) + tuple(extra))
+    graph.output(tuple(outs) + tuple(n for _, n in stored))
     eliminate_dead_code(graph)
 
-    # ensures: a reuse step runs nothing of the blocks
+    # ensures: a reuse step runs nothing of the blocks (unit "residual") / of their regions (unit "outputs")
     if action == Action.REUSE:
         alive = {n.name for n in graph.nodes}
-        left = [n for b in span.blocks for n in (m.name for m in _block_nodes(src, b)) if n in alive]
+        skipped = [m.name for b in span.blocks for m in _block_nodes(captured.gm, b)] if unit == "residual" else [
+            n for r in span.inner for n in r.nodes]
+        left = [n for n in skipped if n in alive]
         if left:
             raise GraphpassError(f"reuse graph still runs nodes of the blocks {left[:3]}; they are used outside "
                                  f"the span")
     graph.lint()
-    gm = fx.GraphModule(src, graph, class_name="ResidualPhaseGraph")
+    gm = fx.GraphModule(captured.gm, graph, class_name="ResidualPhaseGraph")
     return PhaseGraph(phase=phase, gm=gm, cache_inputs=cache_inputs, cache_outputs=cache_outputs,
-                      num_user_outputs=len(user_outputs), flops=graph_flops(gm))
+                      num_user_outputs=n_user, flops=graph_flops(gm))

@@ -32,8 +32,8 @@ from .executor import GenerationState, OptimizedModel
 class ResidualModel(OptimizedModel):
     """Drop-in replacement running a residual-caching schedule. Besides the core's API:
 
-    * ``span``: the chain of blocks (its ``region`` is the one entry of ``regions``); ``attention_regions``:
-      the tagged regions it was found from;
+    * ``span``: the chain of blocks (``span.as_region(cache_unit)`` is the one entry of ``regions``);
+      ``attention_regions``: the tagged regions it was found from;
     * ``metric``: where AdaCache measures (None for a frozen schedule);
     * ``decisions(context=None)``: ``"C"``/``"R"`` per call of the last generation;
     * ``records(context=None)``: what each measuring step measured and decided;
@@ -43,7 +43,10 @@ class ResidualModel(OptimizedModel):
     def __init__(self, model: torch.nn.Module, captured: CapturedGraph, regions: list[Region], schedule: Schedule,
                  *, timestep_arg: str = "timestep", backend: str = "eager"):
         span = find_block_span(captured, regions)
-        super().__init__(model, captured, [span.region], schedule, timestep_arg=timestep_arg, backend=backend)
+        unit = getattr(schedule, "cache_unit", "residual")
+        super().__init__(model, captured, [span.as_region(unit)], schedule, timestep_arg=timestep_arg,
+                         backend=backend)
+        self.cache_unit = unit
         self.span = span
         self.attention_regions = regions
         self.metric: MetricSite | None = None
@@ -76,7 +79,7 @@ class ResidualModel(OptimizedModel):
     def phase_graph(self, phase: Phase) -> PhaseGraph:
         if phase not in self._phase_graphs:
             self._phase_graphs[phase] = specialise_residual_phase(self.captured, self.span, phase, self.metric,
-                                                                  self._strides)
+                                                                  self._strides, self.cache_unit)
         return self._phase_graphs[phase]
 
     def plan(self, timesteps: Sequence[float] | torch.Tensor) -> Plan:
@@ -116,7 +119,7 @@ class ResidualModel(OptimizedModel):
             dec.observe(stats[0], stats[1] if len(stats) > 1 else None)
         if not dec.needs_metric(i):
             st.cache.drop(m.residual_key)
-        phase = dec.phase(i, have_residual=self.span.residual_key in st.cache,
+        phase = dec.phase(i, have_residual=all(k in st.cache for k in self.regions[0].cache_keys),
                           have_metric=m.residual_key in st.cache)
         dec.begin(i, phase)
         return phase
@@ -146,5 +149,5 @@ class ResidualModel(OptimizedModel):
         """The last generation's decisions as a static :class:`~graphpass.FrozenAdaCache`."""
         from ..schedules.adacache import FrozenAdaCache
 
-        return FrozenAdaCache(self.decisions(context))
+        return FrozenAdaCache(self.decisions(context), cache_unit=self.cache_unit)
 

@@ -186,18 +186,20 @@ class ParallelRuntime:
 class ParallelModel(OptimizedModel):
     """An :class:`~graphpass.OptimizedModel` that runs this rank's sharded graphs (see the module doc).
 
-    ``opt.parallel`` is the :class:`ParallelRuntime`; ``opt.global_captured`` the whole-model capture;
+    ``opt.parallel`` is the :class:`ParallelRuntime`; ``opt.global_captured`` and ``opt.global_regions`` the
+    whole-model capture and its regions (``build`` them again with other options without re-capturing);
     ``opt.communication(plan)`` the collectives a plan runs on this rank.
     """
 
     def __init__(self, model: torch.nn.Module, sharded: ShardedGraph, global_captured: CapturedGraph,
-                 schedule: Schedule, runtime: ParallelRuntime, *, timestep_arg: str = "timestep",
-                 backend: str = "eager"):
+                 global_regions: list[Region], schedule: Schedule, runtime: ParallelRuntime, *,
+                 timestep_arg: str = "timestep", backend: str = "eager"):
         super().__init__(model, sharded.captured, sharded.regions, schedule, timestep_arg=timestep_arg,
                          backend=backend)
         self.parallel = runtime
         self.sharded = sharded
         self.global_captured = global_captured
+        self.global_regions = global_regions
 
     def forward(self, *args, **kwargs):
         if self.parallel.config.check_calls:
@@ -240,32 +242,38 @@ class ParallelModel(OptimizedModel):
                 f"{self.parallel.world_size}, frames {list(self.sharded.frames.sizes)})")
 
 
-def build(model: torch.nn.Module, captured: CapturedGraph, regions: list[Region], schedule: Schedule,
-          config: SequenceParallel, *, timestep_arg: str, backend: str, video_input: str | None = None,
-          runtime: type = OptimizedModel) -> ParallelModel:
-    """Shard ``captured`` for this rank and wrap it; collective (all ranks call it together)."""
+def connect(config: SequenceParallel, schedule: Schedule, runtime: type = OptimizedModel) -> ParallelRuntime:
+    """Join the process group before anything is captured; collective (every rank calls it). The ranks
+    check the options against the group and agree on them, so a wrong world size fails at once, on all ranks."""
     if not isinstance(config, SequenceParallel):
         raise TypeError(f"parallel= takes a graphpass.SequenceParallel, got {type(config).__name__}")
     rt = ParallelRuntime(config)
+    err = None
+    if runtime is not OptimizedModel:
+        err = ParallelError(f"{type(schedule).__name__} runs on its own executor ({runtime.__name__}), which "
+                            f"SequenceParallel does not drive yet; use a PAB schedule with parallel=, or run "
+                            f"{type(schedule).__name__} on one process")
+    elif config.world_size is not None and config.world_size != rt.world_size:
+        err = ParallelError(f"SequenceParallel(world_size={config.world_size}) but the process group has "
+                            f"{rt.world_size} ranks; launch {config.world_size} processes (torchrun "
+                            f"--nproc_per_node {config.world_size}) or drop world_size=")
+    rt.agree(err, (schedule.to_json(), config.keep_sharded, config.frame_dim, config.check_calls, rt.world_size))
+    return rt
+
+
+def build(model: torch.nn.Module, captured: CapturedGraph, regions: list[Region], schedule: Schedule,
+          rt: ParallelRuntime, *, timestep_arg: str, backend: str, video_input: str | None = None) -> ParallelModel:
+    """Shard ``captured`` for this rank and wrap it; collective (every rank calls it after :func:`connect`)."""
+    config = rt.config
     err, sharded = None, None
     try:
-        if runtime is not OptimizedModel:
-            raise ParallelError(f"{type(schedule).__name__} runs on its own executor ({runtime.__name__}), which "
-                                f"SequenceParallel does not drive yet; use a PAB schedule with parallel=, or run "
-                                f"{type(schedule).__name__} on one process")
-        if config.world_size is not None and config.world_size != rt.world_size:
-            raise ParallelError(f"SequenceParallel(world_size={config.world_size}) but the process group has "
-                                f"{rt.world_size} ranks; launch {config.world_size} processes (torchrun "
-                                f"--nproc_per_node {config.world_size}) or drop world_size=")
         sharded = parallelise(captured, regions, rank=rt.rank, world_size=rt.world_size, group_name=rt.group_name,
                               video_input=video_input, frame_dim=config.frame_dim, keep_sharded=config.keep_sharded)
     except GraphpassError as e:
         err = e
-    fingerprint = (captured.model_type, [(n, str(s)) for n, s in zip(captured.input_names, captured.input_specs)],
-                   schedule.to_json(), config.keep_sharded, config.frame_dim, rt.world_size)
-    rt.agree(err, fingerprint)
+    rt.agree(err, (captured.model_type, [(n, str(s)) for n, s in zip(captured.input_names, captured.input_specs)]))
     rt.sharded = sharded
-    return ParallelModel(model, sharded, captured, schedule, rt, timestep_arg=timestep_arg, backend=backend)
+    return ParallelModel(model, sharded, captured, regions, schedule, rt, timestep_arg=timestep_arg, backend=backend)
 
 
 # --- counting collectives at run time --------------------------------------------------------------

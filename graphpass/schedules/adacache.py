@@ -1,9 +1,10 @@
 """AdaCache (Kahatapitiya et al., arXiv 2411.02397) and MoReg as schedules: a per-video step cache.
 
 On a *compute* step every transformer block runs and the blocks' residual is cached; on a *reuse* step the
-blocks are skipped and their cached residual is added (embedders and the final layer always run). After each
-compute step one distance is measured on one residual (default: the temporal-attention residual of the
-middle block)::
+blocks are skipped and their cached residual is added (embedders and the final layer always run;
+``cache_unit="outputs"`` caches the attention/MLP outputs instead and re-applies the current step's gates).
+After each compute step one distance is measured on one residual (default: the temporal-attention residual of
+the middle block)::
 
     c = ||r_now - r_cached||_1 / ||r_cached||_1 / k          (k = steps since the previous compute)
 
@@ -48,6 +49,8 @@ CODEBOOKS: dict[str, dict[float, int]] = {
     "fast": {0.08: 6, 0.16: 5, 0.24: 4, 0.32: 3, 0.40: 2, 1.0: 1},  # 30 steps
     "slow": {0.08: 3, 0.16: 2, 1.0: 1},  # 30 steps
 }
+#: What a reuse step adds: see AdaCache.cache_unit.
+CACHE_UNITS = ("residual", "outputs")
 #: Published MoReg step windows (1-based step numbers, inclusive) by number of sampling steps.
 MOREG_WINDOWS: dict[int, tuple[int, int]] = {100: (10, 90), 30: (4, 26)}
 
@@ -154,6 +157,14 @@ class ResidualSchedule(Schedule):
     def kinds(self) -> set[str]:
         return set()  # caches whole blocks, whatever attention kinds they hold
 
+    @staticmethod
+    def _check_unit(unit) -> str:
+        if unit not in CACHE_UNITS:
+            raise ScheduleError(f"cache_unit={unit!r}: one of {', '.join(CACHE_UNITS)} ('residual': the blocks' "
+                                f"pre-summed residual, as published; 'outputs': attention/MLP outputs re-gated by "
+                                f"the current step)")
+        return unit
+
 
 def _check_codebook(codebook) -> dict[float, int]:
     if isinstance(codebook, dict):
@@ -210,6 +221,12 @@ class AdaCache(ResidualSchedule):
         always_compute_last: steps computed at the end. Published 2. Needs the sampler's timesteps
             (``graphpass.optimize(..., timesteps=...)`` or ``opt.plan(timesteps)``) when > 0.
         moreg: a :class:`MoReg` to scale the metric by the video's motion, or None.
+        cache_unit: what a reuse step adds. ``"residual"`` (published): one pre-summed residual of the whole
+            chain of blocks, gates included (``h_out = h_in + R``; the reference caches per block the attention
+            and cross+MLP residuals, whose sum this is). ``"outputs"``: the raw output of every attention/MLP
+            region inside the blocks; a reuse step still runs the blocks' adaLN gates and skip adds, so the
+            cached outputs are re-gated with the current step's timestep (as PAB's faithful variant), for about
+            the same cost (a few small linears and element-wise ops) and one cached tensor per region.
 
     Example:
         >>> opt = graphpass.optimize(model, AdaCache.preset("slow"), example_kwargs=kw, timesteps=ts)
@@ -224,9 +241,11 @@ class AdaCache(ResidualSchedule):
     always_compute_first: int = 1
     always_compute_last: int = 2
     moreg: MoReg | None = None
+    cache_unit: str = "residual"
 
     def __post_init__(self):
         self.codebook = _check_codebook(self.codebook)
+        self.cache_unit = self._check_unit(self.cache_unit)
         for name, lo in (("always_compute_first", 1), ("always_compute_last", 0)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
@@ -274,7 +293,7 @@ class AdaCache(ResidualSchedule):
     def freeze(self, decisions: str | Sequence[bool] | Sequence[str]) -> "FrozenAdaCache":
         """A static schedule replaying ``decisions`` (``"CCRRC..."``, or per step True/"C" = compute, False/"R"
         = reuse), e.g. ``opt.decisions()`` after an adaptive run."""
-        return FrozenAdaCache(decisions=decisions)
+        return FrozenAdaCache(decisions=decisions, cache_unit=self.cache_unit)
 
     # --- construction ----------------------------------------------------------------------------
     @classmethod
@@ -289,14 +308,14 @@ class AdaCache(ResidualSchedule):
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"codebook": [[b, s] for b, s in self.codebook.items()], "metric_at": self.metric_at,
                              "always_compute_first": self.always_compute_first,
-                             "always_compute_last": self.always_compute_last}
+                             "always_compute_last": self.always_compute_last, "cache_unit": self.cache_unit}
         if self.moreg is not None:
             d["moreg"] = self.moreg.to_dict()
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "AdaCache":
-        known = {"codebook", "metric_at", "always_compute_first", "always_compute_last", "moreg"}
+        known = {"codebook", "metric_at", "always_compute_first", "always_compute_last", "moreg", "cache_unit"}
         unknown = set(d) - known
         if unknown:
             raise ScheduleError(f"AdaCache JSON has unknown fields {sorted(unknown)}; known: {sorted(known)}")
@@ -308,6 +327,7 @@ class AdaCache(ResidualSchedule):
     def __str__(self) -> str:
         cb = ", ".join(f"<{b:g}:{s}" for b, s in self.codebook.items())
         extra = f", moreg={self.moreg.window}" if self.moreg else ""
+        extra += ", outputs" if self.cache_unit == "outputs" else ""
         return f"AdaCache({cb}; first {self.always_compute_first}, last {self.always_compute_last}{extra})"
 
 
@@ -334,6 +354,7 @@ class FrozenAdaCache(ResidualSchedule):
 
     Fields:
         decisions: one character per model call of a generation, ``"C"`` or ``"R"``; the first must be ``"C"``.
+        cache_unit: what a reuse step adds, as in :class:`AdaCache` (``"residual"`` or ``"outputs"``).
 
     >>> FrozenAdaCache("CCRC").reuses(None, 500.0, 2)
     True
@@ -342,9 +363,11 @@ class FrozenAdaCache(ResidualSchedule):
     type_name: ClassVar[str] = "AdaCacheFrozen"
 
     decisions: str = "C"
+    cache_unit: str = "residual"
 
     def __post_init__(self):
         self.decisions = _decisions(self.decisions)
+        self.cache_unit = self._check_unit(self.cache_unit)
 
     @property
     def computed_steps(self) -> int:
@@ -357,17 +380,18 @@ class FrozenAdaCache(ResidualSchedule):
         return self.reuses(region, t, counter + 1)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"decisions": self.decisions}
+        return {"decisions": self.decisions, "cache_unit": self.cache_unit}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "FrozenAdaCache":
-        unknown = set(d) - {"decisions"}
+        unknown = set(d) - {"decisions", "cache_unit"}
         if unknown:
             raise ScheduleError(f"AdaCacheFrozen JSON has unknown fields {sorted(unknown)}")
         return cls(**d)
 
     def __str__(self) -> str:
-        return f"FrozenAdaCache({self.decisions}: {self.computed_steps}/{len(self.decisions)} computed)"
+        unit = ", outputs" if self.cache_unit == "outputs" else ""
+        return f"FrozenAdaCache({self.decisions}: {self.computed_steps}/{len(self.decisions)} computed{unit})"
 
 
 @dataclass

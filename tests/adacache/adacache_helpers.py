@@ -1,10 +1,11 @@
-"""Helpers of the AdaCache tests: captures shared by all tests of a session, and a plain module-level
-implementation of residual reuse written independently of graphpass's passes.
+"""Helpers of the AdaCache tests: captures shared by all tests of a session, and plain module-level
+implementations of residual reuse written independently of graphpass's passes.
 
 The reference wraps every transformer block's ``forward``: on a compute step the block runs and its residual
 (output - input) is kept; on a reuse step the block returns its input plus the kept residual. This is what
 AdaCache does per block in the reference code (there split into an attention and a cross+MLP residual, whose
-sum is the block residual).
+sum is the block residual). The second reference keeps the outputs of the attention/MLP modules instead, so
+the block's gates and skip adds still run with the current step's conditioning.
 """
 from __future__ import annotations
 
@@ -68,9 +69,12 @@ def block_paths(model: torch.nn.Module) -> list[str]:
             for p in (f"transformer_blocks.{i}", f"temporal_transformer_blocks.{i}")]
 
 
-def run_reference(model: torch.nn.Module, kwargs: dict, timesteps: Sequence[float], decisions: str) -> list[torch.Tensor]:
-    """Like ``conftest.run_loop`` with block residuals reused on the steps marked 'R' in ``decisions``."""
-    ref = BlockResidualReuse(model, block_paths(model))
+def run_reference(model: torch.nn.Module, kwargs: dict, timesteps: Sequence[float], decisions: str,
+                  unit: str = "residual") -> list[torch.Tensor]:
+    """Like ``conftest.run_loop`` with block residuals (``unit="residual"``) or, for VDT, attention/MLP outputs
+    (``unit="outputs"``) reused on the steps marked 'R' in ``decisions``."""
+    ref = BlockResidualReuse(model, block_paths(model)) if unit == "residual" else ModuleOutputReuse(
+        model, vdt_sublayers(model))
     kw = dict(kwargs)
     x = kw["hidden_states"]
     outs = []
@@ -83,3 +87,30 @@ def run_reference(model: torch.nn.Module, kwargs: dict, timesteps: Sequence[floa
             outs.append(first(out))
             x = step(x, out)
     return outs
+
+
+def vdt_sublayers(model: torch.nn.Module) -> list[str]:
+    """The attention and MLP modules of a VDT's blocks (their gates and skip adds live in the block)."""
+    return [f"blocks.{i}.{name}" for i in range(len(model.blocks))
+            for name in ("spatial_attn", "temporal_attn", "cross_attn", "mlp")]
+
+
+class ModuleOutputReuse:
+    """Wrap modules: on a compute step they run and their output is kept; on a reuse step they return the
+    kept output (what cache_unit="outputs" does to every attention/MLP region)."""
+
+    def __init__(self, model: torch.nn.Module, paths: Sequence[str]):
+        self.reuse = False
+        self.cache: dict[str, torch.Tensor] = {}
+        for path in paths:
+            module = model.get_submodule(path)
+            module.forward = self._wrap(path, module.forward)
+
+    def _wrap(self, path, forward):
+        def wrapped(*args, **kwargs):
+            if self.reuse:
+                return self.cache[path]
+            out = self.cache[path] = forward(*args, **kwargs)
+            return out
+
+        return wrapped

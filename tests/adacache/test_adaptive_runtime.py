@@ -19,11 +19,11 @@ def _max_diff(xs, ys) -> float:
     return max((a - b).abs().max().item() for a, b in zip(xs, ys))
 
 
-@pytest.mark.parametrize("name", ["vdt", "latte"])
-def test_always_compute_codebook_equals_eager(name):
+@pytest.mark.parametrize("name, unit", [("vdt", "residual"), ("latte", "residual"), ("latte", "outputs")])
+def test_always_compute_codebook_equals_eager(name, unit):
     case, _, _ = captured(name)
     eager = run_loop(case.model, case.kwargs(), TS)
-    opt = residual_model(name, AdaCache(codebook=ALWAYS, moreg=MoReg(window=(1, 10))), TS)
+    opt = residual_model(name, AdaCache(codebook=ALWAYS, moreg=MoReg(window=(1, 10)), cache_unit=unit), TS)
     outs = run_loop(opt, case.kwargs(), TS)
     assert opt.decisions() == "C" * len(TS)
     assert _max_diff(outs, eager) == 0.0
@@ -31,13 +31,15 @@ def test_always_compute_codebook_equals_eager(name):
     assert [r.step for r in opt.records()] == [1, 2, 3, 4, 5, 6]
 
 
-@pytest.mark.parametrize("name, decisions", [("vdt", "CCRRCRCRRC"), ("latte", "CCRRRCRCRC")])
-def test_frozen_decisions_equal_module_level_reference(name, decisions):
+@pytest.mark.parametrize("name, decisions, unit", [("vdt", "CCRRCRCRRC", "residual"),
+                                                   ("latte", "CCRRRCRCRC", "residual"),
+                                                   ("vdt", "CCRRRCRCRC", "outputs")])
+def test_frozen_decisions_equal_module_level_reference(name, decisions, unit):
     case, _, _ = captured(name)
-    opt = residual_model(name, FrozenAdaCache(decisions), TS)
+    opt = residual_model(name, FrozenAdaCache(decisions, cache_unit=unit), TS)
     outs = run_loop(opt, case.kwargs(), TS)
     assert opt.decisions() == decisions
-    ref = run_reference(make_case(name).model, case.kwargs(), TS, decisions)
+    ref = run_reference(make_case(name).model, case.kwargs(), TS, decisions, unit)
     assert _max_diff(outs, ref) < 1e-6
     # and reuse changed the result (the comparison can fail)
     assert _max_diff(outs, run_loop(case.model, case.kwargs(), TS)) > 1e-3

@@ -33,6 +33,7 @@ def test_bad_codebooks_raise(codebook, words):
     (dict(metric_at=-1), "metric_at"),
     (dict(metric_at=""), "metric_at"),
     (dict(moreg="yes"), "MoReg"),
+    (dict(cache_unit="blocks"), "cache_unit"),
 ])
 def test_bad_fields_raise(kw, words):
     with pytest.raises(ScheduleError, match=words):
@@ -83,8 +84,9 @@ def test_codebook_lookup():
     AdaCache.preset("slow"),
     AdaCache(codebook={0.05: 4, 0.5: 1}, metric_at="blocks.1.temporal_attn", always_compute_first=3,
              always_compute_last=1, moreg=MoReg(window=(4, 26), normaliser=0.2, strides=(1, 2))),
-    AdaCache(metric_at=2),
+    AdaCache(metric_at=2, cache_unit="outputs"),
     FrozenAdaCache("CCRRCRC"),
+    FrozenAdaCache("CCRRCRC", cache_unit="outputs"),
 ])
 def test_json_round_trip(schedule, tmp_path):
     assert schedule_from_json(schedule.to_json()) == schedule
@@ -155,3 +157,4 @@ def test_unknown_step_count_needs_last_zero():
 def test_exported_at_top_level():
     assert graphpass.AdaCache is AdaCache and graphpass.MoReg is MoReg and graphpass.FrozenAdaCache is FrozenAdaCache
     assert AdaCache.preset("slow").freeze("CCR") == FrozenAdaCache("CCR")
+    assert AdaCache(cache_unit="outputs").freeze("CCR") == FrozenAdaCache("CCR", cache_unit="outputs")

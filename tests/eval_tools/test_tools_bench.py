@@ -25,6 +25,7 @@ def check_rows(res, methods, wl):
         if r["status"] != "ok":
             continue
         assert r["speedup"] == pytest.approx(base["sec_per_video"] / r["sec_per_video"], rel=1e-9)
+        assert r["cpu_speedup"] == pytest.approx(base["cpu_sec_per_video"] / r["cpu_sec_per_video"], rel=1e-9)
         assert 0 < r["ssim"] <= 1.0
         if r["method"].startswith("pab"):
             assert r["ideal_speedup"] > 1.0

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from graphpass.models import CONFIGS, VDT, create
+from graphpass.models.diffusion import alphas_cumprod
 from graphpass.models.train import TASKS, fixed_batch_loss, masked_loss, task_mask
 from graphpass.models.vdt import Attention, Mlp
 
@@ -38,10 +39,13 @@ def test_forward_shape_every_task(task):
     assert torch.isfinite(out).all()
 
 
-def test_zero_init_predicts_zero_and_mask_matters_after_perturbation():
+def test_zero_init_v_output_and_mask_matters_after_perturbation():
+    # adaLN-Zero init: the network's v output is 0, so eps = sqrt(1 - alpha_bar[t]) * x_t
     m = create("vdt-tiny")
     x, t, ids = _inputs(m.config)
-    assert torch.count_nonzero(m(hidden_states=x, timestep=t, encoder_hidden_states=ids)) == 0
+    ab = alphas_cumprod()[t.long()].float()
+    expected = (1 - ab).sqrt().reshape(-1, 1, 1, 1, 1) * x
+    torch.testing.assert_close(m(hidden_states=x, timestep=t, encoder_hidden_states=ids), expected)
     m = _perturbed()
     f = m.config.num_frames
     a = m(hidden_states=x, timestep=t, encoder_hidden_states=ids, cond_mask=torch.zeros(2, f))

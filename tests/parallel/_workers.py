@@ -1,9 +1,10 @@
 """What each rank runs in the parallel tests (spawned by tests/parallel/_launch.py); each function returns a
 dict of measurements that the tests check in the parent process.
 
-* :func:`dsp_checks`: DSP (and DSP + PAB) on VDT-tiny (4 frames: 2 + 2) and Latte (3 frames: 2 + 1) against
-  single-process runs, collectives counted at run time, keep_sharded, inspect(), reduce_metric, and the
-  errors (a bad input on one rank, ranks out of step, a wrong world size).
+* :func:`dsp_checks`: DSP on VDT-tiny (4 frames: 2 + 2) and diffusers Latte (3 frames: 2 + 1), without reuse
+  (against eager) and with PAB (against single-process PAB); collectives counted at run time against the
+  phase graphs and the plan; keep_sharded (Latte, uneven); inspect(); reduce_metric; and the errors (a bad
+  input on one rank, ranks out of step, a wrong world size).
 * :func:`ulysses_checks`: a small joint-attention model that splits heads over the ranks with the same
   collective ops (Ulysses): numerics against the unsplit model and the four all-to-alls a reuse removes.
 """
@@ -16,13 +17,24 @@ from torch import nn
 import graphpass
 from conftest import DDIM_50, make_case, run_loop
 from graphpass import PAB, ParallelError, SequenceParallel
-from graphpass.passes.elide import collective_nodes
+from graphpass.passes.elide import collective_info, collective_nodes
+from graphpass.runtime import parallel as sp
 from graphpass.runtime.parallel import count_collectives, plan_reuse_savings
+from reference_pab import ReferencePAB
 
 #: 10 calls from 981 down to 81: the first and last outside the PAB window below, reuse in between.
 TIMESTEPS = DDIM_50[::5]
-PAB_SCHEDULE = PAB(spatial=2, temporal=3, cross=4, window=(100, 900))
-NEVER = PAB(temporal=2, window=(2000, 3000))  # no call is in the window: plain DSP
+#: 10 calls above the window: nothing is reused (plain DSP).
+ABOVE = [999.0 - 9 * i for i in range(10)]
+PAB_SCHEDULE = PAB(temporal=2, cross=2, window=(100, 900))
+
+#: The reused modules, written from the model code (not from graphpass's tagging), for the reference PAB.
+REFERENCE_MODULES = {
+    "vdt": {f"blocks.{i}.{m}": k for i in range(2) for m, k in (("temporal_attn", "temporal"),
+                                                                ("cross_attn", "cross"))},
+    "latte": {**{f"temporal_transformer_blocks.{i}.attn1": "temporal" for i in range(2)},
+              **{f"transformer_blocks.{i}.attn2": "cross" for i in range(2)}},
+}
 
 
 def _max_diff(a, b) -> float:
@@ -41,49 +53,69 @@ def _error(fn) -> str | None:
     return None
 
 
+def all_checks(rank: int, world_size: int) -> dict:
+    return {"dsp": dsp_checks(rank, world_size), "ulysses": ulysses_checks(rank, world_size)}
+
+
+def _reference_pab(case) -> list[torch.Tensor]:
+    """Single-process PAB on the eager model (module outputs broadcast by tests/reference_pab.py)."""
+    ref = ReferencePAB(case.model, REFERENCE_MODULES[case.name], ranges={"temporal": PAB_SCHEDULE.temporal,
+                                                                         "cross": PAB_SCHEDULE.cross},
+                       window=PAB_SCHEDULE.window)
+    try:
+        return run_loop(ref, case.kwargs(), TIMESTEPS)
+    finally:
+        ref.restore()
+
+
 def dsp_checks(rank: int, world_size: int) -> dict:
+    """Per model, one DSP model with a PAB schedule runs two generations: one above the reuse window (plain
+    DSP, against eager) and one through it (DSP + PAB, against a single-process PAB reference)."""
     res: dict = {"rank": rank}
     for name in ("vdt", "latte"):
         case = make_case(name)
-        eager = run_loop(case.model, case.kwargs(), TIMESTEPS)
-        single = graphpass.optimize(case.model, PAB_SCHEDULE, example_kwargs=case.kwargs(), timesteps=TIMESTEPS)
-        single_out = run_loop(single, case.kwargs(), TIMESTEPS)
-        for label, schedule, ref in (("dsp", NEVER, eager), ("dsp+pab", PAB_SCHEDULE, single_out)):
-            opt = graphpass.optimize(case.model, schedule, example_kwargs=case.kwargs(), timesteps=TIMESTEPS,
-                                     parallel=SequenceParallel())
+        eager = run_loop(case.model, case.kwargs(), ABOVE)
+        single_pab = _reference_pab(case)
+        opt = graphpass.optimize(case.model, PAB_SCHEDULE, example_kwargs=case.kwargs(), timesteps=TIMESTEPS,
+                                 parallel=SequenceParallel())
+        for label, ts, ref in (("dsp", ABOVE, eager), ("dsp+pab", TIMESTEPS, single_pab)):
             with count_collectives() as counted:
-                out = run_loop(opt, case.kwargs(), TIMESTEPS)
-            res[name, label] = dict(
-                diff=_max_diff(out, ref), shapes_match=all(o.shape == r.shape for o, r in zip(out, ref)),
-                frames=opt.sharded.frames.sizes, counted=_counts(counted), predicted=_counts(opt.communication()),
-                plan_savings=_counts(plan_reuse_savings(opt)),
-                temporal_reuses=sum(1 for ph in opt.current_plan.phases for p in ph.reused
-                                    if any(r.path == p and r.kind == "temporal" for r in opt.regions)),
-                collectives=len(collective_nodes(opt.captured.gm.graph)))
-            if name == "vdt" and label == "dsp+pab":
-                res["inspect"] = opt.inspect()
-            if name == "vdt" and label == "dsp":
-                res["errors"] = _error_checks(rank, opt, case, eager)
+                out = run_loop(opt, case.kwargs(), ts)
+            res[name, label] = dict(diff=_max_diff(out, ref), counted=_counts(counted),
+                                    shapes_match=all(o.shape == r.shape for o, r in zip(out, ref)))
+        res[name] = dict(
+            frames=opt.sharded.frames.sizes, predicted=_counts(opt.communication()),
+            plan_savings=_counts(plan_reuse_savings(opt)),
+            temporal_reuses=sum(1 for ph in opt.current_plan.phases for p in ph.reused
+                                if any(r.path == p and r.kind == "temporal" for r in opt.regions)),
+            temporal_regions=sum(1 for r in opt.regions if r.kind == "temporal"),
+            roles=sorted(collective_info(n).role for n in collective_nodes(opt.captured.gm.graph)))
         if name == "vdt":
-            res["keep_sharded"] = _keep_sharded(case, single_out)
+            res["inspect"] = opt.inspect()
+            res["errors"] = _error_checks(rank, opt, case, run_loop(case.model, case.kwargs(), TIMESTEPS[:1]))
+        else:
+            res["keep_sharded"] = _keep_sharded(opt, case, single_pab, world_size)
     res["reduce_metric"] = (opt.parallel.reduce_metric(rank + 0.5),
                             opt.parallel.reduce_metric(torch.tensor([float(rank), -float(rank)])).tolist())
     return res
 
 
-def _keep_sharded(case, single_out) -> dict:
-    opt = graphpass.optimize(case.model, PAB_SCHEDULE, example_kwargs=case.kwargs(), timesteps=TIMESTEPS,
-                             parallel=SequenceParallel(keep_sharded=True, world_size=2))
+def _keep_sharded(whole, case, single_pab, world_size: int) -> dict:
+    """The same capture, sharded again with keep_sharded (no second capture)."""
+    session = sp.connect(SequenceParallel(keep_sharded=True, world_size=world_size), PAB_SCHEDULE)
+    opt = sp.build(case.model, whole.global_captured, whole.global_regions, PAB_SCHEDULE, session,
+                   timestep_arg="timestep", backend="eager")
+    opt.plan(TIMESTEPS)
     kw = case.kwargs()
     kw["hidden_states"] = opt.parallel.shard(kw["hidden_states"])
     with count_collectives() as counted:
         out = run_loop(opt, kw, TIMESTEPS)
-    mine = [opt.parallel.shard(o) for o in single_out]
+    mine = [opt.parallel.shard(o) for o in single_pab]
     return dict(diff=_max_diff(out, mine), local_shape=tuple(out[0].shape), counted=_counts(counted),
-                gathered_diff=float((opt.parallel.gather(out[-1]) - single_out[-1]).abs().max()))
+                gathered_diff=float((opt.parallel.gather(out[-1]) - single_pab[-1]).abs().max()))
 
 
-def _error_checks(rank: int, opt, case, eager) -> dict:
+def _error_checks(rank: int, opt, case, first_eager) -> dict:
     out: dict = {}
     bad = case.kwargs()
     if rank == 1:  # one rank passes a video of the wrong shape
@@ -91,11 +123,11 @@ def _error_checks(rank: int, opt, case, eager) -> dict:
     out["bad_input"] = _error(lambda: opt(**bad))
     kw = case.kwargs()  # the ranks are still in step: a good call runs
     kw["timestep"] = torch.full_like(kw["timestep"], TIMESTEPS[0])
-    out["after_error_diff"] = float((opt(**kw) - eager[0]).abs().max())
+    out["after_error_diff"] = float((opt(**kw) - first_eager[0]).abs().max())
     skew = case.kwargs()
     skew["timestep"] = torch.full_like(skew["timestep"], TIMESTEPS[rank])  # ranks at different steps
     out["out_of_step"] = _error(lambda: opt(**skew))
-    out["world_size"] = _error(lambda: graphpass.optimize(case.model, NEVER, example_kwargs=case.kwargs(),
+    out["world_size"] = _error(lambda: graphpass.optimize(case.model, PAB_SCHEDULE, example_kwargs=case.kwargs(),
                                                           parallel=SequenceParallel(world_size=3)))
     return out
 
@@ -189,8 +221,10 @@ def ulysses_checks(rank: int, world_size: int) -> dict:
     split = UlyssesDiT(dist.group.WORLD.group_name, world_size).eval()
     eager_full = run_loop(full, kw_full, TIMESTEPS)
     eager_split = run_loop(split, kw, TIMESTEPS)
-    single = graphpass.optimize(full, schedule, example_kwargs=kw_full, timesteps=TIMESTEPS)
-    single_out = run_loop(single, kw_full, TIMESTEPS)
+    ref = ReferencePAB(full, {f"blocks.{i}.attn": "joint" for i in range(2)}, ranges={"joint": 2},
+                       window=schedule.window)
+    single_out = run_loop(ref, kw_full, TIMESTEPS)
+    ref.restore()
     opt = graphpass.optimize(split, schedule, example_kwargs=kw, timesteps=TIMESTEPS)
     with count_collectives() as counted:
         out = run_loop(opt, kw, TIMESTEPS)
