@@ -1,7 +1,9 @@
 """graphpass PAB against diffusers' PAB hook on a random-weight LatteTransformer3DModel (CPU).
 
 Three variants run in one process on the same inputs and the same 30-step loop (DDIM-spaced timesteps,
-each step feeding ``x - 0.1 * eps`` back as the next input):
+each step feeding ``x - 0.1 * eps`` back as the next input), advanced in lockstep (step i of each variant,
+in rotating order) so that load changes on a shared machine hit all three alike; "wall s" sums the model
+calls of one generation:
 
 * ``baseline``  the diffusers model as is;
 * ``diffusers`` diffusers' Pyramid Attention Broadcast hooks (``transformer.enable_cache``) with the block
@@ -100,7 +102,7 @@ def main(argv=None):
     ap.add_argument("--size", type=int, default=16, help="latent height = width")
     ap.add_argument("--batch", type=int, default=2, help="2 = one video with batched classifier-free guidance")
     ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--reps", type=int, default=3, help="repetitions per variant (the median is reported)")
+    ap.add_argument("--reps", type=int, default=3, help="generations per variant (the median is reported)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--profile", action="store_true", help="also profile the ops of the graphpass loop")
     args = ap.parse_args(argv)
@@ -168,6 +170,8 @@ def profile(opt, kwargs, timesteps, set_t):
     """Top ops of one graphpass generation; time against FLOPs per phase; the executor's own overhead."""
     from torch.profiler import ProfilerActivity, profile as tprofile
 
+    from graphpass import Phase
+
     opt.reset()
     with tprofile(activities=[ProfilerActivity.CPU]) as prof:
         lockstep({"graphpass": opt}, kwargs, timesteps, set_t)
@@ -176,15 +180,13 @@ def profile(opt, kwargs, timesteps, set_t):
     # Per phase: step time relative to the compute-all phase, against the FLOP ratio (1.0 = time follows FLOPs).
     plan = opt.current_plan
     flat = [opt.captured.flatten_call(dict(kwargs, timestep=torch.full_like(kwargs["timestep"], t))) for t in timesteps]
-    full_pg = opt.phase_graph(plan.phases[0])
+    full_pg = opt.phase_graph(Phase(()))
+    specs = {key: spec for r in opt.regions for key, spec in zip(r.cache_keys, r.exit_specs)}
     rows = []
     with torch.no_grad():
         for ph in plan.distinct():
             pg = opt.phase_graph(ph)
-            cache = [torch.randn(s.shape) for r in opt.regions for s, key in zip(r.exit_specs, r.cache_keys)
-                     if key in pg.cache_inputs]
-            order = {key: i for i, key in enumerate(k for r in opt.regions for k in r.cache_keys if k in pg.cache_inputs)}
-            cache = [cache[order[k]] for k in pg.cache_inputs]
+            cache = [torch.randn(specs[key].shape) for key in pg.cache_inputs]
             ratio = []
             for _ in range(3):  # interleave with the full graph so load changes cancel
                 t0 = time.perf_counter()
@@ -201,18 +203,19 @@ def profile(opt, kwargs, timesteps, set_t):
 
     # Executor overhead: a call through OptimizedModel minus the same phase graph called directly.
     kw = dict(kwargs, timestep=torch.full_like(kwargs["timestep"], timesteps[0]))
+    first = opt.phase_graph(plan.phases[0])  # what the executor runs for the first step
     direct, wrapped = [], []
     with torch.no_grad():
         for _ in range(5):
             t0 = time.perf_counter()
-            full_pg.gm(*flat[0])
+            first.gm(*flat[0])
             direct.append(time.perf_counter() - t0)
             opt.reset()
             t0 = time.perf_counter()
             opt(**kw)
             wrapped.append(time.perf_counter() - t0)
     d, w = statistics.median(direct), statistics.median(wrapped)
-    print(f"compute-all phase graph: {d * 1e3:.1f} ms called directly, {w * 1e3:.1f} ms through OptimizedModel "
+    print(f"first step's phase graph: {d * 1e3:.1f} ms called directly, {w * 1e3:.1f} ms through OptimizedModel "
           f"(medians of 5; difference {1e3 * (w - d):+.1f} ms per call)")
 
 

@@ -48,7 +48,8 @@ def run(args) -> int:
         trt = TensorRTConfig(precision=args.precision, strip_weights=not args.keep_weights)
     folder = export(opt, args.out, format=args.format, single_file=args.single_file, tensorrt=trt)
     m = read_manifest(folder, verify=False)
-    print(f"exported {args.model} under {sched} ({args.steps} steps, {len(m['phases'])} phases) to {folder}/")
+    n = len(m["phases"])
+    print(f"exported {args.model} under {sched} ({args.steps} steps, {n} phase{'s' * (n != 1)}) to {folder}/")
     for e in m["phases"]:
         t = e.get("export_seconds")
         extra = f", engine {e['engine']} built in {e['build_seconds']:.1f} s" if "engine" in e else ""

@@ -191,9 +191,6 @@ class VDT(nn.Module):
         self.final_linear = nn.Linear(d, p * p * cfg.in_channels)
         if cfg.prediction not in ("v", "eps"):
             raise ValueError(f"prediction must be 'v' or 'eps', got {cfg.prediction!r}")
-        ab = diffusion.alphas_cumprod()
-        self.register_buffer("sqrt_ab", ab.sqrt().float(), persistent=False)
-        self.register_buffer("sqrt_one_minus_ab", (1 - ab).sqrt().float(), persistent=False)
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -245,8 +242,6 @@ class VDT(nn.Module):
         x = x.reshape(b, f, g, g, p, p, ch).permute(0, 1, 6, 2, 4, 3, 5)
         out = x.reshape(b, f, ch, hgt, wid)
         if cfg.prediction == "v":
-            idx = timestep.round().long().clamp(0, diffusion.NUM_TRAIN_TIMESTEPS - 1)
-            a = self.sqrt_ab[idx].to(out.dtype).reshape(b, 1, 1, 1, 1)
-            s = self.sqrt_one_minus_ab[idx].to(out.dtype).reshape(b, 1, 1, 1, 1)
-            out = a * out + s * hidden_states
+            a, s = diffusion.alpha_bar_coefficients(timestep)
+            out = a.to(out.dtype).reshape(b, 1, 1, 1, 1) * out + s.to(out.dtype).reshape(b, 1, 1, 1, 1) * hidden_states
         return out

@@ -2,6 +2,8 @@
 metric against eager residuals, host reads, contexts, freezing and replay."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -56,7 +58,9 @@ def test_optimize_entry_point_and_reuse_cost():
     assert opt.decisions() == "CCRRCRRCCC"
     reuse = [pg for ph, pg in opt._phase_graphs.items() if ph.action(opt.span.path) == Action.REUSE]
     full = opt.phase_graph(graphpass.Phase())
-    assert len(reuse) == 1 and reuse[0].attention_ops() == 0 and reuse[0].flops < full.flops - opt.span.flops + 1e5
+    # a reuse step runs what is outside the blocks plus one add of the hidden state's size
+    assert len(reuse) == 1 and reuse[0].attention_ops() == 0
+    assert reuse[0].flops <= full.flops - opt.span.flops + math.prod(opt.span.spec.shape)
     assert "blocks" in opt.inspect()
 
 
@@ -167,3 +171,13 @@ def test_errors():
         residual_model("vdt", AdaCache(moreg=MoReg(strides=(1, 4))))
     with pytest.raises(graphpass.TaggingError, match="used after them"):  # two streams (video and text)
         residual_model("cogvideox", AdaCache())
+
+
+def test_frozen_schedule_exports_and_replays(tmp_path):
+    pytest.importorskip("onnxruntime")
+    case, _, _ = captured("vdt")
+    opt = residual_model("vdt", FrozenAdaCache("CCRRCRCRRC"), TS)
+    ref = run_loop(opt, case.kwargs(), TS)
+    graphpass.export(opt, tmp_path / "frozen", format="onnx", timesteps=TS)
+    loaded = graphpass.load(tmp_path / "frozen")
+    assert _max_diff(run_loop(loaded, case.kwargs(), TS), ref) < 1e-5

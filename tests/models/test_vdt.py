@@ -113,3 +113,13 @@ def test_export_non_strict_static_shapes():
                              strict=False)
     torch.testing.assert_close(ep.module()(hidden_states=x, timestep=t, encoder_hidden_states=ids, cond_mask=mask),
                                m(hidden_states=x, timestep=t, encoder_hidden_states=ids, cond_mask=mask))
+
+
+def test_closed_form_schedule_matches_the_table():
+    from graphpass.models.diffusion import alpha_bar_coefficients
+
+    t = torch.arange(1000).float()
+    a, s = alpha_bar_coefficients(t)
+    ab = alphas_cumprod()
+    torch.testing.assert_close(a.double(), ab.sqrt(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(s.double(), (1 - ab).sqrt(), rtol=1e-5, atol=1e-7)

@@ -1,10 +1,14 @@
 """Run a function on N fresh processes joined by a gloo process group, with a hard time limit.
 
-``launch(fn, world_size=2, timeout=120)`` spawns ``world_size`` processes; each initialises
+``launch(fn, world_size=2, timeout=120)`` starts ``world_size`` processes; each initialises
 ``torch.distributed`` (gloo, CPU, a free TCP port, 60 s collective timeout), runs ``fn(rank, world_size)``
 with one thread, and saves the dict it returns. The parent returns the per-rank dicts in rank order. A
 process that raises fails the test with its traceback; processes still running at ``timeout`` are killed and
 the test fails instead of blocking.
+
+The ranks are forked from this process when it runs no other thread (they inherit its imports: torch,
+diffusers and graphpass are not imported again, and set_num_threads(1) keeps OpenMP out of the children);
+otherwise from a clean server process that imports ``preload`` once (``forkserver``).
 """
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ import os
 import socket
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -45,10 +50,13 @@ def _entry(rank: int, fn, world_size: int, port: int, folder: str) -> None:
         dist.destroy_process_group()
 
 
-def launch(fn, world_size: int = 2, timeout: float = 120.0) -> list[dict]:
+def launch(fn, world_size: int = 2, timeout: float = 120.0, preload: tuple[str, ...] = ()) -> list[dict]:
+    method = "fork" if threading.active_count() == 1 else "forkserver"
+    if method == "forkserver":
+        mp.set_forkserver_preload(["_launch", *preload])
     with tempfile.TemporaryDirectory() as folder:
         ctx = mp.start_processes(_entry, args=(fn, world_size, free_port(), folder), nprocs=world_size,
-                                 join=False, start_method="spawn")
+                                 join=False, start_method=method)
         deadline = time.monotonic() + timeout
         try:
             while not ctx.join(timeout=max(0.1, min(1.0, deadline - time.monotonic()))):

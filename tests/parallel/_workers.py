@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from diffusers import LatteTransformer3DModel  # noqa: F401  (imported once here, before the ranks fork)
 from torch import nn
 
 import graphpass
@@ -35,6 +36,14 @@ REFERENCE_MODULES = {
     "latte": {**{f"temporal_transformer_blocks.{i}.attn1": "temporal" for i in range(2)},
               **{f"transformer_blocks.{i}.attn2": "cross" for i in range(2)}},
 }
+
+
+def _warm_up_export() -> None:
+    """The first torch.export in a process costs seconds of one-time setup; pay it once, before forking."""
+    torch.export.export(nn.Linear(2, 2), (torch.zeros(1, 2),), strict=False)
+
+
+_warm_up_export()
 
 
 def _max_diff(a, b) -> float:
