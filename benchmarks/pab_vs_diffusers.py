@@ -49,22 +49,25 @@ def build(args):
 def lockstep(calls, kwargs, timesteps, on_step):
     """One generation of every variant, advanced step by step together so that load changes on a shared
     machine hit all of them alike (the order rotates each step). Returns per variant the outputs of every
-    step and the summed wall time of its calls."""
+    step, the summed wall time of its calls and their summed CPU time (this process, one thread: less
+    sensitive than wall time to other jobs on the machine)."""
     xs = {name: kwargs["hidden_states"] for name in calls}
     outs = {name: [] for name in calls}
     secs = {name: 0.0 for name in calls}
+    cpu = {name: 0.0 for name in calls}
     names = list(calls)
     with torch.no_grad():
         for i, t in enumerate(timesteps):
             on_step(t)
             for name in names[i % len(names):] + names[:i % len(names)]:
                 kw = dict(kwargs, hidden_states=xs[name], timestep=torch.full_like(kwargs["timestep"], t))
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 out = calls[name](**kw)[0]
                 secs[name] += time.perf_counter() - t0
+                cpu[name] += time.process_time() - c0
                 outs[name].append(out)
                 xs[name] = xs[name] - 0.1 * out[:, :4]
-    return outs, secs
+    return outs, secs, cpu
 
 
 def diffusers_pab(model, current):
@@ -134,17 +137,20 @@ def main(argv=None):
 
     calls = {"baseline": model, "diffusers": hooked, "graphpass": opt}
     times = {name: [] for name in calls}
+    cpu_times = {name: [] for name in calls}
     lockstep(calls, kwargs, timesteps[:2], set_t)  # warm-up
     for _ in range(args.reps):
         hooked._reset_stateful_cache()
         opt.reset()
-        outs, secs = lockstep(calls, kwargs, timesteps, set_t)
+        outs, secs, cpu = lockstep(calls, kwargs, timesteps, set_t)
         for name, s in secs.items():
             times[name].append(s)
+            cpu_times[name].append(cpu[name])
 
     diff = max(float((a - b).abs().max()) for a, b in zip(outs["graphpass"], outs["diffusers"]))
     vs_base = max(float((a - b).abs().max()) for a, b in zip(outs["graphpass"], outs["baseline"]))
     base = statistics.median(times["baseline"])
+    base_cpu = statistics.median(cpu_times["baseline"])
     print(f"LatteTransformer3DModel random weights: {args.layers} layers, {args.heads} heads x {args.head_dim}, "
           f"{args.frames} frames, latent {args.size}x{args.size}, batch {args.batch}; {args.steps} steps; "
           f"{torch.get_num_threads()} thread(s); graphpass optimize+plan {build_s:.1f} s, "
@@ -152,14 +158,15 @@ def main(argv=None):
     print(f"schedule {graphpass.PAB(**SCHEDULE)}; FLOP per generation: full {full / 1e9:.2f} G, "
           f"planned {planned / 1e9:.2f} G")
     print(f"{'variant':<10} {'wall s (median of ' + str(args.reps) + ')':>22} {'speedup':>8} {'ideal':>6} "
-          f"{'achieved/ideal':>15}")
+          f"{'achieved/ideal':>15} {'cpu s':>7} {'cpu speedup':>12} {'cpu achieved/ideal':>19}")
     for name, ts in times.items():
-        med = statistics.median(ts)
-        sp = base / med
+        med, cmed = statistics.median(ts), statistics.median(cpu_times[name])
+        sp, csp = base / med, base_cpu / cmed
         if name == "baseline":
-            print(f"{name:<10} {med:>22.2f} {sp:>7.2f}x {'':>6} {'':>15}")
+            print(f"{name:<10} {med:>22.2f} {sp:>7.2f}x {'':>6} {'':>15} {cmed:>7.2f} {csp:>11.2f}x {'':>19}")
         else:
-            print(f"{name:<10} {med:>22.2f} {sp:>7.2f}x {ideal:>5.2f}x {sp / ideal:>15.2f}")
+            print(f"{name:<10} {med:>22.2f} {sp:>7.2f}x {ideal:>5.2f}x {sp / ideal:>15.2f} {cmed:>7.2f} {csp:>11.2f}x "
+                  f"{csp / ideal:>19.2f}")
     print(f"max |graphpass - diffusers hook| over all steps: {diff:.3g}  (graphpass vs baseline: {vs_base:.3g})")
 
     if args.profile:

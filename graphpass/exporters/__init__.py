@@ -28,10 +28,12 @@ def export(opt: "OptimizedModel", folder: str | Path, format: str = "onnx", *,
 
     * per phase (default): ``phase_<i>.onnx`` for each distinct phase of the plan, cached tensors as named
       inputs/outputs (``cache.blocks.0.spatial_attn.0``), all files reading one shared ``weights.bin``.
-      Default because each phase graph contains only the work it does: no branch, and nothing of a reused
-      region (benchmarks/backends.py measures both layouts).
     * ``single_file=True``: ``model.onnx``, one graph where every reusable region is an ONNX ``If`` on a
       boolean input ``reuse.<path>``; one file and one session serve every phase.
+
+    Why per phase is the default: on vdt-s under pab246 (benchmarks/backends.py) ONNX Runtime runs both at the
+    same per-step time and, weights being shared, the folders differ only by graph files (6.0 vs 5.4 MiB), while
+    per-phase graphs have no control flow, so each runtime (TensorRT included) optimises every phase whole.
 
     ``format="tensorrt"`` writes the per-phase ONNX files and builds one engine per phase from them
     (``phase_<i>.engine``; options in :class:`TensorRTConfig`); it needs an NVIDIA GPU and the ``tensorrt``

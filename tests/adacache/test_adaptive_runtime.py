@@ -172,12 +172,3 @@ def test_errors():
     with pytest.raises(graphpass.TaggingError, match="used after them"):  # two streams (video and text)
         residual_model("cogvideox", AdaCache())
 
-
-def test_frozen_schedule_exports_and_replays(tmp_path):
-    pytest.importorskip("onnxruntime")
-    case, _, _ = captured("vdt")
-    opt = residual_model("vdt", FrozenAdaCache("CCRRCRCRRC"), TS)
-    ref = run_loop(opt, case.kwargs(), TS)
-    graphpass.export(opt, tmp_path / "frozen", format="onnx", timesteps=TS)
-    loaded = graphpass.load(tmp_path / "frozen")
-    assert _max_diff(run_loop(loaded, case.kwargs(), TS), ref) < 1e-5

@@ -1,0 +1,131 @@
+"""The sequence-parallel graph passes on one process: each rank's graph is built (no process group is
+needed to build it) and checked for its structure, shapes, collectives, elision and errors."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.fx as fx
+
+from conftest import make_case
+from graphpass.errors import GraphpassError
+from graphpass.passes.capture import capture
+from graphpass.passes.elide import WAIT_OP, collective_info, collective_nodes, elide_collectives
+from graphpass.passes.parallelise import ParallelError, parallelise
+from graphpass.passes.specialise import eliminate_dead_code, specialise_phase
+from graphpass.passes.tag import tag_attention
+from graphpass.schedules.base import Action, Phase
+
+C10D = torch.ops._c10d_functional
+
+
+@pytest.fixture(scope="module")
+def captures():
+    out = {}
+    for name in ("vdt", "latte"):
+        case = make_case(name)
+        cap = capture(case.model, case.kwargs())
+        out[name] = (cap, tag_attention(cap))
+    return out
+
+
+@pytest.mark.parametrize("name, frames", [("vdt", (2, 2)), ("latte", (2, 1))])
+def test_each_ranks_graph_has_its_frames_and_an_all_to_all_pair_per_temporal_region(captures, name, frames):
+    cap, regions = captures[name]
+    temporal = [r.path for r in regions if r.kind == "temporal"]
+    structures = []
+    for rank in range(2):
+        sg = parallelise(cap, regions, rank=rank, world_size=2, group_name="0")
+        assert sg.frames.sizes == frames
+        nodes = list(sg.captured.gm.graph.nodes)
+        names = {n.name for n in nodes}
+        assert {n.name for n in cap.gm.graph.nodes} <= names  # regions still name their nodes
+        colls = collective_nodes(sg.captured.gm.graph)
+        infos = [collective_info(c) for c in colls]
+        assert sorted((i.region, i.role) for i in infos if i.kind == "all_to_all") == \
+            sorted((p, role) for p in temporal for role in ("enter", "exit"))
+        assert [(i.kind, i.role) for i in infos if i.kind != "all_to_all"] == [("all_gather", "gather")]
+        for c in colls:  # every collective is waited on, and the wait is what the graph reads
+            assert [u.target for u in c.users] == [WAIT_OP]
+        # local shapes: the video is cut to this rank's frames; the model output is whole again
+        video = next(n for n in nodes if n.name.startswith("sp_my_frames"))
+        assert video.meta["val"].shape[sg.frame_dim] == frames[rank]
+        out = nodes[-1].args[0][0]
+        assert tuple(out.meta["val"].shape) == tuple(next(n for n in cap.gm.graph.nodes
+                                                          if n.op == "output").args[0][0].meta["val"].shape)
+        by_path = {r.path: r for r in sg.regions}
+        for p in temporal:  # a temporal region's cached output is this rank's frames after its exit all-to-all
+            (spec,) = by_path[p].exit_specs
+            assert by_path[p].exits[0] in {c.name for c in nodes}
+            glob = next(r for r in regions if r.path == p).exit_specs[0].shape
+            assert spec.shape[1] == frames[rank] and spec.shape[0] == glob[0] and spec.shape[2] == glob[2]
+        structures.append([(n.op, str(n.target)) for n in nodes])
+    # the ranks' graphs differ only in sizes: the same ops in the same order, so elision agrees across ranks
+    assert structures[0] == structures[1]
+
+
+def test_a_reused_temporal_region_loses_both_of_its_all_to_alls(captures):
+    cap, regions = captures["vdt"]
+    sg = parallelise(cap, regions, rank=1, world_size=2, group_name="0")
+    every = {c.name: collective_info(c) for c in collective_nodes(sg.captured.gm.graph)}
+    reuse = Phase.of({"blocks.0.temporal_attn": Action.REUSE, "blocks.1.cross_attn": Action.REUSE})
+    pg = specialise_phase(sg.captured, sg.regions, reuse, passes=(elide_collectives,))
+    kept = {c.name for c in collective_nodes(pg.gm.graph)}
+    removed = {n: i for n, i in every.items() if n not in kept}
+    assert sorted((i.region, i.role) for i in removed.values()) == [("blocks.0.temporal_attn", "enter"),
+                                                                    ("blocks.0.temporal_attn", "exit")]
+    # computing everything keeps every collective
+    full = specialise_phase(sg.captured, sg.regions, Phase(()), passes=(elide_collectives,))
+    assert {c.name for c in collective_nodes(full.gm.graph)} == set(every)
+    # dead-code elimination alone keeps collectives (wait_tensor is impure), so the region stays alive
+    with pytest.raises(GraphpassError, match="still has live nodes"):
+        specialise_phase(sg.captured, sg.regions, reuse)
+
+
+def test_elide_removes_only_collectives_nobody_reads():
+    g = fx.Graph()
+    x, y = g.placeholder("x"), g.placeholder("y")
+    used = g.call_function(C10D.all_to_all_single.default, (x, [2, 2], [2, 2], "0"))
+    used_w = g.call_function(WAIT_OP, (used,))
+    out = g.call_function(torch.ops.aten.relu.default, (used_w,))
+    scaled = g.call_function(torch.ops.aten.mul.Tensor, (y, 2.0))
+    unused = g.call_function(C10D.all_to_all_single.default, (scaled, [2, 2], [2, 2], "0"))
+    g.call_function(WAIT_OP, (unused,))
+    gathered = g.call_function(C10D.all_gather_into_tensor.default, (x, 2, "0"))
+    g.call_function(WAIT_OP, (gathered,))
+    g.output((out,))
+    assert eliminate_dead_code(g) == 0  # plain DCE treats the collectives as impure
+    assert elide_collectives(g) == [unused.name, gathered.name]
+    assert [n.name for n in collective_nodes(g)] == [used.name]
+    assert scaled not in g.nodes  # what only the removed collective sent is dead too
+    assert elide_collectives(g) == []
+
+
+def test_a_wait_without_its_collective_is_refused():
+    g = fx.Graph()
+    x = g.placeholder("x")
+    w = g.call_function(WAIT_OP, (x,))
+    g.output((w,))
+    with pytest.raises(GraphpassError, match="not a collective"):
+        elide_collectives(g)
+
+
+def test_joint_attention_model_is_refused():
+    case = make_case("cogvideox")
+    cap = capture(case.model, case.kwargs())
+    with pytest.raises(ParallelError, match="no temporal attention region.*Ulysses"):
+        parallelise(cap, tag_attention(cap), rank=0, world_size=2, group_name="0")
+
+
+def test_more_ranks_than_frames_is_refused(captures):
+    cap, regions = captures["vdt"]
+    with pytest.raises(ParallelError, match="4 frames cannot be split over 8 ranks"):
+        parallelise(cap, regions, rank=0, world_size=8, group_name="0")
+
+
+def test_attention_over_frames_outside_a_temporal_region_is_refused(captures):
+    """Tagged as spatial, VDT's second temporal attention would attend over frames on their shards: an error that
+    names the attention op, not a wrong result."""
+    cap, _ = captures["vdt"]
+    regions = tag_attention(cap, kinds={"blocks.1.temporal_attn": "spatial"})
+    with pytest.raises(ParallelError, match=r"scaled_dot_product_attention.*blocks\.0\.temporal_attn.*mixes"):
+        parallelise(cap, regions, rank=0, world_size=2, group_name="0")
