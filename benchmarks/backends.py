@@ -11,9 +11,9 @@ video with the DDIM sampler (batched classifier-free guidance: one model call of
 
 "baseline" is a schedule whose window no timestep enters: its plan is the compute-all phase at every step.
 Each variant's sampling loop runs ``--reps`` times, variants in a rotating order per repetition (load changes
-on a shared machine hit them alike); the table gives the median per-step time, the speedup against the
-``nn.Module`` baseline (after one warm-up loop per variant), the max |difference| of the video against the eager variant of the same schedule,
-and the compile/export seconds per phase. Then the exported folders' sizes: weights stored once in
+on a shared machine hit them alike; one warm-up loop each first); the table gives the median per-step time,
+the speedup against the ``nn.Module`` baseline, the max |difference| of the video against the eager variant of
+the same schedule, and the compile/export seconds per phase. Then the exported folders' sizes: weights stored once in
 ``weights.bin`` against what a weights file per phase would hold.
 
     python benchmarks/backends.py                       # vdt-s, pab246, 30 steps, 1 thread

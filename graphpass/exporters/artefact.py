@@ -91,7 +91,8 @@ class ArtefactModel(OptimizedModel):
             return self._phase_graphs[phase]
         except KeyError:
             raise ArtefactError(f"phase {phase.label()!r} was not exported to {self.folder}; only the plan's "
-                                f"{len(self.specs)} phases exist: re-export with the timesteps you sample with") from None
+                                f"{len(self.specs)} phases exist: re-export with the timesteps you sample "
+                                f"with") from None
 
     def _phase_for(self, st: GenerationState, t: float) -> Phase:
         plan = self._plan
@@ -101,8 +102,8 @@ class ArtefactModel(OptimizedModel):
                                 f"{len(plan)} steps; start a new generation (a higher timestep) or call reset()")
         if abs(plan.timesteps[i] - t) > 1e-6:
             raise ArtefactError(f"step {i} got timestep {t:g}, but {self.folder} was exported for timestep "
-                                f"{plan.timesteps[i]:g} at that step (plan: {_short(plan.timesteps)}); only the exported "
-                                f"phases exist: sample with the exported timesteps or re-export with yours")
+                                f"{plan.timesteps[i]:g} at that step (plan: {_short(plan.timesteps)}); only the "
+                                f"exported phases exist: sample with the exported timesteps or re-export with yours")
         self._on_plan = True  # the executor frees caches by the plan's next phase
         return plan.phases[i]
 
@@ -121,8 +122,8 @@ class ArtefactModel(OptimizedModel):
                  f"backend {self.backend}; schedule {self.schedule}",
                  f"plan: {len(self._plan)} steps, phases per step {m['plan']['phase_ids']}"]
         for s in self.specs:
-            lines.append(f"  phase {s.id}: {s.phase.label():<22} file {s.engine or s.file}  reads {len(s.cache_inputs)} "
-                         f"cached tensors, stores {len(s.cache_outputs)}")
+            lines.append(f"  phase {s.id}: {s.phase.label():<22} file {s.engine or s.file}  reads "
+                         f"{len(s.cache_inputs)} cached tensors, stores {len(s.cache_outputs)}")
         return "\n".join(lines)
 
     def __repr__(self) -> str:
@@ -233,17 +234,22 @@ def load(folder: str | Path, backend: str | None = None, *, providers: Sequence[
     folder = Path(folder)
     manifest = read_manifest(folder, verify=verify)
     if backend is None:
-        backend = "tensorrt" if manifest["format"] == "tensorrt" else "onnxruntime"
-    if backend == "onnxruntime":
-        make = ort_runner_factory(folder, manifest, providers=providers, threads=threads)
-    elif backend == "tensorrt":
-        from .tensorrt import trt_runner_factory
+        backend = "tensorrt" if manifest.get("format") == "tensorrt" else "onnxruntime"
+    try:
+        if backend == "onnxruntime":
+            make = ort_runner_factory(folder, manifest, providers=providers, threads=threads)
+        elif backend == "tensorrt":
+            from .tensorrt import trt_runner_factory
 
-        if manifest["format"] != "tensorrt":
-            raise ArtefactError(f"{folder} holds no TensorRT engines (format {manifest['format']!r}); export with "
-                                f"graphpass.export(opt, folder, format='tensorrt') or load with backend='onnxruntime'")
-        make = trt_runner_factory(folder, manifest)
-    else:
-        raise ArtefactError(f"unknown backend {backend!r} for an exported folder; choose one of "
-                            f"{', '.join(LOAD_BACKENDS)}")
-    return ArtefactModel(folder, manifest, backend, make)
+            if manifest["format"] != "tensorrt":
+                raise ArtefactError(f"{folder} holds no TensorRT engines (format {manifest['format']!r}); export "
+                                    f"with graphpass.export(opt, folder, format='tensorrt') or load with "
+                                    f"backend='onnxruntime'")
+            make = trt_runner_factory(folder, manifest)
+        else:
+            raise ArtefactError(f"unknown backend {backend!r} for an exported folder; choose one of "
+                                f"{', '.join(LOAD_BACKENDS)}")
+        return ArtefactModel(folder, manifest, backend, make)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ArtefactError(f"{folder / 'manifest.json'} is incomplete or malformed ({type(e).__name__}: {e}); "
+                            f"re-export the model with graphpass.export") from e

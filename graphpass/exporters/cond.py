@@ -26,7 +26,7 @@ from ..errors import GraphpassError
 from ..passes.capture import CapturedGraph
 from ..passes.specialise import eliminate_dead_code
 from ..passes.tag import Region
-from ..schedules.base import Action, Plan
+from ..schedules.base import Plan
 
 
 class RegionSwitch(torch.nn.Module):

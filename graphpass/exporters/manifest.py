@@ -126,9 +126,9 @@ def read_manifest(folder: str | Path, *, verify: bool = True) -> dict[str, Any]:
     if not isinstance(manifest, dict) or "graphpass_version" not in manifest:
         raise ArtefactError(f"{path} is not a graphpass manifest (no graphpass_version); re-export the model")
     if manifest["graphpass_version"] != __version__:
-        raise ArtefactError(f"{folder} was exported by graphpass {manifest['graphpass_version']}, but this is graphpass "
-                            f"{__version__}; phase graphs and cache layouts may differ between versions: re-export "
-                            f"the model with this version (graphpass.export or `graphpass export`)")
+        raise ArtefactError(f"{folder} was exported by graphpass {manifest['graphpass_version']}, but this is "
+                            f"graphpass {__version__}; phase graphs and cache layouts may differ between versions: "
+                            f"re-export the model with this version (graphpass.export or `graphpass export`)")
     if manifest.get("manifest_format") != MANIFEST_FORMAT:
         raise ArtefactError(f"{path} has manifest format {manifest.get('manifest_format')!r}, expected "
                             f"{MANIFEST_FORMAT}; re-export the model")
@@ -136,10 +136,10 @@ def read_manifest(folder: str | Path, *, verify: bool = True) -> dict[str, Any]:
         for rel, digest in manifest.get("files", {}).items():
             f = folder / rel
             if not f.is_file():
-                raise ArtefactError(f"{folder} is missing {rel}, listed in its manifest; copy the whole exported folder "
-                                    f"or re-export the model")
+                raise ArtefactError(f"{folder} is missing {rel}, listed in its manifest; copy the whole exported "
+                                    f"folder or re-export the model")
             actual = sha256_file(f)
             if actual != digest:
-                raise ArtefactError(f"{f} does not match the sha256 in {MANIFEST} ({actual[:12]}... != {digest[:12]}...): "
-                                    f"the file was modified or truncated; re-export the model")
+                raise ArtefactError(f"{f} does not match the sha256 in {MANIFEST} ({actual[:12]}... != "
+                                    f"{digest[:12]}...): the file was modified or truncated; re-export the model")
     return manifest

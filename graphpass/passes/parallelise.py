@@ -246,7 +246,7 @@ def _index_maps(n: fx.Node) -> list[tuple[fx.Node, IndexMap]]:
             maps.append((b, {0: (out_rank - 1, False)}))
         return maps
     if t == aten.layer_norm.default:
-        x, ns = n.args[0], n.args[1]
+        x = n.args[0]
         r, k = rk(x), len(n.args[1])
         maps = [(x, {i: (i, i >= r - k) for i in range(r)})]
         for a in n.args[2:4]:
@@ -473,7 +473,7 @@ class _Builder:
         self.expected[out] = _local_shape(shape, new_st, self.rank)
         return out, new_st
 
-    def exit(self, e: fx.Node, region: str) -> tuple[fx.Node, _State]:
+    def leave(self, e: fx.Node, region: str) -> tuple[fx.Node, _State]:
         st: _State = self.state[e]
         if st.frames is None:
             raise self.fail(e, f"the frames of temporal region {region}'s output cannot be located")
@@ -569,7 +569,7 @@ class _Builder:
         if n.name in self.exits_of:
             region = self.exits_of[n.name]
             if self.state[n].shard is not None:
-                self.outside[n] = self.exit(n, region)
+                self.outside[n] = self.leave(n, region)
                 self.exit_nodes[region].append(self.outside[n][0])
             else:
                 self.exit_nodes[region].append(self.env[n])
@@ -765,10 +765,3 @@ def _propagate_shapes(gm: fx.GraphModule, specs: list[TensorSpec]) -> None:
     with mode:
         args = [torch.empty(s.shape, dtype=s.dtype) for s in specs]
     FakeTensorProp(gm, mode).propagate(*args)
-
-
-def describe(sg: ShardedGraph) -> str:
-    """One line: split and collectives of a sharded graph."""
-    return (f"rank {sg.rank}/{sg.world_size}: frames {list(sg.frames.sizes)} on dim {sg.frame_dim} of "
-            f"{sg.video_input!r}, {len(sg.collectives)} collectives")
-

@@ -7,6 +7,7 @@ with the same plan: each step's output must match within 1e-4.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 from collections import Counter
@@ -167,6 +168,18 @@ def test_missing_phase_file_is_named(vdt, tmp_path):
         graphpass.load(folder)
 
 
+def test_incomplete_manifest_is_refused(vdt, tmp_path):
+    folder = copy_of(vdt, tmp_path)
+    m = json.loads((folder / "manifest.json").read_text())
+    del m["user_outputs"]
+    (folder / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ArtefactError, match=r"manifest\.json is incomplete or malformed \(KeyError: 'user_outputs'\)"):
+        graphpass.load(folder)
+    (folder / "manifest.json").unlink()
+    with pytest.raises(ArtefactError, match="has no manifest.json"):
+        graphpass.load(folder)
+
+
 def test_calls_off_the_exported_plan_are_refused(vdt):
     model = graphpass.load(vdt.folder, threads=1)
     with pytest.raises(ArtefactError, match=r"step 0 got timestep 900.*exported for timestep 741"):
@@ -176,14 +189,13 @@ def test_calls_off_the_exported_plan_are_refused(vdt):
         run_loop(model, vdt.kw, STEPS + [0.5])
     with pytest.raises(ArtefactError, match="cannot serve"):
         model.plan(STEPS[:4])
+    assert model.plan(STEPS).phases == vdt.opt.current_plan.phases
+    report = model.inspect()
+    assert "phase 0: store 4" in report and "phase 1: reuse 4" in report
 
 
 def _has_tensorrt() -> bool:
-    try:
-        import tensorrt  # noqa: F401
-    except ImportError:
-        return False
-    return torch.cuda.is_available()
+    return importlib.util.find_spec("tensorrt") is not None and torch.cuda.is_available()
 
 
 @pytest.mark.skipif(_has_tensorrt(), reason="this machine has TensorRT and a GPU: the error path cannot occur")

@@ -123,9 +123,9 @@ def test_more_ranks_than_frames_is_refused(captures):
 
 
 def test_attention_over_frames_outside_a_temporal_region_is_refused(captures):
-    """Tagged as spatial, VDT's second temporal attention would attend over frames on their shards: an error that
-    names the attention op, not a wrong result."""
+    """Tagged as spatial, VDT's second temporal attention would attend over frames on their shards: an
+    error that names the attention op, not a wrong result."""
     cap, _ = captures["vdt"]
     regions = tag_attention(cap, kinds={"blocks.1.temporal_attn": "spatial"})
-    with pytest.raises(ParallelError, match=r"scaled_dot_product_attention.*blocks\.0\.temporal_attn.*mixes"):
+    with pytest.raises(ParallelError, match=r"scaled_dot_product_attention.*blocks\.1\.temporal_attn.*mixes"):
         parallelise(cap, regions, rank=0, world_size=2, group_name="0")
