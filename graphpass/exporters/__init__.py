@@ -31,9 +31,9 @@ def export(opt: "OptimizedModel", folder: str | Path, format: str = "onnx", *,
     * ``single_file=True``: ``model.onnx``, one graph where every reusable region is an ONNX ``If`` on a
       boolean input ``reuse.<path>``; one file and one session serve every phase.
 
-    Why per phase is the default: on vdt-s under pab246 (benchmarks/backends.py) ONNX Runtime runs both at the
-    same per-step time and, weights being shared, the folders differ only by graph files (6.0 vs 5.4 MiB), while
-    per-phase graphs have no control flow, so each runtime (TensorRT included) optimises every phase whole.
+    Why per phase is the default: on vdt-s under pab246 (benchmarks/backends.py, CPU) ONNX Runtime runs the
+    per-phase files as fast or faster (98 vs 104 ms/step) and, weights being shared, the folders differ only
+    by graph files (6.0 vs 5.4 MiB); per-phase graphs also have no control flow, which TensorRT builds from.
 
     ``format="tensorrt"`` writes the per-phase ONNX files and builds one engine per phase from them
     (``phase_<i>.engine``; options in :class:`TensorRTConfig`); it needs an NVIDIA GPU and the ``tensorrt``

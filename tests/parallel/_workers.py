@@ -10,6 +10,8 @@ dict of measurements that the tests check in the parent process.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 from diffusers import LatteTransformer3DModel  # noqa: F401  (imported once here, before the ranks fork)
@@ -92,6 +94,10 @@ def dsp_checks(rank: int, world_size: int) -> dict:
                 out = run_loop(opt, case.kwargs(), ts)
             res[name, label] = dict(diff=_max_diff(out, ref), counted=_counts(counted),
                                     shapes_match=all(o.shape == r.shape for o, r in zip(out, ref)))
+        run_loop(opt, case.kwargs(), TIMESTEPS[:1])  # stop after the first (storing) step: what is cached?
+        glob = {k: math.prod(s.shape) for r in opt.global_regions for k, s in zip(r.cache_keys, r.exit_specs)}
+        cache = opt.state().cache
+        res[name, "cache"] = [(k, cache.get(k).numel(), glob[k]) for k in cache.keys()]
         res[name] = dict(
             frames=opt.sharded.frames.sizes, predicted=_counts(opt.communication()),
             plan_savings=_counts(plan_reuse_savings(opt)),

@@ -67,6 +67,18 @@ def test_collectives_counted_at_run_time_match_graphs_and_plan(ranks, name):
         assert pab["calls"]["all_reduce"] == steps
 
 
+@pytest.mark.parametrize("name", ["vdt", "latte"])
+def test_each_rank_caches_only_its_frames(ranks, name):
+    """Mid-generation, every cached region output holds exactly this rank's share of the frames."""
+    for r in ranks:
+        d = r["dsp"]
+        share = d[name]["frames"][d["rank"]] / sum(d[name]["frames"])
+        cache = d[name, "cache"]
+        assert any("temporal" in k or "attn1" in k for k, _, _ in cache)
+        for key, local, whole in cache:
+            assert local == whole * share, key
+
+
 def test_keep_sharded_returns_this_ranks_frames_without_gathering(ranks):
     for r in ranks:
         k = r["dsp"]["keep_sharded"]
