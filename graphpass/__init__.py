@@ -26,6 +26,10 @@ from .schedules.adacache import AdaCache, FrozenAdaCache, MoReg
 
 __version__ = "0.1.0"
 
-__all__ = ["optimize", "export", "load", "OptimizedModel", "CacheStore", "PAB", "AdaCache", "MoReg", "FrozenAdaCache", "Schedule", "Phase", "Plan",
-           "Action", "schedule_from_json", "SequenceParallel", "ParallelError", "GraphpassError", "CaptureError", "TaggingError", "ScheduleError",
-           "InputError", "ArtefactError", "__version__"]
+__all__ = [
+    "optimize", "OptimizedModel", "CacheStore",
+    "PAB", "AdaCache", "MoReg", "FrozenAdaCache", "Schedule", "Phase", "Plan", "Action", "schedule_from_json",
+    "SequenceParallel", "export", "load",
+    "GraphpassError", "CaptureError", "TaggingError", "ScheduleError", "InputError", "ArtefactError", "ParallelError",
+    "__version__",
+]

@@ -47,6 +47,17 @@ def randomise_zero_init(model: torch.nn.Module, std: float = 0.02, seed: int = 0
     return model
 
 
+def vdt_example_kwargs(model: torch.nn.Module, batch: int = 2, timestep: float = 981.0) -> dict[str, Any]:
+    """One call of a VDT model as the sampler makes it (batch 2 = one video with batched guidance)."""
+    cfg = model.config
+    g = torch.Generator().manual_seed(0)
+    return dict(hidden_states=torch.randn(batch, cfg.num_frames, cfg.in_channels, cfg.image_size, cfg.image_size,
+                                          generator=g),
+                timestep=torch.full((batch,), float(timestep)),
+                encoder_hidden_states=torch.zeros(batch, cfg.cond_len, dtype=torch.long),
+                cond_mask=torch.zeros(batch, cfg.num_frames))
+
+
 def example_call(name: str, batch: int = 2, num_steps: int = 50) -> tuple[torch.nn.Module, dict[str, Any], list[float]]:
     """(model, example keyword arguments of one call, the sampler's timesteps for ``num_steps``)."""
     from .models.sampler import ddim_timesteps
@@ -55,13 +66,7 @@ def example_call(name: str, batch: int = 2, num_steps: int = 50) -> tuple[torch.
     timesteps = [float(t) for t in ddim_timesteps(num_steps)]
     g = torch.Generator().manual_seed(0)
     if name.startswith("vdt-"):
-        cfg = model.config
-        kwargs = dict(
-            hidden_states=torch.randn(batch, cfg.num_frames, cfg.in_channels, cfg.image_size, cfg.image_size,
-                                      generator=g),
-            timestep=torch.full((batch,), timesteps[0]),
-            encoder_hidden_states=torch.zeros(batch, cfg.cond_len, dtype=torch.long),
-            cond_mask=torch.zeros(batch, cfg.num_frames))
+        kwargs = vdt_example_kwargs(model, batch, timesteps[0])
     else:
         kwargs = dict(hidden_states=torch.randn(batch, 4, 4, 8, 8, generator=g),
                       timestep=torch.full((batch,), int(timesteps[0]), dtype=torch.long),

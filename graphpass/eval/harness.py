@@ -37,6 +37,7 @@ from ..passes.specialise import specialise_phase
 from ..passes.tag import Region, tag_attention
 from ..runtime.executor import OptimizedModel
 from ..schedules.base import Phase, Schedule
+from ..workloads import vdt_example_kwargs
 from .metrics import psnr, ssim
 
 #: Text embedding width of the label-id -> embedding table used for diffusers models without one.
@@ -208,7 +209,7 @@ class Workload:
                 model = models.load(name, path=weights)
             except (models.WeightsError, KeyError) as e:
                 raise ArtefactError(str(e)) from e
-            kwargs = _vdt_kwargs(model)
+            kwargs = vdt_example_kwargs(model)
         else:
             try:
                 model, kwargs, _ = example_call(name, batch=2, num_steps=num_steps)
@@ -378,13 +379,3 @@ class Workload:
                  cond_mask=torch.zeros(2, f[0]))
         if isinstance(fn, OptimizedModel):
             fn.reset()
-
-
-def _vdt_kwargs(model) -> dict[str, Any]:
-    cfg = model.config
-    g = torch.Generator().manual_seed(0)
-    return dict(hidden_states=torch.randn(2, cfg.num_frames, cfg.in_channels, cfg.image_size, cfg.image_size,
-                                          generator=g),
-                timestep=torch.full((2,), 981.0),
-                encoder_hidden_states=torch.zeros(2, cfg.cond_len, dtype=torch.long),
-                cond_mask=torch.zeros(2, cfg.num_frames))

@@ -166,7 +166,7 @@ def main(argv=None) -> None:
     ap.add_argument("--num-videos", type=int, default=8)
     ap.add_argument("--num-steps", type=int, default=50)
     ap.add_argument("--guidance-scale", type=float, default=2.0)
-    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (0 = torch default); see graphpass.demo")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
