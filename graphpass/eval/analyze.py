@@ -48,7 +48,7 @@ import torch
 
 from ..errors import InputError
 from ..schedules.base import Action, Phase, Plan, RegionRef, Schedule
-from .harness import Workload
+from .harness import Workload, save_figure
 
 #: Default fraction of a kind's range of change below which a step counts as stable.
 DEFAULT_FRAC = 0.25
@@ -280,12 +280,7 @@ def plot_analysis(analysis: ChangeAnalysis, path: str | Path, metric: str = "rel
         ax.legend(fontsize=7, loc="best", framealpha=0.7)
     axes[-1, 0].set_xlabel("sampling step (change from the step before)")
     fig.suptitle(f"{analysis.model}: attention output change per step ({len(analysis.seeds)} seeds)", fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def summary_table(analysis: ChangeAnalysis) -> str:

@@ -41,7 +41,7 @@ import torch
 
 from ..errors import InputError
 from ..schedules.pab import PAB
-from .harness import Baseline, ComputeAll, Measurement, Workload
+from .harness import Baseline, ComputeAll, Measurement, Workload, save_figure
 
 #: The published PAB preset that fits each model family (VDT blocks are spatial -> temporal -> cross -> MLP
 #: with adaLN, the Open-Sora STDiT layout).
@@ -319,12 +319,7 @@ def plot_bench(result: BenchResult, path: str | Path, speed: str = "wall") -> Pa
                  fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 __all__ = ["bench", "BenchResult", "available_methods", "searched_methods", "model_preset", "plot_bench",

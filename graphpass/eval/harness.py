@@ -379,3 +379,15 @@ class Workload:
                  cond_mask=torch.zeros(2, f[0]))
         if isinstance(fn, OptimizedModel):
             fn.reset()
+
+
+def save_figure(fig, path: str | Path) -> Path:
+    """Lay out, write (creating the folder) and close a matplotlib figure."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
