@@ -37,3 +37,14 @@ def test_identity_optimize_fn_matches_baseline(tmp_path):
     out = demo.run(tmp_path, num_videos=2, num_steps=2, model=_model(), optimize_fn=optimize_fn, write=False)
     assert out["optimized"]["psnr"] == math.inf and out["optimized"]["ssim"] == 1.0
     assert calls and calls[0] == ["cond_mask", "encoder_hidden_states", "hidden_states", "timestep"]
+
+
+def test_quality_is_measured_on_generated_frames_only(tmp_path):
+    """Given frames are copied into both videos; a changed sampler must not average to PSNR inf."""
+    def optimize_fn(model):
+        def fn(**kw):
+            return model(**kw) * 1.01  # a slightly different sampler
+        return fn
+
+    out = demo.run(tmp_path, num_videos=2, num_steps=2, model=_model(), optimize_fn=optimize_fn, write=False)
+    assert math.isfinite(out["optimized"]["psnr"]) and out["optimized"]["ssim"] < 1.0
