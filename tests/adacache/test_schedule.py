@@ -7,7 +7,7 @@ import pytest
 
 import graphpass
 from graphpass import AdaCache, FrozenAdaCache, MoReg, ScheduleError, schedule_from_json
-from graphpass.schedules.adacache import CODEBOOKS, AdaptiveDecider
+from graphpass.schedules.adacache import AdaptiveDecider
 from graphpass.schedules.base import Action
 
 
