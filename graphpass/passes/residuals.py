@@ -44,7 +44,7 @@ from ..errors import GraphpassError, ScheduleError, TaggingError
 from ..schedules.base import Action, Phase
 from .capture import CapturedGraph, TensorSpec, module_path
 from .flops import graph_flops, node_flops
-from .specialise import PhaseGraph, cache_input_name, eliminate_dead_code, specialise_phase
+from .specialise import PhaseGraph, cache_input_name, copy_graph, eliminate_dead_code, specialise_phase
 from .tag import Region
 
 aten = torch.ops.aten
@@ -439,20 +439,6 @@ def _add(a, b):
     return a + b
 
 
-def _copy(gm: fx.GraphModule) -> tuple[fx.Graph, dict[str, fx.Node], list]:
-    """A copy of ``gm``'s graph without its output node: (graph, node by name, output values)."""
-    graph = fx.Graph()
-    env: dict[fx.Node, fx.Node] = {}
-    outputs = None
-    for node in gm.graph.nodes:
-        if node.op == "output":
-            outputs = node.args[0]
-            continue
-        env[node] = graph.node_copy(node, lambda n: env[n])
-    return graph, {n.name: env[n] for n in gm.graph.nodes if n in env}, [
-        fx.node.map_arg(o, lambda n: env[n]) for o in outputs]
-
-
 def specialise_residual_phase(captured: CapturedGraph, span: BlockSpan, phase: Phase, metric: MetricSite | None = None,
                               strides: Sequence[int] = (), unit: str = "residual") -> PhaseGraph:
     """The graph of one residual-caching phase.
@@ -484,7 +470,7 @@ def specialise_residual_phase(captured: CapturedGraph, span: BlockSpan, phase: P
     stored: list[tuple[str, fx.Node]] = []  # (cache key, node) returned after the model's outputs
     if unit == "outputs":
         inner = specialise_phase(captured, span.inner, Phase.of({r.path: action for r in span.inner}))
-        graph, by_name, outs = _copy(inner.gm)
+        graph, by_name, outs = copy_graph(inner.gm)
         rename = span.inner_keys()
         n_user = inner.num_user_outputs
         stored = [(rename[k], v) for k, v in zip(inner.cache_outputs, outs[n_user:])]
@@ -494,7 +480,7 @@ def specialise_residual_phase(captured: CapturedGraph, span: BlockSpan, phase: P
             if ph.op == "placeholder" and "graphpass_cache_key" in ph.meta:
                 ph.meta["graphpass_cache_key"] = rename[ph.meta["graphpass_cache_key"]]
     else:
-        graph, by_name, outs = _copy(captured.gm)
+        graph, by_name, outs = copy_graph(captured.gm)
         n_user = len(outs)
     last_input = [n for n in graph.nodes if n.op == "placeholder"][-1]
 

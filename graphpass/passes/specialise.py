@@ -102,6 +102,21 @@ def _clone_before_first_user(graph: fx.Graph, node: fx.Node, users: set[fx.Node]
     return copy
 
 
+def copy_graph(gm: fx.GraphModule) -> tuple[fx.Graph, dict[str, fx.Node], list]:
+    """A copy of ``gm``'s graph without its output node: (graph, copied node by original name, output
+    values mapped onto the copy). Passes rewrite the copy and add their own output node."""
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    outputs = None
+    for node in gm.graph.nodes:
+        if node.op == "output":
+            outputs = node.args[0]
+            continue
+        env[node] = graph.node_copy(node, lambda n: env[n])
+    return graph, {n.name: env[n] for n in gm.graph.nodes if n in env}, [
+        fx.node.map_arg(o, lambda n: env[n]) for o in outputs]
+
+
 def cache_input_name(key: str) -> str:
     return "cache_" + re.sub(r"\W", "_", key)
 
@@ -116,15 +131,7 @@ def specialise_phase(captured: CapturedGraph, regions: list[Region], phase: Phas
     if unknown:  # requires: the phase speaks only of regions of this graph
         raise GraphpassError(f"phase names regions the graph does not have: {sorted(unknown)}")
 
-    graph = fx.Graph()
-    env: dict[fx.Node, fx.Node] = {}
-    user_outputs = None
-    for node in src.graph.nodes:
-        if node.op == "output":
-            user_outputs = node.args[0]
-            continue
-        env[node] = graph.node_copy(node, lambda n: env[n])
-    by_name = {n.name: env[n] for n in src.graph.nodes if n in env}
+    graph, by_name, user_outputs = copy_graph(src)
     last_input = [n for n in graph.nodes if n.op == "placeholder"][-1]
 
     cache_inputs: list[str] = []
@@ -148,7 +155,7 @@ def specialise_phase(captured: CapturedGraph, regions: list[Region], phase: Phas
             replaced[old] = ph
             cache_inputs.append(key)
 
-    outs = [fx.node.map_arg(o, lambda n: replaced.get(env[n], env[n])) for o in user_outputs]
+    outs = [fx.node.map_arg(o, lambda n: replaced.get(n, n)) for o in user_outputs]
     cache_outputs: list[str] = []
     for r in regions:
         if phase.action(r.path) == Action.STORE:
