@@ -19,7 +19,8 @@ if TYPE_CHECKING:
 def optimize(model: torch.nn.Module, schedule: Schedule | str, *, example_kwargs: dict[str, Any],
              timestep_arg: str = "timestep", video_input: str | None = None, kinds: dict[str, str] | None = None,
              backend: str = "eager", timesteps: Sequence[float] | None = None,
-             reuse_gated: bool = False, parallel: "SequenceParallel | None" = None) -> OptimizedModel:
+             reuse_gated: bool = False, parallel: "SequenceParallel | None" = None,
+             dynamic: bool = False) -> OptimizedModel:
     """Compile ``model`` for ``schedule``.
 
     Args:
@@ -27,7 +28,8 @@ def optimize(model: torch.nn.Module, schedule: Schedule | str, *, example_kwargs
         schedule: a :class:`~graphpass.PAB` (or a PAB preset name such as ``"pab246"`` or ``"latte"``).
             Or a residual step cache: :class:`~graphpass.AdaCache`, :class:`~graphpass.FrozenAdaCache`.
         example_kwargs: one real call's keyword arguments; tensors become graph inputs (the graphs are
-            specialised to their shapes), plain constants such as ``return_dict=False`` are bound.
+            specialised to their shapes unless ``dynamic``), plain constants such as ``return_dict=False`` are
+            bound.
         timestep_arg: the argument holding the timestep, read on every call to pick the phase.
         video_input: the latent video argument (default: the first 5-D floating input).
         kinds: override tagging by module-path glob, e.g. ``{"temporal_transformer_blocks.*.attn1": "temporal"}``.
@@ -39,6 +41,11 @@ def optimize(model: torch.nn.Module, schedule: Schedule | str, *, example_kwargs
         parallel: a :class:`~graphpass.SequenceParallel` to split the frames over the ranks of a
             ``torch.distributed`` process group (DSP; every rank calls ``optimize`` and the model alike). Phases
             that reuse a temporal attention also skip its all-to-alls. See :mod:`graphpass.runtime.parallel`.
+        dynamic: keep the frame, height and width dimensions (and a conditioning sequence's length) free
+            where the model allows, so one optimised model serves other video sizes; the dimensions the model
+            fixes stay static and a call that changes them gets an ``InputError``. Each new shape is checked
+            once on fake tensors; FLOPs and cache sizes in ``inspect()`` are those of the example call.
+            Exported artefacts are static at the example's shapes. Not with ``parallel``.
 
     Returns an :class:`~graphpass.OptimizedModel` called exactly like ``model``.
     """
@@ -56,11 +63,14 @@ def optimize(model: torch.nn.Module, schedule: Schedule | str, *, example_kwargs
     # Residual-caching schedules (AdaCache) bring their own subclass of the executor.
     runtime = schedule.runtime_class() if hasattr(schedule, "runtime_class") else OptimizedModel
     session = None
+    if parallel is not None and dynamic:
+        raise InputError("dynamic=True with parallel=: the sequence-parallel graphs split a fixed frame count "
+                         "over the ranks; optimize with dynamic=False (the default)")
     if parallel is not None:  # collective: the ranks agree on the group and the options before capturing
         from .runtime import parallel as sp
 
         session = sp.connect(parallel, schedule, runtime)
-    captured = capture(model, example_kwargs)
+    captured = capture(model, example_kwargs, dynamic=dynamic)
     regions = tag_attention(captured, video_input=video_input, kinds=kinds)
     if reuse_gated:
         regions = include_gates(captured, regions)

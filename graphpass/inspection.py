@@ -36,12 +36,20 @@ def default_timesteps(n: int = 50) -> list[float]:
     return [float(t) for t in range((n - 1) * step + 1, -1, -step)][:n]
 
 
+def _dynamic_line(dynamic_dims) -> str:
+    if not dynamic_dims:
+        return "shapes: static (those of the example call)"
+    free = "; ".join(f"{n} dims {', '.join(f'{i}={sym}' for i, sym in dims.items())}" for n, dims in dynamic_dims.items())
+    return f"shapes: free sizes {free} (dims sharing a symbol are equal; FLOPs below at the example shapes)"
+
+
 def report(opt: "OptimizedModel", folder: str | None = None, timesteps: Sequence[float] | None = None) -> str:
     full = graph_flops(opt.captured.gm)
     lines = [f"graphpass: {opt.captured.model_type} with {opt.schedule}",
              f"captured graph: {sum(1 for n in opt.captured.gm.graph.nodes if n.op not in ('placeholder', 'output'))}"
              f" nodes, {_fmt_flops(full)}FLOP per call; inputs: "
              + ", ".join(f"{n} {s}" for n, s in zip(opt.captured.input_names, opt.captured.input_specs)),
+             _dynamic_line(opt.captured.dynamic_dims),
              "", f"regions ({len(opt.regions)}):",
              f"  {'path':<42} {'kind':<9} {'output shape':<22} {'FLOP':>9} {'share':>6}  why"]
     for r in opt.regions:

@@ -80,16 +80,20 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
 
 
 def _sincos_1d(dim: int, pos: torch.Tensor) -> torch.Tensor:
-    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2.0))
+    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64, device=pos.device) / (dim / 2.0))
     out = pos.double().reshape(-1)[:, None] * omega[None]
     return torch.cat([torch.sin(out), torch.cos(out)], dim=1).float()
 
 
-def sincos_pos_embed(num_frames: int, grid: int, dim: int) -> torch.Tensor:
-    """Fixed space-time embedding (F, T, D): 2D sin-cos over the grid plus 1D over frames."""
-    ys, xs = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+def sincos_pos_embed(num_frames: int, grid_h: int, grid_w: int, dim: int,
+                     device: torch.device | None = None) -> torch.Tensor:
+    """Fixed space-time embedding (F, T, D), T = grid_h * grid_w: 2D sin-cos over the grid plus 1D over frames.
+
+    Computed from the sizes of each call (a few thousand sin/cos), so one model serves any frame count and
+    resolution: positions extrapolate like the published sin-cos embeddings."""
+    ys, xs = torch.meshgrid(torch.arange(grid_h, device=device), torch.arange(grid_w, device=device), indexing="ij")
     spatial = torch.cat([_sincos_1d(dim // 2, ys), _sincos_1d(dim // 2, xs)], dim=1)  # (T, D)
-    temporal = _sincos_1d(dim, torch.arange(num_frames))  # (F, D)
+    temporal = _sincos_1d(dim, torch.arange(num_frames, device=device))  # (F, D)
     return spatial[None] + temporal[:, None]
 
 
@@ -179,7 +183,6 @@ class VDT(nn.Module):
         assert cfg.image_size % p == 0
         self.grid = cfg.image_size // p
         self.patch_embed = nn.Conv2d(cfg.in_channels, d, kernel_size=p, stride=p)
-        self.register_buffer("pos_embed", sincos_pos_embed(cfg.num_frames, self.grid, d), persistent=False)
         self.given_embed = nn.Parameter(torch.zeros(d))
         self.t_embedder = nn.Sequential(nn.Linear(cfg.freq_dim, d), nn.SiLU(), nn.Linear(d, d))
         self.token_embed = nn.Embedding(cfg.vocab_size, d)
@@ -223,11 +226,14 @@ class VDT(nn.Module):
         v output is converted to epsilon here, outside every block)."""
         cfg = self.config
         b, f, ch, hgt, wid = hidden_states.shape
-        p, g, d = cfg.patch_size, self.grid, cfg.hidden_size
+        p, d = cfg.patch_size, cfg.hidden_size
+        if hgt % p or wid % p:
+            raise ValueError(f"height and width must be multiples of the patch size {p}, got {hgt}x{wid}")
+        gh, gw = hgt // p, wid // p
 
-        x = self.patch_embed(hidden_states.reshape(b * f, ch, hgt, wid))  # (B*F, D, g, g)
-        x = x.flatten(2).transpose(1, 2).reshape(b, f, g * g, d)
-        x = x + self.pos_embed.to(x.dtype)
+        x = self.patch_embed(hidden_states.reshape(b * f, ch, hgt, wid))  # (B*F, D, gh, gw)
+        x = x.flatten(2).transpose(1, 2).reshape(b, f, gh * gw, d)
+        x = x + sincos_pos_embed(f, gh, gw, d, device=x.device).to(x.dtype)
         if cond_mask is not None:
             x = x + cond_mask.to(x.dtype)[:, :, None, None] * self.given_embed
 
@@ -239,7 +245,7 @@ class VDT(nn.Module):
 
         shift, scale = self.final_modulation(c)[:, None, None, :].chunk(2, dim=-1)
         x = self.final_linear(modulate(self.final_norm(x), shift, scale))  # (B, F, T, p*p*C)
-        x = x.reshape(b, f, g, g, p, p, ch).permute(0, 1, 6, 2, 4, 3, 5)
+        x = x.reshape(b, f, gh, gw, p, p, ch).permute(0, 1, 6, 2, 4, 3, 5)
         out = x.reshape(b, f, ch, hgt, wid)
         if cfg.prediction == "v":
             a, s = diffusion.alpha_bar_coefficients(timestep)

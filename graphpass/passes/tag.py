@@ -80,8 +80,15 @@ def _block_index(path: str) -> int | None:
     return int(m[1]) if m else None
 
 
+def _is_size(n: fx.Node) -> bool:
+    """A size computation (``sym_size`` of an input and arithmetic on it, in dynamic captures): it reads
+    shapes, not data, so it belongs to no region and carries no data dependency."""
+    return n.op == "call_function" and isinstance(n.meta.get("val"), (int, torch.SymInt)) \
+        and not isinstance(n.meta.get("val"), bool)
+
+
 def _region_nodes(gm: fx.GraphModule, path: str) -> list[fx.Node]:
-    return [n for n in gm.graph.nodes if any(p == path for p, _ in module_path(n))]
+    return [n for n in gm.graph.nodes if not _is_size(n) and any(p == path for p, _ in module_path(n))]
 
 
 def _make_region(gm, path, mtype, kind, reason, qshape=None) -> Region:
@@ -102,6 +109,8 @@ def _input_deps(gm: fx.GraphModule) -> dict[fx.Node, frozenset[str]]:
     for n in gm.graph.nodes:
         if n.op == "placeholder":
             deps[n] = frozenset([n.name])
+        elif _is_size(n):
+            deps[n] = frozenset()
         else:
             acc: set[str] = set()
             for a in n.all_input_nodes:

@@ -22,12 +22,14 @@ class GenerationState:
 
     counter: int = 0
     last_t: float | None = None
+    shapes: tuple | None = None  # input shapes of the generation (a dynamic capture serves several)
     cache: CacheStore = field(default_factory=CacheStore)
     trace: list[tuple[float, Phase]] = field(default_factory=list)
 
     def reset(self) -> None:
         self.counter = 0
         self.last_t = None
+        self.shapes = None
         self.cache.clear()
         self.trace = []
 
@@ -38,7 +40,9 @@ class OptimizedModel(torch.nn.Module):
     Each call reads its timestep, advances the generation counter, picks the phase (from the plan when one
     was made with :meth:`plan`, else step by step from the schedule), runs that phase's graph with the
     cached tensors it needs, stores what later steps read and frees what they do not.
-    A call whose timestep is above the previous one starts a new generation (counter 0, empty cache).
+    A call whose timestep is above the previous one, or whose input shapes differ from the previous call's
+    (a capture made with ``dynamic=True`` serves other frame counts and resolutions), starts a new
+    generation (counter 0, empty cache).
     """
 
     #: Set when the model runs split over ranks (:mod:`graphpass.runtime.parallel`); decisions taken from
@@ -122,8 +126,10 @@ class OptimizedModel(torch.nn.Module):
         t = self._timestep(kwargs)  # first: a missing timestep gets the message that explains why it is needed
         flat = self.captured.flatten_call(kwargs)
         st = self._state()
-        if st.last_t is not None and t > st.last_t:
-            st.reset()  # timestep went back up: a new generation
+        shapes = tuple(tuple(v.shape) for v in flat)
+        if st.last_t is not None and (t > st.last_t or shapes != st.shapes):
+            st.reset()  # timestep went back up, or the video size changed: a new generation
+        st.shapes = shapes
         self._on_plan = False  # _phase_for sets it when this call follows the plan
         phase = self._phase_for(st, t)
         pg = self.phase_graph(phase)

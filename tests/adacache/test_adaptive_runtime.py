@@ -172,3 +172,20 @@ def test_errors():
     with pytest.raises(graphpass.TaggingError, match="used after them"):  # two streams (video and text)
         residual_model("cogvideox", AdaCache())
 
+
+
+def test_dynamic_capture_at_another_size_equals_reference():
+    """On a capture with free frames/height/width (``dynamic=True``), a fixed decision sequence at a size
+    other than the example's equals the module-level residual-reuse reference at that size."""
+    from test_dynamic import _vdt_kwargs
+
+    decisions = "CCRRCRCRRC"
+    case = make_case("vdt")
+    opt = graphpass.optimize(case.model, FrozenAdaCache(decisions), example_kwargs=case.kwargs(), timesteps=TS,
+                             dynamic=True)
+    kw = _vdt_kwargs(6, 20, 12)
+    outs = run_loop(opt, kw, TS)
+    assert opt.decisions() == decisions and outs[0].shape == (2, 6, 3, 20, 12)
+    ref = run_reference(make_case("vdt").model, kw, TS, decisions, "residual")
+    assert _max_diff(outs, ref) < 1e-6
+    assert _max_diff(outs, run_loop(case.model, kw, TS)) > 1e-3
