@@ -8,7 +8,8 @@ Public API::
     out = opt(hidden_states=x, timestep=t, encoder_hidden_states=c)   # same call and outputs as transformer
     print(opt.inspect())
 
-* :func:`optimize` -> :class:`OptimizedModel` (an ``nn.Module``; ``plan``, ``cache_context``, ``reset``, ``inspect``)
+* :func:`optimize` -> :class:`OptimizedModel` (an ``nn.Module``; ``plan``, ``cache_context``, ``reset``, ``inspect``);
+  ``dynamic=True`` keeps frames/height/width free where the model allows
 * schedules: :class:`PAB` (``PAB.preset("latte")``, ``"pab246"``...), :func:`schedule_from_json`
 * step caches: :class:`AdaCache` (``AdaCache.preset("slow")``, with :class:`MoReg`), :class:`FrozenAdaCache` (a run's decisions replayed)
 * sequence parallelism: ``optimize(..., parallel=SequenceParallel())`` splits frames over torch.distributed ranks (DSP)

@@ -140,3 +140,12 @@ def test_dynamic_with_parallel_is_refused():
     with pytest.raises(InputError, match="dynamic=True with parallel"):
         graphpass.optimize(case.model, SCHED, example_kwargs=case.kwargs(), dynamic=True,
                            parallel=SequenceParallel(world_size=2))
+
+
+def test_inspect_cli_dynamic(capsys):
+    from graphpass.cli import main
+
+    assert main(["inspect", "--model", "vdt-tiny", "--steps", "10", "--dynamic"]) == 0
+    assert "shapes: free sizes hidden_states dims 1=" in capsys.readouterr().out
+    assert main(["inspect", "--model", "vdt-tiny", "--steps", "10"]) == 0
+    assert "shapes: static (those of the example call)" in capsys.readouterr().out

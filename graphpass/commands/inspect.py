@@ -8,6 +8,8 @@ def add_parser(sub) -> None:
     p.add_argument("--schedule", default="pab246", help="PAB preset name (pab246, latte, open-sora...) or a JSON file")
     p.add_argument("--steps", type=int, default=50, help="sampling steps of the plan shown")
     p.add_argument("--batch", type=int, default=2, help="batch of the capture (2 = one video with batched CFG)")
+    p.add_argument("--dynamic", action="store_true",
+                   help="capture with free frame/height/width dimensions where the model allows")
     p.add_argument("--out", default=None, help="folder to write phase graphs (.py and .dot) and the report")
     p.set_defaults(func=run)
 
@@ -20,6 +22,6 @@ def run(args) -> int:
     model, kwargs, timesteps = example_call(args.model, batch=args.batch, num_steps=args.steps)
     sched = schedule_from_json(args.schedule) if args.schedule.endswith(".json") or args.schedule.lstrip().startswith(
         "{") else PAB.preset(args.schedule)
-    opt = optimize(model, sched, example_kwargs=kwargs, timesteps=timesteps)
+    opt = optimize(model, sched, example_kwargs=kwargs, timesteps=timesteps, dynamic=args.dynamic)
     print(opt.inspect(folder=args.out))
     return 0
