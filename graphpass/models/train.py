@@ -173,7 +173,8 @@ def main(argv=None) -> None:
     ap.add_argument("--loss-log", default=None, help="default: <out without .safetensors>.loss.json")
     ap.add_argument("--state", default=None, help="resumable optimizer state (default runs/<config>.state.pt)")
     ap.add_argument("--resume", action="store_true")
-    ap.add_argument("--init", default=None, help="start from these weights (safetensors of the same config)")
+    ap.add_argument("--init", default=None, help="start from these weights (safetensors of the same config, or of one "
+                    "without the patch overlap / conv head, grown to the same function)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--log-every", type=int, default=10)
@@ -198,8 +199,10 @@ def main(argv=None) -> None:
     if args.init:
         from safetensors.torch import load_file
 
-        model.load_state_dict({k: v.float() for k, v in load_file(args.init).items()})
-        print(f"initialised from {args.init}", flush=True)
+        from .vdt import grow_state_dict
+
+        notes = grow_state_dict(model, {k: v.float() for k, v in load_file(args.init).items()})
+        print(f"initialised from {args.init}" + "".join(f"\n  {n}" for n in notes), flush=True)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.99))
     gen = torch.Generator().manual_seed(args.seed)

@@ -44,6 +44,12 @@ class VDTConfig:
     # eps = sqrt(ab) v + sqrt(1 - ab) x_t, so high-noise steps need no 1/sqrt(ab) amplification.
     # "eps": the network output is eps directly.
     prediction: str = "v"
+    # Pixels each patch embedding also sees of its neighbours on every side (0: plain non-overlapping patches).
+    patch_overlap: int = 0
+    # > 0: besides the linear patch decoder, tokens emit this many feature channels per pixel that a 3x3
+    # convolution turns into a correction of the output (zero at init), so neighbouring tokens jointly decide
+    # the pixels at their border (U-ViT's conv after the decoder, Bao et al. 2023).
+    head_channels: int = 0
 
     @property
     def tokens_per_frame(self) -> int:
@@ -60,10 +66,10 @@ class VDTConfig:
 CONFIGS: dict[str, VDTConfig] = {
     # Random-init model for fast tests.
     "vdt-tiny": VDTConfig(num_frames=4, image_size=16, patch_size=4, hidden_size=32, depth=2,
-                          num_heads=2, freq_dim=64),
+                          num_heads=2, freq_dim=64, patch_overlap=2, head_channels=4),
     # The trained model shipped in graphpass/models/weights/vdt-s.safetensors.
     "vdt-s": VDTConfig(num_frames=16, image_size=32, patch_size=4, hidden_size=96, depth=4,
-                       num_heads=4),
+                       num_heads=4, patch_overlap=2, head_channels=16),
 }
 
 
@@ -173,6 +179,38 @@ class VDTBlock(nn.Module):
         return x
 
 
+def _unpatchify(x: torch.Tensor, p: int, gh: int, gw: int) -> torch.Tensor:
+    """(B, F, gh*gw, p*p*C) token outputs -> (B, F, C, gh*p, gw*p) pixels."""
+    b, f, _, n = x.shape
+    ch = n // (p * p)
+    x = x.reshape(b, f, gh, gw, p, p, ch).permute(0, 1, 6, 2, 4, 3, 5)
+    return x.reshape(b, f, ch, gh * p, gw * p)
+
+
+def grow_state_dict(model: "VDT", state: dict[str, torch.Tensor]) -> list[str]:
+    """Load ``state``, trained for a config without patch overlap or conv head, into ``model`` so that it
+    computes the same function: a smaller patch-embedding kernel goes to the centre of the larger one (zeros
+    around), and the head's parameters keep their init (its conv starts at zero). Returns what was adapted."""
+    own = model.state_dict()
+    notes = []
+    state = dict(state)
+    w = state.get("patch_embed.weight")
+    if w is not None and w.shape != own["patch_embed.weight"].shape:
+        big = torch.zeros_like(own["patch_embed.weight"])
+        o = (big.shape[-1] - w.shape[-1]) // 2
+        big[..., o:o + w.shape[-2], o:o + w.shape[-1]] = w
+        state["patch_embed.weight"] = big
+        notes.append(f"patch_embed.weight {tuple(w.shape)} -> {tuple(big.shape)} (centred, zeros around)")
+    missing = [k for k in own if k not in state]
+    if any(not k.startswith("head_") for k in missing):
+        raise KeyError(f"weights lack {[k for k in missing if not k.startswith('head_')]}")
+    for k in missing:
+        state[k] = own[k]
+        notes.append(f"{k} kept at init")
+    model.load_state_dict(state, strict=True)
+    return notes
+
+
 class VDT(nn.Module):
     """Video diffusion transformer predicting the noise epsilon."""
 
@@ -182,7 +220,8 @@ class VDT(nn.Module):
         d, p = cfg.hidden_size, cfg.patch_size
         assert cfg.image_size % p == 0
         self.grid = cfg.image_size // p
-        self.patch_embed = nn.Conv2d(cfg.in_channels, d, kernel_size=p, stride=p)
+        o = cfg.patch_overlap
+        self.patch_embed = nn.Conv2d(cfg.in_channels, d, kernel_size=p + 2 * o, stride=p, padding=o)
         self.given_embed = nn.Parameter(torch.zeros(d))
         self.t_embedder = nn.Sequential(nn.Linear(cfg.freq_dim, d), nn.SiLU(), nn.Linear(d, d))
         self.token_embed = nn.Embedding(cfg.vocab_size, d)
@@ -192,6 +231,9 @@ class VDT(nn.Module):
         self.final_norm = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
         self.final_modulation = nn.Sequential(nn.SiLU(), nn.Linear(d, 2 * d))
         self.final_linear = nn.Linear(d, p * p * cfg.in_channels)
+        if cfg.head_channels:
+            self.head_features = nn.Linear(d, p * p * cfg.head_channels)
+            self.head_conv = nn.Conv2d(cfg.head_channels, cfg.in_channels, kernel_size=3, padding=1)
         if cfg.prediction not in ("v", "eps"):
             raise ValueError(f"prediction must be 'v' or 'eps', got {cfg.prediction!r}")
         self._init_weights()
@@ -217,6 +259,9 @@ class VDT(nn.Module):
         nn.init.zeros_(self.final_modulation[-1].bias)
         nn.init.zeros_(self.final_linear.weight)
         nn.init.zeros_(self.final_linear.bias)
+        if self.config.head_channels:
+            nn.init.zeros_(self.head_conv.weight)
+            nn.init.zeros_(self.head_conv.bias)
 
     def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor,
                 encoder_hidden_states: torch.Tensor, cond_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -244,9 +289,11 @@ class VDT(nn.Module):
             x = blk(x, c, context)
 
         shift, scale = self.final_modulation(c)[:, None, None, :].chunk(2, dim=-1)
-        x = self.final_linear(modulate(self.final_norm(x), shift, scale))  # (B, F, T, p*p*C)
-        x = x.reshape(b, f, gh, gw, p, p, ch).permute(0, 1, 6, 2, 4, 3, 5)
-        out = x.reshape(b, f, ch, hgt, wid)
+        h = modulate(self.final_norm(x), shift, scale)
+        out = _unpatchify(self.final_linear(h), p, gh, gw)  # (B, F, C, H, W)
+        if cfg.head_channels:
+            feats = _unpatchify(self.head_features(h), p, gh, gw).reshape(b * f, cfg.head_channels, hgt, wid)
+            out = out + self.head_conv(feats).reshape(b, f, ch, hgt, wid)
         if cfg.prediction == "v":
             a, s = diffusion.alpha_bar_coefficients(timestep)
             out = a.to(out.dtype).reshape(b, 1, 1, 1, 1) * out + s.to(out.dtype).reshape(b, 1, 1, 1, 1) * hidden_states

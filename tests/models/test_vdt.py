@@ -123,3 +123,40 @@ def test_closed_form_schedule_matches_the_table():
     ab = alphas_cumprod()
     torch.testing.assert_close(a.double(), ab.sqrt(), rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(s.double(), (1 - ab).sqrt(), rtol=1e-5, atol=1e-7)
+
+
+def test_grow_state_dict_keeps_the_function():
+    """Weights of a config without patch overlap / conv head load into one with them and compute the same."""
+    import dataclasses
+
+    from graphpass.models.vdt import grow_state_dict
+
+    cfg = CONFIGS["vdt-tiny"]
+    small = VDT(dataclasses.replace(cfg, patch_overlap=0, head_channels=0)).eval()
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(0)
+        for p in small.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    big = VDT(cfg).eval()
+    notes = grow_state_dict(big, small.state_dict())
+    assert any(n.startswith("patch_embed.weight") for n in notes) and "head_conv.weight kept at init" in notes
+    x = torch.randn(2, cfg.num_frames, 3, cfg.image_size, cfg.image_size, generator=g)
+    t, ids = torch.full((2,), 300.0), torch.randint(1, cfg.vocab_size, (2, cfg.cond_len), generator=g)
+    with torch.no_grad():
+        assert torch.equal(big(x, t, ids), small(x, t, ids))
+    # The head is live: once its conv is non-zero the output changes.
+    with torch.no_grad():
+        big.head_conv.weight.fill_(0.01)
+        assert not torch.allclose(big(x, t, ids), small(x, t, ids))
+    with pytest.raises(KeyError, match="lack"):
+        grow_state_dict(big, {k: v for k, v in small.state_dict().items() if k != "final_linear.weight"})
+
+
+def test_other_frame_counts_and_resolutions():
+    """Positions are computed per call: the model runs at other frame counts and (patch-multiple) sizes,
+    and refuses a size that is not a multiple of the patch."""
+    m = create("vdt-tiny")
+    out = m(torch.randn(1, 6, 3, 12, 20), torch.full((1,), 500.0), torch.ones(1, 7, dtype=torch.long))
+    assert out.shape == (1, 6, 3, 12, 20)
+    with pytest.raises(ValueError, match="multiples of the patch size 4"):
+        m(torch.randn(1, 4, 3, 14, 16), torch.full((1,), 500.0), torch.ones(1, 7, dtype=torch.long))
