@@ -18,8 +18,8 @@ at twice its example value, and a size that fails is captured static. A later ca
 the same way once per shape, against export's own guards too. ``meta["val"]`` holds the example's shapes.
 
     >>> cap = capture(vdt, kwargs, dynamic=True)   # VDT computes its sin-cos positions per call
-    >>> cap.dynamic_dims                           # (B, F, C, H, W) and the (B, F) mask
-    {'hidden_states': {1: 's0', 3: 's1', 4: 's2'}, 'cond_mask': {1: 's0'}}
+    >>> cap.dynamic_dims        # (B, F, C, H, W) and the (B, F) mask; the symbol names are export's
+    {'hidden_states': {1: 's50', 3: 's87', 4: 's35'}, 'cond_mask': {1: 's50'}}
 """
 from __future__ import annotations
 
