@@ -34,20 +34,22 @@ def random_weights_model(name: str, seed: int = 0):
     return m
 
 
-def _score_model(model, num_videos: int, num_steps: int, guidance: float, params: PhysicsParams, base_seed: int):
+def _score_model(model, num_videos: int, num_steps: int, guidance: float, params: PhysicsParams, base_seed: int,
+                 eta: float = 0.0):
     """Physics reports for the two demo tasks: label-only generation and 4-frame future prediction."""
     out = {"label": [], "predict": []}
     for i in range(num_videos):
         ref = generate(base_seed + i, params)
         if i % 2 == 0:
             v = sample(model, labels=ref.labels[None], num_steps=num_steps, guidance_scale=guidance,
-                       seed=base_seed + i, progress=False)[0]
+                       seed=base_seed + i, progress=False, eta=eta)[0]
             out["label"].append(evaluate(v))
         else:
             m = torch.zeros(1, params.num_frames)
             m[:, :4] = 1
             v = sample(model, labels=ref.labels[None], cond_frames=ref.video[None], cond_mask=m,
-                       num_steps=num_steps, guidance_scale=guidance, seed=base_seed + i, progress=False)[0]
+                       num_steps=num_steps, guidance_scale=guidance, seed=base_seed + i, progress=False,
+                       eta=eta)[0]
             out["predict"].append(evaluate(v))
     return out
 
@@ -76,6 +78,7 @@ def build_card(name: str = "vdt-s", num_videos: int = 8, num_steps: int = 50, gu
     t0 = time.time()
     trained = _score_model(model, num_videos, num_steps, guidance, params, base_seed=5000)
     sec = (time.time() - t0) / num_videos
+    stochastic = _score_model(model, num_videos, num_steps, guidance, params, base_seed=5000, eta=1.0)
     rnd = _score_model(random_weights_model(name), num_videos, num_steps, guidance, params, base_seed=5000)
     real = [evaluate(generate(5000 + i, params).video) for i in range(num_videos)]
 
@@ -100,7 +103,9 @@ video DiT to optimise and check against, small enough to run on a CPU.
 | field | value |
 |---|---|
 | video | {cfg.num_frames} frames x {cfg.image_size} x {cfg.image_size} px x {cfg.in_channels}, values in [-1, 1] |
-| patch | {cfg.patch_size} ({cfg.tokens_per_frame} tokens / frame, {cfg.tokens_per_frame * cfg.num_frames} / video) |
+| patch | {cfg.patch_size} ({cfg.tokens_per_frame} tokens / frame, {cfg.tokens_per_frame * cfg.num_frames} / video); the embedding also sees {cfg.patch_overlap} px of each neighbour |
+| decoder | linear per token{f" plus {cfg.head_channels} feature channels per pixel refined by a 3x3 conv (U-ViT)" if cfg.head_channels else ""} |
+| positions | sin-cos over frames and the patch grid, computed per call (other frame counts and sizes run) |
 | hidden / depth / heads | {cfg.hidden_size} / {cfg.depth} / {cfg.num_heads} |
 | parameters | {nparams / 1e6:.2f} M |
 | conditioning | {cfg.cond_len} label tokens, vocabulary {VOCAB} (0 = null, for guidance) |
@@ -119,7 +124,8 @@ null token. Fresh generator videos every step (no fixed dataset). Initialised fr
 
 | field | value |
 |---|---|
-| steps trained | {meta.get('steps')} (batch {loss_log.get('batch')}) |
+| steps trained | {meta.get('steps')} in the last run (batch {loss_log.get('batch')}) |
+| history | {meta.get('history', 'n/a')} |
 | wall time | {wall / 60:.0f} min on {loss_log.get('threads')} CPU thread(s), {np.median(ips) if ips else float('nan'):.2f} it/s median |
 | recorded fixed-batch loss | {float(meta['recorded_loss']):.5f} (recomputed now: {recomputed:.5f}) |
 | weights dtype | {meta.get('dtype')} |
@@ -132,7 +138,7 @@ Training loss (window means):
 
 ## Sample quality (physics check, `graphpass.eval.physics`)
 
-{num_videos} videos, DDIM {num_steps} steps, guidance {guidance}, seeds 5000..{5000 + num_videos - 1};
+{num_videos} videos, DDIM {num_steps} steps (eta=0 unless noted), guidance {guidance}, seeds 5000..{5000 + num_videos - 1};
 even seeds generate from the label only, odd seeds predict frames 5-16 given frames 1-4.
 Plausibility is in [0, 1], higher is better; residual is the RMS error (px) of piecewise
 gravity-parabola / line fits to the detected ball tracks.
@@ -142,6 +148,8 @@ gravity-parabola / line fits to the detected ball tracks.
 | generator (ground truth) | - | {_summ(real)} |
 | trained {name} | label only | {_summ(trained['label'])} |
 | trained {name} | future prediction | {_summ(trained['predict'])} |
+| trained {name}, eta=1 (DDPM-like) | label only | {_summ(stochastic['label'])} |
+| trained {name}, eta=1 (DDPM-like) | future prediction | {_summ(stochastic['predict'])} |
 | random weights | label only | {_summ(rnd['label'])} |
 | random weights | future prediction | {_summ(rnd['predict'])} |
 

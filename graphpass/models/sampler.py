@@ -1,4 +1,4 @@
-"""Deterministic DDIM (eta = 0) sampler with batched classifier-free guidance.
+"""DDIM sampler (deterministic at eta = 0, the default) with batched classifier-free guidance.
 
 The model is any callable invoked as
 ``model(hidden_states=x, timestep=t, encoder_hidden_states=ids, cond_mask=m)``
@@ -34,14 +34,18 @@ def _shape_of(model, batch: int) -> tuple[int, ...]:
 def sample(model, *, labels: torch.Tensor, cond_frames: torch.Tensor | None = None,
            cond_mask: torch.Tensor | None = None, num_steps: int = 50, guidance_scale: float = 2.0,
            seed: int = 0, progress: bool = True, shape: tuple[int, ...] | None = None,
-           device: str | torch.device = "cpu") -> torch.Tensor:
+           device: str | torch.device = "cpu", eta: float = 0.0) -> torch.Tensor:
     """Generate videos (B, F, C, H, W) clamped to [-1, 1].
 
     labels (B, L) int64 token ids. cond_frames (B, F, C, H, W) supplies the clean
     frames where cond_mask (B, F) is 1 (future prediction, interpolation); those
     frames are re-imposed at every step and copied into the output.
     guidance_scale 1.0 disables guidance (still one batched call of size 2B).
+    eta: DDIM's stochasticity (Song et al. 2021): 0 follows the deterministic ODE, 1 adds the DDPM
+    posterior's noise at every step (drawn from the same seeded generator, so still reproducible).
     """
+    if not 0.0 <= eta <= 1.0:
+        raise ValueError(f"eta must be in [0, 1] (0 = deterministic DDIM, 1 = DDPM-like), got {eta}")
     labels = labels.to(device).long()
     b = labels.shape[0]
     full_shape = (b, *shape) if shape is not None else _shape_of(model, b)
@@ -74,6 +78,9 @@ def sample(model, *, labels: torch.Tensor, cond_frames: torch.Tensor | None = No
         x0 = (x - (1 - a_t) ** 0.5 * eps) / a_t ** 0.5
         x0 = x0.clamp(-1, 1)
         eps = (x - a_t ** 0.5 * x0) / (1 - a_t) ** 0.5
-        x = a_prev ** 0.5 * x0 + (1 - a_prev) ** 0.5 * eps
+        sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)) ** 0.5
+        x = a_prev ** 0.5 * x0 + (1 - a_prev - sigma ** 2) ** 0.5 * eps
+        if sigma > 0:
+            x = x + sigma * torch.randn(full_shape, generator=gen).to(device)
     x = m * cond_frames + (1 - m) * x
     return x.clamp(-1, 1)

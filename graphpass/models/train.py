@@ -203,6 +203,12 @@ def main(argv=None) -> None:
 
         notes = grow_state_dict(model, {k: v.float() for k, v in load_file(args.init).items()})
         print(f"initialised from {args.init}" + "".join(f"\n  {n}" for n in notes), flush=True)
+    prior = ""  # what the init weights were trained with, so the shipped file tells its whole history
+    if args.init:
+        from . import read_metadata
+
+        m = read_metadata(args.init)
+        prior = (m.get("history") or f"{m.get('steps', '?')} steps at batch {m.get('train_batch', '?')}") + ", then "
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.99))
     gen = torch.Generator().manual_seed(args.seed)
@@ -224,7 +230,8 @@ def main(argv=None) -> None:
           f"batch {args.batch}, steps {args.steps}, threads {torch.get_num_threads()}", flush=True)
 
     def checkpoint(step: int, wall: float) -> None:
-        rec = save_weights(ema, args.config, step, out, extra={"train_batch": args.batch, "wall_s": f"{wall:.0f}"})
+        rec = save_weights(ema, args.config, step, out, extra={"train_batch": args.batch, "wall_s": f"{wall:.0f}",
+                                                                "history": f"{prior}{step} steps at batch {args.batch}"})
         log["fixed_batch_loss"].append([step, rec])
         log["recorded_loss"], log["steps_trained"] = rec, step
         tmp = loss_log_path.with_suffix(".tmp")

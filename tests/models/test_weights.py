@@ -78,3 +78,21 @@ def test_wrong_config_raises_weights_error(tmp_path):
 
 def test_weights_error_is_a_value_error():
     assert issubclass(WeightsError, ValueError)
+
+
+def test_training_run_continues_from_init_and_records_history(tmp_path):
+    """A short training run from saved weights: writes loadable EMA weights whose metadata carries the
+    init's history, and a loss log."""
+    import json
+
+    from graphpass.models.train import main
+
+    _, init, _ = _tiny_file(tmp_path)
+    out = tmp_path / "run" / "vdt-tiny.safetensors"
+    main(["--config", "vdt-tiny", "--init", str(init), "--steps", "3", "--batch", "2", "--out", str(out),
+          "--state", str(tmp_path / "state.pt"), "--log-every", "1", "--threads", "1"])
+    meta = read_metadata(out)
+    assert meta["steps"] == "3" and meta["history"] == "1 steps at batch ?, then 3 steps at batch 2"
+    log = json.loads(out.with_name("vdt-tiny.loss.json").read_text())
+    assert log["step"][-1] == 3 and all(v > 0 for v in log["loss"])
+    load("vdt-tiny", path=out)
