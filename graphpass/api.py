@@ -45,7 +45,8 @@ def optimize(model: torch.nn.Module, schedule: Schedule | str, *, example_kwargs
             where the model allows, so one optimised model serves other video sizes; the dimensions the model
             fixes stay static and a call that changes them gets an ``InputError``. Each new shape is checked
             once on fake tensors; FLOPs and cache sizes in ``inspect()`` are those of the example call.
-            Exported artefacts are static at the example's shapes. Not with ``parallel``.
+            Exported artefacts are static at the example's shapes. Not with ``parallel``; AdaCache's MoReg
+            measures at the example's frame layout only (its plain metric serves any size).
 
     Returns an :class:`~graphpass.OptimizedModel` called exactly like ``model``.
     """

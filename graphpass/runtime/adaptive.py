@@ -102,6 +102,11 @@ class ResidualModel(OptimizedModel):
     def _phase_for(self, st: GenerationState, t: float) -> Phase:
         if not self.adaptive:
             return super()._phase_for(st, t)
+        if self._strides and st.shapes != tuple(sp.shape for sp in self.captured.input_specs):
+            # MoReg splits the residual into frames with the layout found at capture (sizes, not symbols)
+            raise InputError(f"MoReg measures motion over the frames of the captured shapes "
+                             f"{[sp.shape for sp in self.captured.input_specs]}, not {list(st.shapes)}: optimise for "
+                             f"this size, or use AdaCache(moreg=None), whose metric serves any size")
         i = st.counter
         if i == 0:
             self._deciders[self._context] = AdaptiveDecider(self.schedule, self.span.path,

@@ -189,3 +189,26 @@ def test_dynamic_capture_at_another_size_equals_reference():
     ref = run_reference(make_case("vdt").model, kw, TS, decisions, "residual")
     assert _max_diff(outs, ref) < 1e-6
     assert _max_diff(outs, run_loop(case.model, kw, TS)) > 1e-3
+
+
+def test_dynamic_capture_moreg_refuses_another_size_and_plain_metric_serves_it():
+    from test_dynamic import _vdt_kwargs
+
+    case = make_case("vdt")
+    kw = _vdt_kwargs(6, 20, 12)
+    opt = graphpass.optimize(case.model, AdaCache(codebook=ALWAYS, moreg=MoReg(window=(1, 10))),
+                             example_kwargs=case.kwargs(), timesteps=TS, dynamic=True)
+    with pytest.raises(graphpass.InputError, match="MoReg measures motion over the frames of the captured shapes"):
+        run_loop(opt, kw, TS)
+    # Without MoReg the metric (an L1 ratio over all of a sample's elements) runs at the new size, and an
+    # always-compute codebook equals eager there.
+    opt = graphpass.optimize(case.model, AdaCache(codebook=ALWAYS, metric_at="blocks.1"),
+                             example_kwargs=case.kwargs(), timesteps=TS, dynamic=True)
+    model = make_case("vdt").model
+    res = _block_residuals(model, "blocks.1")
+    assert _max_diff(run_loop(opt, kw, TS), run_loop(model, kw, TS)) == 0.0
+    assert opt.records()
+    for rec in opt.records():  # the metric at the new size, against the eager residuals
+        now, prev = res[rec.step], res[rec.step - 1]
+        dist = [((now[b] - prev[b]).abs().sum() / prev[b].abs().sum()).item() for b in range(2)]
+        assert rec.distance == pytest.approx(dist, rel=1e-5)
