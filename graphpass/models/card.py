@@ -21,6 +21,7 @@ from ..eval.physics import evaluate
 from . import create, load, read_metadata, weights_path
 from .physics import VOCAB, PhysicsParams, decode_label, generate
 from .sampler import sample
+from .video_io import write_frame_strip
 from .train import fixed_batch_loss
 
 
@@ -36,14 +37,16 @@ def random_weights_model(name: str, seed: int = 0):
 
 def _score_model(model, num_videos: int, num_steps: int, guidance: float, params: PhysicsParams, base_seed: int,
                  eta: float = 0.0):
-    """Physics reports for the two demo tasks: label-only generation and 4-frame future prediction."""
-    out = {"label": [], "predict": []}
+    """Physics reports for the two demo tasks: label-only generation and 4-frame future prediction
+    (and the videos, under ``"videos"``)."""
+    out = {"label": [], "predict": [], "videos": []}
     for i in range(num_videos):
         ref = generate(base_seed + i, params)
         if i % 2 == 0:
             v = sample(model, labels=ref.labels[None], num_steps=num_steps, guidance_scale=guidance,
                        seed=base_seed + i, progress=False, eta=eta)[0]
             out["label"].append(evaluate(v))
+            out["videos"].append(v)
         else:
             m = torch.zeros(1, params.num_frames)
             m[:, :4] = 1
@@ -51,6 +54,7 @@ def _score_model(model, num_videos: int, num_steps: int, guidance: float, params
                        num_steps=num_steps, guidance_scale=guidance, seed=base_seed + i, progress=False,
                        eta=eta)[0]
             out["predict"].append(evaluate(v))
+            out["videos"].append(v)
     return out
 
 
@@ -81,6 +85,8 @@ def build_card(name: str = "vdt-s", num_videos: int = 8, num_steps: int = 50, gu
     stochastic = _score_model(model, num_videos, num_steps, guidance, params, base_seed=5000, eta=1.0)
     rnd = _score_model(random_weights_model(name), num_videos, num_steps, guidance, params, base_seed=5000)
     real = [evaluate(generate(5000 + i, params).video) for i in range(num_videos)]
+    out = Path(out) if out is not None else path.with_name("MODEL_CARD.md")
+    strip = write_frame_strip(trained["videos"][:4], out.with_name(f"{name}.samples.png"))
 
     steps, losses = loss_log.get("step", []), loss_log.get("loss", [])
     k = max(1, len(losses) // 10)
@@ -153,17 +159,21 @@ gravity-parabola / line fits to the detected ball tracks.
 | random weights | label only | {_summ(rnd['label'])} |
 | random weights | future prediction | {_summ(rnd['predict'])} |
 
+![samples]({strip.name})
+
+Frames 1, 4, 7, 10, 13, 16 (columns) of the first four videos above (rows: label only, future prediction,
+label only, future prediction; the prediction rows' first column is a given frame).
+
 Sampling time: {sec:.1f} s per video on {torch.get_num_threads()} CPU thread(s) (includes guidance: batch 2).
 
 ## Limitations
 
-Tiny resolution and short training: balls can blur, change colour or fade, and labels are not
+Tiny resolution and short training: balls can blur, split in two, change colour or fade, and labels are not
 always followed. Balls do not collide with each other in the training world. Use it as a compiler
 test subject, not as a video model.
 
 Example caption: `{decode_label(generate(5000, params).labels)}`.
 """
-    out = Path(out) if out is not None else path.with_name("MODEL_CARD.md")
     out.write_text(text)
     return out
 

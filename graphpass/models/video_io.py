@@ -63,3 +63,21 @@ def write_video(video: torch.Tensor, stem: str | Path, fps: int = 8, scale: int 
     """Write both ``stem.mp4`` and ``stem.gif``."""
     stem = Path(stem)
     return [write_mp4(video, stem.with_suffix(".mp4"), fps, scale), write_gif(video, stem.with_suffix(".gif"), fps, scale)]
+
+
+def write_frame_strip(videos: list[torch.Tensor], path: str | Path, frames: tuple[int, ...] = (0, 3, 6, 9, 12, 15),
+                      scale: int = 3) -> Path:
+    """A PNG with one row per (F, C, H, W) video and one column per frame index (1 px white gaps)."""
+    import imageio.v2 as imageio
+
+    rows = []
+    for v in videos:
+        cells = [to_uint8(v[f:f + 1], scale)[0] for f in frames]
+        gap = np.full((cells[0].shape[0], scale, 3), 255, np.uint8)
+        rows.append(np.concatenate([x for c in cells for x in (c, gap)][:-1], axis=1))
+    hgap = np.full((scale, rows[0].shape[1], 3), 255, np.uint8)
+    img = np.concatenate([x for r in rows for x in (r, hgap)][:-1], axis=0)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    imageio.imwrite(path, img)
+    return path

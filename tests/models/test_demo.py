@@ -48,3 +48,17 @@ def test_quality_is_measured_on_generated_frames_only(tmp_path):
 
     out = demo.run(tmp_path, num_videos=2, num_steps=2, model=_model(), optimize_fn=optimize_fn, write=False)
     assert math.isfinite(out["optimized"]["psnr"]) and out["optimized"]["ssim"] < 1.0
+
+
+def test_frame_strip_png(tmp_path):
+    import imageio.v2 as imageio
+
+    from graphpass.models.video_io import write_frame_strip
+
+    a = -torch.ones(16, 3, 8, 8)
+    b = torch.ones(16, 3, 8, 8)
+    path = write_frame_strip([a, b], tmp_path / "s.png", frames=(0, 5, 15), scale=2)
+    img = imageio.imread(path)
+    # 2 rows of 16 px with a 2 px gap; 3 columns of 16 px with 2 px gaps
+    assert img.shape == (2 * 16 + 2, 3 * 16 + 2 * 2, 3)
+    assert img[0, 0].tolist() == [0, 0, 0] and img[-1, -1].tolist() == [255, 255, 255]
