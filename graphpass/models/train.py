@@ -196,17 +196,15 @@ def main(argv=None) -> None:
     state_path = Path(args.state) if args.state else Path("runs") / f"{args.config}.state.pt"
 
     model = VDT(cfg)
+    prior = ""  # what the init weights were trained with, so the shipped file tells its whole history
     if args.init:
         from safetensors.torch import load_file
 
+        from . import read_metadata
         from .vdt import grow_state_dict
 
         notes = grow_state_dict(model, {k: v.float() for k, v in load_file(args.init).items()})
         print(f"initialised from {args.init}" + "".join(f"\n  {n}" for n in notes), flush=True)
-    prior = ""  # what the init weights were trained with, so the shipped file tells its whole history
-    if args.init:
-        from . import read_metadata
-
         m = read_metadata(args.init)
         prior = (m.get("history") or f"{m.get('steps', '?')} steps at batch {m.get('train_batch', '?')}") + ", then "
     ema = copy.deepcopy(model).eval().requires_grad_(False)

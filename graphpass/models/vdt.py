@@ -219,7 +219,6 @@ class VDT(nn.Module):
         self.config = cfg = config
         d, p = cfg.hidden_size, cfg.patch_size
         assert cfg.image_size % p == 0
-        self.grid = cfg.image_size // p
         o = cfg.patch_overlap
         self.patch_embed = nn.Conv2d(cfg.in_channels, d, kernel_size=p + 2 * o, stride=p, padding=o)
         self.given_embed = nn.Parameter(torch.zeros(d))

@@ -104,9 +104,12 @@ class CapturedGraph:
         if len(shape) == len(spec.shape) and not fixed:
             return
         why = f"dimension(s) {fixed} are static in this capture" if fixed else "the rank differs"
-        hint = (f" (its free dimensions: {sorted(free)})" if free else
-                " (graphpass.optimize(..., dynamic=True) frees the dimensions the model allows)"
-                if not self.dynamic_dims else "")
+        if free:
+            hint = f" (its free dimensions: {sorted(free)})"
+        elif not self.dynamic_dims:
+            hint = " (graphpass.optimize(..., dynamic=True) frees the dimensions the model allows)"
+        else:
+            hint = ""
         raise InputError(f"argument {name!r} has shape {shape} but the graph was captured for {spec.shape}: {why}"
                          f"{hint}; call graphpass.optimize again with example inputs of this shape")
 
@@ -183,18 +186,19 @@ def capture(model: torch.nn.Module, example_kwargs: dict[str, Any], *, dynamic: 
     names = list(tensors)
     free = {(k, i) for k, v in tensors.items() if dynamic and v.dtype.is_floating_point for i in range(1, v.dim())}
     ep = _export(model, names, constants, tensors, free)
-    while free:
-        symbols = _free_dims(ep, names)
-        bad = {key for key, sym in symbols.items() if _probe(ep, names, tensors, symbols, sym) is not None}
-        free = set(symbols) - bad
+    src = ep.module()  # with export's input guards: probes new shapes now, checks calls' shapes later
+    symbols = _free_dims(ep, names) if free else {}
+    while symbols:
+        bad = {key for key, sym in symbols.items() if _probe(src, names, tensors, symbols, sym) is not None}
         if not bad:
             break
-        ep = _export(model, names, constants, tensors, free)  # the sizes that failed their probe, static
+        ep = _export(model, names, constants, tensors, set(symbols) - bad)  # what failed its probe, static
+        src = ep.module()
+        symbols = _free_dims(ep, names) if set(symbols) - bad else {}
     dynamic_dims: dict[str, dict[int, str]] = {}
-    for (k, i), sym in sorted(_free_dims(ep, names).items(), key=lambda kv: names.index(kv[0][0])):
+    for (k, i), sym in sorted(symbols.items(), key=lambda kv: names.index(kv[0][0])):
         dynamic_dims.setdefault(k, {})[i] = str(sym)
 
-    src = ep.module()
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     outputs = None
@@ -230,7 +234,7 @@ def capture(model: torch.nn.Module, example_kwargs: dict[str, Any], *, dynamic: 
         out_spec=ep.call_spec.out_spec,
         model_type=type(model).__name__,
         dynamic_dims=dynamic_dims,
-        checker=ep.module() if dynamic_dims else None,
+        checker=src if dynamic_dims else None,
     )
 
 
@@ -269,8 +273,8 @@ def _free_dims(ep, names) -> dict[tuple[str, int], Any]:
     return out
 
 
-def _probe(ep, names, tensors, symbols, expr) -> str | None:
-    """Run the export (with its guards) on fake inputs where ``expr``'s symbols take twice their example
+def _probe(exported: fx.GraphModule, names, tensors, symbols, expr) -> str | None:
+    """Run the exported module (with its guards) on fake inputs where ``expr``'s symbols take twice their example
     values: None if it accepts them, else why not."""
     base = {}
     for (k, i), e in symbols.items():
@@ -284,7 +288,7 @@ def _probe(ep, names, tensors, symbols, expr) -> str | None:
             if n == k:
                 shape[i] = int(e.xreplace(doubled))
         shapes.append(tuple(shape))
-    return shape_error(ep.module(), shapes, [tensors[k].dtype for k in names])
+    return shape_error(exported, shapes, [tensors[k].dtype for k in names])
 
 
 def _concrete(v):
