@@ -90,17 +90,14 @@ def test_cond_and_uncond_contexts_do_not_mix(latte):
     assert opt.state("cond").counter == opt.state("uncond").counter == 50
     assert opt.state().counter == 0  # the default context was not touched
 
-    # the same interleaving in one context mixes them: counters advance twice per step, caches cross over
+    # the same interleaving in one context would mix them (the uncond call reusing the cond call's
+    # attention): the second call at one timestep warns, naming the fix
     opt.reset()
-    xc, mixed = cond["hidden_states"], []
+    ts = torch.full((2,), DDIM_50[0], dtype=torch.int64)
     with torch.no_grad():
-        for t in DDIM_50:
-            ts = torch.full((2,), t, dtype=torch.int64)
-            oc = opt(**dict(cond, hidden_states=xc, timestep=ts))
-            opt(**dict(uncond, hidden_states=xc, timestep=ts))
-            mixed.append(first(oc))
-            xc = step(xc, oc)
-    assert not _equal(mixed, alone_c)
+        opt(**dict(cond, timestep=ts))
+        with pytest.warns(UserWarning, match="cache_context"):
+            opt(**dict(uncond, timestep=ts))
 
 
 def _bytes_per_step(opt, kwargs):

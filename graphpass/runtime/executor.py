@@ -2,18 +2,24 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
 
-from ..errors import InputError
+from ..errors import InputError, ScheduleError
 from ..passes.capture import CapturedGraph
 from ..passes.elide import elide_collectives
 from ..passes.specialise import PhaseGraph, specialise_phase
 from ..passes.tag import Region
-from ..schedules.base import Action, Phase, Plan, Schedule
+from ..schedules.base import Action, Phase, Plan, Schedule, progress_position
 from .cache import CacheStore
+from .facade import ModelFacade
+
+TIMESTEP_ORDERS = ("falling", "rising")
+#: Generations of a single call in a row after which the runtime says the timesteps look like they rise.
+_SINGLE_CALL_GENERATIONS = 3
 
 
 @dataclass
@@ -25,24 +31,34 @@ class GenerationState:
     shapes: tuple | None = None  # input shapes of the generation (a dynamic capture serves several)
     cache: CacheStore = field(default_factory=CacheStore)
     trace: list[tuple[float, Phase]] = field(default_factory=list)
+    off_plan: bool = False  # a call of this generation left the plan: the rest goes step by step
+    single_call_generations: int = 0  # generations in a row that ended after one call (rising timesteps?)
+    warned: set[str] = field(default_factory=set)  # warnings given once per context
 
     def reset(self) -> None:
         self.counter = 0
         self.last_t = None
         self.shapes = None
+        self.off_plan = False
         self.cache.clear()
         self.trace = []
 
 
-class OptimizedModel(torch.nn.Module):
-    """Drop-in replacement for the optimised model: same keyword call, same outputs.
+class OptimizedModel(ModelFacade):
+    """Drop-in replacement for the optimised model: same keyword call, same outputs, and the model's face
+    for the code around it (``config``, ``dtype``, ``device``, ``save_pretrained``: see
+    :mod:`graphpass.runtime.facade`).
 
     Each call reads its timestep, advances the generation counter, picks the phase (from the plan when one
     was made with :meth:`plan`, else step by step from the schedule), runs that phase's graph with the
     cached tensors it needs, stores what later steps read and frees what they do not.
-    A call whose timestep is above the previous one, or whose input shapes differ from the previous call's
-    (a capture made with ``dynamic=True`` serves other frame counts and resolutions), starts a new
-    generation (counter 0, empty cache).
+    A call whose timestep is above the previous one (below it with ``timestep_order="rising"``), or whose
+    input shapes differ from the previous call's (a new batch size, or with ``dynamic=True`` another frame
+    count or resolution), starts a new generation (counter 0, empty cache).
+
+    No silent failure: a second call at the same timestep in one cache context (separate cond/uncond calls
+    without ``cache_context``) warns once; a generation that leaves its plan warns once and goes on step by
+    step; generations that keep ending after one call (timesteps that rise) warn once.
     """
 
     #: Set when the model runs split over ranks (:mod:`graphpass.runtime.parallel`); decisions taken from
@@ -50,12 +66,16 @@ class OptimizedModel(torch.nn.Module):
     parallel = None
 
     def __init__(self, model: torch.nn.Module, captured: CapturedGraph, regions: list[Region], schedule: Schedule,
-                 *, timestep_arg: str = "timestep", backend: str = "eager"):
+                 *, timestep_arg: str = "timestep", backend: str = "eager", timestep_order: str = "falling"):
         super().__init__()
         from ..exporters.backends import make_runner  # backends come after the passes
 
+        if timestep_order not in TIMESTEP_ORDERS:
+            raise InputError(f"timestep_order={timestep_order!r}: one of {', '.join(TIMESTEP_ORDERS)} (how the "
+                             f"sampler's timesteps move over a generation)")
         self.model = model  # keeps the shared parameters registered on this module
-        self.config = getattr(model, "config", None)  # pipelines and samplers read the model's config
+        if model is not None:  # pipelines record a component's class from its module and name
+            self.__dict__["__module__"] = type(model).__module__
         self.captured = captured
         self.regions = regions
         self.schedule = schedule
@@ -66,21 +86,49 @@ class OptimizedModel(torch.nn.Module):
         self._runners: dict[Phase, Callable] = {}
         self._contexts: dict[str, GenerationState] = {}
         self._context = "default"
+        self._context_info: dict[str, Any] = {}  # cache_context's keyword arguments (step_index...)
+        self.timestep_order = timestep_order
         self._plan: Plan | None = None
         self._on_plan = False  # whether the current call follows the plan
         self._keys_by_region = {r.path: r.cache_keys for r in regions}
         self.phase_calls: dict[Phase, int] = {}
 
     # --- public ----------------------------------------------------------------------------------
-    def plan(self, timesteps: Sequence[float] | torch.Tensor) -> Plan:
+    def plan(self, timesteps: Sequence[float] | torch.Tensor, *, step_indices: Sequence[int] | None = None,
+             num_steps: int | None = None) -> Plan:
         """Fix the plan for generations over ``timesteps`` (the sampler's, in call order) and build the
-        graphs of its phases. Calls whose timesteps follow it use it; others fall back to step-by-step."""
-        if isinstance(timesteps, torch.Tensor):
-            timesteps = timesteps.detach().cpu().flatten().tolist()
-        self._plan = self.schedule.plan(self.regions, list(timesteps))
+        graphs of its phases. Calls whose timesteps follow it use it; a generation that leaves it warns
+        and goes on step by step (or raises, for schedules that need the trajectory).
+
+        ``step_indices``/``num_steps``: when this model runs only some steps of a longer trajectory (the
+        experts of a two-transformer pipeline), each given timestep's index in it and its length, so that
+        progress windows mean the same fraction of sampling for every expert.
+        """
+        ts = _timestep_list(timesteps)
+        if step_indices is None:
+            step_indices, num_steps = list(range(len(ts))), len(ts)
+        elif num_steps is None or len(step_indices) != len(ts):
+            raise InputError("plan(step_indices=...) needs one index per timestep and num_steps")
+        self._check_order(ts)
+        positions = ([progress_position(i, num_steps) for i in step_indices] if self.schedule.needs_trajectory
+                     else self._schedule_axis(ts))
+        planned = self.schedule.plan(self.regions, positions)
+        self._plan = Plan(ts, planned.phases)
         for ph in self._plan.distinct():
             self.phase_graph(ph)
         return self._plan
+
+    def _schedule_axis(self, ts: list[float]) -> list[float]:
+        return ts
+
+    def _check_order(self, ts: list[float]) -> None:
+        rising = self.timestep_order == "rising"
+        bad = next((i for i in range(1, len(ts)) if (ts[i] < ts[i - 1] if rising else ts[i] > ts[i - 1])), None)
+        if bad is not None:
+            raise InputError(f"plan timesteps {'fall' if rising else 'rise'} at step {bad} ({ts[bad - 1]:g} -> "
+                             f"{ts[bad]:g}) but this model expects {self.timestep_order} timesteps (each generation "
+                             f"starts when they turn back): pass the sampler's timesteps in call order, or "
+                             f"optimize(..., timestep_order={'falling' if rising else 'rising'!r}) for such a sampler")
 
     @property
     def current_plan(self) -> Plan | None:
@@ -94,17 +142,22 @@ class OptimizedModel(torch.nn.Module):
         return self._phase_graphs[phase]
 
     @contextlib.contextmanager
-    def cache_context(self, name: str):
+    def cache_context(self, name: str, **info):
         """Route calls to a separate cache and counter, e.g. for separate cond/uncond calls::
 
             with opt.cache_context("uncond"):
                 eps_u = opt(hidden_states=x, timestep=t, encoder_hidden_states=null)
+
+        diffusers' protocol: pipelines may say where the loop is (``step_index=``, ``num_inference_steps=``,
+        ``sigma=``, ``timestep=``); schedules whose windows are fractions of the trajectory read
+        ``step_index`` and ``num_inference_steps`` when no plan was made.
         """
-        prev, self._context = self._context, name
+        prev, prev_info = self._context, self._context_info
+        self._context, self._context_info = name, dict(info)
         try:
             yield self._state()
         finally:
-            self._context = prev
+            self._context, self._context_info = prev, prev_info
 
     def reset(self) -> None:
         """Forget every context's generation: counters to 0, caches freed."""
@@ -127,8 +180,17 @@ class OptimizedModel(torch.nn.Module):
         flat = self.captured.flatten_call(kwargs)
         st = self._state()
         shapes = tuple(tuple(v.shape) for v in flat)
-        if st.last_t is not None and (t > st.last_t or shapes != st.shapes):
-            st.reset()  # timestep went back up, or the video size changed: a new generation
+        if st.last_t is not None and (self._turned_back(t, st.last_t) or shapes != st.shapes
+                                      or self._context_info.get("step_index") == 0):
+            self._end_generation(st)  # timestep went back, the input size changed, or the pipeline says so
+        elif st.last_t is not None and t == st.last_t and "repeat" not in st.warned:
+            st.warned.add("repeat")
+            warnings.warn(
+                f"graphpass: two calls at timestep {t:g} in one generation of cache context {self._context!r}: the "
+                f"second is taken as the next step and may reuse the first call's attention. Separate cond/uncond "
+                f"calls need their own caches: wrap each in `with opt.cache_context('cond'):` / `('uncond')` (or "
+                f"batch them in one call); to start a new generation at the same timestep call opt.reset()",
+                stacklevel=3)
         st.shapes = shapes
         self._on_plan = False  # _phase_for sets it when this call follows the plan
         phase = self._phase_for(st, t)
@@ -161,28 +223,68 @@ class OptimizedModel(torch.nn.Module):
     def _state(self) -> GenerationState:
         return self.state(self._context)
 
+    def _turned_back(self, t: float, last_t: float) -> bool:
+        return t < last_t if self.timestep_order == "rising" else t > last_t
+
+    def _end_generation(self, st: GenerationState) -> None:
+        st.single_call_generations = st.single_call_generations + 1 if st.counter == 1 else 0
+        if st.single_call_generations >= _SINGLE_CALL_GENERATIONS and "order" not in st.warned:
+            st.warned.add("order")
+            other = "rising" if self.timestep_order == "falling" else "falling"
+            warnings.warn(f"graphpass: the last {st.single_call_generations} generations each ended after one call: "
+                          f"the timesteps look {other}, so every call starts a new generation and nothing is reused. "
+                          f"Pass optimize(..., timestep_order={other!r}) for such a sampler.", stacklevel=3)
+        st.reset()
+
     def _timestep(self, kwargs) -> float:
         if self.timestep_arg not in kwargs or kwargs[self.timestep_arg] is None:
             raise InputError(f"missing timestep: graphpass reads argument {self.timestep_arg!r} of every call to "
                              f"pick the schedule phase; pass it (or set timestep_arg= in graphpass.optimize)")
         t = kwargs[self.timestep_arg]
-        t = t.detach().flatten() if isinstance(t, torch.Tensor) else torch.tensor([float(t)])
+        t = t.detach() if isinstance(t, torch.Tensor) else torch.tensor([float(t)])
         if t.numel() == 0:
             raise InputError(f"timestep argument {self.timestep_arg!r} is empty")
-        lo, hi = float(t.min()), float(t.max())
-        if lo != hi:
-            raise InputError(f"timestep holds different values in one call ({lo:g}..{hi:g}); graphpass steps all "
-                             f"samples of a call together: pass one timestep for the whole batch")
-        return hi
+        if not bool(torch.isfinite(t).all()):
+            raise InputError(f"timestep argument {self.timestep_arg!r} holds a non-finite value ({t.flatten()[:4].tolist()}"
+                             f"...); pass the sampler's timesteps")
+        # One step for the whole call: per-sample timesteps must agree; per-token timesteps (a clean
+        # conditioning frame at 0 beside noisy tokens, Wan 2.2 TI2V) step at their noisiest token.
+        rows = t.reshape(t.shape[0], -1) if t.dim() > 0 else t.reshape(1, 1)
+        if rows.shape[0] > 1 and not bool((rows == rows[:1]).all()):
+            lo, hi = float(rows.amax(1).min()), float(rows.amax(1).max())
+            raise InputError(f"timestep holds different values in one call, one per sample ({lo:g}..{hi:g}); "
+                             f"graphpass steps all samples of a call together: pass one timestep for the whole batch")
+        return float(rows[0].max())
 
     def _phase_for(self, st: GenerationState, t: float) -> Phase:
         plan = self._plan
-        if plan is not None and st.counter < len(plan) and abs(plan.timesteps[st.counter] - t) < 1e-6:
+        if plan is not None and not st.off_plan and st.counter < len(plan) and abs(plan.timesteps[st.counter] - t) < 1e-6:
             # The plan was made for this generation; its stores guarantee every reuse finds its tensors.
             self._on_plan = True
             return plan.phases[st.counter]
+        position = self._position(st, t)
+        st.off_plan = plan is not None
+        if plan is not None and "plan" not in st.warned:
+            st.warned.add("plan")
+            expected = f"{plan.timesteps[st.counter]:g}" if st.counter < len(plan) else "the end of the plan"
+            warnings.warn(f"graphpass: call {st.counter} of this generation (timestep {t:g}) leaves the plan made by "
+                          f"opt.plan() for {len(plan)} steps (expected {expected}); going on step by step, which "
+                          f"keeps more tensors cached. Call opt.plan() with the sampler's new timesteps.", stacklevel=3)
         cached = {p for p, keys in self._keys_by_region.items() if all(k in st.cache for k in keys)}
-        return self.schedule.step_phase(self.regions, t, st.counter, cached)
+        return self.schedule.step_phase(self.regions, position, st.counter, cached)
+
+    def _position(self, st: GenerationState, t: float) -> float:
+        """What the schedule's windows read for this call: its timestep, or its position in the trajectory."""
+        if not self.schedule.needs_trajectory:
+            return t
+        info = self._context_info
+        if info.get("step_index") is not None and info.get("num_inference_steps"):
+            return progress_position(int(info["step_index"]), int(info["num_inference_steps"]))
+        raise ScheduleError(f"{self.schedule} places its windows on the sampling trajectory, but call {st.counter} "
+                            f"(timestep {t:g}) is not on a plan: call opt.plan(timesteps) with the sampler's "
+                            f"timesteps, use graphpass.optimize_pipeline(pipe, schedule) (plans each generation "
+                            f"from the pipeline's scheduler), or pass cache_context(name, step_index=i, "
+                            f"num_inference_steps=n)")
 
     # --- inspection ------------------------------------------------------------------------------
     def inspect(self, folder: str | None = None, timesteps: Sequence[float] | None = None) -> str:
@@ -192,6 +294,28 @@ class OptimizedModel(torch.nn.Module):
 
         return report(self, folder=folder, timesteps=timesteps)
 
+    def to(self, *args, **kwargs):
+        """Move or cast the model. The phase graphs were captured for the model's device and dtype, so a
+        change needs a new capture: raise, saying how (a model optimised without ``example_kwargs``
+        re-captures by itself on its next call)."""
+        before = (self.device, self.dtype)
+        self.model.to(*args, **kwargs)
+        if (self.device, self.dtype) != before:
+            self.model.to(*before)
+            raise InputError(f"moving an optimised model from {before[0]}/{before[1]} to {self.device}/{self.dtype} "
+                             f"needs a new capture: call graphpass.optimize(model.to(...), schedule) again, or "
+                             f"optimise without example_kwargs (it re-captures on the next call after .to())")
+        return self
+
     def __repr__(self) -> str:
         return (f"OptimizedModel({self.captured.model_type}, {self.schedule}, regions={len(self.regions)}, "
                 f"backend={self.backend!r})")
+
+
+def _timestep_list(timesteps) -> list[float]:
+    if isinstance(timesteps, torch.Tensor):
+        timesteps = timesteps.detach().cpu().flatten().tolist()
+    ts = [float(t) for t in timesteps]
+    if not ts:
+        raise InputError("plan() got no timesteps: pass the sampler's timesteps, in call order")
+    return ts

@@ -85,6 +85,22 @@ class Plan:
         return len(self.phases)
 
 
+#: Positions of a progress schedule run from PROGRESS_SCALE (first step) down to 0 (last step), like timesteps.
+PROGRESS_SCALE = 1000.0
+
+
+def progress_position(step_index: int, num_steps: int) -> float:
+    """The value a progress-unit schedule reads at step ``step_index`` of ``num_steps``: falls from 1000 at
+    the first step to 0 at the last, as timesteps do, so "the next value is lower" holds for both units.
+
+    >>> [progress_position(i, 5) for i in range(5)]
+    [1000.0, 750.0, 500.0, 250.0, 0.0]
+    """
+    if num_steps <= 1:
+        return PROGRESS_SCALE
+    return PROGRESS_SCALE * (1.0 - step_index / (num_steps - 1))
+
+
 class Schedule(ABC):
     """Base of all schedules. Subclasses are dataclasses registered by ``type_name`` for JSON."""
 
@@ -97,6 +113,14 @@ class Schedule(ABC):
             Schedule._registry[cls.type_name] = cls
 
     # --- decisions -------------------------------------------------------------------------------
+    @property
+    def needs_trajectory(self) -> bool:
+        """Whether the schedule decides from the step's position in the sampling trajectory rather than its
+        timestep. The runtime then hands it :func:`progress_position` values in place of timesteps (known
+        from a plan, or from a pipeline's ``cache_context(step_index=, num_inference_steps=)``), so its
+        rules need no second code path."""
+        return False
+
     @abstractmethod
     def kinds(self) -> set[str]:
         """Kinds this schedule may reuse; optimising a model that lacks one of them is an error."""

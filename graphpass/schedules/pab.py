@@ -12,9 +12,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import ScheduleError
-from .base import KINDS, RegionRef, Schedule
+from .base import KINDS, PROGRESS_SCALE, RegionRef, Schedule
 
 DEFAULT_WINDOW = (100.0, 800.0)
+WINDOW_UNITS = ("timestep", "progress")
 
 # Published defaults (reference code): ranges per kind and the window (lo, hi) on the 0..1000 scale.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -38,6 +39,13 @@ class PAB(Schedule):
             scale (0..1000 for DDPM/DDIM-trained models). Outside it, every region computes and the cache
             of the kind is dropped.
         windows: per-kind window overriding ``window``, e.g. ``{"cross": (100, 900)}``.
+        window_unit: what windows measure. ``"timestep"`` (default, the published presets): the model's
+            timestep as the sampler passes it. ``"progress"``: the fraction of the sampling trajectory done,
+            0.0 at the first step and 1.0 at the last, e.g. ``window=(0.15, 0.85)`` reuses in the stable middle
+            of sampling on any sampler (DDIM, or flow matching whose shifted ``sigma * 1000`` timesteps crowd
+            near 1000). Progress needs the trajectory: ``opt.plan(timesteps)``, :func:`graphpass.optimize_pipeline`
+            (plans every generation from the pipeline's scheduler), or a pipeline that passes
+            ``cache_context(..., step_index=, num_inference_steps=)``.
 
     Example:
         >>> s = PAB(spatial=2, temporal=4, cross=6, window=(100, 800))
@@ -54,8 +62,11 @@ class PAB(Schedule):
     mlp: int | None = None
     window: tuple[float, float] = DEFAULT_WINDOW
     windows: dict[str, tuple[float, float]] = field(default_factory=dict)
+    window_unit: str = "timestep"
 
     def __post_init__(self):
+        if self.window_unit not in WINDOW_UNITS:
+            raise ScheduleError(f"PAB window_unit={self.window_unit!r}: one of {', '.join(WINDOW_UNITS)}")
         for k in KINDS:
             r = getattr(self, k)
             if r is None:
@@ -67,6 +78,8 @@ class PAB(Schedule):
         if unknown:
             raise ScheduleError(f"PAB windows names unknown kinds {sorted(unknown)}; kinds are {', '.join(KINDS)}")
         self.windows = {k: self._check_window(f"windows[{k!r}]", w) for k, w in self.windows.items()}
+        if self.window_unit == "progress":
+            self._check_progress()
         if not self.kinds():
             raise ScheduleError("PAB schedule reuses nothing: give at least one of spatial/temporal/cross/joint/mlp a "
                                 "range >= 2, e.g. PAB(spatial=2, temporal=4, cross=6)")
@@ -81,12 +94,27 @@ class PAB(Schedule):
             raise ScheduleError(f"PAB {name}=({lo:g}, {hi:g}): lo must be below hi (reuse happens for lo < t < hi)")
         return (lo, hi)
 
+    def _check_progress(self) -> None:
+        for name, (lo, hi) in [("window", self.window), *((f"windows[{k!r}]", w) for k, w in self.windows.items())]:
+            if lo < 0 or hi > 1:
+                raise ScheduleError(f"PAB {name}=({lo:g}, {hi:g}) with window_unit='progress': a window is a pair of "
+                                    f"fractions of the trajectory within [0, 1], e.g. (0.15, 0.85)")
+
     # --- Schedule --------------------------------------------------------------------------------
     def range_of(self, kind: str) -> int:
         return getattr(self, kind, None) or 1
 
     def window_of(self, kind: str) -> tuple[float, float]:
-        return self.windows.get(kind, self.window)
+        """The window of ``kind`` on the axis the rules read: timesteps, or for progress windows the
+        position ``1000 * (1 - progress)``, which falls over the trajectory as timesteps do."""
+        lo, hi = self.windows.get(kind, self.window)
+        if self.window_unit == "progress":
+            return (PROGRESS_SCALE * (1 - hi), PROGRESS_SCALE * (1 - lo))
+        return (lo, hi)
+
+    @property
+    def needs_trajectory(self) -> bool:
+        return self.window_unit == "progress"
 
     def kinds(self) -> set[str]:
         return {k for k in KINDS if self.range_of(k) > 1}
@@ -123,11 +151,13 @@ class PAB(Schedule):
         d["window"] = list(self.window)
         if self.windows:
             d["windows"] = {k: list(w) for k, w in self.windows.items()}
+        if self.window_unit != "timestep":
+            d["window_unit"] = self.window_unit
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "PAB":
-        unknown = set(d) - set(KINDS) - {"window", "windows"}
+        unknown = set(d) - set(KINDS) - {"window", "windows", "window_unit"}
         if unknown:
             raise ScheduleError(f"PAB JSON has unknown fields {sorted(unknown)}")
         d = dict(d)
@@ -141,6 +171,7 @@ class PAB(Schedule):
         parts = []
         for k in KINDS:
             if self.range_of(k) > 1:
-                lo, hi = self.window_of(k)
+                lo, hi = self.windows.get(k, self.window)
                 parts.append(f"{k}={self.range_of(k)}@({lo:g},{hi:g})")
-        return "PAB(" + ", ".join(parts) + ")"
+        unit = "" if self.window_unit == "timestep" else ", progress"
+        return "PAB(" + ", ".join(parts) + unit + ")"
