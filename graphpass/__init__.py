@@ -9,7 +9,10 @@ Public API::
     print(opt.inspect())
 
 * :func:`optimize` -> :class:`OptimizedModel` (an ``nn.Module``; ``plan``, ``cache_context``, ``reset``, ``inspect``);
-  ``dynamic=True`` keeps frames/height/width free where the model allows
+  ``dynamic=True`` keeps frames/height/width free where the model allows; without ``example_kwargs`` the model
+  is optimised on its first call (``pipe.transformer = graphpass.optimize(pipe.transformer, schedule)``)
+* :func:`optimize_pipeline` optimises a diffusers pipeline's transformers and plans every generation from its
+  scheduler
 * schedules: :class:`PAB` (``PAB.preset("latte")``, ``"pab246"``...), :func:`schedule_from_json`
 * step caches: :class:`AdaCache` (``AdaCache.preset("slow")``, with :class:`MoReg`), :class:`FrozenAdaCache` (a run's decisions replayed)
 * sequence parallelism: ``optimize(..., parallel=SequenceParallel())`` splits frames over torch.distributed ranks (DSP)
@@ -17,6 +20,7 @@ Public API::
 * errors: :class:`GraphpassError` and subclasses in :mod:`graphpass.errors`
 """
 from .api import optimize
+from .pipelines import optimize_pipeline
 from .errors import ArtefactError, CaptureError, GraphpassError, InputError, ScheduleError, TaggingError
 from .exporters import export, load
 from .runtime.cache import CacheStore
@@ -28,7 +32,7 @@ from .schedules.adacache import AdaCache, FrozenAdaCache, MoReg
 __version__ = "0.1.0"
 
 __all__ = [
-    "optimize", "OptimizedModel", "CacheStore",
+    "optimize", "optimize_pipeline", "OptimizedModel", "CacheStore",
     "PAB", "AdaCache", "MoReg", "FrozenAdaCache", "Schedule", "Phase", "Plan", "Action", "schedule_from_json",
     "SequenceParallel", "export", "load",
     "GraphpassError", "CaptureError", "TaggingError", "ScheduleError", "InputError", "ArtefactError", "ParallelError",

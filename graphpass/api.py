@@ -8,7 +8,8 @@ import torch
 from .errors import InputError
 from .passes.capture import capture
 from .passes.tag import include_gates, tag_attention
-from .runtime.executor import OptimizedModel
+from .runtime.executor import TIMESTEP_ORDERS, OptimizedModel
+from .runtime.lazy import LazyOptimizedModel
 from .schedules.base import Schedule
 from .schedules.pab import PAB
 
@@ -16,11 +17,14 @@ if TYPE_CHECKING:
     from .runtime.parallel import SequenceParallel
 
 
-def optimize(model: torch.nn.Module, schedule: Schedule | str, *, example_kwargs: dict[str, Any],
+BACKENDS = ("eager", "inductor")
+
+
+def optimize(model: torch.nn.Module, schedule: Schedule | str, *, example_kwargs: dict[str, Any] | None = None,
              timestep_arg: str = "timestep", video_input: str | None = None, kinds: dict[str, str] | None = None,
              backend: str = "eager", timesteps: Sequence[float] | None = None,
              reuse_gated: bool = False, parallel: "SequenceParallel | None" = None,
-             dynamic: bool = False) -> OptimizedModel:
+             dynamic: bool = False, timestep_order: str = "falling") -> OptimizedModel | LazyOptimizedModel:
     """Compile ``model`` for ``schedule``.
 
     Args:
@@ -29,7 +33,9 @@ def optimize(model: torch.nn.Module, schedule: Schedule | str, *, example_kwargs
             Or a residual step cache: :class:`~graphpass.AdaCache`, :class:`~graphpass.FrozenAdaCache`.
         example_kwargs: one real call's keyword arguments; tensors become graph inputs (the graphs are
             specialised to their shapes unless ``dynamic``), plain constants such as ``return_dict=False`` are
-            bound.
+            bound. Omitted: the model is optimised on its first call, which is the example (a
+            :class:`~graphpass.runtime.lazy.LazyOptimizedModel`; what a diffusers pipeline needs:
+            ``pipe.transformer = graphpass.optimize(pipe.transformer, schedule)``).
         timestep_arg: the argument holding the timestep, read on every call to pick the phase.
         video_input: the latent video argument (default: the first 5-D floating input).
         kinds: override tagging by module-path glob, e.g. ``{"temporal_transformer_blocks.*.attn1": "temporal"}``.
@@ -47,13 +53,27 @@ def optimize(model: torch.nn.Module, schedule: Schedule | str, *, example_kwargs
             once on fake tensors; FLOPs and cache sizes in ``inspect()`` are those of the example call.
             Exported artefacts are static at the example's shapes. Not with ``parallel``; AdaCache's MoReg
             measures at the example's frame layout only (its plain metric serves any size).
+        timestep_order: ``"falling"`` (DDPM/DDIM, flow matching from 1000 down) or ``"rising"`` (samplers
+            whose timesteps grow over a generation): a generation starts when the timestep turns back.
 
-    Returns an :class:`~graphpass.OptimizedModel` called exactly like ``model``.
+    Returns an :class:`~graphpass.OptimizedModel` called exactly like ``model`` (with ``example_kwargs``), or
+    a :class:`~graphpass.runtime.lazy.LazyOptimizedModel` that becomes one on its first call.
     """
     if isinstance(schedule, str):
         schedule = PAB.preset(schedule)
     if not isinstance(schedule, Schedule):
         raise TypeError(f"schedule must be a graphpass schedule (e.g. graphpass.PAB(...)), got {type(schedule).__name__}")
+    if backend not in BACKENDS:
+        raise InputError(f"backend={backend!r}: one of {', '.join(BACKENDS)} (exported artefacts run on "
+                         f"onnxruntime/tensorrt through graphpass.load)")
+    if timestep_order not in TIMESTEP_ORDERS:
+        raise InputError(f"timestep_order={timestep_order!r}: one of {', '.join(TIMESTEP_ORDERS)}")
+    if example_kwargs is None:
+        if parallel is not None:
+            raise InputError("parallel= needs example_kwargs: every rank must capture the same call up front")
+        options = dict(timestep_arg=timestep_arg, video_input=video_input, kinds=kinds, backend=backend,
+                       timesteps=timesteps, reuse_gated=reuse_gated, dynamic=dynamic, timestep_order=timestep_order)
+        return LazyOptimizedModel(model, lambda kwargs: optimize(model, schedule, example_kwargs=kwargs, **options))
     if timestep_arg not in example_kwargs:
         raise InputError(f"example_kwargs has no {timestep_arg!r}: graphpass reads the timestep of every call to pick "
                          f"the schedule phase; include it or set timestep_arg= to the argument that holds it")
@@ -80,7 +100,8 @@ def optimize(model: torch.nn.Module, schedule: Schedule | str, *, example_kwargs
         opt = sp.build(model, captured, regions, schedule, session, timestep_arg=timestep_arg, backend=backend,
                        video_input=video_input)
     else:
-        opt = runtime(model, captured, regions, schedule, timestep_arg=timestep_arg, backend=backend)
+        opt = runtime(model, captured, regions, schedule, timestep_arg=timestep_arg, backend=backend,
+                      timestep_order=timestep_order)
     if timesteps is not None:
         opt.plan(timesteps)
     return opt

@@ -41,11 +41,11 @@ class ResidualModel(OptimizedModel):
     """
 
     def __init__(self, model: torch.nn.Module, captured: CapturedGraph, regions: list[Region], schedule: Schedule,
-                 *, timestep_arg: str = "timestep", backend: str = "eager"):
+                 *, timestep_arg: str = "timestep", backend: str = "eager", timestep_order: str = "falling"):
         span = find_block_span(captured, regions)
         unit = getattr(schedule, "cache_unit", "residual")
         super().__init__(model, captured, [span.as_region(unit)], schedule, timestep_arg=timestep_arg,
-                         backend=backend)
+                         backend=backend, timestep_order=timestep_order)
         self.cache_unit = unit
         self.span = span
         self.attention_regions = regions
@@ -82,9 +82,11 @@ class ResidualModel(OptimizedModel):
                                                                   self._strides, self.cache_unit)
         return self._phase_graphs[phase]
 
-    def plan(self, timesteps: Sequence[float] | torch.Tensor) -> Plan:
+    def plan(self, timesteps: Sequence[float] | torch.Tensor, **kwargs) -> Plan:
+        """As :meth:`OptimizedModel.plan`; AdaCache decides from measurements, so it reads only the timesteps
+        (``step_indices``/``num_steps`` place a frozen schedule's steps in a longer trajectory)."""
         if not self.adaptive:
-            return super().plan(timesteps)
+            return super().plan(timesteps, **kwargs)
         if isinstance(timesteps, torch.Tensor):
             timesteps = timesteps.detach().cpu().flatten().tolist()
         self._timesteps = [float(t) for t in timesteps]
