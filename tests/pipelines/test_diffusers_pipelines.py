@@ -110,10 +110,14 @@ def hook_run(case: PipeCase, ranges, window, steps=10, **overrides) -> torch.Ten
     fresh = PIPES[case.name]()
     pipe = fresh.pipe
     config = hook_config(fresh, ranges, window, lambda: pipe.current_timestep)
-    if fresh.separate_cfg:
-        pipe.transformer = PerContextHooks(pipe.transformer, config)
-    else:
-        pipe.transformer.enable_cache(config)
+    for name in ("transformer", "transformer_2"):
+        module = getattr(pipe, name, None)
+        if module is None:
+            continue
+        if fresh.separate_cfg:
+            setattr(pipe, name, PerContextHooks(module, config))
+        else:
+            module.enable_cache(config)
     return fresh.run(pipe, steps=steps, **overrides)
 
 
@@ -139,6 +143,7 @@ PAB_CASES = {
     "hunyuanvideo": dict(joint=2),
     "ltx": dict(joint=2, cross=3),
     "cogvideox-rope": dict(joint=2),
+    "wan-ti2v": dict(joint=2, cross=3),
 }
 
 
@@ -155,6 +160,21 @@ def test_pab_equals_diffusers_hook(name):
     reused = sum(len(ph.reused) for ctx in ("default", "cond", "uncond", "cond_uncond")
                  for _, ph in opt.state(ctx).trace)
     assert reused > 0  # the window covered some steps: the comparison is not vacuous
+
+
+def test_two_expert_pipeline_optimises_and_plans_both():
+    """Wan 2.2: optimize_pipeline optimises transformer and transformer_2 and plans each over the steps the
+    pipeline gives it (split at the boundary); equal to the hook on both experts."""
+    ranges, window = PAB_CASES["wan"], (100, 900)
+    case = PIPES["wan-2experts"]()
+    graphpass.optimize_pipeline(case.pipe, PAB(**ranges, window=window))
+    got = case.run(steps=10)
+    ts = [float(t) for t in case.pipe.scheduler.timesteps]
+    high = [t for t in ts if t >= 875]
+    assert case.pipe.transformer.current_plan.timesteps == high
+    assert case.pipe.transformer_2.current_plan.timesteps == [t for t in ts if t < 875]
+    assert 0 < len(high) < len(ts)
+    assert _rel(got, hook_run(PIPES["wan-2experts"](), ranges, window, steps=10)) <= RTOL
 
 
 def test_wan_hook_as_shipped_mixes_cond_and_uncond():

@@ -89,21 +89,29 @@ def latte() -> PipeCase:
     return PipeCase("latte", pipe, kwargs, modules)
 
 
-def wan() -> PipeCase:
+def wan(experts: int = 1, expand_timesteps: bool = False) -> PipeCase:
+    """Wan 2.1; ``experts=2``: Wan 2.2's high-noise ``transformer`` and low-noise ``transformer_2`` (boundary
+    ratio 0.875); ``expand_timesteps``: Wan 2.2 TI2V's per-token timesteps."""
     from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
 
+    def make():
+        return WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4,
+                                     out_channels=4, text_dim=16, freq_dim=16, ffn_dim=32, num_layers=2,
+                                     rope_max_seq_len=32).eval()
+
     torch.manual_seed(0)
-    tr = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4,
-                               out_channels=4, text_dim=16, freq_dim=16, ffn_dim=32, num_layers=2,
-                               rope_max_seq_len=32).eval()
-    pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=tr,
-                       scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0))
+    tr = make()
+    tr2 = make() if experts == 2 else None
+    pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=tr, transformer_2=tr2,
+                       scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0),
+                       boundary_ratio=0.875 if experts == 2 else None, expand_timesteps=expand_timesteps)
     pe, ne = _embeds(1, 5, 16)
     kwargs = dict(prompt_embeds=pe, negative_prompt_embeds=ne, height=64, width=64, num_frames=9,
                   guidance_scale=5.0)
     # WanTransformerBlock.attn1: self-attention over all video tokens (3D rotary); attn2: text cross-attention.
     modules = {**{f"blocks.{i}.attn1": "joint" for i in range(2)}, **{f"blocks.{i}.attn2": "cross" for i in range(2)}}
-    return PipeCase("wan", pipe, kwargs, modules, separate_cfg=True)
+    name = "wan" + ("-2experts" if experts == 2 else "") + ("-ti2v" if expand_timesteps else "")
+    return PipeCase(name, pipe, kwargs, modules, separate_cfg=True)
 
 
 def hunyuanvideo() -> PipeCase:
@@ -151,5 +159,6 @@ def ltx() -> PipeCase:
 
 PIPES: dict[str, Callable[[], PipeCase]] = {
     "cogvideox": cogvideox, "cogvideox-rope": lambda: cogvideox(rope=True), "latte": latte, "wan": wan,
+    "wan-2experts": lambda: wan(experts=2), "wan-ti2v": lambda: wan(expand_timesteps=True),
     "hunyuanvideo": hunyuanvideo, "ltx": ltx,
 }
