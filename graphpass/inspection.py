@@ -58,17 +58,17 @@ def report(opt: "OptimizedModel", folder: str | None = None, timesteps: Sequence
                      f"{r.reason}")
 
     plan = None
+    traced = [st.trace for st in opt.contexts().values() if st.trace]
     if timesteps is not None:
-        plan = opt.schedule.plan(opt.regions, list(timesteps))
+        plan = opt.preview_plan(timesteps)
         source = "given timesteps"
     elif opt.current_plan is not None:
         plan, source = opt.current_plan, "opt.plan(...)"
-    elif opt.state().trace:
-        ts = [t for t, _ in opt.state().trace]
-        plan = opt.schedule.plan(opt.regions, ts)
+    elif traced:
+        plan = opt.preview_plan([t for t, _ in max(traced, key=len)])
         source = "timesteps of the last generation"
     else:
-        plan = opt.schedule.plan(opt.regions, default_timesteps())
+        plan = opt.preview_plan(default_timesteps())
         source = "50 DDIM-spaced timesteps (no plan or call yet)"
 
     phases = plan.distinct()

@@ -104,6 +104,14 @@ class OptimizedModel(ModelFacade):
         experts of a two-transformer pipeline), each given timestep's index in it and its length, so that
         progress windows mean the same fraction of sampling for every expert.
         """
+        self._plan = self.preview_plan(timesteps, step_indices=step_indices, num_steps=num_steps)
+        for ph in self._plan.distinct():
+            self.phase_graph(ph)
+        return self._plan
+
+    def preview_plan(self, timesteps: Sequence[float] | torch.Tensor, *, step_indices: Sequence[int] | None = None,
+                     num_steps: int | None = None) -> Plan:
+        """The plan :meth:`plan` would make, without adopting it or building graphs."""
         ts = _timestep_list(timesteps)
         if step_indices is None:
             step_indices, num_steps = list(range(len(ts))), len(ts)
@@ -111,15 +119,8 @@ class OptimizedModel(ModelFacade):
             raise InputError("plan(step_indices=...) needs one index per timestep and num_steps")
         self._check_order(ts)
         positions = ([progress_position(i, num_steps) for i in step_indices] if self.schedule.needs_trajectory
-                     else self._schedule_axis(ts))
-        planned = self.schedule.plan(self.regions, positions)
-        self._plan = Plan(ts, planned.phases)
-        for ph in self._plan.distinct():
-            self.phase_graph(ph)
-        return self._plan
-
-    def _schedule_axis(self, ts: list[float]) -> list[float]:
-        return ts
+                     else ts)
+        return Plan(ts, self.schedule.plan(self.regions, positions).phases)
 
     def _check_order(self, ts: list[float]) -> None:
         rising = self.timestep_order == "rising"
@@ -166,6 +167,10 @@ class OptimizedModel(ModelFacade):
 
     def state(self, context: str | None = None) -> GenerationState:
         return self._contexts.setdefault(context or self._context, GenerationState())
+
+    def contexts(self) -> dict[str, GenerationState]:
+        """Every cache context used so far, by name."""
+        return dict(self._contexts)
 
     @property
     def cache_nbytes(self) -> int:
