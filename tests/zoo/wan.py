@@ -96,7 +96,7 @@ def _rename(kinds: dict[str, tuple[str, str]], old: str, new: str) -> dict[str, 
 WAN_NOTES = (
     "WanTransformerBlock: self-attention (attn1), text cross-attention (attn2), FeedForward (ffn); adaLN "
     "modulation from scale_shift_table + temb. Residual adds wrapped in float casts: "
-    "`(hidden_states.float() + attn_output * gate_msa).type_as(hidden_states)` (transformer_wan.py ~line 486). "
+    "`(hidden_states.float() + attn_output * gate_msa).type_as(hidden_states)` (transformer_wan.py:490). "
     "RoPE writes in place into a fresh tensor: `out = torch.empty_like(...); out[..., 0::2] = x1 * cos - "
     "x2 * sin` (transformer_wan.py:113, nested function inside WanAttnProcessor.__call__). Rotary table is a "
     "fixed buffer (rope_max_seq_len=1024 positions per axis) sliced by the latent's F/H/W. rotary_emb is a "
@@ -175,7 +175,7 @@ def _wan_vace() -> ZooCase:
 
     def kwargs():
         g = torch.Generator().manual_seed(2)
-        # pipeline_wan_vace.py:979: conditioning_scale is a (len(vace_layers),) tensor in the model's dtype.
+        # pipeline_wan_vace.py:887: conditioning_scale is a (len(vace_layers),) tensor in the model's dtype.
         return dict(hidden_states=_latents(g), timestep=_int_timestep(),
                     encoder_hidden_states=_randn(g, BATCH, TEXT_LEN, TEXT_DIM),
                     control_hidden_states=_latents(g, vace_in),
@@ -191,7 +191,7 @@ def _wan_vace() -> ZooCase:
         " VACE: a second stream of WanVACETransformerBlocks (vace_blocks) runs first over the control latents "
         "(proj_in adds the video tokens at block 0); each returns (hint, control_hidden_states) as a tuple; hints "
         "are kept in a Python list, reversed and popped, and added to the main stream after the blocks listed "
-        "in vace_layers (`if i in self.config.vace_layers`, transformer_wan_vace.py ~line 370), scaled by "
+        "in vace_layers (`if i in self.config.vace_layers`, transformer_wan_vace.py:375), scaled by "
         "torch.unbind(control_hidden_states_scale). control tokens are padded with new_zeros to the video length.")
     return ZooCase("wan-vace", "WanVACETransformer3DModel", lambda: _seeded(WanVACETransformer3DModel, **config),
                    kwargs, kinds, notes=notes)
@@ -315,7 +315,9 @@ def _wan_animate_2() -> ZooCase:
         "(no effect with 2 layers). Text is zero-padded to text_len in the forward. Timestep is a (1,) float "
         "tensor (`torch.stack([t])`); the K/V cache holds seeded values standing in for the reference pass.")
     return ZooCase("wan-animate-2", "WanAnimate2Transformer3DModel", _build_animate_2, kwargs, kinds,
-                   notes=notes)
+                   unsupported=r"example argument 'hidden_states' is a list",
+                   notes=notes + " Unsupported: the inputs are lists of per-sample tensors and the self-attention "
+                                 "reads a K/V cache held in a Python object filled by another call.")
 
 
 # --- SkyReels-V2 ----------------------------------------------------------------------------------------
@@ -543,7 +545,10 @@ def _anyflow_far() -> ZooCase:
         "the sequence to a multiple of 128 and head_dim to 16 with an explicit scale. The cache holds seeded "
         "values standing in for the prefill.")
     return ZooCase("anyflow-far", "AnyFlowFARTransformer3DModel",
-                   lambda: _seeded(AnyFlowFARTransformer3DModel, **config), kwargs, kinds, notes=notes)
+                   lambda: _seeded(AnyFlowFARTransformer3DModel, **config), kwargs, kinds,
+                   unsupported=r"example argument 'chunk_partition' is a list",
+                   notes=notes + " Unsupported: chunk_partition is a list of ints and the self-attention reads "
+                                 "a K/V cache (dict of tensors) filled by the prefill calls, with flex attention.")
 
 
 # --- Motif-Video ----------------------------------------------------------------------------------------
