@@ -187,6 +187,10 @@ def _wan_vace() -> ZooCase:
         "vace_blocks", 2, "WanVACETransformerBlock",
         attn1="WanVACETransformerBlock.attn1: softmax self-attention over all F*H*W tokens of the control "
               "stream (control latents + video tokens at block 0), 3D RoPE"))
+    for i in range(2):
+        kinds[f"vace_blocks.{i}.attn2"] = (
+            "cross", "WanVACETransformerBlock.attn2: queries the control-stream tokens (one per video token), "
+                     "keys/values the text embedding")
     notes = WAN_NOTES + (
         " VACE: a second stream of WanVACETransformerBlocks (vace_blocks) runs first over the control latents "
         "(proj_in adds the video tokens at block 0); each returns (hint, control_hidden_states) as a tuple; hints "
@@ -226,7 +230,7 @@ def _wan_animate() -> ZooCase:
     kinds["face_adapter.0"] = (
         "cross", "WanAnimateFaceBlockCrossAttention (after block 0): queries the video tokens of frame t, "
                  "keys/values the face-motion tokens of frame t (query.unflatten(1, (T, -1)).flatten(0, 1): "
-                 "frames folded into the batch), multiplicative-mask free; softmax")
+                 "frames folded into the batch), softmax, no mask")
     notes = WAN_NOTES + (
         " Animate: I2V attn2 (512-token text split, transformer_wan_animate.py:572). In-place write on the "
         "patch embedding output: `hidden_states[:, :, 1:] = hidden_states[:, :, 1:] + pose_hidden_states` "
@@ -563,7 +567,8 @@ def _motif_kinds(image: bool) -> dict[str, tuple[str, str]]:
     """Kinds of the 1 dual-stream, 1 single-stream encoder and 1 single-stream decoder block."""
     text = "image + text" if image else "text"
     cross = ("cross", "MotifVideoCrossAttention: queries the joint attention's video output (RoPE on q only), "
-                      "keys/values the text tokens (encoder_hidden_states[:, image_embed_seq_len:])")
+                      "keys/values the text positions (encoder_hidden_states[:, image_embed_seq_len:]; after the "
+                      "first joint attention those tokens also carry video information)")
     return {
         "transformer_blocks.0.attn": (
             "joint", f"MotifVideoTransformerBlock.attn: dual-stream (MMDiT) softmax attention over "
