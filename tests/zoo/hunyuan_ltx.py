@@ -230,8 +230,10 @@ _FRAMEPACK_NOTES = (
     "frame-index tensors (indices_* are int64 graph inputs) and avg_pool3d-downsampled for the history; "
     "`_pack_history_states` rebuilds a list of rope tensors. Data-dependent mask: `if batch_size == 1:` else a "
     "Python loop `attention_mask[i, : effective_sequence_length[i]] = True` (in-place write with a slice bound "
-    "read from a tensor value). Unused variables if history inputs are None (forward raises UnboundLocalError: "
-    "the image_rotary_emb_* names are only set in the branches)."
+    "read from a tensor value, transformer_hunyuan_video_framepack.py:336). The history inputs are required in "
+    "practice: image_rotary_emb_clean/_history_2x/_history_4x are only assigned inside `if ... is not None` "
+    "branches (line 287 on) but always passed to _pack_history_states (UnboundLocalError otherwise), and "
+    "self.clean_x_embedder is called unconditionally (has_clean_x_embedder=True needed)."
 )
 
 
@@ -663,7 +665,9 @@ CASES: list[ZooCase] = [
     ZooCase("kandinsky6-video", "Kandinsky6Transformer3DModel", _kandinsky6, _kandinsky6_kwargs(False),
             _k6_kinds(False), notes="Video only (audio_hidden_states=None; sample_audio=False). " + _K6_NOTES),
     ZooCase("kandinsky6-sr", "Kandinsky6SRTransformer3DModel", _kandinsky6_sr, _kandinsky6_sr_kwargs, _K6SR_KINDS,
-            notes=_K6SR_NOTES),
+            unsupported=r"(?i)flex.?attention|scaled_dot_product_attention",
+            notes="Unsupported: its only attention is flex_attention with a per-call data-dependent BlockMask, not "
+                  "scaled_dot_product_attention, so there is no SDPA region to tag or reuse. " + _K6SR_NOTES),
     ZooCase("sana-wm-refiner", "SanaWMLTX2RefinerTransformer3DModel", _sana_refiner, _sana_refiner_kwargs,
             _SANA_KINDS, notes="One AR window's denoising call (kv_cache_mode='inject'). " + _SANA_NOTES),
 ]
