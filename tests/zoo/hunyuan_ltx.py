@@ -316,7 +316,7 @@ def _ltx2_build(rope_type: str, v23: bool = False) -> Callable[[], torch.nn.Modu
     return lambda: _seeded(LTX2VideoTransformer3DModel, **_LTX2, rope_type=rope_type, **extra)
 
 
-def _ltx2_kwargs(rope_type: str, use_cross_timestep: bool) -> Callable[[], dict[str, Any]]:
+def _ltx2_kwargs(rope_type: str, use_cross_timestep: bool, image: bool = False) -> Callable[[], dict[str, Any]]:
     f, h, w = _LTX_FHW
 
     def kwargs():
@@ -324,18 +324,23 @@ def _ltx2_kwargs(rope_type: str, use_cross_timestep: bool) -> Callable[[], dict[
         video, audio = _ltx2_coords(rope_type)
         t = torch.full((B,), T_FLOW)
         mask = torch.tensor(TEXT_MASK).bool()
-        return dict(hidden_states=r(B, f * h * w, 8),
-                    audio_hidden_states=r(B, _LTX2_AUDIO_FRAMES, 8),
-                    encoder_hidden_states=r(B, L, 16),  # connector outputs
-                    audio_encoder_hidden_states=r(B, L, 16),
-                    timestep=t, sigma=t.clone(),
-                    encoder_attention_mask=mask, audio_encoder_attention_mask=mask.clone(),
-                    num_frames=f, height=h, width=w, fps=_LTX2_FPS, audio_num_frames=_LTX2_AUDIO_FRAMES,
-                    video_coords=video.clone(), audio_coords=audio.clone(),
-                    isolate_modalities=False, spatio_temporal_guidance_blocks=None, perturbation_mask=None,
-                    use_cross_timestep=use_cross_timestep,
-                    attention_kwargs=None,
-                    return_dict=False)
+        kw = dict(hidden_states=r(B, f * h * w, 8),
+                  audio_hidden_states=r(B, _LTX2_AUDIO_FRAMES, 8),
+                  encoder_hidden_states=r(B, L, 16),  # connector outputs
+                  audio_encoder_hidden_states=r(B, L, 16),
+                  timestep=t, sigma=t.clone(),
+                  encoder_attention_mask=mask, audio_encoder_attention_mask=mask.clone(),
+                  num_frames=f, height=h, width=w, fps=_LTX2_FPS, audio_num_frames=_LTX2_AUDIO_FRAMES,
+                  video_coords=video.clone(), audio_coords=audio.clone(),
+                  isolate_modalities=False, spatio_temporal_guidance_blocks=None, perturbation_mask=None,
+                  use_cross_timestep=use_cross_timestep,
+                  attention_kwargs=None,
+                  return_dict=False)
+        if image:  # pipeline_ltx2_image2video: video_timestep = t * (1 - conditioning_mask), audio_timestep = t
+            cond = torch.zeros(B, f * h * w)
+            cond[:, : h * w] = 1.0
+            kw.update(timestep=t.unsqueeze(-1) * (1 - cond), audio_timestep=t.clone())
+        return kw
     return kwargs
 
 
@@ -473,25 +478,36 @@ _K6 = dict(in_visual_dim=4, out_visual_dim=4, in_text_dim=16, in_text_dim2=8, ti
            fix_modulation=True)
 
 
-def _kandinsky6() -> torch.nn.Module:
+def _kandinsky6(token_types: int = 0) -> Callable[[], torch.nn.Module]:
     from diffusers import Kandinsky6Transformer3DModel
 
-    return _seeded(Kandinsky6Transformer3DModel, **_K6)
+    return lambda: _seeded(Kandinsky6Transformer3DModel, **_K6, visual_token_type_num_embeddings=token_types)
 
 
-def _kandinsky6_kwargs(audio: bool) -> Callable[[], dict[str, Any]]:
+def _kandinsky6_kwargs(audio: bool, image: bool = False) -> Callable[[], dict[str, Any]]:
+    """Text-to-video(+audio); with ``image``, the pipeline's tail conditioning: the clean first-frame latent is
+    appended as an extra frame (mask 1, token type 1) that reuses rotary position 0."""
     def kwargs():
         r = _rand()
-        latents = r(B, 3, 8, 8, 4)
-        x = torch.cat([latents, torch.zeros_like(latents), torch.zeros(B, 3, 8, 8, 1)], dim=-1)
+        f = 3 + image
+        latents = r(B, f, 8, 8, 4)
+        cond_mask = torch.zeros(B, f, 8, 8, 1)
+        kw = dict(visual_rope_pos=None, visual_token_type_ids=None)  # text-to-video: no tail reference frame
+        if image:
+            cond_mask[:, -1] = 1.0
+            types = torch.zeros(B, f, dtype=torch.long)
+            types[:, -1] = 1
+            kw = dict(visual_rope_pos=(torch.cat([torch.arange(3), torch.zeros(1, dtype=torch.long)]),
+                                       torch.arange(4), torch.arange(4)),
+                      visual_token_type_ids=types)
+        x = torch.cat([latents, torch.zeros_like(latents), cond_mask], dim=-1)
         return dict(hidden_states=x,
                     audio_hidden_states=r(B, 7, 6) if audio else None,
                     encoder_hidden_states=r(B, L, 16),
                     pooled_projections=r(B, 8),
                     timestep=torch.full((B,), T_FLOW),
-                    visual_rope_pos=None,  # text-to-video: no tail reference frame
                     encoder_attention_mask=None,  # _get_prompt_embeds drops an all-True mask
-                    visual_token_type_ids=None,
+                    **kw,
                     return_dict=False)
     return kwargs
 
@@ -653,17 +669,27 @@ CASES: list[ZooCase] = [
             notes="I2V: per-token timestep (B, F*H*W), 0 on the first frame's tokens "
                   "(pipeline_ltx_image2video). " + _LTX_NOTES),
     ZooCase("ltx2", "LTX2VideoTransformer3DModel", _ltx2_build("interleaved"), _ltx2_kwargs("interleaved", False),
-            _LTX2_KINDS, notes=_LTX2_NOTES),
+            _LTX2_KINDS, notes="LTX-2.0: use_cross_timestep=False (the legacy behaviour; the pipeline default True "
+                               "is LTX-2.3's, see ltx2.3). " + _LTX2_NOTES),
+    ZooCase("ltx2-i2v", "LTX2VideoTransformer3DModel", _ltx2_build("interleaved"),
+            _ltx2_kwargs("interleaved", False, image=True), _LTX2_KINDS,
+            notes="I2V (pipeline_ltx2_image2video): per-token video timestep (B, F*H*W), 0 on the first frame's "
+                  "tokens, and a separate per-sample audio_timestep (B,). " + _LTX2_NOTES),
     ZooCase("ltx2.3", "LTX2VideoTransformer3DModel", _ltx2_build("split", v23=True), _ltx2_kwargs("split", True),
             _LTX2_KINDS, notes=_LTX23_NOTES),
     ZooCase("mochi", "MochiTransformer3DModel", _mochi, _mochi_kwargs, _MOCHI_KINDS, notes=_MOCHI_NOTES),
     ZooCase("kandinsky5", "Kandinsky5Transformer3DModel", _kandinsky5, _kandinsky5_kwargs, _K5_KINDS,
             notes=_K5_NOTES),
-    ZooCase("kandinsky6", "Kandinsky6Transformer3DModel", _kandinsky6, _kandinsky6_kwargs(True), _k6_kinds(True),
-            notes="Text-to-video+audio with the released flags (ca_rope, cross_gates, fix_modulation). "
-                  + _K6_NOTES),
-    ZooCase("kandinsky6-video", "Kandinsky6Transformer3DModel", _kandinsky6, _kandinsky6_kwargs(False),
+    ZooCase("kandinsky6", "Kandinsky6Transformer3DModel", _kandinsky6(), _kandinsky6_kwargs(True),
+            _k6_kinds(True), notes="Text-to-video+audio with the released flags (ca_rope, cross_gates, "
+                                   "fix_modulation). " + _K6_NOTES),
+    ZooCase("kandinsky6-video", "Kandinsky6Transformer3DModel", _kandinsky6(), _kandinsky6_kwargs(False),
             _k6_kinds(False), notes="Video only (audio_hidden_states=None; sample_audio=False). " + _K6_NOTES),
+    ZooCase("kandinsky6-i2v", "Kandinsky6Transformer3DModel", _kandinsky6(token_types=2),
+            _kandinsky6_kwargs(True, image=True), _k6_kinds(True),
+            notes="Image-to-video+audio: the clean reference latent is an extra tail frame (F+1 frames) whose "
+                  "rotary temporal index repeats 0 (visual_rope_pos is a tuple of int64 tensors) and whose tokens "
+                  "get visual_token_type_embeddings (visual_token_type_ids (B, F+1)). " + _K6_NOTES),
     ZooCase("kandinsky6-sr", "Kandinsky6SRTransformer3DModel", _kandinsky6_sr, _kandinsky6_sr_kwargs, _K6SR_KINDS,
             unsupported=r"(?i)flex.?attention|scaled_dot_product_attention",
             notes="Unsupported: its only attention is flex_attention with a per-call data-dependent BlockMask, not "
