@@ -371,7 +371,7 @@ EASYANIMATE = ZooCase(
                                            "the text rows (txt_ff is None)"),
     },
     notes="Two-stream blocks (hidden_states, encoder_hidden_states carried from block to block). In-place "
-          "rotary writes in EasyAnimateAttnProcessor2_0 (transformer_easyanimate.py:162-169): "
+          "rotary writes in EasyAnimateAttnProcessor2_0 (transformer_easyanimate.py:172-177): "
           "query[:, :, encoder_hidden_states.shape[1]:] = apply_rotary_emb(...). RoPE is computed inside forward "
           "from the latent shape against a hard-coded 90x60 base grid. Block 1 calls self.ff twice (one module, "
           "two call sites). Output reshaped with the input channel count. Timestep float.")
@@ -468,7 +468,7 @@ SANA_VIDEO = ZooCase(
         "ff": ("mlp", "GLUMBTempConv: 1x1 conv, depthwise 3x3 spatial conv, gated, then a (3,1) temporal conv "
                       "over frames: not pointwise, mixes neighbouring tokens in space and time"),
     }),
-    notes="Linear attention with in-place rotary writes into a fresh tensor (transformer_sana_video.py:132-135: "
+    notes="Linear attention with in-place rotary writes into a fresh tensor (transformer_sana_video.py:142-144: "
           "out = torch.empty_like(...); out[..., 0::2] = ...; out[..., 1::2] = ...). Python ints frames/height/"
           "width passed to every block (ff unflattens the sequence to (B, F, H, W, D)). Cross-attention residual "
           "has no gate. int64 text mask turned into a -10000 bias inside forward. Timestep float.")
@@ -531,7 +531,7 @@ SANA_WM = ZooCase(
         }),
     },
     video_input="hidden_states",
-    notes="Timestep is (B, 1, T) per frame and is cast with timestep.long() before embedding. "
+    notes="Timestep is (B, 1, T) per frame and is cast with timestep.long() before embedding (transformer_sana_wm.py:2957). "
           "Dict argument data_info; text mask passed as `mask`; camera_conditions (B, T, 20) drive a numpy/"
           "float64 ray computation inside forward (_process_camera_conditions_ucpe / _prepare_ucpe_ray_transforms); "
           "chunk_plucker (B, 48, T, H, W) is embedded and added after every block's attention (plucker_proj). "
@@ -607,7 +607,7 @@ JOYIMAGE_EDIT_PLUS = ZooCase(
     notes="Input is a padded list of patches (B, max_patches, C, pt, ph, pw), output the same layout. "
           "shape_list is a per-sample list of (t, h, w) tuples: RoPE tables and the joint attention mask are "
           "built by Python loops over the batch and over shape_list, with an in-place write "
-          "img_mask[i, :actual_len] = 1.0 (transformer_joyimage_edit_plus.py). Boolean joint [image | text] "
+          "img_mask[i, :actual_len] = 1.0 (transformer_joyimage_edit_plus.py:514). Boolean joint [image | text] "
           "attention mask passed to SDPA. Batched (B, S, D) RoPE. Timestep float.")
 
 

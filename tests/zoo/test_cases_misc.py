@@ -49,6 +49,18 @@ def test_runs_eager_with_a_finite_prediction(case):
     assert out.abs().sum() > 0
 
 
+def test_declared_arguments_are_in_the_call(case):
+    """video_input and timestep_arg name tensor arguments; return_dict=False as the pipelines pass it, so the
+    output is a tuple whose out_index leaf is the prediction."""
+    kwargs = case.kwargs()
+    assert isinstance(kwargs[case.video_input], torch.Tensor)
+    assert isinstance(kwargs[case.timestep_arg], torch.Tensor)
+    assert kwargs["return_dict"] is False
+    with torch.no_grad():
+        out = case.build()(**kwargs)
+    assert isinstance(out, tuple) and isinstance(out[case.out_index], torch.Tensor)
+
+
 def test_prediction_has_the_latent_layout(case):
     """The prediction has the video input's shape, or the declared ``extra["prediction_shape"]`` (Latte's
     learned variance, ConsisID's image-latent channels)."""
