@@ -141,6 +141,45 @@ COGVIDEOX_ROPE = ZooCase(
                        "CogVideoXAttnProcessor2_0 (attention_processor.py:2325-2327): query[:, :, text_seq_length:] = "
                        "apply_rotary_emb(...), same for key.")
 
+F15 = 4  # CogVideoX 1.5 patches 2 latent frames together; the pipeline pads the latent frames to a multiple of 2
+
+
+def _cogvideox15_i2v() -> torch.nn.Module:
+    from diffusers import CogVideoXTransformer3DModel
+
+    # CogVideoX1.5-5B-I2V: temporal patch 2, "ofs" embedding, RoPE on a sliced grid, no patch bias; the image
+    # latents are concatenated to the noisy latents on the channel axis.
+    return CogVideoXTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=16, in_channels=2 * C, out_channels=C, num_layers=2,
+        sample_width=W, sample_height=H, sample_frames=4 * (F15 - 1) + 1, patch_size=2, patch_size_t=2,
+        ofs_embed_dim=8, text_embed_dim=D_TEXT, time_embed_dim=8, max_text_seq_length=L,
+        use_rotary_positional_embeddings=True, patch_bias=False)
+
+
+def _cogvideox15_kwargs() -> dict[str, Any]:
+    from diffusers.models.embeddings import get_3d_rotary_pos_embed
+
+    g = _gen()
+    # CogVideoXImageToVideoPipeline._prepare_rotary_positional_embeddings, CogVideoX 1.5 branch.
+    rotary = get_3d_rotary_pos_embed(embed_dim=16, crops_coords=None, grid_size=(H // 2, W // 2),
+                                     temporal_size=F15 // 2, grid_type="slice", max_size=(H // 2, W // 2))
+    return dict(hidden_states=torch.randn(B, F15, 2 * C, H, W, generator=g),
+                encoder_hidden_states=torch.randn(B, L, D_TEXT, generator=g),
+                timestep=torch.full((B,), 500, dtype=torch.int64),
+                ofs=torch.full((1,), 2.0),  # latents.new_full((1,), fill_value=2.0)
+                image_rotary_emb=rotary,
+                attention_kwargs=None,
+                return_dict=False)
+
+
+COGVIDEOX15_I2V = ZooCase(
+    name="cogvideox-1.5-i2v", cls="CogVideoXTransformer3DModel", build=_seeded(_cogvideox15_i2v),
+    kwargs=_cogvideox15_kwargs, kinds=_COG_KINDS, extra={"prediction_shape": (B, F15, C, H, W)},
+    notes=_COG_NOTES + " CogVideoX 1.5 I2V: patch_size_t=2 (tokens span 2 latent frames; the unpatchify "
+                       "branch `if p_t is None ... else` differs), an ofs tensor of batch 1 embedded and added to "
+                       "the time embedding, image latents as extra input channels, RoPE tuple argument and the "
+                       "in-place rotary writes of CogVideoXAttnProcessor2_0 (attention_processor.py:2325-2327).")
+
 # ----------------------------------------------------------------------------------------------------------------
 # Latte
 # ----------------------------------------------------------------------------------------------------------------
@@ -336,6 +375,44 @@ COSMOS = ZooCase(
           "CosmosAttnProcessor2_0 (GQA repeat_interleave). Learnable positional embedding normalised with "
           "np.sqrt(norm.numel() / emb.numel()).")
 
+
+
+def _cosmos2() -> torch.nn.Module:
+    from diffusers import CosmosTransformer3DModel
+
+    # Cosmos-Predict2 video2world: the condition mask is one more input channel, no learnable position table,
+    # RoPE scaled (1, 3, 3). concat_padding_mask=False for the torchvision reason above.
+    return CosmosTransformer3DModel(in_channels=C + 1, out_channels=C, num_attention_heads=2, attention_head_dim=16,
+                                    num_layers=2, mlp_ratio=2.0, text_embed_dim=D_TEXT, adaln_lora_dim=8,
+                                    max_size=(8, 16, 16), patch_size=(1, 2, 2), rope_scale=(1.0, 3.0, 3.0),
+                                    concat_padding_mask=False, extra_pos_embed_type=None)
+
+
+def _cosmos2_kwargs() -> dict[str, Any]:
+    g = _gen()
+    # Cosmos2VideoToWorldPipeline: t = sigma / (sigma + 1) per frame, the first (conditioning) latent frame held
+    # at t_conditioning = 1e-4 / (1 + 1e-4); cond_mask is 1 on that frame.
+    cond = torch.zeros(1, 1, F, 1, 1)
+    cond[:, :, :1] = 1.0
+    t_cond = 1e-4 / (1 + 1e-4)
+    timestep = cond * t_cond + (1 - cond) * torch.full((B, 1, F, 1, 1), 0.5)
+    return dict(hidden_states=torch.randn(B, C, F, H, W, generator=g),
+                timestep=timestep,
+                encoder_hidden_states=torch.randn(B, L, D_TEXT, generator=g),
+                fps=16,
+                condition_mask=cond * torch.ones(B, 1, F, H, W),
+                padding_mask=torch.zeros(1, 1, H, W),
+                return_dict=False)
+
+
+COSMOS2_V2W = ZooCase(
+    name="cosmos2-video2world", cls="CosmosTransformer3DModel", build=_seeded(_cosmos2), kwargs=_cosmos2_kwargs,
+    kinds=COSMOS.kinds,
+    notes="Per-frame timesteps: timestep is (B, 1, T, 1, 1) with the conditioning frame at t_conditioning and "
+          "the others at the step's t (`elif timestep.ndim == 5` branch with an assert on its shape; embeddings "
+          "expanded per token). condition_mask (B, 1, T, H, W) concatenated as an input channel. Otherwise as "
+          "cosmos (two batch-1 calls per step in the pipeline; batched here).")
+
 # ----------------------------------------------------------------------------------------------------------------
 # EasyAnimate (V5.1: MMDiT blocks; the tiny model has one MMDiT block and one shared-weight block)
 # ----------------------------------------------------------------------------------------------------------------
@@ -391,24 +468,27 @@ def _minimax() -> torch.nn.Module:
                                        time_embed_hidden_dim=24, time_embed_dim=16, rope_freq_dim=2)
 
 
-def _minimax_layout() -> dict[str, torch.Tensor]:
-    """MiniMaxH3PrepareLayoutStep.build_packed_sequence for the t2va task (no keyframes): [text | audio | video]
-    rows, and the row timestep plan of one step (video and audio at the same t: one distinct timestep)."""
+def _minimax_layout(keyframes: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """MiniMaxH3PrepareLayoutStep.build_packed_sequence: [text | keyframe rows | audio | video] rows, and the
+    row timestep plan of one step (MiniMaxH3SetTimestepsStep: video and audio at the same t; keyframe rows held
+    at max(t, keyframe_noise_aug = 0.999))."""
     from diffusers.modular_pipelines.minimax_h3.before_denoise import (
         MiniMaxH3PrepareLayoutStep, MiniMaxH3SetTimestepsStep)
 
-    position_ids, token_tags, video_idx, audio_idx, text_idx, _, _ = MiniMaxH3PrepareLayoutStep.build_packed_sequence(
-        text_token_tags=torch.ones(L, dtype=torch.long), num_latent_frames=F, latent_height=H, latent_width=W,
-        num_audio_latents=2, patch_size=(1, 2, 2), audio_channels=2, audio_tag=2, video_tag=0)
+    position_ids, token_tags, video_idx, audio_idx, text_idx, n_cond, _ = (
+        MiniMaxH3PrepareLayoutStep.build_packed_sequence(
+            text_token_tags=torch.ones(L, dtype=torch.long), num_latent_frames=F, latent_height=H, latent_width=W,
+            num_audio_latents=2, patch_size=(1, 2, 2), audio_channels=2, audio_tag=2, video_tag=0,
+            keyframe_anchors=keyframes))
     timestep, timestep_indices = MiniMaxH3SetTimestepsStep.build_row_timesteps(
-        video_idx, audio_idx, 0, 0, L, 0.5, 0.5, 0.999, 1.0)
+        video_idx, audio_idx, n_cond, 0, L, 0.5, 0.5, 0.999, 1.0)
     return dict(timestep=timestep, timestep_indices=timestep_indices, token_tags=token_tags,
                 position_ids=position_ids, video_indices=video_idx, audio_indices=audio_idx, text_indices=text_idx)
 
 
-def _minimax_kwargs() -> dict[str, Any]:
+def _minimax_kwargs(keyframes: tuple[str, ...] = ()) -> dict[str, Any]:
     g = _gen()
-    layout = _minimax_layout()
+    layout = _minimax_layout(keyframes)
     return dict(hidden_states=torch.randn(B, layout["video_indices"].numel(), C * 4, generator=g),
                 audio_hidden_states=torch.randn(B, layout["audio_indices"].numel(), C, generator=g),
                 encoder_hidden_states=torch.randn(B, L, D_TEXT, generator=g),
@@ -416,7 +496,7 @@ def _minimax_kwargs() -> dict[str, Any]:
 
 
 MINIMAX_H3 = ZooCase(
-    name="minimax-h3", cls="MiniMaxH3Transformer3DModel", build=_seeded(_minimax), kwargs=_minimax_kwargs,
+    name="minimax-h3", cls="MiniMaxH3Transformer3DModel", build=_seeded(_minimax), kwargs=lambda: _minimax_kwargs(),
     kinds={
         "token_refiner.refiner_blocks.0.attn": ("text", "MiniMaxH3TokenRefinerBlock: self-attention over the "
                                                         "projected text only, before packing"),
@@ -434,6 +514,14 @@ MINIMAX_H3 = ZooCase(
           "position_ids are float64 (cast to float32 in the rope). Python shape checks raise ValueError in "
           "forward. The token refiner sees only text: its output is the same at every step. The pipeline "
           "(modular, guidance-distilled) calls with batch 1; the batch axis is pure replication.")
+
+MINIMAX_H3_KEYFRAME = ZooCase(
+    name="minimax-h3-keyframe", cls="MiniMaxH3Transformer3DModel", build=_seeded(_minimax),
+    kwargs=lambda: _minimax_kwargs(("first",)), kinds=MINIMAX_H3.kinds,
+    notes="fl2va-style layout with one first-frame keyframe block: its video rows sit before the audio rows and "
+          "are held at t = 0.999 while the generated rows are at the step's t, so timestep holds 2 distinct "
+          "values and timestep_indices points each row at one of them. hidden_states carries the keyframe rows "
+          "first (video_indices is not contiguous). Otherwise as minimax-h3.")
 
 # ----------------------------------------------------------------------------------------------------------------
 # SANA-Video
@@ -472,6 +560,25 @@ SANA_VIDEO = ZooCase(
           "out = torch.empty_like(...); out[..., 0::2] = ...; out[..., 1::2] = ...). Python ints frames/height/"
           "width passed to every block (ff unflattens the sequence to (B, F, H, W, D)). Cross-attention residual "
           "has no gate. int64 text mask turned into a -10000 bias inside forward. Timestep float.")
+
+
+
+def _sana_video_i2v_kwargs() -> dict[str, Any]:
+    kwargs = _sana_video_kwargs()
+    # SanaImageToVideoPipeline: per-token timesteps t * (1 - conditioning_mask), the mask (B, 1, F, H/2, W/2) being
+    # 1 on the first (image) latent frame.
+    mask = torch.zeros(B, 1, F, H // 2, W // 2)
+    mask[:, :, 0] = 1.0
+    kwargs["timestep"] = torch.full((B, 1, F, H // 2, W // 2), 500.0) * (1 - mask)
+    return kwargs
+
+
+SANA_VIDEO_I2V = ZooCase(
+    name="sana-video-i2v", cls="SanaVideoTransformer3DModel", build=_seeded(_sana_video),
+    kwargs=_sana_video_i2v_kwargs, kinds=SANA_VIDEO.kinds,
+    notes="Per-token timesteps: timestep is (B, 1, F, H/2, W/2), 0 on the first latent frame; forward flattens "
+          "it (time_embed(timestep.flatten())) and views the modulation as (B, F*H*W/4, 6*D), so every token has "
+          "its own AdaLN shift/scale/gate. Otherwise as sana-video.")
 
 # ----------------------------------------------------------------------------------------------------------------
 # SANA-WM (camera-controlled world model: gated-delta-net linear attention + every 2nd block softmax)
@@ -611,5 +718,5 @@ JOYIMAGE_EDIT_PLUS = ZooCase(
           "attention mask passed to SDPA. Batched (B, S, D) RoPE. Timestep float.")
 
 
-CASES = [COGVIDEOX, COGVIDEOX_ROPE, LATTE, ALLEGRO, CONSISID, COSMOS, EASYANIMATE, MINIMAX_H3, SANA_VIDEO, SANA_WM,
-         JOYIMAGE_EDIT, JOYIMAGE_EDIT_PLUS]
+CASES = [COGVIDEOX, COGVIDEOX_ROPE, COGVIDEOX15_I2V, LATTE, ALLEGRO, CONSISID, COSMOS, COSMOS2_V2W, EASYANIMATE,
+         MINIMAX_H3, MINIMAX_H3_KEYFRAME, SANA_VIDEO, SANA_VIDEO_I2V, SANA_WM, JOYIMAGE_EDIT, JOYIMAGE_EDIT_PLUS]
