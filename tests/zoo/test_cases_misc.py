@@ -18,7 +18,7 @@ from zoo.misc import CASES
 torch.set_num_threads(1)
 
 KINDS = {"spatial", "temporal", "cross", "joint", "text", "other", "mlp"}
-# One eager forward of a tiny case must stay well under a second (measured: 2-12 ms on one thread).
+# One eager forward of a tiny case must stay well under a second (measured: 2-40 ms on one thread).
 BUDGET_S = 0.5
 
 
