@@ -62,7 +62,7 @@ class ZooCase:
 def _discover() -> dict[str, ZooCase]:
     cases: dict[str, ZooCase] = {}
     for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
-        if info.name.startswith(("_", "test")):
+        if info.name.startswith(("_", "test")) or info.name == "coverage":  # not family modules
             continue
         mod = importlib.import_module(f"{__name__}.{info.name}")
         for c in getattr(mod, "CASES", ()):

@@ -1,0 +1,68 @@
+"""Shared by the zoo's tests and its coverage table (tests/zoo/coverage.py): captures made once per case,
+the 20-step loop, and the comparison helpers."""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from graphpass.passes.capture import capture
+from graphpass.passes.tag import tag_attention
+from zoo import ZOO, ZooCase
+
+STEPS = [float(t) for t in range(981, 0, -50)]  # 20 falling timesteps
+RTOL = 1e-5
+ATTENTION_KINDS = ("spatial", "temporal", "cross", "joint", "text", "other")
+#: Broadcast ranges per kind for the PAB test: co-prime-ish so the kinds reuse at different steps.
+RANGES = {"spatial": 2, "temporal": 3, "cross": 4, "joint": 2, "text": 3, "other": 3}
+
+SUPPORTED = [n for n, c in ZOO.items() if c.unsupported is None]
+UNSUPPORTED = [n for n, c in ZOO.items() if c.unsupported is not None]
+
+
+def leaf(case: ZooCase, out) -> torch.Tensor:
+    leaves = out if isinstance(out, (tuple, list)) else (out.sample if hasattr(out, "sample") else out,)
+    return leaves[case.out_index]
+
+
+def at_timestep(example: torch.Tensor, t: float) -> torch.Tensor:
+    """The example's timestep tensor moved to ``t``: entries at the example's noisiest value become ``t``,
+    others (clean conditioning frames or tokens held at 0) keep theirs."""
+    return torch.where(example == example.max(), torch.full_like(example, t), example)
+
+
+def loop(case: ZooCase, call, kwargs, timesteps=STEPS) -> list[torch.Tensor]:
+    """Call once per timestep, feeding x - 0.1 * eps (cut to the latent's shape) back as the video input."""
+    kw = dict(kwargs)
+    x = kw[case.video_input]
+    outs = []
+    with torch.no_grad():
+        for t in timesteps:
+            kw[case.video_input] = x
+            kw[case.timestep_arg] = at_timestep(kwargs[case.timestep_arg], t)
+            eps = leaf(case, call(**kw))
+            outs.append(eps)
+            if eps.dim() == x.dim():  # the prediction may cover part of the input (i2v: latents + condition)
+                common = tuple(slice(0, min(a, b)) for a, b in zip(x.shape, eps.shape))
+                x = x.clone()
+                x[common] -= 0.1 * eps[common]
+    return outs
+
+
+def rel(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    return max(float((x - y).abs().max() / y.abs().max().clamp_min(1e-12)) for x, y in zip(a, b))
+
+
+@functools.lru_cache(maxsize=None)
+def captured(name: str):
+    """(model, capture, regions) of a zoo case, once per session (tests must not change the model)."""
+    case = ZOO[name]
+    model = case.build()
+    cap = capture(model, case.kwargs())
+    return model, cap, tag_attention(cap, video_input=case.video_input)
+
+
+def attention_kinds(case: ZooCase) -> dict[str, str]:
+    return {p: k for p, (k, _) in case.kinds.items() if k in ATTENTION_KINDS}
+
+
