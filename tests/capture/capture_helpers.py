@@ -97,5 +97,34 @@ def check_pab_reference(case: Case, modules: dict[str, str], schedule: PAB, kw=N
     return opt
 
 
-__all__ = ["Case", "STEPS_20", "WAN_MODULES", "check_never_reusing", "check_pab_reference", "first", "max_rel",
+__all__ = ["COGVIDEOX_MODULES", "Case", "STEPS_20", "WAN_MODULES", "cogvideox_rope", "check_never_reusing", "check_pab_reference", "first", "max_rel",
            "wan"]
+
+
+def cogvideox_rope() -> Case:
+    """CogVideoXTransformer3DModel with rotary embeddings, passed by the pipeline as a tuple (cos, sin) of
+    (tokens, head_dim) tensors. hidden_states (B, F, C, H, W) = (2, 3, 4, 8, 8): 3 * 4 * 4 video tokens."""
+    from diffusers import CogVideoXTransformer3DModel
+    from diffusers.models.embeddings import get_3d_rotary_pos_embed
+
+    def build():
+        torch.manual_seed(0)
+        return CogVideoXTransformer3DModel(
+            num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, num_layers=2,
+            sample_width=8, sample_height=8, sample_frames=9, patch_size=2, text_embed_dim=16, time_embed_dim=8,
+            temporal_compression_ratio=4, max_text_seq_length=5, use_rotary_positional_embeddings=True).eval()
+
+    def kwargs(batch: int = 2):
+        g = torch.Generator().manual_seed(2)
+        rope = get_3d_rotary_pos_embed(embed_dim=16, crops_coords=((0, 0), (4, 4)), grid_size=(4, 4), temporal_size=3)
+        return dict(hidden_states=torch.randn(batch, 3, 4, 8, 8, generator=g),
+                    timestep=torch.full((batch,), 500, dtype=torch.int64),
+                    encoder_hidden_states=torch.randn(batch, 5, 16, generator=g), image_rotary_emb=tuple(rope),
+                    return_dict=False)
+
+    return Case(build, kwargs)
+
+
+#: CogVideoX's regions: attn1 attends over text and video tokens of a sample together (joint); ff is mlp.
+COGVIDEOX_MODULES = {f"transformer_blocks.{i}.{name}": kind for i in range(2)
+                     for name, kind in (("attn1", "joint"), ("ff", "mlp"))}
