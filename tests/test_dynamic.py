@@ -8,6 +8,8 @@ module-level reference PAB run at that size.
 """
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -40,13 +42,15 @@ def test_vdt_free_dimensions():
     case = make_case("vdt")
     cap = capture(case.model, case.kwargs(), dynamic=True)
     free = cap.dynamic_dims
-    # (B, F, C, H, W): frames, height and width free; batch (never freed) and channels (conv weight) static.
-    assert sorted(free["hidden_states"]) == [1, 3, 4]
-    assert free["cond_mask"] == {1: free["hidden_states"][1]}  # one frame count for video and mask
-    assert len({free["hidden_states"][i] for i in (1, 3, 4)}) == 3  # height and width are not tied
-    assert "encoder_hidden_states" not in free  # integer ids: not freed
-    # The static capture keeps every shape fixed and has no checker.
-    assert capture(case.model, case.kwargs()).dynamic_dims == {}
+    # (B, F, C, H, W): batch, frames, height and width free; channels (conv weight) static.
+    assert sorted(free["hidden_states"]) == [0, 1, 3, 4]
+    assert free["cond_mask"] == {0: free["hidden_states"][0], 1: free["hidden_states"][1]}  # one B, one F
+    assert len({free["hidden_states"][i] for i in (0, 1, 3, 4)}) == 4  # height and width are not tied
+    assert free["encoder_hidden_states"] == {0: free["hidden_states"][0]}  # integer ids: only the batch
+    # The static capture keeps every shape but the batch fixed.
+    batch = free["hidden_states"][0]
+    static = capture(case.model, case.kwargs()).dynamic_dims
+    assert static == {k: {0: static["hidden_states"][0]} for k in free} and batch
 
 
 @pytest.mark.parametrize("size", [(6, 20, 12), (3, 16, 16)], ids=["6x20x12", "3x16x16"])
@@ -98,7 +102,7 @@ def test_shape_the_model_cannot_serve(vdt_dynamic):
     with pytest.raises(InputError, match=r"cannot run inputs of shapes hidden_states \(2, 4, 3, 18, 16\)"):
         opt(**_vdt_kwargs(4, 18, 16))
     # Channels are static in the capture.
-    with pytest.raises(InputError, match=r"dimension\(s\) \[2\] are static.*free dimensions: \[1, 3, 4\]"):
+    with pytest.raises(InputError, match=r"dimension\(s\) \[2\] are static.*free dimensions: \[0, 1, 3, 4\]"):
         opt(**dict(_vdt_kwargs(4, 16, 16), hidden_states=torch.randn(2, 4, 4, 16, 16)))
     # Frames of the video and of the mask must agree (one symbol).
     with pytest.raises(InputError, match="cannot run"):
@@ -111,8 +115,9 @@ def test_latte_keeps_its_fixed_size_dimensions_static():
     opt = graphpass.optimize(case.model, "latte", example_kwargs=kw, dynamic=True)
     # Latte's position table has a fixed size: export leaves H and W symbolic but guarded to the example's
     # patch grid, the probe at twice the size fails, so they are captured static. The caption length is free.
-    assert opt.captured.dynamic_dims == {"encoder_hidden_states": {1: opt.captured.dynamic_dims[
-        "encoder_hidden_states"][1]}}
+    dims = opt.captured.dynamic_dims
+    assert dims == {"hidden_states": {0: dims["hidden_states"][0]}, "timestep": {0: dims["hidden_states"][0]},
+                    "encoder_hidden_states": {0: dims["hidden_states"][0], 1: dims["encoder_hidden_states"][1]}}
     with pytest.raises(InputError, match=r"dimension\(s\) \[3, 4\] are static"):
         opt(**dict(kw, hidden_states=torch.randn(2, 4, 3, 12, 12)))
     # A longer caption runs and equals eager (no reuse at t=981).
@@ -130,7 +135,8 @@ def test_static_capture_error_names_dynamic_option():
 def test_inspect_reports_free_sizes(vdt_dynamic):
     _, opt = vdt_dynamic
     text = opt.inspect()
-    assert "shapes: free sizes hidden_states dims 1=" in text and "cond_mask dims 1=" in text
+    assert re.search(r"shapes: free sizes hidden_states dims 0=s\d+, 1=s\d+, 3=", text)
+    assert re.search(r"cond_mask dims 0=s\d+, 1=", text)
 
 
 def test_dynamic_with_parallel_is_refused():
@@ -146,6 +152,7 @@ def test_inspect_cli_dynamic(capsys):
     from graphpass.cli import main
 
     assert main(["inspect", "--model", "vdt-tiny", "--steps", "10", "--dynamic"]) == 0
-    assert "shapes: free sizes hidden_states dims 1=" in capsys.readouterr().out
+    assert re.search(r"shapes: free sizes hidden_states dims 0=s\d+, 1=s\d+, 3=", capsys.readouterr().out)
     assert main(["inspect", "--model", "vdt-tiny", "--steps", "10"]) == 0
-    assert "shapes: static (those of the example call)" in capsys.readouterr().out
+    # Without --dynamic only the batch is free.
+    assert re.search(r"shapes: free sizes hidden_states dims 0=s\d+;", capsys.readouterr().out)

@@ -45,12 +45,105 @@ class TensorSpec:
         return f"{str(self.dtype).replace('torch.', '')}[{', '.join(map(str, self.shape))}]"
 
 
+_PLAIN = (bool, int, float, str)
+
+
+def _is_plain(v) -> bool:
+    return v is None or isinstance(v, _PLAIN)
+
+
+def _key_name(key) -> str:
+    """One step of a pytree key path as it appears in an input name: ``0`` of a tuple, ``fps`` of a dict."""
+    if isinstance(key, pytree.SequenceKey):
+        return str(key.idx)
+    if isinstance(key, pytree.MappingKey):
+        return str(key.key)
+    if isinstance(key, pytree.GetAttrKey):
+        return key.name
+    return str(key).strip(".[]'\"")
+
+
+def describe(v) -> str:
+    """A short picture of a structured value: which leaves are tensors and which constants.
+
+        >>> describe((torch.ones(2, 3), None))
+        'tuple(tensor[2, 3], None)'
+    """
+    if isinstance(v, torch.Tensor):
+        return f"tensor[{', '.join(map(str, v.shape))}]"
+    if isinstance(v, dict):
+        return "dict(" + ", ".join(f"{k}={describe(x)}" for k, x in v.items()) + ")"
+    if isinstance(v, (tuple, list)):
+        return f"{type(v).__name__}(" + ", ".join(describe(x) for x in v) + ")"
+    return repr(v)
+
+
+@dataclass(frozen=True)
+class ArgStructure:
+    """A tuple/list/dict argument: its pytree spec, the graph-input names of its tensor leaves, and its
+    constant leaves (bound at capture like top-level constants).
+
+        >>> st = ArgStructure.of("image_rotary_emb", (cos, sin))
+        >>> st.tensor_names
+        ('image_rotary_emb.0', 'image_rotary_emb.1')
+    """
+
+    name: str
+    spec: pytree.TreeSpec
+    tensor_names: tuple[str, ...]
+    constants: tuple  # the leaves in order, with None at tensor leaves (see ``is_tensor``)
+    is_tensor: tuple[bool, ...]
+    picture: str  # describe() of the example value, for error messages
+
+    @classmethod
+    def of(cls, name: str, value) -> "ArgStructure":
+        leaves, spec = pytree.tree_flatten_with_path(value)
+        names, consts, is_tensor = [], [], []
+        for path, leaf in leaves:
+            leaf_name = ".".join([name, *(_key_name(k) for k in path)])
+            if isinstance(leaf, torch.Tensor):
+                names.append(leaf_name)
+            elif not _is_plain(leaf):
+                raise CaptureError(f"example argument {name!r} holds a {type(leaf).__name__} at {leaf_name!r}; "
+                                   f"graphpass captures tensors and binds plain constants (None, bool, int, float, "
+                                   f"str) inside tuples, lists and dicts. Pass tensors there.")
+            consts.append(None if isinstance(leaf, torch.Tensor) else leaf)
+            is_tensor.append(isinstance(leaf, torch.Tensor))
+        return cls(name, spec, tuple(names), tuple(consts), tuple(is_tensor), describe(value))
+
+    def flatten(self, value) -> list[torch.Tensor]:
+        """The tensor leaves of a call's value, checked against the captured structure."""
+        try:
+            leaves, spec = pytree.tree_flatten(value)
+        except Exception:
+            spec = None
+        if spec != self.spec or len(leaves) != len(self.is_tensor):
+            raise InputError(f"argument {self.name!r} is {describe(value)} but was captured as {self.picture}: the "
+                             f"structure differs; pass the same structure or call graphpass.optimize again with "
+                             f"this one in example_kwargs")
+        tensors = []
+        for i, (leaf, tensor, const) in enumerate(zip(leaves, self.is_tensor, self.constants)):
+            if tensor != isinstance(leaf, torch.Tensor) or (not tensor and not _same_constant(leaf, const)):
+                raise InputError(f"argument {self.name!r} is {describe(value)} but was captured as {self.picture}: "
+                                 f"leaf {i} differs (constants are bound at capture); pass the captured value or "
+                                 f"call graphpass.optimize again with this one in example_kwargs")
+            if tensor:
+                tensors.append(leaf)
+        return tensors
+
+    def rebuild(self, tensors) -> Any:
+        it = iter(tensors)
+        return pytree.tree_unflatten([next(it) if t else c for t, c in zip(self.is_tensor, self.constants)],
+                                     self.spec)
+
+
 @dataclass
 class CapturedGraph:
     """A captured model call.
 
     gm: flat GraphModule; its placeholders are ``input_names`` in order; it returns a tuple of the output
-        leaves described by ``out_spec``.
+        leaves described by ``out_spec``. A tuple/list/dict argument gives one input per tensor leaf, named
+        by its path (``image_rotary_emb.0``; the placeholder is ``image_rotary_emb_0``), see ``structures``.
     constants: non-tensor keyword arguments bound at capture; a later call must pass the same values or omit
         them.
     """
@@ -67,31 +160,54 @@ class CapturedGraph:
     dynamic_dims: dict[str, dict[int, str]] = field(default_factory=dict)
     #: the exported module with export's input guards, run on fake tensors to check a new shape.
     checker: fx.GraphModule | None = field(default=None, repr=False)
+    #: structured (tuple/list/dict) arguments by name.
+    structures: dict[str, ArgStructure] = field(default_factory=dict)
+    #: whether the capture was asked to free the non-batch dimensions too (``dynamic=True``).
+    dynamic: bool = False
+    #: data-dependent values the capture specialised on, checked on every call (see ``value_checks``).
+    value_checks: list = field(default_factory=list, repr=False)
     _checked: dict[tuple, str | None] = field(default_factory=dict, repr=False)
+
+    @property
+    def arguments(self) -> list[str]:
+        """The call's keyword arguments the graph reads (a structured one once), in capture order."""
+        out: list[str] = []
+        leaf_owner = {n: st.name for st in self.structures.values() for n in st.tensor_names}
+        for n in self.input_names:
+            owner = leaf_owner.get(n, n)
+            if owner not in out:
+                out.append(owner)
+        return out + [k for k in self.structures if k not in out]
 
     def flatten_call(self, kwargs: dict[str, Any]) -> list[torch.Tensor]:
         """Check a call's keyword arguments against the capture and return the graph inputs in order."""
-        unknown = set(kwargs) - set(self.input_names) - set(self.constants)
+        arguments = self.arguments
+        unknown = set(kwargs) - set(arguments) - set(self.constants)
         if unknown:
             raise InputError(f"unexpected argument(s) {sorted(unknown)}: the model was captured with "
-                             f"{self.input_names + sorted(self.constants)}; re-run graphpass.optimize with example "
+                             f"{arguments + sorted(self.constants)}; re-run graphpass.optimize with example "
                              f"inputs that include them")
         for k, v in self.constants.items():
             if k in kwargs and not _same_constant(kwargs[k], v):
                 raise InputError(f"argument {k}={kwargs[k]!r} differs from the value {v!r} bound at capture; pass "
                                  f"{k}={v!r} or re-run graphpass.optimize with {k}={kwargs[k]!r} in example_kwargs")
+        values: dict[str, Any] = {}
+        for k in arguments:
+            if k not in kwargs:
+                raise InputError(f"missing argument {k!r}: the captured graph needs {arguments}")
+            if k in self.structures:
+                values.update(zip(self.structures[k].tensor_names, self.structures[k].flatten(kwargs[k])))
+            else:
+                values[k] = kwargs[k]
         flat = []
         for name, spec in zip(self.input_names, self.input_specs):
-            if name not in kwargs:
-                raise InputError(f"missing argument {name!r}: the captured graph needs {self.input_names}")
-            v = kwargs[name]
+            v = values[name]
             if not isinstance(v, torch.Tensor):
                 raise InputError(f"argument {name!r} must be a tensor like at capture ({spec}), got {type(v).__name__}")
             if tuple(v.shape) != spec.shape:
                 self._check_static(name, spec, tuple(v.shape))
             if v.dtype != spec.dtype:
-                raise InputError(f"argument {name!r} has dtype {v.dtype} but was captured as {spec.dtype}; cast it or "
-                                 f"re-capture with example inputs of this dtype")
+                v = cast_exact(name, v, spec.dtype)
             flat.append(v)
         shapes = tuple(tuple(v.shape) for v in flat)
         if shapes != tuple(sp.shape for sp in self.input_specs):
@@ -104,12 +220,9 @@ class CapturedGraph:
         if len(shape) == len(spec.shape) and not fixed:
             return
         why = f"dimension(s) {fixed} are static in this capture" if fixed else "the rank differs"
-        if free:
-            hint = f" (its free dimensions: {sorted(free)})"
-        elif not self.dynamic_dims:
-            hint = " (graphpass.optimize(..., dynamic=True) frees the dimensions the model allows)"
-        else:
-            hint = ""
+        hint = f" (its free dimensions: {sorted(free)})" if free else ""
+        if not self.dynamic:
+            hint += " (graphpass.optimize(..., dynamic=True) frees the dimensions the model allows)"
         raise InputError(f"argument {name!r} has shape {shape} but the graph was captured for {spec.shape}: {why}"
                          f"{hint}; call graphpass.optimize again with example inputs of this shape")
 
@@ -124,6 +237,22 @@ class CapturedGraph:
 
     def unflatten_outputs(self, leaves) -> Any:
         return pytree.tree_unflatten(list(leaves), self.out_spec)
+
+
+def cast_exact(name: str, v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``v`` cast to the captured ``dtype`` when every value survives the cast exactly (an int64 timestep
+    500 as float32 500.0), else an InputError.
+
+        >>> cast_exact("timestep", torch.tensor([500]), torch.float32)
+        tensor([500.])
+        >>> cast_exact("timestep", torch.tensor([500.5]), torch.int64)
+        InputError: argument 'timestep' has dtype torch.float32 but was captured as torch.int64 ...
+    """
+    out = v.to(dtype)
+    if torch.equal(out.to(v.dtype), v):  # a round trip that changes nothing lost nothing
+        return out
+    raise InputError(f"argument {name!r} has dtype {v.dtype} but was captured as {dtype}, and its values do not "
+                     f"survive the cast exactly; cast it or re-capture with example inputs of this dtype")
 
 
 def shape_error(gm: fx.GraphModule, shapes, dtypes) -> str | None:
@@ -148,51 +277,93 @@ def _same_constant(a, b) -> bool:
 
 
 class _Bound(torch.nn.Module):
-    """Calls the model with the constant keyword arguments bound, so export sees only tensor inputs."""
+    """Calls the model with the constant keyword arguments bound and the structured ones rebuilt from their
+    tensor leaves, so export sees only flat tensor inputs."""
 
-    def __init__(self, model: torch.nn.Module, names, constants: dict[str, Any]):
+    def __init__(self, model: torch.nn.Module, names, constants: dict[str, Any],
+                 structures: dict[str, ArgStructure]):
         super().__init__()
         self.model = model
         self.names = list(names)
         self.constants = constants
+        self.structures = structures
 
     def forward(self, *args):
         # Positional: torch.export's dynamic_shapes (Dim.AUTO) binds reliably to positional inputs.
-        return self.model(**dict(zip(self.names, args)), **self.constants)
+        values = dict(zip(self.names, args))
+        kwargs = {k: v for k, v in values.items() if k not in self._leaves()}
+        for k, st in self.structures.items():
+            kwargs[k] = st.rebuild(values[n] for n in st.tensor_names)
+        return self.model(**kwargs, **self.constants)
+
+    def _leaves(self) -> set[str]:
+        return {n for st in self.structures.values() for n in st.tensor_names}
+
+
+def _split_arguments(example_kwargs: dict[str, Any]):
+    """(tensor inputs by input name, plain constants, structured arguments) of one call."""
+    tensors, constants, structures = {}, {}, {}
+    for k, v in example_kwargs.items():
+        if isinstance(v, torch.Tensor):
+            tensors[k] = v
+        elif _is_plain(v):
+            constants[k] = v
+        elif isinstance(v, (tuple, list, dict)):
+            st = structures[k] = ArgStructure.of(k, v)
+            leaves = [x for x in pytree.tree_leaves(v) if isinstance(x, torch.Tensor)]
+            tensors.update(zip(st.tensor_names, leaves))
+        else:
+            raise CaptureError(f"example argument {k!r} is a {type(v).__name__}; graphpass captures tensors (alone or "
+                               f"in tuples, lists and dicts) and binds plain constants (None, bool, int, float, str)")
+    return tensors, constants, structures
+
+
+def batch_dims(tensors: dict[str, torch.Tensor]) -> set[tuple[str, int]]:
+    """(input, 0) for every input whose first dimension is the batch: the size of dim 0 of the first
+    floating-point input of rank >= 3 (the latent video), shared by the timestep, the text embeddings...
+
+        >>> batch_dims({"hidden_states": torch.empty(2, 4, 3, 8, 8), "timestep": torch.empty(2),
+        ...             "freqs": torch.empty(48, 8)})
+        {('hidden_states', 0), ('timestep', 0)}
+    """
+    video = next((v for v in tensors.values() if v.dtype.is_floating_point and v.dim() >= 3), None)
+    if video is None:
+        return set()
+    return {(k, 0) for k, v in tensors.items() if v.dim() >= 1 and v.shape[0] == video.shape[0]}
 
 
 def capture(model: torch.nn.Module, example_kwargs: dict[str, Any], *, dynamic: bool = False) -> CapturedGraph:
-    """Export ``model(**example_kwargs)`` into a :class:`CapturedGraph`; with ``dynamic``, keep free the
-    non-batch dimensions the model allows (see the module docstring).
+    """Export ``model(**example_kwargs)`` into a :class:`CapturedGraph`. The batch stays free where the model
+    allows; with ``dynamic``, the other dimensions the model allows too (see the module docstring).
 
     >>> cap = capture(model, dict(hidden_states=x, timestep=t, encoder_hidden_states=c, return_dict=False))
     >>> cap.input_names
     ['hidden_states', 'timestep', 'encoder_hidden_states']
+    >>> capture(wan, dict(..., image_rotary_emb=(cos, sin))).input_names[-2:]
+    ['image_rotary_emb.0', 'image_rotary_emb.1']
     """
     if not isinstance(model, torch.nn.Module):
         raise CaptureError(f"graphpass optimises torch.nn.Module models, got {type(model).__name__}")
     if not example_kwargs:
         raise CaptureError("example_kwargs is empty: pass the keyword arguments of one real model call, e.g. "
                            "dict(hidden_states=x, timestep=t, encoder_hidden_states=c)")
-    tensors, constants = {}, {}
-    for k, v in example_kwargs.items():
-        if isinstance(v, torch.Tensor):
-            tensors[k] = v
-        elif v is None or isinstance(v, (bool, int, float, str)):
-            constants[k] = v
-        else:
-            raise CaptureError(f"example argument {k!r} is a {type(v).__name__}; graphpass captures tensor arguments "
-                               f"and binds plain constants (None, bool, int, float, str). Pass tensors directly.")
+    tensors, constants, structures = _split_arguments(example_kwargs)
     names = list(tensors)
-    free = {(k, i) for k, v in tensors.items() if dynamic and v.dtype.is_floating_point for i in range(1, v.dim())}
-    ep = _export(model, names, constants, tensors, free)
+    free_batch = batch_dims(tensors)
+    free = set(free_batch)
+    if dynamic:
+        free |= {(k, i) for k, v in tensors.items() if v.dtype.is_floating_point for i in range(1, v.dim())}
+    ep = _export(model, names, constants, structures, tensors, free)
     src = ep.module()  # with export's input guards: probes new shapes now, checks calls' shapes later
     symbols = _free_dims(ep, names) if free else {}
     while symbols:
-        bad = {key for key, sym in symbols.items() if _probe(src, names, tensors, symbols, sym) is not None}
+        bad = set()
+        for group in probe_groups(symbols, free_batch):
+            if _probe(src, names, tensors, symbols, {s for k in group for s in symbols[k].free_symbols}):
+                bad |= group
         if not bad:
             break
-        ep = _export(model, names, constants, tensors, set(symbols) - bad)  # what failed its probe, static
+        ep = _export(model, names, constants, structures, tensors, set(symbols) - bad)  # failed probes: static
         src = ep.module()
         symbols = _free_dims(ep, names) if set(symbols) - bad else {}
     dynamic_dims: dict[str, dict[int, str]] = {}
@@ -209,7 +380,8 @@ def capture(model: torch.nn.Module, example_kwargs: dict[str, Any], *, dynamic: 
             outputs = fx.node.map_arg(node.args[0], lambda n: env[n])
             continue
         if node.op == "placeholder":  # named after the call's keyword arguments, as the analyses expect
-            new = graph.placeholder(names[sum(1 for n in graph.nodes if n.op == "placeholder")])
+            name = names[sum(1 for n in graph.nodes if n.op == "placeholder")]
+            new = graph.placeholder(name.replace(".", "_"))
             new.meta = dict(node.meta)
         else:
             new = graph.node_copy(node, lambda n: env[n])
@@ -235,10 +407,12 @@ def capture(model: torch.nn.Module, example_kwargs: dict[str, Any], *, dynamic: 
         model_type=type(model).__name__,
         dynamic_dims=dynamic_dims,
         checker=src if dynamic_dims else None,
+        structures=structures,
+        dynamic=dynamic,
     )
 
 
-def _export(model, names, constants, tensors, free):
+def _export(model, names, constants, structures, tensors, free):
     from torch.export import Dim
 
     dynamic_shapes = None
@@ -247,7 +421,7 @@ def _export(model, names, constants, tensors, free):
     was_training = model.training
     model.eval()
     try:
-        return torch.export.export(_Bound(model, names, constants), tuple(tensors[k] for k in names),
+        return torch.export.export(_Bound(model, names, constants, structures), tuple(tensors[k] for k in names),
                                    dynamic_shapes=dynamic_shapes, strict=False)
     except Exception as e:  # export errors are long; keep the first line and point at the cause
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -273,14 +447,30 @@ def _free_dims(ep, names) -> dict[tuple[str, int], Any]:
     return out
 
 
-def _probe(exported: fx.GraphModule, names, tensors, symbols, expr) -> str | None:
-    """Run the exported module (with its guards) on fake inputs where ``expr``'s symbols take twice their example
-    values: None if it accepts them, else why not."""
+def probe_groups(symbols: dict[tuple[str, int], Any], batch: set[tuple[str, int]]) -> list[set[tuple[str, int]]]:
+    """The sets of free dims probed together: every batch dim at once (export may give the video's, the
+    timestep's and the text's batch separate symbols tied only by guards such as ``s0 * F == s1 * F``), then
+    the other dims, one size (symbol expression) at a time.
+
+        >>> probe_groups({("x", 0): s0, ("t", 0): s1, ("x", 2): s2, ("m", 1): s2}, {("x", 0), ("t", 0)})
+        [{('x', 0), ('t', 0)}, {('x', 2), ('m', 1)}]
+    """
+    groups = [set(batch) & set(symbols)] if set(batch) & set(symbols) else []
+    by_size: dict[Any, set] = {}
+    for key, e in symbols.items():
+        if key not in batch:
+            by_size.setdefault(e, set()).add(key)
+    return groups + list(by_size.values())
+
+
+def _probe(exported: fx.GraphModule, names, tensors, symbols, doubled_symbols) -> str | None:
+    """Run the exported module (with its guards) on fake inputs where ``doubled_symbols`` take twice their
+    example values: None if it accepts them, else why not."""
     base = {}
     for (k, i), e in symbols.items():
         if e.is_Symbol:
             base[e] = tensors[k].shape[i]
-    doubled = {s: (2 * v if s in expr.free_symbols else v) for s, v in base.items()}
+    doubled = {s: (2 * v if s in doubled_symbols else v) for s, v in base.items()}
     shapes = []
     for k in names:
         shape = list(tensors[k].shape)

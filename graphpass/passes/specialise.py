@@ -41,11 +41,96 @@ def is_impure(node: fx.Node) -> bool:
     return node.is_impure()
 
 
+def _schema_args(node: fx.Node):
+    """(schema argument, value) pairs of an ATen call; empty for other nodes."""
+    schema = getattr(node.target, "_schema", None)
+    if node.op != "call_function" or schema is None:
+        return []
+    return [(a, node.args[i] if i < len(node.args) else node.kwargs.get(a.name))
+            for i, a in enumerate(schema.arguments)]
+
+
+def _nodes_in(value) -> list[fx.Node]:
+    out: list[fx.Node] = []
+    fx.node.map_arg(value, out.append)
+    return out
+
+
+def storage_bases(graph: fx.Graph) -> dict[fx.Node, frozenset[fx.Node]]:
+    """For every node, the nodes whose freshly made tensors its result may share memory with.
+
+    A view (``slice``, ``view``, ``transpose``; ``getitem`` of a ``split``) or an in-place op returns memory
+    of its aliased argument; any other ATen op returns a new tensor (its own base). Ops without a schema are
+    assumed to alias every input, which only keeps more alive.
+
+        >>> # out = empty_like(x); s = slice(out, -1, 0, None, 2); copy_(s, y)
+        >>> bases[s] == bases[out] == {out}
+        True
+    """
+    bases: dict[fx.Node, frozenset[fx.Node]] = {}
+    for n in graph.nodes:
+        if n.op == "call_function" and n.target is operator.getitem:
+            bases[n] = bases[n.args[0]] if isinstance(n.args[0], fx.Node) else frozenset([n])
+            continue
+        schema = getattr(n.target, "_schema", None)
+        if n.op != "call_function" or schema is None:
+            bases[n] = frozenset([n]).union(*(bases[a] for a in n.all_input_nodes))
+            continue
+        aliased = [m for a, v in _schema_args(n) if a.alias_info is not None for m in _nodes_in(v)]
+        bases[n] = frozenset().union(*(bases[m] for m in aliased)) if aliased else frozenset([n])
+    return bases
+
+
+def _writes(node: fx.Node, bases) -> frozenset[fx.Node]:
+    """The bases an in-place op writes into (``copy_(slice(out), y)`` writes into ``out``'s base)."""
+    return frozenset().union(*(bases[m] for a, v in _schema_args(node)
+                               if a.alias_info is not None and a.alias_info.is_write for m in _nodes_in(v)))
+
+
+def live_nodes(graph: fx.Graph) -> set[fx.Node]:
+    """The nodes the graph's outputs and side effects need, reading in-place writes by their memory.
+
+    A write into a tensor the graph made itself (``out = empty_like(x); out[..., 0::2] = a``, exported as
+    ``copy_`` into a ``slice`` of ``out``) is live only while some live node reads that memory; a write into
+    an input or a parameter is always live (the caller sees it). Least fixpoint: a write is kept only when a
+    kept reader needs it, so writes that only each other touch go together.
+
+        >>> # out = empty_like(x); copy_(slice(out), a); copy_(slice(out), b); y = out.float(); return (z,)
+        >>> # y is unused: y, both copies, both slices and out are dead (plain DCE keeps them: copy_ is impure)
+    """
+    bases = storage_bases(graph)
+    writers: dict[fx.Node, list[fx.Node]] = {}
+    external: list[fx.Node] = []
+    for n in graph.nodes:
+        w = _writes(n, bases)
+        for b in w:
+            writers.setdefault(b, []).append(n)
+        if any(b.op in ("placeholder", "get_attr") or b.op not in ("call_function",) for b in w):
+            external.append(n)  # writes memory the graph did not make (or might not have made)
+    roots = [n for n in graph.nodes if (n.op in ("placeholder", "output")
+                                        or (not _writes(n, bases) and is_impure(n)))] + external
+    live: set[fx.Node] = set()
+    todo = list(roots)
+    while todo:
+        n = todo.pop()
+        if n in live:
+            continue
+        live.add(n)
+        for a in n.all_input_nodes:
+            todo.append(a)
+            for b in bases[a]:  # reading a tensor reads every write into its memory
+                todo.extend(writers.get(b, ()))
+    return live
+
+
 def eliminate_dead_code(graph: fx.Graph) -> int:
-    """Remove nodes whose results nobody reads; returns how many were removed."""
-    before = len(graph.nodes)
-    graph.eliminate_dead_code(is_impure_node=is_impure)
-    return before - len(graph.nodes)
+    """Remove the nodes that neither the outputs nor a side effect need (see :func:`live_nodes`); returns how
+    many were removed."""
+    live = live_nodes(graph)
+    dead = [n for n in graph.nodes if n not in live]
+    for n in reversed(dead):
+        graph.erase_node(n)
+    return len(dead)
 
 
 @dataclass
