@@ -1,0 +1,315 @@
+"""Residual caching beyond single-stream blocks, on tiny random diffusers models built here:
+
+* CogVideoX (``CogVideoXBlock``: video and text carried from block to block, joint attention over both);
+  with rotary embeddings (held by a wrapper, whose capture writes them into q and k in place);
+* HunyuanVideo (double-stream blocks, then single-stream blocks that concatenate text and video tokens
+  inside the block and slice them apart again; a text token refiner, itself a list of blocks, in the
+  context embedder);
+* Wan (residual adds wrapped in casts: ``(h.float() + f.float() * gate).type_as(h)``; rotary embeddings
+  written in place into an ``empty_like`` buffer);
+* a two-stream chain of CogVideoX blocks whose text tokens are read after the blocks (concatenated with the
+  video, normalised, sliced off), so that two residuals are cached.
+
+Each is checked against eager (always-compute codebook, bit-exact), against a module-level residual-reuse
+reference (:class:`adacache_helpers.BlockResidualReuse`: every block's forward wrapped; a reuse step returns
+each input plus its kept residual) over a 10-step loop, and by counting the attention ops left in the reuse
+graph. Mochi is not here: its capture stops at a data-dependent size (``GuardOnDataDependentSymNode``).
+"""
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from torch import nn
+
+from adacache_helpers import run_reference
+from conftest import DDIM_50, run_loop
+from graphpass import AdaCache, FrozenAdaCache, TaggingError
+from graphpass.passes.capture import capture
+from graphpass.passes.residuals import find_block_span
+from graphpass.passes.tag import tag_attention
+from graphpass.runtime.adaptive import ResidualModel
+from graphpass.schedules.base import Action, Phase
+
+import diffusers
+from diffusers.models.attention import AttentionModuleMixin
+from diffusers.models.attention_processor import Attention
+from diffusers.models.embeddings import TimestepEmbedding, Timesteps, get_3d_rotary_pos_embed
+from diffusers.models.transformers.cogvideox_transformer_3d import CogVideoXBlock
+
+TS = DDIM_50[::5]  # 10 steps: 981, 881, ..., 81
+ALWAYS = {1.0: 1}  # every distance maps to "compute the next step too"
+SDPA = torch.ops.aten.scaled_dot_product_attention.default
+
+
+def _noise(*shapes, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(*s, generator=g) for s in shapes]
+
+
+def _t():
+    return torch.full((2,), 500, dtype=torch.int64)
+
+
+# --- the models -------------------------------------------------------------------------------------------
+def _cogvideox(rotary: bool = False) -> nn.Module:
+    torch.manual_seed(0)
+    return diffusers.CogVideoXTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=16 if rotary else 8, in_channels=4, out_channels=4, num_layers=2,
+        sample_width=8, sample_height=8, sample_frames=9, patch_size=2, text_embed_dim=16, time_embed_dim=8,
+        temporal_compression_ratio=4, max_text_seq_length=5, use_rotary_positional_embeddings=rotary).eval()
+
+
+def _cogvideox_kwargs():
+    video, text = _noise((2, 3, 4, 8, 8), (2, 5, 16))
+    return dict(hidden_states=video, timestep=_t(), encoder_hidden_states=text, return_dict=False)
+
+
+class CogVideoXWithRotary(nn.Module):
+    """CogVideoX-5B style: rotary embeddings for its 3x4x4 latent tokens (head dim 16: the 3-D rotary
+    embedding splits it 4 + 6 + 6), held as buffers and passed to every call."""
+
+    def __init__(self):
+        super().__init__()
+        self.transformer = _cogvideox(rotary=True)
+        cos, sin = get_3d_rotary_pos_embed(16, ((0, 0), (4, 4)), (4, 4), 3)
+        self.register_buffer("cos", cos)
+        self.register_buffer("sin", sin)
+
+    def forward(self, hidden_states, encoder_hidden_states, timestep, return_dict=False):
+        return self.transformer(hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states,
+                                timestep=timestep, image_rotary_emb=(self.cos, self.sin), return_dict=False)
+
+
+def _hunyuan() -> nn.Module:
+    torch.manual_seed(0)
+    return diffusers.HunyuanVideoTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=2, num_single_layers=2,
+        num_refiner_layers=1, patch_size=2, patch_size_t=1, text_embed_dim=16, pooled_projection_dim=8,
+        rope_axes_dim=(2, 2, 4), guidance_embeds=False).eval()
+
+
+def _hunyuan_kwargs():
+    video, text, pooled = _noise((2, 4, 3, 8, 8), (2, 5, 16), (2, 8))
+    return dict(hidden_states=video, timestep=_t(), encoder_hidden_states=text,
+                encoder_attention_mask=torch.ones(2, 5, dtype=torch.int64), pooled_projections=pooled,
+                return_dict=False)
+
+
+def _wan() -> nn.Module:
+    torch.manual_seed(0)
+    return diffusers.WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4, text_dim=16,
+        freq_dim=16, ffn_dim=32, num_layers=2, rope_max_seq_len=32).eval()
+
+
+def _wan_kwargs():
+    video, text = _noise((2, 4, 3, 8, 8), (2, 5, 16))
+    return dict(hidden_states=video, timestep=_t(), encoder_hidden_states=text, return_dict=False)
+
+
+class TwoStreamDiT(nn.Module):
+    """Two CogVideoX blocks on (video tokens, text tokens) whose text tokens are read after the chain: the
+    output layer normalises the concatenation of both and keeps the video tokens (LayerNorm is per token, so
+    the text matters only through the blocks, but the graph reads it after them)."""
+
+    def __init__(self, dim: int = 16):
+        super().__init__()
+        torch.manual_seed(0)
+        self.proj_in = nn.Linear(4, dim)
+        self.text_in = nn.Linear(16, dim)
+        self.time_proj = Timesteps(8, True, 0)
+        self.time_embedding = TimestepEmbedding(8, 8)
+        self.transformer_blocks = nn.ModuleList(
+            CogVideoXBlock(dim=dim, num_attention_heads=2, attention_head_dim=8, time_embed_dim=8) for _ in range(2))
+        self.norm_out = nn.LayerNorm(dim)
+        self.proj_out = nn.Linear(dim, 4)
+        self.eval()
+
+    def forward(self, hidden_states, encoder_hidden_states, timestep):
+        h, e = self.proj_in(hidden_states), self.text_in(encoder_hidden_states)
+        temb = self.time_embedding(self.time_proj(timestep))
+        for block in self.transformer_blocks:
+            h, e = block(h, e, temb)
+        x = self.norm_out(torch.cat([e, h], dim=1))
+        return (self.proj_out(x[:, e.shape[1]:]),)
+
+
+def _two_stream_kwargs():
+    video, text = _noise((2, 12, 4), (2, 5, 16))
+    return dict(hidden_states=video, encoder_hidden_states=text, timestep=_t())
+
+
+#: name -> (build, kwargs, the blocks a reuse step skips, in call order, and how many hidden states leave them)
+CASES = {
+    "cogvideox": (_cogvideox, _cogvideox_kwargs, ["transformer_blocks.0", "transformer_blocks.1"], 1),
+    "cogvideox-rotary": (CogVideoXWithRotary, _cogvideox_kwargs,
+                         ["transformer.transformer_blocks.0", "transformer.transformer_blocks.1"], 1),
+    "hunyuanvideo": (_hunyuan, _hunyuan_kwargs, ["transformer_blocks.0", "transformer_blocks.1",
+                                                 "single_transformer_blocks.0", "single_transformer_blocks.1"], 1),
+    "wan": (_wan, _wan_kwargs, ["blocks.0", "blocks.1"], 1),
+    "two-stream": (TwoStreamDiT, _two_stream_kwargs, ["transformer_blocks.0", "transformer_blocks.1"], 2),
+}
+NAMES = list(CASES)
+
+
+@functools.lru_cache(maxsize=None)
+def _captured(name: str):
+    build, kwargs, _, _ = CASES[name]
+    model = build()
+    cap = capture(model, kwargs())
+    return model, cap, tag_attention(cap)
+
+
+def _optimized(name: str, schedule) -> ResidualModel:
+    model, cap, regions = _captured(name)
+    opt = ResidualModel(model, cap, regions, schedule)
+    opt.plan(TS)
+    return opt
+
+
+def _max_rel(xs, ys) -> float:
+    return max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(xs, ys))
+
+
+def _attention_modules(model: nn.Module, blocks) -> tuple[int, int]:
+    """(attention modules inside ``blocks``, outside them), read from the module tree."""
+    paths = [p for p, m in model.named_modules() if isinstance(m, (Attention, AttentionModuleMixin))]
+    inside = sum(any(p.startswith(b + ".") for b in blocks) for p in paths)
+    return inside, len(paths) - inside
+
+
+def _count(gm, target) -> int:
+    return sum(n.op == "call_function" and n.target == target for n in gm.graph.nodes)
+
+
+# --- the tests --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", NAMES)
+def test_span_carries_every_stream_that_leaves_the_blocks(name):
+    _, cap, regions = _captured(name)
+    _, _, blocks, streams = CASES[name]
+    span = find_block_span(cap, regions)
+    assert span.blocks == blocks  # HunyuanVideo: its token refiner (blocks inside the context embedder) is not
+    assert len(span.streams) == len(span.residual_keys) == streams
+    nodes = {n.name: n for n in cap.gm.graph.nodes}
+    for (x, o), spec in zip(span.streams, span.specs):
+        assert nodes[x].meta["val"].shape == nodes[o].meta["val"].shape == spec.shape
+    if streams == 2:  # video (2 x 12 tokens) first, then text (2 x 5 tokens)
+        assert [s.shape for s in span.specs] == [(2, 12, 16), (2, 5, 16)]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_always_compute_codebook_equals_eager(name):
+    build, kwargs, _, _ = CASES[name]
+    eager = run_loop(build(), kwargs(), TS)
+    opt = _optimized(name, AdaCache(codebook=ALWAYS))
+    outs = run_loop(opt, kwargs(), TS)
+    assert opt.decisions() == "C" * len(TS)
+    assert max((a - b).abs().max().item() for a, b in zip(outs, eager)) == 0.0
+    assert [r.step for r in opt.records()] == [1, 2, 3, 4, 5, 6]  # it measured (on the middle block's residual)
+
+
+@pytest.mark.parametrize("name, decisions", [("cogvideox", "CCRRCRCRRC"), ("cogvideox-rotary", "CCRRRCRCRC"),
+                                             ("hunyuanvideo", "CCRRCRCRRC"), ("wan", "CCRCRRRCRC"),
+                                             ("two-stream", "CCRRRCRCRC")])
+def test_frozen_decisions_equal_block_reference(name, decisions):
+    build, kwargs, blocks, _ = CASES[name]
+    opt = _optimized(name, FrozenAdaCache(decisions))
+    outs = run_loop(opt, kwargs(), TS)
+    assert opt.decisions() == decisions
+    ref = run_reference(build(), kwargs(), TS, decisions, blocks=blocks)
+    assert _max_rel(outs, ref) < 1e-5
+    assert _max_rel(outs, run_loop(build(), kwargs(), TS)) > 1e-3  # reuse changed the result
+    assert len(opt.state().cache) == 0
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_reuse_graph_runs_no_attention_of_the_blocks(name):
+    model, cap, regions = _captured(name)
+    _, _, blocks, streams = CASES[name]
+    opt = _optimized(name, FrozenAdaCache("CCR"))
+    inside, outside = _attention_modules(model, blocks)
+    full = opt.phase_graph(Phase())
+    reuse = opt.phase_graph(Phase.of({opt.span.path: Action.REUSE}))
+    assert inside > 0
+    assert _count(full.gm, SDPA) == inside + outside
+    # HunyuanVideo's token refiner (the one attention outside the blocks) only prepares the text tokens the
+    # blocks read, so it goes as well; every other model has no attention outside its blocks.
+    assert outside == (1 if name == "hunyuanvideo" else 0)
+    assert _count(reuse.gm, SDPA) == 0
+    assert reuse.cache_inputs == opt.span.residual_keys and len(reuse.cache_inputs) == streams
+    store = opt.phase_graph(Phase.of({opt.span.path: Action.STORE}))
+    assert store.cache_outputs == opt.span.residual_keys
+
+
+@pytest.mark.parametrize("name", ["wan", "cogvideox-rotary"])
+def test_in_place_rotary_writes_of_the_blocks_are_dropped_on_reuse(name):
+    opt = _optimized(name, FrozenAdaCache("CCR"))
+    copy_ = torch.ops.aten.copy_.default
+    assert _count(opt.phase_graph(Phase()).gm, copy_) > 0
+    assert _count(opt.phase_graph(Phase.of({opt.span.path: Action.REUSE})).gm, copy_) == 0
+
+
+def test_block_metric_on_two_stream_blocks_matches_eager_residuals():
+    """HunyuanVideo's default metric site: the middle block (a double-stream block), measured on its video
+    tokens: ``out[0] - hidden_states`` of its forward."""
+    build, kwargs, _, _ = CASES["hunyuanvideo"]
+    model = build()
+    got = []
+    model.transformer_blocks[1].register_forward_hook(
+        lambda m, args, out: got.append((out[0] - args[0]).detach().clone()))
+    run_loop(model, kwargs(), TS)
+    opt = _optimized("hunyuanvideo", AdaCache(codebook=ALWAYS))
+    run_loop(opt, kwargs(), TS)
+    assert (opt.metric.path, opt.metric.kind) == ("transformer_blocks.1", "block")
+    for rec in opt.records():
+        now, prev = got[rec.step], got[rec.step - 1]
+        dist = [((now[b] - prev[b]).abs().sum() / prev[b].abs().sum()).item() for b in range(2)]
+        assert rec.distance == pytest.approx(dist, rel=1e-5)
+
+
+def test_adaptive_run_reuses_and_replays():
+    _, kwargs, _, _ = CASES["two-stream"]
+    opt = _optimized("two-stream", AdaCache(codebook={0.5: 3, 1.0: 1}))
+    first = run_loop(opt, kwargs(), TS)
+    assert "R" in opt.decisions()
+    replay = run_loop(_optimized("two-stream", opt.freeze()), kwargs(), TS)
+    assert max((a - b).abs().max().item() for a, b in zip(first, replay)) == 0.0
+
+
+class CatBetweenBlocks(TwoStreamDiT):
+    """Two-stream blocks, then text and video concatenated OUTSIDE the blocks into a single-stream block."""
+
+    def __init__(self):
+        super().__init__()
+        self.single_blocks = nn.ModuleList([SingleBlock(16)])
+
+    def forward(self, hidden_states, encoder_hidden_states, timestep):
+        h, e = self.proj_in(hidden_states), self.text_in(encoder_hidden_states)
+        temb = self.time_embedding(self.time_proj(timestep))
+        for block in self.transformer_blocks:
+            h, e = block(h, e, temb)
+        x = torch.cat([e, h], dim=1)
+        for block in self.single_blocks:
+            x = block(x)
+        return (self.proj_out(self.norm_out(x[:, e.shape[1]:])),)
+
+
+class SingleBlock(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.attn = Attention(query_dim=dim, heads=2, dim_head=8)
+
+    def forward(self, x):
+        return x + self.attn(self.norm(x))
+
+
+def test_concatenation_between_blocks_is_refused_clearly():
+    model = CatBetweenBlocks()
+    cap = capture(model, _two_stream_kwargs())
+    regions = tag_attention(cap)
+    with pytest.raises(TaggingError, match=r"block single_blocks\.0's hidden state .* is built from 2 outputs of "
+                                           r"block transformer_blocks\.1 .*concatenated \(aten\.cat\)"):
+        find_block_span(cap, regions)
