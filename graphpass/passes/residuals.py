@@ -71,13 +71,39 @@ def block_of(path: str) -> str | None:
     return m[1] if m else None
 
 
+@dataclass(frozen=True)
+class Concat:
+    """A hidden state entering the chain that is built from several: ``torch.cat(parts, dim)``, each part the
+    name of a node entering the first block (text and video tokens that two-stream blocks carry separately
+    and the model joins before its single-stream blocks).
+
+    >>> Concat(("add_30", "add_29"), 1).names(), str(Concat(("add_30", "add_29"), 1))
+    (['add_30', 'add_29'], 'cat(add_30, add_29; dim=1)')
+    """
+
+    parts: tuple[str, ...]
+    dim: int
+
+    def names(self) -> list[str]:
+        return list(self.parts)
+
+    def __str__(self) -> str:
+        return f"cat({', '.join(self.parts)}; dim={self.dim})"
+
+
+def input_names(x: str | Concat) -> list[str]:
+    """The nodes a stream input reads: ``[x]`` for a node name, the parts of a :class:`Concat`."""
+    return x.names() if isinstance(x, Concat) else [x]
+
+
 @dataclass
 class BlockSpan:
     """The chain of transformer blocks that a reuse step replaces by one add per hidden state.
 
     blocks: block module paths in graph order.
-    streams: per hidden state leaving the chain, the names of (the node entering the first block, the node
-        after the last block in the entering node's layout). The largest (the video tokens) comes first; a
+    streams: per hidden state leaving the chain, (what enters the chain: a node name, or a :class:`Concat` of
+        several when the model joins streams between blocks; the name of the node after the last block, in the
+        entering value's layout). The largest (the video tokens) comes first; a
         two-stream model whose text tokens are read after the blocks (CogVideoX with rotary embeddings) has
         two, one whose last text tokens are dead (HunyuanVideo, CogVideoX without) one.
     block_streams: per block, the (stream input, stream output) node names of each of those hidden states.
@@ -92,7 +118,7 @@ class BlockSpan:
     """
 
     blocks: list[str]
-    streams: list[tuple[str, str]]
+    streams: list[tuple[str | Concat, str]]
     block_streams: dict[str, list[tuple[str, str]]]
     nodes: list[str]
     specs: list[TensorSpec]
@@ -101,7 +127,7 @@ class BlockSpan:
     inner: list[Region]
 
     @property
-    def input(self) -> str:
+    def input(self) -> str | Concat:
         """The first (largest) hidden state entering the chain."""
         return self.streams[0][0]
 
@@ -409,30 +435,76 @@ def _stream_input(block: str, out: fx.Node, inside: set[fx.Node]) -> fx.Node:
     return cands[0]
 
 
-def _previous_exit(block: str, x: fx.Node, prev: str, exits: set[fx.Node]) -> fx.Node:
+def _joining_cat(x: fx.Node) -> fx.Node | None:
+    """The ``aten.cat`` that ``x`` is, up to adds of broadcast terms and casts (same shape all along)."""
+    n = x
+    while n.op == "call_function":
+        if n.target == aten.cat.default:
+            return n
+        nxt = [a for a, w in _skip_step(n, None) if w is None and _shape(a) == _shape(n)]
+        if len(nxt) != 1:
+            return None
+        n = nxt[0]
+    return None
+
+
+def _previous_exit(block: str, x: fx.Node, prev: str, exits: set[fx.Node]) -> fx.Node | tuple[int, list[fx.Node]]:
     """The output of block ``prev`` that becomes ``block``'s hidden state ``x`` (through re-layouts, casts
-    and adds between the two blocks)."""
+    and adds between the two blocks), or ``(dim, outputs)`` when ``x`` concatenates several outputs of
+    ``prev`` along ``dim``, each whole (text and video tokens joined before single-stream blocks)."""
     hits = _skip_sources(x, lambda n: n in exits)
     if len(hits) == 1 and hits[0][1] is None:
         return hits[0][0]
     if not hits:
         raise TaggingError(f"block {block}'s hidden state {x.name} does not come from block {prev} through "
                            f"re-layouts, casts and adds only; residual caching needs the blocks to form one chain")
+    cat = _joining_cat(x)
+    if cat is not None:
+        parts = [_skip_sources(p, lambda n: n in exits) for p in cat.args[0]]
+        if all(len(h) == 1 and h[0][1] is None for h in parts):
+            dim = _int(cat.args[1] if len(cat.args) > 1 else 0) % len(_shape(cat))
+            return dim, [h[0][0] for h in parts]
     raise TaggingError(f"block {block}'s hidden state {x.name} is built from {len(hits)} outputs of block {prev} "
-                       f"({', '.join(n.name + ('' if w is None else f' sliced {w}') for n, w in hits)}), e.g. text and "
-                       f"video tokens concatenated (aten.cat) between the blocks; residual caching needs each hidden "
-                       f"state to pass from block to block on its own (concatenate inside the block, as HunyuanVideo's "
-                       f"single blocks do)")
+                       f"({', '.join(n.name + ('' if w is None else f' sliced {w}') for n, w in hits)}) otherwise than by "
+                       f"one concatenation (aten.cat) of whole outputs; residual caching needs each hidden state to "
+                       f"pass from block to block on its own, or several to be joined by one torch.cat of whole "
+                       f"hidden states")
 
 
-def _back_to_layout(block: str, out: fx.Node, like: fx.Node, live: set[fx.Node]) -> fx.Node:
-    """``out`` followed through its re-layouts until it has ``like``'s shape (Latte's last temporal block
-    leaves ``(B*tokens, F, D)``, its first spatial block takes ``(B*F, tokens, D)``)."""
-    while _shape(out) != _shape(like):
+class _Track:
+    """One hidden state followed back through the chain: its output at the current block, and at the end what
+    enters the chain (a node, or ``(dim, tracks)`` when it was concatenated from several)."""
+
+    def __init__(self, out: fx.Node):
+        self.out = out
+        self.entry: fx.Node | tuple[int, list["_Track"]] | None = None
+
+    def resolve(self) -> str | Concat:
+        if isinstance(self.entry, fx.Node):
+            return self.entry.name
+        dim, tracks = self.entry
+        parts = [t.resolve() for t in tracks]
+        if any(isinstance(p, Concat) for p in parts):
+            raise TaggingError(f"hidden state {self.out.name} is concatenated from streams that were themselves "
+                               f"concatenated between earlier blocks ({parts}); residual caching supports one join")
+        return Concat(tuple(parts), dim)
+
+
+def _entry_shape(x: str | Concat, nodes: dict[str, fx.Node]) -> tuple[int, ...]:
+    if not isinstance(x, Concat):
+        return _shape(nodes[x])
+    shapes = [_shape(nodes[p]) for p in x.parts]
+    return tuple(sum(s[d] for s in shapes) if d == x.dim else shapes[0][d] for d in range(len(shapes[0])))
+
+
+def _back_to_layout(block: str, out: fx.Node, like: str, shape: tuple[int, ...], live: set[fx.Node]) -> fx.Node:
+    """``out`` followed through its re-layouts until it has the ``shape`` of the chain's input ``like``
+    (Latte's last temporal block leaves ``(B*tokens, F, D)``, its first spatial block takes ``(B*F, tokens, D)``)."""
+    while _shape(out) != shape:
         users = [u for u in out.users if u in live]
         if len(users) != 1 or users[0].op != "call_function" or users[0].target not in _LAYOUT:
             raise TaggingError(f"the hidden state {out.name} after the last block {block} ({_shape(out)}) does not "
-                               f"return to the shape of the first block's input {like.name} {_shape(like)} through "
+                               f"return to the shape of the first block's input {like} {shape} through "
                                f"re-layouts")
         out = users[0]
     return out
@@ -474,18 +546,33 @@ def find_block_span(captured: CapturedGraph, regions: Sequence[Region]) -> Block
     if not outs:
         raise TaggingError(f"nothing the last block {last} computes is used after it")
     block_streams: dict[str, list[tuple[str, str]]] = {}
+    tracks = [_Track(o) for o in outs]
+    active = list(tracks)
     for k in range(len(paths) - 1, -1, -1):
         b = paths[k]
-        xs = [_stream_input(b, o, set(members[b])) for o in outs]
+        xs = [_stream_input(b, t.out, set(members[b])) for t in active]
         if len(set(xs)) != len(xs):
-            raise TaggingError(f"block {b} returns {len(outs)} hidden states ({[o.name for o in outs]}) carried on "
-                               f"from the same input; residual caching needs one input per hidden state")
-        block_streams[b] = [(x.name, o.name) for x, o in zip(xs, outs)]
-        if k:
-            outs = [_previous_exit(b, x, paths[k - 1], set(exits_of[paths[k - 1]])) for x in xs]
-    h_ins = xs
-    h_outs = [_back_to_layout(last, next(n for n in gm.graph.nodes if n.name == block_streams[last][j][1]), x, live)
-              for j, x in enumerate(h_ins)]
+            raise TaggingError(f"block {b} returns {len(xs)} hidden states ({[t.out.name for t in active]}) carried "
+                               f"on from the same input; residual caching needs one input per hidden state")
+        pairs = sorted(zip(xs, (t.out for t in active)), key=lambda p: (-_numel(p[1]), order[p[1]]))
+        block_streams[b] = [(x.name, o.name) for x, o in pairs]
+        following = []
+        for t, x in zip(active, xs):
+            found = x if k == 0 else _previous_exit(b, x, paths[k - 1], set(exits_of[paths[k - 1]]))
+            if isinstance(found, fx.Node) and k == 0:
+                t.entry = found
+            elif isinstance(found, fx.Node):
+                t.out = found
+                following.append(t)
+            else:
+                dim, parts = found
+                t.entry = (dim, [_Track(p) for p in parts])
+                following.extend(t.entry[1])
+        active = following
+    nodes = {n.name: n for n in gm.graph.nodes}
+    entries = [t.resolve() for t in tracks]
+    h_ins = [nodes[name] for x in entries for name in input_names(x)]
+    h_outs = [_back_to_layout(last, o, str(x), _entry_shape(x, nodes), live) for o, x in zip(outs, entries)]
 
     # The span: nodes depending on a stream input that feed a stream output.
     after: set[fx.Node] = set(h_ins)
@@ -507,15 +594,15 @@ def find_block_span(captured: CapturedGraph, regions: Sequence[Region]) -> Block
         raise TaggingError(f"values computed inside the blocks are used after them ({leaks[:3]}); residual caching "
                            f"needs the blocks' only outputs to be the hidden states {[n.name for n in h_outs]}")
     block_flops = sum(node_flops(n) for b in paths for n in members[b])
-    specs = [TensorSpec(_shape(x), _val(x).dtype) for x in h_ins]
+    specs = [TensorSpec(_shape(o), _val(o).dtype) for o in h_outs]
     path = f"{paths[0]}..{paths[-1]}" if len(paths) > 1 else paths[0]
-    carried = " and ".join(f"{x.name} -> {o.name}" for x, o in zip(h_ins, h_outs))
+    carried = " and ".join(f"{x} -> {o.name}" for x, o in zip(entries, h_outs))
     region = Region(path=path, module_type="blocks", kind="blocks", nodes=[n.name for n in span_nodes],
                     exits=[o.name for o in h_outs], exit_specs=specs, flops=block_flops,
                     reason=f"chain of {len(paths)} blocks carrying {carried}; cached as one pre-summed residual per "
                            f"hidden state")
     inner = [r for r in regions if block_of(r.path) in block_streams]
-    return BlockSpan(blocks=paths, streams=[(x.name, o.name) for x, o in zip(h_ins, h_outs)],
+    return BlockSpan(blocks=paths, streams=[(x, o.name) for x, o in zip(entries, h_outs)],
                      block_streams={b: block_streams[b] for b in paths}, nodes=[n.name for n in span_nodes],
                      specs=specs, flops=block_flops, region=region, inner=inner)
 
@@ -666,6 +753,19 @@ def _add(a, b):
     return a + b
 
 
+def _entry_value(graph: fx.Graph, by_name: dict[str, fx.Node], x: str | Concat,
+                 before: fx.Node | None = None) -> fx.Node:
+    """The node holding a stream's value entering the chain: the node itself, or the concatenation of its
+    parts (inserted before ``before``)."""
+    if not isinstance(x, Concat):
+        return by_name[x]
+
+    def join(*parts):
+        return torch.cat(parts, x.dim)
+
+    return inline(graph, join, [by_name[p] for p in x.parts], before=before)
+
+
 def specialise_residual_phase(captured: CapturedGraph, span: BlockSpan, phase: Phase, metric: MetricSite | None = None,
                               strides: Sequence[int] = (), unit: str = "residual") -> PhaseGraph:
     """The graph of one residual-caching phase.
@@ -722,7 +822,8 @@ def specialise_residual_phase(captured: CapturedGraph, span: BlockSpan, phase: P
 
     if unit == "residual" and action == Action.REUSE:
         for (x, o), key in zip(span.streams, span.residual_keys):
-            h_in, h_out = by_name[x], by_name[o]
+            h_out = by_name[o]
+            h_in = _entry_value(graph, by_name, x, before=h_out)
             cached = placeholder(key, h_out)
             cache_inputs.append(key)
             new = inline(graph, _add, [h_in, cached], before=h_out)
@@ -731,7 +832,7 @@ def specialise_residual_phase(captured: CapturedGraph, span: BlockSpan, phase: P
     elif action != Action.REUSE:
         if unit == "residual" and action == Action.STORE:
             for (x, o), key in zip(span.streams, span.residual_keys):
-                stored.append((key, inline(graph, _sub, [by_name[o], by_name[x]])))
+                stored.append((key, inline(graph, _sub, [by_name[o], _entry_value(graph, by_name, x)])))
         if mode != "none":
             if metric.kind == "region":
                 r = by_name[metric.node]

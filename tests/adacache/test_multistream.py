@@ -27,7 +27,7 @@ from adacache_helpers import run_reference
 from conftest import DDIM_50, run_loop
 from graphpass import AdaCache, FrozenAdaCache, TaggingError
 from graphpass.passes.capture import capture
-from graphpass.passes.residuals import find_block_span
+from graphpass.passes.residuals import Concat, find_block_span
 from graphpass.passes.tag import tag_attention
 from graphpass.runtime.adaptive import ResidualModel
 from graphpass.schedules.base import Action, Phase
@@ -150,6 +150,8 @@ CASES = {
                                                  "single_transformer_blocks.0", "single_transformer_blocks.1"], 1),
     "wan": (_wan, _wan_kwargs, ["blocks.0", "blocks.1"], 1),
     "two-stream": (TwoStreamDiT, _two_stream_kwargs, ["transformer_blocks.0", "transformer_blocks.1"], 2),
+    "cat-between": (lambda: CatBetweenBlocks(), _two_stream_kwargs,
+                    ["transformer_blocks.0", "transformer_blocks.1", "single_blocks.0", "single_blocks.1"], 1),
 }
 NAMES = list(CASES)
 
@@ -194,7 +196,9 @@ def test_span_carries_every_stream_that_leaves_the_blocks(name):
     assert len(span.streams) == len(span.residual_keys) == streams
     nodes = {n.name: n for n in cap.gm.graph.nodes}
     for (x, o), spec in zip(span.streams, span.specs):
-        assert nodes[x].meta["val"].shape == nodes[o].meta["val"].shape == spec.shape
+        assert nodes[o].meta["val"].shape == spec.shape
+        if not isinstance(x, Concat):
+            assert nodes[x].meta["val"].shape == spec.shape
     if streams == 2:  # video (2 x 12 tokens) first, then text (2 x 5 tokens)
         assert [s.shape for s in span.specs] == [(2, 12, 16), (2, 5, 16)]
 
@@ -212,7 +216,7 @@ def test_always_compute_codebook_equals_eager(name):
 
 @pytest.mark.parametrize("name, decisions", [("cogvideox", "CCRRCRCRRC"), ("cogvideox-rotary", "CCRRRCRCRC"),
                                              ("hunyuanvideo", "CCRRCRCRRC"), ("wan", "CCRCRRRCRC"),
-                                             ("two-stream", "CCRRRCRCRC")])
+                                             ("two-stream", "CCRRRCRCRC"), ("cat-between", "CCRRCRRCRC")])
 def test_frozen_decisions_equal_block_reference(name, decisions):
     build, kwargs, blocks, _ = CASES[name]
     opt = _optimized(name, FrozenAdaCache(decisions))
@@ -279,21 +283,32 @@ def test_adaptive_run_reuses_and_replays():
 
 
 class CatBetweenBlocks(TwoStreamDiT):
-    """Two-stream blocks, then text and video concatenated OUTSIDE the blocks into a single-stream block."""
+    """Two-stream blocks, then text and video concatenated OUTSIDE the blocks (``join``) into single-stream
+    blocks, then the video tokens sliced off (Flux's layout)."""
 
     def __init__(self):
         super().__init__()
-        self.single_blocks = nn.ModuleList([SingleBlock(16)])
+        self.single_blocks = nn.ModuleList([SingleBlock(16) for _ in range(2)])
+
+    def join(self, e, h):
+        return torch.cat([e, h], dim=1)
 
     def forward(self, hidden_states, encoder_hidden_states, timestep):
         h, e = self.proj_in(hidden_states), self.text_in(encoder_hidden_states)
         temb = self.time_embedding(self.time_proj(timestep))
         for block in self.transformer_blocks:
             h, e = block(h, e, temb)
-        x = torch.cat([e, h], dim=1)
+        x = self.join(e, h)
         for block in self.single_blocks:
             x = block(x)
         return (self.proj_out(self.norm_out(x[:, e.shape[1]:])),)
+
+
+class SlicedJoin(CatBetweenBlocks):
+    """Joins text with only part of the video tokens: not a concatenation of whole hidden states."""
+
+    def join(self, e, h):
+        return torch.cat([e, h[:, :6]], dim=1)
 
 
 class SingleBlock(nn.Module):
@@ -306,10 +321,20 @@ class SingleBlock(nn.Module):
         return x + self.attn(self.norm(x))
 
 
-def test_concatenation_between_blocks_is_refused_clearly():
-    model = CatBetweenBlocks()
-    cap = capture(model, _two_stream_kwargs())
-    regions = tag_attention(cap)
+def test_concatenation_between_blocks_enters_as_one_stream():
+    _, cap, regions = _captured("cat-between")
+    span = find_block_span(cap, regions)
+    nodes = {n.name: n for n in cap.gm.graph.nodes}
+    (x, o), = span.streams
+    # the single blocks' stream enters the chain as text and video tokens entering the first two-stream block
+    assert isinstance(x, Concat) and x.dim == 1
+    assert [tuple(nodes[p].meta["val"].shape) for p in x.parts] == [(2, 5, 16), (2, 12, 16)]
+    assert span.specs[0].shape == (2, 17, 16) == tuple(nodes[o].meta["val"].shape)
+
+
+def test_other_joins_between_blocks_are_refused_clearly():
+    cap = capture(SlicedJoin(), _two_stream_kwargs())
     with pytest.raises(TaggingError, match=r"block single_blocks\.0's hidden state .* is built from 2 outputs of "
-                                           r"block transformer_blocks\.1 .*concatenated \(aten\.cat\)"):
-        find_block_span(cap, regions)
+                                           r"block transformer_blocks\.1 .*sliced \(1, 0, 6\).* otherwise than by "
+                                           r"one concatenation \(aten\.cat\) of whole outputs"):
+        find_block_span(cap, tag_attention(cap))
