@@ -54,8 +54,9 @@ aten = torch.ops.aten
 _LAYOUT = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.permute.default,
            aten.transpose.int, aten.clone.default, aten.contiguous.default, aten.squeeze.dim, aten.squeeze.default,
            aten.unsqueeze.default, aten.flatten.using_ints, aten.alias.default, aten.to.dtype, aten.dropout.default}
-#: Ops a region's output may pass through before it is added to the hidden state (gate, rescale, re-layout).
-_TO_RESIDUAL = _LAYOUT | {aten.mul.Tensor, aten.div.Tensor}
+#: Ops a region's output may pass through before it is added to the hidden state (gate, rescale, re-layout,
+#: the slice of a joint region's output that belongs to the hidden state).
+_TO_RESIDUAL = _LAYOUT | {aten.mul.Tensor, aten.div.Tensor, aten.slice.Tensor, aten._to_copy.default}
 _ADD = {aten.add.Tensor}
 
 #: What a reuse step adds (see :class:`graphpass.schedules.adacache.AdaCache` ``cache_unit``).
@@ -608,17 +609,37 @@ def find_block_span(captured: CapturedGraph, regions: Sequence[Region]) -> Block
 
 
 # --- the metric site ------------------------------------------------------------------------------------
+def _largest_slice(users: list[fx.Node]) -> fx.Node | None:
+    """Among users that all slice one tensor along one axis (a joint region's output split back into video and
+    text tokens), the one keeping the most elements; None if they are not such slices."""
+    if len(users) < 2 or any(u.op != "call_function" or u.target != aten.slice.Tensor for u in users):
+        return None
+    if len({_slice_window(u)[0] if _slice_window(u) else None for u in users}) != 1:
+        return None
+    return max(users, key=_numel)
+
+
 def region_residual(gm: fx.GraphModule, region: Region) -> fx.Node:
     """The node a region adds to the hidden state: its output followed through gate multiplies, rescales and
-    re-layouts up to the ``add`` joining the skip connection."""
-    if len(region.exits) != 1:
-        raise TaggingError(f"region {region.path} has {len(region.exits)} outputs; measure on its block instead "
-                           f"(metric_at={block_of(region.path)!r})")
-    cur = next(n for n in gm.graph.nodes if n.name == region.exits[0])
+    re-layouts up to the ``add`` joining the skip connection. A joint region over video and text tokens is
+    measured on what it adds to the video tokens: of several outputs (a two-stream attention's ``(video,
+    text)``) the largest, of an output sliced into both (CogVideoX's feed-forward over their concatenation)
+    the largest slice.
+
+    >>> region_residual(cap.gm, ff_of_cogvideox_block_1).name     # gate * ff_output[:, text_length:]
+    'mul_17'
+    """
+    live = _live_nodes(gm)
+    by_name = {n.name: n for n in gm.graph.nodes}
+    cur = max((by_name[e] for e in region.exits), key=_numel)
     for _ in range(12):
-        users = list(cur.users)
+        users = [u for u in cur.users if u in live]
         if len(users) != 1:
-            break
+            nxt = _largest_slice(users)
+            if nxt is None:
+                break
+            cur = nxt
+            continue
         u = users[0]
         if u.op == "call_function" and u.target in _ADD:
             return cur

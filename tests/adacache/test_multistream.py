@@ -338,3 +338,39 @@ def test_other_joins_between_blocks_are_refused_clearly():
                                            r"block transformer_blocks\.1 .*sliced \(1, 0, 6\).* otherwise than by "
                                            r"one concatenation \(aten\.cat\) of whole outputs"):
         find_block_span(cap, tag_attention(cap))
+
+
+def _hunyuan_attn_residual(model):
+    """What ``transformer_blocks.1.attn`` adds to the video tokens: ``attn_output * gate_msa.unsqueeze(1)``."""
+    block, got, gates = model.transformer_blocks[1], [], []
+    block.norm1.register_forward_hook(lambda m, a, out: gates.append(out[1]))
+    block.attn.register_forward_hook(lambda m, a, out: got.append(out[0] * gates[-1].unsqueeze(1)))
+    return got
+
+
+def _cogvideox_ff_residual(model):
+    """What ``transformer_blocks.1.ff`` (over text and video tokens) adds to the video tokens:
+    ``gate_ff * ff_output[:, text_length:]``."""
+    block, got, gates = model.transformer_blocks[1], [], []
+    block.norm2.register_forward_hook(lambda m, a, out: gates.append(out[2]))
+    block.ff.register_forward_hook(lambda m, a, out: got.append(gates[-1] * out[:, 5:]))
+    return got
+
+
+@pytest.mark.parametrize("name, metric_at, record", [
+    ("hunyuanvideo", "transformer_blocks.1.attn", _hunyuan_attn_residual),
+    ("cogvideox", "transformer_blocks.1.ff", _cogvideox_ff_residual),
+])
+def test_joint_region_metric_measures_the_video_tokens(name, metric_at, record):
+    build, kwargs, _, _ = CASES[name]
+    model = build()
+    got = record(model)
+    run_loop(model, kwargs(), TS)
+    opt = _optimized(name, AdaCache(codebook=ALWAYS, metric_at=metric_at))
+    run_loop(opt, kwargs(), TS)
+    assert (opt.metric.kind, opt.metric.spec.shape) == ("region", (2, 48, 16))
+    assert len(opt.records()) == 6
+    for rec in opt.records():
+        now, prev = got[rec.step], got[rec.step - 1]
+        dist = [((now[b] - prev[b]).abs().sum() / prev[b].abs().sum()).item() for b in range(2)]
+        assert rec.distance == pytest.approx(dist, rel=1e-5)

@@ -1,6 +1,7 @@
 """The residual passes: finding the chain of blocks, the metric site, the metric formulas and the phase graphs."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -101,8 +102,14 @@ def test_phase_graphs(captured_case):
     torch.testing.assert_close(m[-1][0], torch.full((2,), 0.5))
 
 
-def test_region_residual_needs_one_exit():
+def test_region_residual_of_a_joint_region_is_its_video_part():
     _, cap, regions = captured("cogvideox")
-    joint = next(r for r in regions if r.kind == "joint")
+    joint = next(r for r in regions if r.kind == "joint")  # returns (video, text): 48 and 5 tokens
+    node = region_residual(cap.gm, joint)
+    assert node.target == torch.ops.aten.mul.Tensor and tuple(node.meta["val"].shape) == (2, 48, 16)
+    # a region whose output reaches no add is refused, naming the block to measure on instead
+    _, cap, regions = captured("vdt")
+    temporal = next(r for r in regions if r.path == "blocks.0.temporal_attn")
+    video_input = next(n for n in cap.gm.graph.nodes if n.op == "placeholder")  # patch-embedded, never added
     with pytest.raises(TaggingError, match="measure on its block instead"):
-        region_residual(cap.gm, joint)
+        region_residual(cap.gm, dataclasses.replace(temporal, exits=[video_input.name]))
