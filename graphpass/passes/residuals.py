@@ -1,33 +1,50 @@
 """Residual caching passes: skip the whole chain of transformer blocks on reuse steps (AdaCache).
 
-A DiT's blocks form a chain on one hidden state: ``h_out = blocks(h_in)``. On a *compute* step the graph
+A DiT's blocks form a chain on its hidden states: ``h_out = blocks(h_in)``. On a *compute* step the graph
 also emits the span's residual ``R = h_out - h_in``; on a *reuse* step the blocks are cut out and
 ``h_out = h_in + R_cached``: embedders, conditioning and the final layer still run, every block is one add.
+Two-stream blocks (CogVideoX, HunyuanVideo's double blocks) carry video and text tokens from block to block;
+every hidden state the graph reads after the chain gets its own residual and its own add.
 
-Granularity: ONE pre-summed residual for the whole span. Because the blocks chain, ``h_out - h_in`` is the
-telescoping sum of every block's residual (block output - block input), which is the sum of the reference
-implementation's per-block attention and cross-attention+MLP residuals; caching it pre-summed makes a reuse
-step a single add instead of one add per block. Ops between blocks that do not depend on the step (Latte's
-frame/token re-layout and its temporal position embedding) are folded into ``R`` as well.
+Granularity: ONE pre-summed residual per hidden state for the whole span. Because the blocks chain,
+``h_out - h_in`` is the telescoping sum of every block's residual (block output - block input), which is the
+sum of the reference implementation's per-block attention and cross-attention+MLP residuals; caching it
+pre-summed makes a reuse step a single add instead of one add per block. Ops between blocks that do not
+depend on the step (Latte's frame/token re-layout and its temporal position embedding) are folded into ``R``
+as well.
 
 Finding the span (structure, not names):
 
 * a *block* is the module owning attention regions whose path ends in an index: ``blocks.3`` for
   ``blocks.3.temporal_attn``, ``temporal_transformer_blocks.0`` for ``temporal_transformer_blocks.0.attn1``;
-* a block's *stream input* is the outside node its output reaches through the skip connection (a chain of
-  ``add`` nodes) with the output's shape; chaining backwards from the last block gives the span input ``h_in``
-  (the first block's stream input);
-* the span output ``h_out`` is the last block's output, followed through re-layout ops until it has
-  ``h_in``'s shape again (Latte's temporal blocks work on ``(B*tokens, F, D)``, its spatial ones on
-  ``(B*F, tokens, D)``).
+  only the outermost such modules count (HunyuanVideo's token refiner, blocks inside its context embedder,
+  prepares the text and is no part of the chain);
+* the hidden states leaving the chain are the last block's outputs that a later op reads (HunyuanVideo and
+  CogVideoX drop the last block's text tokens: one stream leaves; a model reading both gets two);
+* a block output's *stream input* is the outside node of its shape that it reaches through the skip
+  connection: adds, casts (Wan's ``(h.float() + f.float() * gate).type_as(h)``), re-layouts, and slices of a
+  concatenation that select one of its parts (HunyuanVideo's single block ``cat([video, text]) + f(...)``
+  sliced back into video and text reaches the video input alone); chaining backwards from the last block
+  gives each stream's input ``h_in`` at the first block. Streams that the model concatenates between blocks
+  (two-stream blocks feeding single-stream blocks over ``cat([text, video])``) enter the chain as one
+  :class:`Concat` of their inputs;
+* ``h_out`` is the last block's output, followed through re-layout ops until it has ``h_in``'s shape again
+  (Latte's temporal blocks work on ``(B*tokens, F, D)``, its spatial ones on ``(B*F, tokens, D)``).
 
-The distance metric of AdaCache is measured on one *metric residual*: a block's residual (``out - in``) or
-an attention/MLP region's residual (what the region adds to the hidden state, gate included), found by
-following the region's output to the ``add`` that joins it to the skip connection.
+In-place writes count as data flow: Wan and CogVideoX write rotary embeddings into q/k buffers
+(``aten.copy_``); the span includes them, and a reuse graph drops the writes nobody reads any more
+(:func:`drop_dead_writes`).
+
+The distance metric of AdaCache is measured on one *metric residual*: a block's residual (``out - in`` of
+its largest stream) or an attention/MLP region's residual (what the region adds to the hidden state, gate
+included; for a joint region, to the video tokens), found by following the region's output to the ``add``
+that joins it to the skip connection.
 
 >>> span = find_block_span(captured, regions)          # vdt-tiny: two blocks on (B, F, tokens, D)
 >>> span.blocks, span.input, span.output, span.path
 (['blocks.0', 'blocks.1'], 'add_1', 'add_26', 'blocks.0..blocks.1')
+>>> find_block_span(hunyuan, hunyuan_regions).streams  # video only: the text tokens are dead after the chain
+[('transpose', 'slice_27')]
 """
 from __future__ import annotations
 
@@ -78,8 +95,8 @@ class Concat:
     name of a node entering the first block (text and video tokens that two-stream blocks carry separately
     and the model joins before its single-stream blocks).
 
-    >>> Concat(("add_30", "add_29"), 1).names(), str(Concat(("add_30", "add_29"), 1))
-    (['add_30', 'add_29'], 'cat(add_30, add_29; dim=1)')
+    >>> Concat(("linear_1", "linear"), 1).names(), str(Concat(("linear_1", "linear"), 1))
+    (['linear_1', 'linear'], 'cat(linear_1, linear; dim=1)')
     """
 
     parts: tuple[str, ...]
@@ -114,8 +131,10 @@ class BlockSpan:
     region: the span as a :class:`Region` (path ``"<first block>..<last block>"``, kind ``"blocks"``, one
         cache key per stream: its pre-summed residual), which is what the runtime's cache and plans refer to.
 
-    >>> span.streams, span.residual_keys          # CogVideoX with rotary embeddings: video, then text
-    ([('add_3', 'add_23'), ('linear_2', 'add_24')], ['transformer_blocks.0..transformer_blocks.1:0', ...])
+    >>> span.streams    # two CogVideoX blocks whose text tokens are read after them: video, then text
+    [('linear', 'add_22'), ('linear_1', 'add_23')]
+    >>> span.residual_keys
+    ['transformer_blocks.0..transformer_blocks.1:0', 'transformer_blocks.0..transformer_blocks.1:1']
     """
 
     blocks: list[str]
