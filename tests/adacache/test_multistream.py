@@ -25,6 +25,7 @@ from torch import nn
 
 from adacache_helpers import run_reference
 from conftest import DDIM_50, run_loop
+import graphpass
 from graphpass import AdaCache, FrozenAdaCache, TaggingError
 from graphpass.passes.capture import capture
 from graphpass.passes.residuals import Concat, find_block_span
@@ -374,3 +375,21 @@ def test_joint_region_metric_measures_the_video_tokens(name, metric_at, record):
         now, prev = got[rec.step], got[rec.step - 1]
         dist = [((now[b] - prev[b]).abs().sum() / prev[b].abs().sum()).item() for b in range(2)]
         assert rec.distance == pytest.approx(dist, rel=1e-5)
+
+
+@pytest.mark.parametrize("name, resize", [
+    ("hunyuanvideo", dict(hidden_states=(2, 4, 2, 6, 10))),  # other frames, height and width
+    ("wan", dict(hidden_states=(2, 4, 2, 6, 10))),
+    ("cat-between", dict(hidden_states=(2, 7, 4), encoder_hidden_states=(2, 3, 16))),  # other token counts
+])
+def test_dynamic_capture_at_another_size_equals_reference(name, resize):
+    """One capture with free sizes (``dynamic=True``) serves another size: the streams, slices and the
+    concatenation found at the example's size hold at the new one."""
+    build, kwargs, blocks, _ = CASES[name]
+    decisions = "CCRRCRCRRC"
+    opt = graphpass.optimize(build(), FrozenAdaCache(decisions), example_kwargs=kwargs(), timesteps=TS, dynamic=True)
+    kw = {**kwargs(), **{k: t for k, t in zip(resize, _noise(*resize.values(), seed=5))}}
+    outs = run_loop(opt, kw, TS)
+    assert opt.decisions() == decisions
+    assert _max_rel(outs, run_reference(build(), kw, TS, decisions, blocks=blocks)) < 1e-5
+    assert _max_rel(outs, run_loop(build(), kw, TS)) > 1e-3
