@@ -233,9 +233,9 @@ class MetricSite:
 
 
 # --- finding the span -----------------------------------------------------------------------------------
-#: Ops that keep a tensor's shape and values' positions and only change its dtype or identity (Wan's
-#: ``(h.float() + f.float() * gate).type_as(h)``); the skip connection passes through them (their first
-#: argument: ``type_as``'s second only gives the dtype).
+#: Ops that keep a tensor's shape and element positions and change at most its dtype (Wan's
+#: ``(h.float() + f.float() * gate).type_as(h)``). The skip connection passes through their first argument
+#: (``type_as``'s second argument only supplies the dtype).
 _CASTS = {aten.to.dtype, aten._to_copy.default, aten.type_as.default, aten.clone.default, aten.contiguous.default,
           aten.alias.default, aten.dropout.default}
 #: A slice still to apply while walking back: ``(dim, start, stop)`` with ``0 <= start < stop <= size``.
@@ -347,7 +347,7 @@ def drop_dead_writes(graph: fx.Graph) -> int:
             if w not in live and any(r in live and order[r] > order[w] for r in readers[base]):
                 mark(w)
                 changed = True
-    dead = [w for w, _ in writes if w not in live]
+    dead = [w for w, _ in writes if w not in live and not w.users]
     for w in reversed(dead):
         graph.erase_node(w)
     if dead:
@@ -368,9 +368,8 @@ def _live_nodes(gm: fx.GraphModule) -> set[fx.Node]:
 
 def _slice_window(node: fx.Node) -> Window | None:
     """``aten.slice.Tensor(x, dim, start, stop, step)`` as a window on ``x``; None for a stepped slice.
-
-    >>> # x[:, :-5] of x (2, 53, 16):  (1, 0, 48)
-    """
+    E.g. ``x[:, :-5]`` of ``x`` of shape (2, 53, 16) (HunyuanVideo's video tokens before 5 text tokens) is
+    ``(1, 0, 48)``."""
     x = node.args[0]
     shape = _shape(x)
     dim, start, stop, step = (list(node.args[1:]) + [0, None, None, 1][len(node.args) - 1:])[:4]
