@@ -132,7 +132,7 @@ class _FillsABuffer(torch.nn.Module):
 def _writes_left(graph) -> int:
     """In-place ops (``copy_``, ``fill_``): their schema marks the first argument as written."""
     infos = [n.target._schema.arguments[0].alias_info for n in graph.nodes
-             if n.op == "call_function" and n.target._schema.arguments]
+             if isinstance(n.target, torch._ops.OpOverload) and n.target._schema.arguments]
     return sum(info is not None and info.is_write for info in infos)
 
 
