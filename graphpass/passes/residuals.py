@@ -447,10 +447,11 @@ def _stream_input(block: str, out: fx.Node, inside: set[fx.Node]) -> fx.Node:
         sliced = [n.name for n, w in srcs if w is not None]
         why = f"; it reads only a slice of {sliced}" if sliced else ""
         raise TaggingError(f"cannot find the hidden state entering block {block}: its output {out.name} "
-                           f"{_shape(out)} is reached through its skip connection (adds, casts, re-layouts, slices "
-                           f"of concatenations) from {[c.name for c in cands] or 'no outside node'} of that "
-                           f"shape{why}. Residual caching needs blocks of the form x -> x + f(x) for every hidden "
-                           f"state they return.")
+                           f"{_shape(out)} (computed by {out.target}) is reached through its skip connection (adds, "
+                           f"casts, re-layouts, slices of concatenations) from "
+                           f"{[c.name for c in cands] or 'no outside node'} of that shape{why}. Residual caching "
+                           f"needs blocks of the form x -> x + f(x) for every hidden state they return (a block "
+                           f"normalising after its add, x -> norm(x + f(x)), is not)")
     return cands[0]
 
 

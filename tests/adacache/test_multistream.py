@@ -393,3 +393,31 @@ def test_dynamic_capture_at_another_size_equals_reference(name, resize):
     assert opt.decisions() == decisions
     assert _max_rel(outs, run_reference(build(), kw, TS, decisions, blocks=blocks)) < 1e-5
     assert _max_rel(outs, run_loop(build(), kw, TS)) > 1e-3
+
+
+class PostNormBlocks(nn.Module):
+    """Blocks normalising after their skip add, ``x -> norm(x + attn(x))``: no residual to carry on."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.proj_in = nn.Linear(4, 16)
+        self.blocks = nn.ModuleList(PostNormBlock(16) for _ in range(2))
+
+    def forward(self, hidden_states):
+        x = self.proj_in(hidden_states)
+        for block in self.blocks:
+            x = block(x)
+        return (x,)
+
+
+class PostNormBlock(SingleBlock):
+    def forward(self, x):
+        return self.norm(x + self.attn(x))
+
+
+def test_blocks_without_a_residual_form_are_refused_clearly():
+    cap = capture(PostNormBlocks(), dict(hidden_states=torch.randn(2, 12, 4)))
+    with pytest.raises(TaggingError, match=r"hidden state entering block blocks\.1: its output .*\(computed by "
+                                           r"aten\.layer_norm.*x -> norm\(x \+ f\(x\)\), is not"):
+        find_block_span(cap, tag_attention(cap))
