@@ -1,33 +1,50 @@
 """Residual caching passes: skip the whole chain of transformer blocks on reuse steps (AdaCache).
 
-A DiT's blocks form a chain on one hidden state: ``h_out = blocks(h_in)``. On a *compute* step the graph
+A DiT's blocks form a chain on its hidden states: ``h_out = blocks(h_in)``. On a *compute* step the graph
 also emits the span's residual ``R = h_out - h_in``; on a *reuse* step the blocks are cut out and
 ``h_out = h_in + R_cached``: embedders, conditioning and the final layer still run, every block is one add.
+Two-stream blocks (CogVideoX, HunyuanVideo's double blocks) carry video and text tokens from block to block;
+every hidden state the graph reads after the chain gets its own residual and its own add.
 
-Granularity: ONE pre-summed residual for the whole span. Because the blocks chain, ``h_out - h_in`` is the
-telescoping sum of every block's residual (block output - block input), which is the sum of the reference
-implementation's per-block attention and cross-attention+MLP residuals; caching it pre-summed makes a reuse
-step a single add instead of one add per block. Ops between blocks that do not depend on the step (Latte's
-frame/token re-layout and its temporal position embedding) are folded into ``R`` as well.
+Granularity: ONE pre-summed residual per hidden state for the whole span. Because the blocks chain,
+``h_out - h_in`` is the telescoping sum of every block's residual (block output - block input), which is the
+sum of the reference implementation's per-block attention and cross-attention+MLP residuals; caching it
+pre-summed makes a reuse step a single add instead of one add per block. Ops between blocks that do not
+depend on the step (Latte's frame/token re-layout and its temporal position embedding) are folded into ``R``
+as well.
 
 Finding the span (structure, not names):
 
 * a *block* is the module owning attention regions whose path ends in an index: ``blocks.3`` for
   ``blocks.3.temporal_attn``, ``temporal_transformer_blocks.0`` for ``temporal_transformer_blocks.0.attn1``;
-* a block's *stream input* is the outside node its output reaches through the skip connection (a chain of
-  ``add`` nodes) with the output's shape; chaining backwards from the last block gives the span input ``h_in``
-  (the first block's stream input);
-* the span output ``h_out`` is the last block's output, followed through re-layout ops until it has
-  ``h_in``'s shape again (Latte's temporal blocks work on ``(B*tokens, F, D)``, its spatial ones on
-  ``(B*F, tokens, D)``).
+  only the outermost such modules count (HunyuanVideo's token refiner, blocks inside its context embedder,
+  prepares the text and is no part of the chain);
+* the hidden states leaving the chain are the last block's outputs that a later op reads (HunyuanVideo and
+  CogVideoX drop the last block's text tokens: one stream leaves; a model reading both gets two);
+* a block output's *stream input* is the outside node of its shape that it reaches through the skip
+  connection: adds, casts (Wan's ``(h.float() + f.float() * gate).type_as(h)``), re-layouts, and slices of a
+  concatenation that select one of its parts (HunyuanVideo's single block ``cat([video, text]) + f(...)``
+  sliced back into video and text reaches the video input alone); chaining backwards from the last block
+  gives each stream's input ``h_in`` at the first block. Streams that the model concatenates between blocks
+  (two-stream blocks feeding single-stream blocks over ``cat([text, video])``) enter the chain as one
+  :class:`Concat` of their inputs;
+* ``h_out`` is the last block's output, followed through re-layout ops until it has ``h_in``'s shape again
+  (Latte's temporal blocks work on ``(B*tokens, F, D)``, its spatial ones on ``(B*F, tokens, D)``).
 
-The distance metric of AdaCache is measured on one *metric residual*: a block's residual (``out - in``) or
-an attention/MLP region's residual (what the region adds to the hidden state, gate included), found by
-following the region's output to the ``add`` that joins it to the skip connection.
+In-place writes count as data flow: Wan and CogVideoX write rotary embeddings into q/k buffers
+(``aten.copy_``); the span includes them, and a reuse graph drops the writes nobody reads any more
+(:func:`drop_dead_writes`).
+
+The distance metric of AdaCache is measured on one *metric residual*: a block's residual (``out - in`` of
+its largest stream) or an attention/MLP region's residual (what the region adds to the hidden state, gate
+included; for a joint region, to the video tokens), found by following the region's output to the ``add``
+that joins it to the skip connection.
 
 >>> span = find_block_span(captured, regions)          # vdt-tiny: two blocks on (B, F, tokens, D)
 >>> span.blocks, span.input, span.output, span.path
 (['blocks.0', 'blocks.1'], 'add_1', 'add_26', 'blocks.0..blocks.1')
+>>> find_block_span(hunyuan, hunyuan_regions).streams  # video only: the text tokens are dead after the chain
+[('transpose', 'slice_27')]
 """
 from __future__ import annotations
 
@@ -44,7 +61,8 @@ from ..errors import GraphpassError, ScheduleError, TaggingError
 from ..schedules.base import Action, Phase
 from .capture import CapturedGraph, TensorSpec, module_path
 from .flops import graph_flops, node_flops
-from .specialise import PhaseGraph, cache_input_name, copy_graph, eliminate_dead_code, specialise_phase
+from .specialise import (PhaseGraph, cache_input_name, copy_graph, eliminate_dead_code, is_impure,
+                         specialise_phase)
 from .tag import Region
 
 aten = torch.ops.aten
@@ -53,8 +71,9 @@ aten = torch.ops.aten
 _LAYOUT = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.permute.default,
            aten.transpose.int, aten.clone.default, aten.contiguous.default, aten.squeeze.dim, aten.squeeze.default,
            aten.unsqueeze.default, aten.flatten.using_ints, aten.alias.default, aten.to.dtype, aten.dropout.default}
-#: Ops a region's output may pass through before it is added to the hidden state (gate, rescale, re-layout).
-_TO_RESIDUAL = _LAYOUT | {aten.mul.Tensor, aten.div.Tensor}
+#: Ops a region's output may pass through before it is added to the hidden state (gate, rescale, re-layout,
+#: the slice of a joint region's output that belongs to the hidden state).
+_TO_RESIDUAL = _LAYOUT | {aten.mul.Tensor, aten.div.Tensor, aten.slice.Tensor, aten._to_copy.default}
 _ADD = {aten.add.Tensor}
 
 #: What a reuse step adds (see :class:`graphpass.schedules.adacache.AdaCache` ``cache_unit``).
@@ -70,30 +89,86 @@ def block_of(path: str) -> str | None:
     return m[1] if m else None
 
 
+@dataclass(frozen=True)
+class Concat:
+    """A hidden state entering the chain that is built from several: ``torch.cat(parts, dim)``, each part the
+    name of a node entering the first block (text and video tokens that two-stream blocks carry separately
+    and the model joins before its single-stream blocks).
+
+    >>> Concat(("linear_1", "linear"), 1).names(), str(Concat(("linear_1", "linear"), 1))
+    (['linear_1', 'linear'], 'cat(linear_1, linear; dim=1)')
+    """
+
+    parts: tuple[str, ...]
+    dim: int
+
+    def names(self) -> list[str]:
+        return list(self.parts)
+
+    def __str__(self) -> str:
+        return f"cat({', '.join(self.parts)}; dim={self.dim})"
+
+
+def input_names(x: str | Concat) -> list[str]:
+    """The nodes a stream input reads: ``[x]`` for a node name, the parts of a :class:`Concat`."""
+    return x.names() if isinstance(x, Concat) else [x]
+
+
 @dataclass
 class BlockSpan:
-    """The chain of transformer blocks that a reuse step replaces by one add.
+    """The chain of transformer blocks that a reuse step replaces by one add per hidden state.
 
     blocks: block module paths in graph order.
-    input: name of the node holding the hidden state entering the first block (``h_in``).
-    output: name of the node holding the hidden state after the last block, in ``h_in``'s layout (``h_out``).
-    block_io: per block, the (stream input, stream output) node names.
-    nodes: names of the nodes that depend on ``h_in`` and feed ``h_out``: what a reuse step skips.
-    spec: shape and dtype of the hidden state (and of the cached residual).
+    streams: per hidden state leaving the chain, (what enters the chain: a node name, or a :class:`Concat` of
+        several when the model joins streams between blocks; the name of the node after the last block, in the
+        entering value's layout). The largest (the video tokens) comes first; a
+        two-stream model whose text tokens are read after the blocks (CogVideoX with rotary embeddings) has
+        two, one whose last text tokens are dead (HunyuanVideo, CogVideoX without) one.
+    block_streams: per block, the (stream input, stream output) node names of each of those hidden states.
+    nodes: names of the nodes that depend on a stream input and feed a stream output: what a reuse step skips.
+    specs: shape and dtype of each hidden state (and of its cached residual).
     flops: FLOPs of the nodes inside the blocks.
     region: the span as a :class:`Region` (path ``"<first block>..<last block>"``, kind ``"blocks"``, one
-        cache key: the pre-summed residual), which is what the runtime's cache and plans refer to.
+        cache key per stream: its pre-summed residual), which is what the runtime's cache and plans refer to.
+
+    >>> span.streams    # two CogVideoX blocks whose text tokens are read after them: video, then text
+    [('linear', 'add_22'), ('linear_1', 'add_23')]
+    >>> span.residual_keys
+    ['transformer_blocks.0..transformer_blocks.1:0', 'transformer_blocks.0..transformer_blocks.1:1']
     """
 
     blocks: list[str]
-    input: str
-    output: str
-    block_io: dict[str, tuple[str, str]]
+    streams: list[tuple[str | Concat, str]]
+    block_streams: dict[str, list[tuple[str, str]]]
     nodes: list[str]
-    spec: TensorSpec
+    specs: list[TensorSpec]
     flops: int
     region: Region
     inner: list[Region]
+
+    @property
+    def input(self) -> str | Concat:
+        """The first (largest) hidden state entering the chain."""
+        return self.streams[0][0]
+
+    @property
+    def output(self) -> str:
+        """The first (largest) hidden state after the chain, in :attr:`input`'s layout."""
+        return self.streams[0][1]
+
+    @property
+    def spec(self) -> TensorSpec:
+        return self.specs[0]
+
+    @property
+    def block_io(self) -> dict[str, tuple[str, str]]:
+        """Per block, the (stream input, stream output) of the first hidden state."""
+        return {b: io[0] for b, io in self.block_streams.items()}
+
+    @property
+    def residual_keys(self) -> list[str]:
+        """Cache key of each stream's residual, in :attr:`streams` order."""
+        return list(self.region.cache_keys)
 
     @property
     def path(self) -> str:
@@ -158,6 +233,15 @@ class MetricSite:
 
 
 # --- finding the span -----------------------------------------------------------------------------------
+#: Ops that keep a tensor's shape and element positions and change at most its dtype (Wan's
+#: ``(h.float() + f.float() * gate).type_as(h)``). The skip connection passes through their first argument
+#: (``type_as``'s second argument only supplies the dtype).
+_CASTS = {aten.to.dtype, aten._to_copy.default, aten.type_as.default, aten.clone.default, aten.contiguous.default,
+          aten.alias.default, aten.dropout.default}
+#: A slice still to apply while walking back: ``(dim, start, stop)`` with ``0 <= start < stop <= size``.
+Window = tuple[int, int, int]
+
+
 def _val(node: fx.Node):
     return node.meta.get("val")
 
@@ -167,50 +251,299 @@ def _shape(node: fx.Node) -> tuple[int, ...] | None:
     return tuple(int(s) for s in v.shape) if isinstance(v, torch.Tensor) else None
 
 
+def _numel(node: fx.Node) -> int:
+    n = 1
+    for s in _shape(node) or ():
+        n *= s
+    return n
+
+
+def _int(a) -> int:
+    """An int argument of an op, which dynamic captures may hold as a node of a symbolic size."""
+    return int(_val(a)) if isinstance(a, fx.Node) else int(a)
+
+
 def _block_nodes(gm: fx.GraphModule, block: str) -> list[fx.Node]:
     return [n for n in gm.graph.nodes if any(p == block for p, _ in module_path(n))]
 
 
-def _skip_inputs(out: fx.Node, inside: set[fx.Node]) -> list[fx.Node]:
-    """Outside nodes that ``out`` reaches backwards through adds and re-layouts (the skip connection)."""
-    found, seen, todo = [], set(), [out]
+def _aliases(node: fx.Node) -> tuple[bool, bool]:
+    """(whether ``node``'s result aliases its first argument, whether it writes into it), from the op schema:
+    ``aten.slice.Tensor`` -> (True, False), ``aten.copy_.default`` -> (True, True), ``aten.add.Tensor`` ->
+    (False, False)."""
+    if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+        return False, False
+    schema = node.target._schema
+    info = schema.arguments[0].alias_info if schema.arguments else None
+    if info is None:
+        return False, False
+    return True, bool(info.is_write)
+
+
+def _view_base(node: fx.Node) -> fx.Node:
+    """The tensor ``node`` is a view of (itself if it is no view)."""
+    while isinstance(node, fx.Node) and _aliases(node) == (True, False) and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    return node
+
+
+def _writes(gm: fx.GraphModule) -> dict[fx.Node, list[fx.Node]]:
+    """In-place writes by the tensor they write into: Wan's rotary embedding fills ``out = empty_like(x)``
+    with ``out[..., 0::2] = ...`` (``aten.copy_`` into slices of ``out``), and whoever reads ``out`` later
+    depends on those writes although no graph edge says so."""
+    writes: dict[fx.Node, list[fx.Node]] = {}
+    for n in gm.graph.nodes:
+        if _aliases(n) == (True, True):
+            writes.setdefault(_view_base(n.args[0]), []).append(n)
+    return writes
+
+
+def _alias_readers(base: fx.Node) -> list[fx.Node]:
+    """Nodes reading ``base`` or a view of it, other than views and writes into it."""
+    readers, todo = [], [base]
     while todo:
-        n = todo.pop()
-        if n in seen:
+        v = todo.pop()
+        for u in v.users:
+            kind = _aliases(u) if u.args and u.args[0] is v else (False, False)
+            if kind == (True, False):
+                todo.append(u)
+            elif kind != (True, True):
+                readers.append(u)
+    return readers
+
+
+def drop_dead_writes(graph: fx.Graph) -> int:
+    """Remove in-place writes whose result nobody reads: writes into a tensor the graph creates, none of whose
+    later readers reaches the outputs. A reuse step cuts out the readers of the rotary buffers that Wan and
+    CogVideoX fill in place (``q[:, :, text:] = rope(q[:, :, text:])``); the writes, impure, would otherwise
+    keep the blocks alive. Returns how many were removed.
+
+    >>> drop_dead_writes(reuse_graph)       # Wan: 2 blocks x (q, k) x 2 halves of the rotary buffer
+    8
+    """
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    writes = [(n, _view_base(n.args[0])) for n in graph.nodes if _aliases(n) == (True, True)]
+    live: set[fx.Node] = set()
+
+    def mark(n: fx.Node) -> None:
+        todo = [n]
+        while todo:
+            m = todo.pop()
+            if m not in live:
+                live.add(m)
+                todo.extend(m.all_input_nodes)
+
+    for n in graph.nodes:
+        if n.op == "output" or (n.op == "call_function" and is_impure(n) and _aliases(n) != (True, True)):
+            mark(n)
+    for w, base in writes:
+        if base.op != "call_function":  # an input or a parameter: the caller may read it
+            mark(w)
+    readers = {base: _alias_readers(base) for _, base in writes}
+    changed = True
+    while changed:
+        changed = False
+        for w, base in writes:
+            if w not in live and any(r in live and order[r] > order[w] for r in readers[base]):
+                mark(w)
+                changed = True
+    dead = [w for w, _ in writes if w not in live and not w.users]
+    for w in reversed(dead):
+        graph.erase_node(w)
+    if dead:
+        eliminate_dead_code(graph)
+    return len(dead)
+
+
+def _live_nodes(gm: fx.GraphModule) -> set[fx.Node]:
+    """Nodes whose value reaches the graph's outputs or an impure op. The tails of streams that no later op
+    reads (CogVideoX's and HunyuanVideo's text tokens after the last block) are not live."""
+    live: set[fx.Node] = set()
+    for n in reversed(gm.graph.nodes):
+        if n.op == "output" or n in live or (n.op == "call_function" and is_impure(n)):
+            live.add(n)
+            live.update(n.all_input_nodes)
+    return live
+
+
+def _slice_window(node: fx.Node) -> Window | None:
+    """``aten.slice.Tensor(x, dim, start, stop, step)`` as a window on ``x``; None for a stepped slice.
+    E.g. ``x[:, :-5]`` of ``x`` of shape (2, 53, 16) (HunyuanVideo's video tokens before 5 text tokens) is
+    ``(1, 0, 48)``."""
+    x = node.args[0]
+    shape = _shape(x)
+    dim, start, stop, step = (list(node.args[1:]) + [0, None, None, 1][len(node.args) - 1:])[:4]
+    dim = _int(dim) % len(shape)
+    size = shape[dim]
+
+    def clamp(v, default):
+        v = default if v is None else _int(v)
+        return min(max(v + size if v < 0 else v, 0), size)
+
+    return (dim, clamp(start, 0), clamp(stop, size)) if _int(step) == 1 else None
+
+
+def _skip_step(n: fx.Node, win: Window | None) -> list[tuple[fx.Node, Window | None]]:
+    """One step back along a skip connection from ``n`` (with a slice ``win`` still to apply to ``n``): the
+    nodes ``n`` passes on unchanged and the window each still needs. A slice of a concatenation along the
+    same axis follows only the part it selects, so HunyuanVideo's single block ``cat([video, text]) + f(..)``
+    sliced back to video tokens reaches the video input alone."""
+    t = n.target
+    shape = _shape(n)
+    if t in _ADD:  # operands broadcast to the result are folded into the residual (Latte's position embedding)
+        return [(a, win if _shape(a) == shape else None) for a in n.args
+                if isinstance(a, fx.Node) and (win is None or _shape(a) == shape)]
+    if t in _CASTS:
+        return [(n.args[0], win)]
+    if t in _LAYOUT:
+        return [(n.args[0], None)] if win is None else []
+    if t == aten.slice.Tensor:
+        w = _slice_window(n)
+        if w is None or (win is not None and win[0] != w[0]):
+            return []
+        if win is not None:
+            w = (w[0], w[1] + win[1], w[1] + win[2])
+        full = (0, _shape(n.args[0])[w[0]])
+        return [(n.args[0], None if w[1:] == full else w)]
+    if t == aten.cat.default:
+        parts = list(n.args[0])
+        if win is None:
+            return [(p, None) for p in parts]
+        dim = _int(n.args[1] if len(n.args) > 1 else 0) % len(shape)
+        if win[0] != dim:
+            return []
+        off = 0
+        for p in parts:
+            size = _shape(p)[dim]
+            if off <= win[1] and win[2] <= off + size:
+                return [(p, None if (win[1], win[2]) == (off, off + size) else (dim, win[1] - off, win[2] - off))]
+            off += size
+    return []
+
+
+def _skip_sources(start: fx.Node, stop: Callable[[fx.Node], bool]) -> list[tuple[fx.Node, Window | None]]:
+    """The nodes where ``stop`` holds that ``start`` reaches backwards through adds, casts, re-layouts and
+    slices of concatenations (its skip connection), each with the slice of it that ``start`` reads (None:
+    all of it). Any other op ends a path: it computes, it does not carry the hidden state."""
+    found, seen, todo = [], set(), [(start, None)]
+    while todo:
+        n, win = todo.pop()
+        if (n, win) in seen:
             continue
-        seen.add(n)
-        if n not in inside:
-            found.append(n)
-            continue
-        if n.op == "call_function" and (n.target in _ADD or n.target in _LAYOUT):
-            todo.extend(a for a in n.args if isinstance(a, fx.Node))
+        seen.add((n, win))
+        if stop(n):
+            found.append((n, win))
+        elif n.op == "call_function":
+            todo.extend(_skip_step(n, win))
     return found
 
 
 def _stream_input(block: str, out: fx.Node, inside: set[fx.Node]) -> fx.Node:
-    cands = [n for n in _skip_inputs(out, inside) if _shape(n) == _shape(out)]
+    """The hidden state entering ``block`` that its output ``out`` carries on: the outside node of ``out``'s
+    shape its skip connection reaches whole."""
+    srcs = _skip_sources(out, lambda n: n not in inside)
+    cands = list({n: None for n, w in srcs if w is None and _shape(n) == _shape(out)})
     if len(cands) != 1:
+        sliced = [n.name for n, w in srcs if w is not None]
+        why = f"; it reads only a slice of {sliced}" if sliced else ""
         raise TaggingError(f"cannot find the hidden state entering block {block}: its output {out.name} "
-                           f"{_shape(out)} is reached through its skip connection from "
-                           f"{[c.name for c in cands] or 'no outside node'} of that shape. Residual caching needs "
-                           f"blocks of the form x -> x + f(x).")
+                           f"{_shape(out)} (computed by {out.target}) is reached through its skip connection (adds, "
+                           f"casts, re-layouts, slices of concatenations) from "
+                           f"{[c.name for c in cands] or 'no outside node'} of that shape{why}. Residual caching "
+                           f"needs blocks of the form x -> x + f(x) for every hidden state they return (a block "
+                           f"normalising after its add, x -> norm(x + f(x)), is not)")
     return cands[0]
 
 
-def _reaching_exit(start: fx.Node, exits: set[fx.Node]) -> fx.Node | None:
-    """The block exit that ``start`` derives from through re-layouts and adds (between two blocks)."""
-    seen, todo, hits = set(), [start], []
-    while todo:
-        n = todo.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        if n in exits:
-            hits.append(n)
-            continue
-        if n.op == "call_function" and (n.target in _LAYOUT or n.target in _ADD):
-            todo.extend(a for a in n.args if isinstance(a, fx.Node))
-    return hits[0] if len(hits) == 1 else None
+def _joining_cat(x: fx.Node) -> fx.Node | None:
+    """The ``aten.cat`` that ``x`` is, up to adds of broadcast terms and casts (same shape all along)."""
+    n = x
+    while n.op == "call_function":
+        if n.target == aten.cat.default:
+            return n
+        nxt = [a for a, w in _skip_step(n, None) if w is None and _shape(a) == _shape(n)]
+        if len(nxt) != 1:
+            return None
+        n = nxt[0]
+    return None
+
+
+def _previous_exit(block: str, x: fx.Node, prev: str, exits: set[fx.Node]) -> fx.Node | tuple[int, list[fx.Node]]:
+    """The output of block ``prev`` that becomes ``block``'s hidden state ``x`` (through re-layouts, casts
+    and adds between the two blocks), or ``(dim, outputs)`` when ``x`` concatenates several outputs of
+    ``prev`` along ``dim``, each whole (text and video tokens joined before single-stream blocks)."""
+    hits = _skip_sources(x, lambda n: n in exits)
+    if len(hits) == 1 and hits[0][1] is None:
+        return hits[0][0]
+    if not hits:
+        raise TaggingError(f"block {block}'s hidden state {x.name} does not come from block {prev} through "
+                           f"re-layouts, casts and adds only; residual caching needs the blocks to form one chain")
+    cat = _joining_cat(x)
+    if cat is not None:
+        parts = [_skip_sources(p, lambda n: n in exits) for p in cat.args[0]]
+        if all(len(h) == 1 and h[0][1] is None for h in parts):
+            dim = _int(cat.args[1] if len(cat.args) > 1 else 0) % len(_shape(cat))
+            return dim, [h[0][0] for h in parts]
+    raise TaggingError(f"block {block}'s hidden state {x.name} is built from {len(hits)} outputs of block {prev} "
+                       f"({', '.join(n.name + ('' if w is None else f' sliced {w}') for n, w in hits)}) otherwise than by "
+                       f"one concatenation (aten.cat) of whole outputs; residual caching needs each hidden state to "
+                       f"pass from block to block on its own, or several to be joined by one torch.cat of whole "
+                       f"hidden states")
+
+
+class _Track:
+    """One hidden state followed back through the chain: its output at the current block, and at the end what
+    enters the chain (a node, or ``(dim, tracks)`` when it was concatenated from several)."""
+
+    def __init__(self, out: fx.Node):
+        self.out = out
+        self.entry: fx.Node | tuple[int, list["_Track"]] | None = None
+
+    def resolve(self) -> str | Concat:
+        if isinstance(self.entry, fx.Node):
+            return self.entry.name
+        dim, tracks = self.entry
+        parts = [t.resolve() for t in tracks]
+        if any(isinstance(p, Concat) for p in parts):
+            raise TaggingError(f"hidden state {self.out.name} is concatenated from streams that were themselves "
+                               f"concatenated between earlier blocks ({parts}); residual caching supports one join")
+        return Concat(tuple(parts), dim)
+
+
+def _entry_shape(x: str | Concat, nodes: dict[str, fx.Node]) -> tuple[int, ...]:
+    if not isinstance(x, Concat):
+        return _shape(nodes[x])
+    shapes = [_shape(nodes[p]) for p in x.parts]
+    return tuple(sum(s[d] for s in shapes) if d == x.dim else shapes[0][d] for d in range(len(shapes[0])))
+
+
+def _back_to_layout(block: str, out: fx.Node, like: str, shape: tuple[int, ...], live: set[fx.Node]) -> fx.Node:
+    """``out`` followed through its re-layouts until it has the ``shape`` of the chain's input ``like``
+    (Latte's last temporal block leaves ``(B*tokens, F, D)``, its first spatial block takes ``(B*F, tokens, D)``)."""
+    while _shape(out) != shape:
+        users = [u for u in out.users if u in live]
+        if len(users) != 1 or users[0].op != "call_function" or users[0].target not in _LAYOUT:
+            raise TaggingError(f"the hidden state {out.name} after the last block {block} ({_shape(out)}) does not "
+                               f"return to the shape of the first block's input {like} {shape} through "
+                               f"re-layouts")
+        out = users[0]
+    return out
+
+
+def _chain_blocks(regions: Sequence[Region], name_order: dict[str, int], model_type: str) -> list[str]:
+    """The blocks owning attention regions, outermost module lists only: a block list nested in another module
+    (HunyuanVideo's text token refiner in ``context_embedder``) belongs to an embedder, which always runs."""
+    blocks: dict[str, None] = {}
+    for r in sorted(regions, key=lambda r: name_order[r.nodes[0]]):
+        b = block_of(r.path)
+        if b is not None:
+            blocks.setdefault(b, None)
+    if not blocks:  # requires: blocks to cache
+        raise TaggingError(f"no transformer blocks in {model_type}: none of its attention regions "
+                           f"({', '.join(r.path for r in regions) or 'none'}) sits in a numbered module such as "
+                           f"blocks.3; residual caching skips whole blocks")
+    depth = min(b.count(".") for b in blocks)
+    return [b for b in blocks if b.count(".") == depth]
 
 
 def find_block_span(captured: CapturedGraph, regions: Sequence[Region]) -> BlockSpan:
@@ -218,93 +551,114 @@ def find_block_span(captured: CapturedGraph, regions: Sequence[Region]) -> Block
     gm = captured.gm
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     name_order = {n.name: i for n, i in order.items()}
-    blocks: dict[str, None] = {}
-    for r in sorted(regions, key=lambda r: name_order[r.nodes[0]]):
-        b = block_of(r.path)
-        if b is not None:
-            blocks.setdefault(b, None)
-    if not blocks:  # requires: blocks to cache
-        raise TaggingError(f"no transformer blocks in {captured.model_type}: none of its attention regions "
-                           f"({', '.join(r.path for r in regions) or 'none'}) sits in a numbered module such as "
-                           f"blocks.3; residual caching skips whole blocks")
+    live = _live_nodes(gm)
+    blocks = _chain_blocks(regions, name_order, captured.model_type)
     members = {b: _block_nodes(gm, b) for b in blocks}
     paths = sorted(blocks, key=lambda b: order[members[b][0]])
-
     exits_of = {}
     for b in paths:
         inside = set(members[b])
-        exits_of[b] = [n for n in members[b] if any(u not in inside for u in n.users)]
+        exits_of[b] = [n for n in members[b] if any(u not in inside and u in live for u in n.users)]
 
     last = paths[-1]
-    if len(exits_of[last]) != 1:
-        raise TaggingError(f"the last block {last} has {len(exits_of[last])} outputs used after it "
-                           f"({[n.name for n in exits_of[last]]}); residual caching needs one hidden state "
-                           f"leaving the chain of blocks")
-    out = exits_of[last][0]
-    block_io: dict[str, tuple[str, str]] = {}
+    # the streams leaving the chain: the largest (the video tokens) first
+    outs = sorted(exits_of[last], key=lambda n: (-_numel(n), order[n]))
+    if not outs:
+        raise TaggingError(f"nothing the last block {last} computes is used after it")
+    block_streams: dict[str, list[tuple[str, str]]] = {}
+    tracks = [_Track(o) for o in outs]
+    active = list(tracks)
     for k in range(len(paths) - 1, -1, -1):
         b = paths[k]
-        inside = set(members[b])
-        x = _stream_input(b, out, inside)
-        block_io[b] = (x.name, out.name)
-        if k == 0:
-            break
-        prev = paths[k - 1]
-        out = _reaching_exit(x, set(exits_of[prev]))
-        if out is None:
-            raise TaggingError(f"block {b}'s hidden state {x.name} does not come from block {prev} through "
-                               f"re-layouts and adds only; residual caching needs the blocks to form one chain")
-    h_in = x
-    # h_out: the last block's output, back in h_in's layout.
-    h_out = next(n for n in gm.graph.nodes if n.name == block_io[last][1])
-    while _shape(h_out) != _shape(h_in):
-        users = list(h_out.users)
-        if len(users) != 1 or users[0].op != "call_function" or users[0].target not in _LAYOUT:
-            raise TaggingError(f"the hidden state after the last block {last} ({_shape(h_out)}) does not return "
-                               f"to the shape of the first block's input {_shape(h_in)} through re-layouts")
-        h_out = users[0]
+        xs = [_stream_input(b, t.out, set(members[b])) for t in active]
+        if len(set(xs)) != len(xs):
+            raise TaggingError(f"block {b} returns {len(xs)} hidden states ({[t.out.name for t in active]}) carried "
+                               f"on from the same input; residual caching needs one input per hidden state")
+        pairs = sorted(zip(xs, (t.out for t in active)), key=lambda p: (-_numel(p[1]), order[p[1]]))
+        block_streams[b] = [(x.name, o.name) for x, o in pairs]
+        following = []
+        for t, x in zip(active, xs):
+            found = x if k == 0 else _previous_exit(b, x, paths[k - 1], set(exits_of[paths[k - 1]]))
+            if isinstance(found, fx.Node) and k == 0:
+                t.entry = found
+            elif isinstance(found, fx.Node):
+                t.out = found
+                following.append(t)
+            else:
+                dim, parts = found
+                t.entry = (dim, [_Track(p) for p in parts])
+                following.extend(t.entry[1])
+        active = following
+    nodes = {n.name: n for n in gm.graph.nodes}
+    entries = [t.resolve() for t in tracks]
+    h_ins = [nodes[name] for x in entries for name in input_names(x)]
+    h_outs = [_back_to_layout(last, o, str(x), _entry_shape(x, nodes), live) for o, x in zip(outs, entries)]
 
-    # The span: nodes depending on h_in that feed h_out.
-    after: set[fx.Node] = {h_in}
+    # The span: nodes depending on a stream input that feed a stream output.
+    after: set[fx.Node] = set(h_ins)
     for n in gm.graph.nodes:
-        if n is not h_in and any(a in after for a in n.all_input_nodes):
+        if any(a in after for a in n.all_input_nodes):
             after.add(n)
-    before: set[fx.Node] = {h_out}
+    before: set[fx.Node] = set(h_outs)
+    writes = _writes(gm)
     for n in reversed(gm.graph.nodes):
         if n in before:
-            before.update(n.all_input_nodes)
-    span_nodes = [n for n in gm.graph.nodes if n in after and n in before and n is not h_in]
+            for a in n.all_input_nodes:
+                before.add(a)
+                before.update(w for w in writes.get(_view_base(a), ()) if order[w] < order[n])
+    span_nodes = [n for n in gm.graph.nodes if n in after and n in before and n not in h_ins]
     span_set = set(span_nodes)
-    leaks = [n.name for n in span_nodes if n is not h_out and any(
-        u not in span_set and u.target != aten._assert_tensor_metadata.default for u in n.users)]
+    leaks = [n.name for n in span_nodes if n not in h_outs and any(
+        u not in span_set and u in live and u.target != aten._assert_tensor_metadata.default for u in n.users)]
     if leaks:
         raise TaggingError(f"values computed inside the blocks are used after them ({leaks[:3]}); residual caching "
-                           f"needs the blocks' only output to be the hidden state {h_out.name}")
+                           f"needs the blocks' only outputs to be the hidden states {[n.name for n in h_outs]}")
     block_flops = sum(node_flops(n) for b in paths for n in members[b])
-    v = _val(h_in)
-    spec = TensorSpec(tuple(int(s) for s in v.shape), v.dtype)
+    specs = [TensorSpec(_shape(o), _val(o).dtype) for o in h_outs]
     path = f"{paths[0]}..{paths[-1]}" if len(paths) > 1 else paths[0]
+    carried = " and ".join(f"{x} -> {o.name}" for x, o in zip(entries, h_outs))
     region = Region(path=path, module_type="blocks", kind="blocks", nodes=[n.name for n in span_nodes],
-                    exits=[h_out.name], exit_specs=[spec], flops=block_flops,
-                    reason=f"chain of {len(paths)} blocks from {h_in.name} to {h_out.name}; cached as one "
-                           f"pre-summed residual")
-    inner = [r for r in regions if block_of(r.path) in block_io]
-    return BlockSpan(blocks=paths, input=h_in.name, output=h_out.name, block_io=block_io,
-                     nodes=[n.name for n in span_nodes], spec=spec, flops=block_flops, region=region, inner=inner)
+                    exits=[o.name for o in h_outs], exit_specs=specs, flops=block_flops,
+                    reason=f"chain of {len(paths)} blocks carrying {carried}; cached as one pre-summed residual per "
+                           f"hidden state")
+    inner = [r for r in regions if block_of(r.path) in block_streams]
+    return BlockSpan(blocks=paths, streams=[(x, o.name) for x, o in zip(entries, h_outs)],
+                     block_streams={b: block_streams[b] for b in paths}, nodes=[n.name for n in span_nodes],
+                     specs=specs, flops=block_flops, region=region, inner=inner)
 
 
 # --- the metric site ------------------------------------------------------------------------------------
+def _largest_slice(users: list[fx.Node]) -> fx.Node | None:
+    """Among users that all slice one tensor along one axis (a joint region's output split back into video and
+    text tokens), the one keeping the most elements; None if they are not such slices."""
+    if len(users) < 2 or any(u.op != "call_function" or u.target != aten.slice.Tensor for u in users):
+        return None
+    if len({_slice_window(u)[0] if _slice_window(u) else None for u in users}) != 1:
+        return None
+    return max(users, key=_numel)
+
+
 def region_residual(gm: fx.GraphModule, region: Region) -> fx.Node:
     """The node a region adds to the hidden state: its output followed through gate multiplies, rescales and
-    re-layouts up to the ``add`` joining the skip connection."""
-    if len(region.exits) != 1:
-        raise TaggingError(f"region {region.path} has {len(region.exits)} outputs; measure on its block instead "
-                           f"(metric_at={block_of(region.path)!r})")
-    cur = next(n for n in gm.graph.nodes if n.name == region.exits[0])
+    re-layouts up to the ``add`` joining the skip connection. A joint region over video and text tokens is
+    measured on what it adds to the video tokens: of several outputs (a two-stream attention's ``(video,
+    text)``) the largest, of an output sliced into both (CogVideoX's feed-forward over their concatenation)
+    the largest slice.
+
+    >>> region_residual(cap.gm, ff_of_cogvideox_block_1).name     # gate * ff_output[:, text_length:]
+    'mul_17'
+    """
+    live = _live_nodes(gm)
+    by_name = {n.name: n for n in gm.graph.nodes}
+    cur = max((by_name[e] for e in region.exits), key=_numel)
     for _ in range(12):
-        users = list(cur.users)
+        users = [u for u in cur.users if u in live]
         if len(users) != 1:
-            break
+            nxt = _largest_slice(users)
+            if nxt is None:
+                break
+            cur = nxt
+            continue
         u = users[0]
         if u.op == "call_function" and u.target in _ADD:
             return cur
@@ -439,13 +793,26 @@ def _add(a, b):
     return a + b
 
 
+def _entry_value(graph: fx.Graph, by_name: dict[str, fx.Node], x: str | Concat,
+                 before: fx.Node | None = None) -> fx.Node:
+    """The node holding a stream's value entering the chain: the node itself, or the concatenation of its
+    parts (inserted before ``before``)."""
+    if not isinstance(x, Concat):
+        return by_name[x]
+
+    def join(*parts):
+        return torch.cat(parts, x.dim)
+
+    return inline(graph, join, [by_name[p] for p in x.parts], before=before)
+
+
 def specialise_residual_phase(captured: CapturedGraph, span: BlockSpan, phase: Phase, metric: MetricSite | None = None,
                               strides: Sequence[int] = (), unit: str = "residual") -> PhaseGraph:
     """The graph of one residual-caching phase.
 
-    ``phase.action(span.path)`` with ``unit="residual"``: REUSE -> the blocks are cut out and
-    ``h_out = h_in + cache[span residual]``; STORE -> the graph also returns ``h_out - h_in``; COMPUTE -> the
-    captured graph. With ``unit="outputs"`` the action applies to every attention/MLP region inside the blocks
+    ``phase.action(span.path)`` with ``unit="residual"``: REUSE -> the blocks are cut out and, for each
+    hidden state the chain carries, ``h_out = h_in + cache[its residual]``; STORE -> the graph also returns
+    each ``h_out - h_in``; COMPUTE -> the captured graph. With ``unit="outputs"`` the action applies to every attention/MLP region inside the blocks
     (:func:`~graphpass.passes.specialise.specialise_phase`): a reuse step reads their cached outputs and still
     runs the blocks' gates and skip adds with the current step's conditioning.
     ``phase.metric`` (a :class:`~graphpass.schedules.adacache.ResidualPhase`; ``"none"`` for plain phases):
@@ -494,15 +861,18 @@ def specialise_residual_phase(captured: CapturedGraph, span: BlockSpan, phase: P
         return ph
 
     if unit == "residual" and action == Action.REUSE:
-        h_in, h_out = by_name[span.input], by_name[span.output]
-        cached = placeholder(span.residual_key, h_out)
-        cache_inputs.append(span.residual_key)
-        new = inline(graph, _add, [h_in, cached], before=h_out)
-        h_out.replace_all_uses_with(new)
-        outs = [fx.node.map_arg(o, lambda n: new if n is h_out else n) for o in outs]
+        for (x, o), key in zip(span.streams, span.residual_keys):
+            h_out = by_name[o]
+            h_in = _entry_value(graph, by_name, x, before=h_out)
+            cached = placeholder(key, h_out)
+            cache_inputs.append(key)
+            new = inline(graph, _add, [h_in, cached], before=h_out)
+            h_out.replace_all_uses_with(new)
+            outs = [fx.node.map_arg(a, lambda n, h_out=h_out, new=new: new if n is h_out else n) for a in outs]
     elif action != Action.REUSE:
         if unit == "residual" and action == Action.STORE:
-            stored.append((span.residual_key, inline(graph, _sub, [by_name[span.output], by_name[span.input]])))
+            for (x, o), key in zip(span.streams, span.residual_keys):
+                stored.append((key, inline(graph, _sub, [by_name[o], _entry_value(graph, by_name, x)])))
         if mode != "none":
             if metric.kind == "region":
                 r = by_name[metric.node]
@@ -522,6 +892,7 @@ def specialise_residual_phase(captured: CapturedGraph, span: BlockSpan, phase: P
     cache_outputs = [k for k, _ in stored]
     graph.output(tuple(outs) + tuple(n for _, n in stored))
     eliminate_dead_code(graph)
+    drop_dead_writes(graph)
 
     # ensures: a reuse step runs nothing of the blocks (unit "residual") / of their regions (unit "outputs")
     if action == Action.REUSE:

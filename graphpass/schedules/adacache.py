@@ -212,8 +212,9 @@ class AdaCache(ResidualSchedule):
             picks the entry, the largest bound also covers larger distances. ``1`` means compute the next
             step too. Default: the published 30-step "fast" codebook.
         metric_at: where the distance is measured: a region path (``"blocks.1.temporal_attn"``: what that
-            attention adds to the hidden state, gate included), a block path (``"blocks.1"``: the block's
-            output minus input), or a block's position in the chain of blocks (an int; for Latte spatial and
+            attention adds to the hidden state, gate included; for a joint region over text and video
+            tokens, what it adds to the video tokens), a block path (``"blocks.1"``: the block's output minus
+            input; for a two-stream block, of its video tokens), or a block's position in the chain of blocks (an int; for Latte spatial and
             temporal blocks alternate). None: the published default, the temporal-attention residual of the
             middle block (the middle block's residual for models without temporal attention).
         always_compute_first: steps computed at the start whatever the metric (>= 1: the first step has no
@@ -222,7 +223,8 @@ class AdaCache(ResidualSchedule):
             (``graphpass.optimize(..., timesteps=...)`` or ``opt.plan(timesteps)``) when > 0.
         moreg: a :class:`MoReg` to scale the metric by the video's motion, or None.
         cache_unit: what a reuse step adds. ``"residual"`` (published): one pre-summed residual of the whole
-            chain of blocks, gates included (``h_out = h_in + R``; the reference caches per block the attention
+            chain of blocks per hidden state the model reads after it (video tokens; text tokens too when
+            they are read), gates included (``h_out = h_in + R``; the reference caches per block the attention
             and cross+MLP residuals, whose sum this is). ``"outputs"``: the raw output of every attention/MLP
             region inside the blocks; a reuse step still runs the blocks' adaLN gates and skip adds, so the
             cached outputs are re-gated with the current step's timestep (as PAB's faithful variant), for about

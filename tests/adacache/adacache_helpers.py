@@ -10,6 +10,7 @@ the block's gates and skip adds still run with the current step's conditioning.
 from __future__ import annotations
 
 import functools
+import inspect
 from typing import Sequence
 
 import torch
@@ -39,22 +40,33 @@ def residual_model(name: str, schedule, timesteps: Sequence[float] | None = None
 
 
 class BlockResidualReuse:
-    """Wrap the blocks of ``model`` named ``block_paths``; set ``reuse`` before each call."""
+    """Wrap the blocks of ``model`` named ``block_paths``; set ``reuse`` before each call.
+
+    A block returns one hidden state (``x -> x + f(x)``) or a tuple of them, the i-th carrying on the block's
+    i-th argument (CogVideoX and HunyuanVideo blocks: ``(hidden_states, encoder_hidden_states, temb, ...) ->
+    (hidden_states, encoder_hidden_states)``, called with positional or keyword arguments). A compute step
+    keeps each one's residual (output - input); a reuse step returns each input plus its kept residual.
+    """
 
     def __init__(self, model: torch.nn.Module, block_paths: Sequence[str]):
         self.model = model
         self.reuse = False
-        self.cache: dict[str, torch.Tensor] = {}
+        self.cache: dict[str, tuple[torch.Tensor, ...]] = {}
         for path in block_paths:
             block = model.get_submodule(path)
             block.forward = self._wrap(path, block.forward)
 
     def _wrap(self, path, forward):
-        def wrapped(x, *args, **kwargs):
+        signature = inspect.signature(forward)
+
+        def wrapped(*args, **kwargs):
+            inputs = list(signature.bind(*args, **kwargs).arguments.values())
             if self.reuse:
-                return x + self.cache[path]
-            out = forward(x, *args, **kwargs)
-            self.cache[path] = out - x
+                outs = tuple(x + r for x, r in zip(inputs, self.cache[path]))
+                return outs if len(outs) > 1 else outs[0]
+            out = forward(*args, **kwargs)
+            outs = out if isinstance(out, tuple) else (out,)
+            self.cache[path] = tuple(o - x for o, x in zip(outs, inputs))
             return out
 
         return wrapped
@@ -70,10 +82,11 @@ def block_paths(model: torch.nn.Module) -> list[str]:
 
 
 def run_reference(model: torch.nn.Module, kwargs: dict, timesteps: Sequence[float], decisions: str,
-                  unit: str = "residual") -> list[torch.Tensor]:
-    """Like ``conftest.run_loop`` with block residuals (``unit="residual"``) or, for VDT, attention/MLP outputs
-    (``unit="outputs"``) reused on the steps marked 'R' in ``decisions``."""
-    ref = BlockResidualReuse(model, block_paths(model)) if unit == "residual" else ModuleOutputReuse(
+                  unit: str = "residual", blocks: Sequence[str] | None = None) -> list[torch.Tensor]:
+    """Like ``conftest.run_loop`` with block residuals (``unit="residual"``; of ``blocks``, by default
+    :func:`block_paths`) or, for VDT, attention/MLP outputs (``unit="outputs"``) reused on the steps marked 'R'
+    in ``decisions``."""
+    ref = BlockResidualReuse(model, blocks or block_paths(model)) if unit == "residual" else ModuleOutputReuse(
         model, vdt_sublayers(model))
     kw = dict(kwargs)
     x = kw["hidden_states"]

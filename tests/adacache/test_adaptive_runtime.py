@@ -169,8 +169,6 @@ def test_errors():
         residual_model("vdt", AdaCache(metric_at="blocks.7"))
     with pytest.raises(ScheduleError, match="below the frame count 4"):
         residual_model("vdt", AdaCache(moreg=MoReg(strides=(1, 4))))
-    with pytest.raises(graphpass.TaggingError, match="used after them"):  # two streams (video and text)
-        residual_model("cogvideox", AdaCache())
 
 
 

@@ -1,6 +1,7 @@
 """The residual passes: finding the chain of blocks, the metric site, the metric formulas and the phase graphs."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -8,8 +9,10 @@ import torch
 
 from adacache_helpers import captured
 from graphpass import ScheduleError, TaggingError
-from graphpass.passes.residuals import (find_block_span, find_metric_site, region_residual, residual_stats,
-                                        specialise_residual_phase)
+from graphpass.passes.capture import capture
+from graphpass.passes.residuals import (drop_dead_writes, find_block_span, find_metric_site, region_residual,
+                                        residual_stats, specialise_residual_phase)
+from graphpass.passes.specialise import copy_graph, eliminate_dead_code
 from graphpass.schedules.adacache import ResidualPhase
 from graphpass.schedules.base import Action, Phase
 
@@ -101,8 +104,54 @@ def test_phase_graphs(captured_case):
     torch.testing.assert_close(m[-1][0], torch.full((2,), 0.5))
 
 
-def test_region_residual_needs_one_exit():
+def test_region_residual_of_a_joint_region_is_its_video_part():
     _, cap, regions = captured("cogvideox")
-    joint = next(r for r in regions if r.kind == "joint")
+    joint = next(r for r in regions if r.kind == "joint")  # returns (video, text): 48 and 5 tokens
+    node = region_residual(cap.gm, joint)
+    assert node.target == torch.ops.aten.mul.Tensor and tuple(node.meta["val"].shape) == (2, 48, 16)
+    # a region whose output reaches no add is refused, naming the block to measure on instead
+    _, cap, regions = captured("vdt")
+    temporal = next(r for r in regions if r.path == "blocks.0.temporal_attn")
+    video_input = next(n for n in cap.gm.graph.nodes if n.op == "placeholder")  # patch-embedded, never added
     with pytest.raises(TaggingError, match="measure on its block instead"):
-        region_residual(cap.gm, joint)
+        region_residual(cap.gm, dataclasses.replace(temporal, exits=[video_input.name]))
+
+
+class _FillsABuffer(torch.nn.Module):
+    """Wan's rotary pattern: a buffer from ``empty_like`` filled in place, half by half, then read; and an
+    in-place write into the input, which the caller sees."""
+
+    def forward(self, x, y):
+        buf = torch.empty_like(x)
+        buf[:, 0::2] = x[:, 0::2] * 2
+        buf[:, 1::2] = x[:, 1::2] * 3
+        y[:, :1] = 0.0
+        return buf + 1, x * 5
+
+
+def _writes_left(graph) -> int:
+    """In-place ops (``copy_``, ``fill_``): their schema marks the first argument as written."""
+    infos = [n.target._schema.arguments[0].alias_info for n in graph.nodes
+             if isinstance(n.target, torch._ops.OpOverload) and n.target._schema.arguments]
+    return sum(info is not None and info.is_write for info in infos)
+
+
+def test_drop_dead_writes_keeps_writes_that_are_read():
+    cap = capture(_FillsABuffer(), dict(x=torch.randn(2, 4), y=torch.randn(2, 4)))
+    assert _writes_left(cap.gm.graph) == 3
+    graph, _, outs = copy_graph(cap.gm)
+    graph.output(tuple(outs))
+    assert drop_dead_writes(graph) == 0  # the buffer is returned; the input's write is the caller's
+    # with the buffer's reader gone (as when a reuse step cuts out the attention reading rotary q/k), its two
+    # writes go, and so does everything computed only for them; the write into the input stays
+    graph, _, outs = copy_graph(cap.gm)
+    graph.output((outs[1],))
+    eliminate_dead_code(graph)
+    assert drop_dead_writes(graph) == 2
+    assert _writes_left(graph) == 1
+    assert not [n for n in graph.nodes if n.op == "call_function" and n.target == torch.ops.aten.empty_like.default]
+    gm = torch.fx.GraphModule(cap.gm, graph)
+    x, y = torch.randn(2, 4), torch.randn(2, 4)
+    (out,) = gm(x, y)
+    torch.testing.assert_close(out, x * 5, rtol=0, atol=0)
+    assert (y[:, 0] == 0).all()
