@@ -33,7 +33,7 @@ Finding the span (structure, not names):
 
 In-place writes count as data flow: Wan and CogVideoX write rotary embeddings into q/k buffers
 (``aten.copy_``); the span includes them, and a reuse graph drops the writes nobody reads any more
-(:func:`drop_dead_writes`).
+(:func:`~graphpass.passes.specialise.eliminate_dead_code` reads writes by the memory they touch).
 
 The distance metric of AdaCache is measured on one *metric residual*: a block's residual (``out - in`` of
 its largest stream) or an attention/MLP region's residual (what the region adds to the hidden state, gate
@@ -298,63 +298,6 @@ def _writes(gm: fx.GraphModule) -> dict[fx.Node, list[fx.Node]]:
     return writes
 
 
-def _alias_readers(base: fx.Node) -> list[fx.Node]:
-    """Nodes reading ``base`` or a view of it, other than views and writes into it."""
-    readers, todo = [], [base]
-    while todo:
-        v = todo.pop()
-        for u in v.users:
-            kind = _aliases(u) if u.args and u.args[0] is v else (False, False)
-            if kind == (True, False):
-                todo.append(u)
-            elif kind != (True, True):
-                readers.append(u)
-    return readers
-
-
-def drop_dead_writes(graph: fx.Graph) -> int:
-    """Remove in-place writes whose result nobody reads: writes into a tensor the graph creates, none of whose
-    later readers reaches the outputs. A reuse step cuts out the readers of the rotary buffers that Wan and
-    CogVideoX fill in place (``q[:, :, text:] = rope(q[:, :, text:])``); the writes, impure, would otherwise
-    keep the blocks alive. Returns how many were removed.
-
-    >>> drop_dead_writes(reuse_graph)       # Wan: 2 blocks x (q, k) x 2 halves of the rotary buffer
-    8
-    """
-    order = {n: i for i, n in enumerate(graph.nodes)}
-    writes = [(n, _view_base(n.args[0])) for n in graph.nodes if _aliases(n) == (True, True)]
-    live: set[fx.Node] = set()
-
-    def mark(n: fx.Node) -> None:
-        todo = [n]
-        while todo:
-            m = todo.pop()
-            if m not in live:
-                live.add(m)
-                todo.extend(m.all_input_nodes)
-
-    for n in graph.nodes:
-        if n.op == "output" or (n.op == "call_function" and is_impure(n) and _aliases(n) != (True, True)):
-            mark(n)
-    for w, base in writes:
-        if base.op != "call_function":  # an input or a parameter: the caller may read it
-            mark(w)
-    readers = {base: _alias_readers(base) for _, base in writes}
-    changed = True
-    while changed:
-        changed = False
-        for w, base in writes:
-            if w not in live and any(r in live and order[r] > order[w] for r in readers[base]):
-                mark(w)
-                changed = True
-    dead = [w for w, _ in writes if w not in live and not w.users]
-    for w in reversed(dead):
-        graph.erase_node(w)
-    if dead:
-        eliminate_dead_code(graph)
-    return len(dead)
-
-
 def _live_nodes(gm: fx.GraphModule) -> set[fx.Node]:
     """Nodes whose value reaches the graph's outputs or an impure op. The tails of streams that no later op
     reads (CogVideoX's and HunyuanVideo's text tokens after the last block) are not live."""
@@ -399,6 +342,8 @@ def _skip_step(n: fx.Node, win: Window | None) -> list[tuple[fx.Node, Window | N
         return [(n.args[0], None)] if win is None else []
     if t == aten.slice.Tensor:
         w = _slice_window(n)
+        if w is not None and w[1:] == (0, _shape(n.args[0])[w[0]]):
+            return [(n.args[0], win)]  # a whole-axis slice (``x[:, :-5]`` keeps one over the batch): identity
         if w is None or (win is not None and win[0] != w[0]):
             return []
         if win is not None:
@@ -892,7 +837,6 @@ def specialise_residual_phase(captured: CapturedGraph, span: BlockSpan, phase: P
     cache_outputs = [k for k, _ in stored]
     graph.output(tuple(outs) + tuple(n for _, n in stored))
     eliminate_dead_code(graph)
-    drop_dead_writes(graph)
 
     # ensures: a reuse step runs nothing of the blocks (unit "residual") / of their regions (unit "outputs")
     if action == Action.REUSE:

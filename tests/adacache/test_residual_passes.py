@@ -10,7 +10,7 @@ import torch
 from adacache_helpers import captured
 from graphpass import ScheduleError, TaggingError
 from graphpass.passes.capture import capture
-from graphpass.passes.residuals import (drop_dead_writes, find_block_span, find_metric_site, region_residual,
+from graphpass.passes.residuals import (find_block_span, find_metric_site, region_residual,
                                         residual_stats, specialise_residual_phase)
 from graphpass.passes.specialise import copy_graph, eliminate_dead_code
 from graphpass.schedules.adacache import ResidualPhase
@@ -136,22 +136,3 @@ def _writes_left(graph) -> int:
     return sum(info is not None and info.is_write for info in infos)
 
 
-def test_drop_dead_writes_keeps_writes_that_are_read():
-    cap = capture(_FillsABuffer(), dict(x=torch.randn(2, 4), y=torch.randn(2, 4)))
-    assert _writes_left(cap.gm.graph) == 3
-    graph, _, outs = copy_graph(cap.gm)
-    graph.output(tuple(outs))
-    assert drop_dead_writes(graph) == 0  # the buffer is returned; the input's write is the caller's
-    # with the buffer's reader gone (as when a reuse step cuts out the attention reading rotary q/k), its two
-    # writes go, and so does everything computed only for them; the write into the input stays
-    graph, _, outs = copy_graph(cap.gm)
-    graph.output((outs[1],))
-    eliminate_dead_code(graph)
-    assert drop_dead_writes(graph) == 2
-    assert _writes_left(graph) == 1
-    assert not [n for n in graph.nodes if n.op == "call_function" and n.target == torch.ops.aten.empty_like.default]
-    gm = torch.fx.GraphModule(cap.gm, graph)
-    x, y = torch.randn(2, 4), torch.randn(2, 4)
-    (out,) = gm(x, y)
-    torch.testing.assert_close(out, x * 5, rtol=0, atol=0)
-    assert (y[:, 0] == 0).all()
