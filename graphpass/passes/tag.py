@@ -214,6 +214,25 @@ def _derived_from(node: fx.Node, source: fx.Node) -> bool:
     return False
 
 
+_VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.expand.default,
+          aten.clone.default, aten.contiguous.default}
+
+
+def _head_layout(n: fx.Node) -> tuple[int, ...]:
+    """The shape of a query as ``(batch, heads, tokens, features)`` when a bmm reads it flattened to
+    ``(batch * heads, tokens, features)``: the 4-D tensor it was viewed from, else its own shape.
+
+    ``q.reshape(B * H, L, d)`` of a ``(B, H, L, d)`` query gives ``(B, H, L, d)``.
+    """
+    shape, node = _shape_of(n), n
+    while len(shape) == 3 and node.op == "call_function" and node.target in _VIEWS:
+        node = node.args[0]
+        up = _shape_of(node)
+        if len(up) == 4 and up[-2:] == shape[-2:] and math.prod(up) == math.prod(shape):
+            return up
+    return shape
+
+
 def _product_core(p1: fx.Node, path: str, deps: dict) -> AttentionCore | None:
     """The attention core whose first product is ``p1``, if ``p1`` multiplies two activations and its result
     reaches a second product with a third activation (see :func:`_next_product`)."""
@@ -225,7 +244,7 @@ def _product_core(p1: fx.Node, path: str, deps: dict) -> AttentionCore | None:
         return None
     p2, other, softmax = found
     if softmax:  # scores = Q K^T: queries are p1's left operand, keys its right one (transposed)
-        return AttentionCore(p2, a, b, _shape_of(a), _tokens_last(_shape_of(b)), "softmax")
+        return AttentionCore(p2, a, b, _head_layout(a), _tokens_last(_shape_of(b)), "softmax")
     # linear attention: p1 = K^T V (or V K^T) sums over the key tokens; the queries enter at p2
     q_shape = _shape_of(other)
     if p2.args[1] is other:  # S @ Q: Q is laid out (..., features, tokens)
@@ -349,21 +368,34 @@ def token_roles(node: fx.Node, tokens: int, deps: dict, roles: InputRoles) -> se
     return found
 
 
+def _holders(node: fx.Node, which: set[str], deps: dict, roles: InputRoles) -> str:
+    """The inputs of roles ``which`` that ``node`` reads, for reasons: ``"encoder_hidden_states"``."""
+    return ", ".join(sorted(i for i in deps[node] if roles.role(i) in which)) or "constants"
+
+
 def _classify(core: AttentionCore, deps: dict, roles: InputRoles, path: str) -> tuple[str, str]:
+    """The kind of an attention from whose tokens its queries and keys hold (:func:`token_roles`).
+
+    * queries hold video tokens: keys too -> spatial/temporal/joint by layout (:func:`_video_kind`); keys
+      of another denoised stream or of features -> ``other``; keys of text/conditioning -> ``cross``;
+    * queries hold no video tokens: any stream or feature tokens -> ``other``; text only -> ``text``.
+    """
     q_roles = token_roles(core.query, core.query_shape[-2], deps, roles)
     k_roles = token_roles(core.key, core.key_shape[-2], deps, roles)
-    k_src = ", ".join(sorted(i for i in deps[core.key] if roles.role(i))) or "constants"
-    q_src = ", ".join(sorted(i for i in deps[core.query] if roles.role(i))) or "constants"
+    lq, lk, video = core.query_shape[-2], core.key_shape[-2], roles.video
     if "video" not in q_roles:
+        q_src = _holders(core.query, q_roles, deps, roles)
         if (q_roles | k_roles) & {"stream", "feature"}:
-            return "other", f"queries hold no {roles.video} tokens (they come from {q_src})"
+            return "other", f"queries are {lq} tokens of {q_src}, none of {video}"
         if "text" in q_roles | k_roles:
-            return "text", f"queries and keys are conditioning tokens only ({q_src}; {k_src})"
-        return "other", f"queries hold no {roles.video} tokens (they come from {q_src})"
+            k_src = _holders(core.key, k_roles, deps, roles)
+            return "text", f"queries ({lq} tokens of {q_src}) and keys ({lk} of {k_src}) are conditioning only"
+        return "other", f"queries are {lq} tokens of {q_src}, none of {video}"
     if "video" not in k_roles:
+        k_src = _holders(core.key, k_roles, deps, roles)
         if k_roles & {"stream", "feature"}:
-            return "other", f"keys/values come from {k_src}, another stream than {roles.video}"
-        return "cross", f"keys/values are {core.key_shape[-2]} conditioning tokens ({k_src}), not {roles.video}"
+            return "other", f"keys/values are {lk} tokens of {k_src}, a stream other than {video}"
+        return "cross", f"keys/values are {lk} tokens of {k_src}, not of {video}"
     return _video_kind(core.query_shape, roles.vshape, path)
 
 
