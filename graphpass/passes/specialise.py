@@ -42,10 +42,65 @@ def is_impure(node: fx.Node) -> bool:
 
 
 def eliminate_dead_code(graph: fx.Graph) -> int:
-    """Remove nodes whose results nobody reads; returns how many were removed."""
+    """Remove nodes whose results nobody reads, and scratch buffers written in place that nobody reads
+    (:func:`dead_scratch`); returns how many were removed."""
     before = len(graph.nodes)
-    graph.eliminate_dead_code(is_impure_node=is_impure)
-    return before - len(graph.nodes)
+    while True:
+        graph.eliminate_dead_code(is_impure_node=is_impure)
+        dead = dead_scratch(graph)
+        if not dead:
+            return before - len(graph.nodes)
+        for n in reversed([n for n in graph.nodes if n in dead]):
+            graph.erase_node(n)
+
+
+# Fresh allocations: a write into one (or into a view of one) changes no tensor anyone else holds.
+_FRESH = {aten.empty_like.default, aten.zeros_like.default, aten.ones_like.default, aten.full_like.default,
+          aten.empty.memory_format, aten.zeros.default, aten.ones.default, aten.full.default}
+
+
+def _writes(node: fx.Node, target: fx.Node) -> bool:
+    schema = getattr(node.target, "_schema", None)
+    if node.op != "call_function" or schema is None:
+        return False
+    return any(a.alias_info is not None and a.alias_info.is_write and i < len(node.args) and node.args[i] is target
+               for i, a in enumerate(schema.arguments))
+
+
+def _is_view_of(node: fx.Node, target: fx.Node) -> bool:
+    schema = getattr(node.target, "_schema", None)
+    return (node.op == "call_function" and schema is not None and bool(node.args) and node.args[0] is target
+            and not _writes(node, target) and any(r.alias_info is not None for r in schema.returns))
+
+
+def dead_scratch(graph: fx.Graph) -> set[fx.Node]:
+    """Fresh buffers that are only viewed and written in place, never read, with those views and writes.
+
+    Export keeps in-place writes (``out[..., 0::2] = x`` is ``aten.copy_`` into a slice of an ``empty_like``),
+    and plain DCE keeps every write. Once whatever read the buffer is gone (e.g. a reused region's rotary
+    embedding), the buffer and its writes are dead too.
+    """
+    dead: set[fx.Node] = set()
+    for n in graph.nodes:
+        if n.op != "call_function" or n.target not in _FRESH:
+            continue
+        group, todo, read = {n}, [n], False
+        while todo and not read:
+            x = todo.pop()
+            for u in x.users:
+                if u in group:
+                    continue
+                if _is_view_of(u, x):
+                    group.add(u)
+                    todo.append(u)
+                elif _writes(u, x) and not u.users:
+                    group.add(u)
+                else:
+                    read = True
+                    break
+        if not read:
+            dead |= group
+    return dead
 
 
 @dataclass
