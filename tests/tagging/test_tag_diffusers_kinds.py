@@ -3,14 +3,18 @@ module by module against the kinds read from their source (tests/tagging/tiny_vi
 from __future__ import annotations
 
 import pytest
-import torch
 
 import tiny_video_dits as dits
+from graphpass import PAB
 from graphpass.passes.capture import capture
 from graphpass.passes.tag import tag_attention
 
 CASES = {"hunyuan_video": dits.HUNYUAN_KINDS, "ltx2": dits.LTX2_KINDS, "motif_video": dits.MOTIF_KINDS,
-         "sana_video": dits.SANA_KINDS, "wan": dits.WAN_KINDS}
+         "sana_video": dits.SANA_KINDS, "wan": dits.WAN_KINDS, "ltx_video": dits.LTX_KINDS,
+         "allegro": dits.ALLEGRO_KINDS}
+#: the PAB preset of each family that has one
+PRESETS = {"hunyuan_video": "hunyuanvideo", "ltx2": "ltx2", "sana_video": "sana-video", "wan": "wan",
+           "ltx_video": "ltx-video", "allegro": "allegro"}
 
 
 @pytest.fixture(scope="module")
@@ -60,3 +64,11 @@ def test_sana_linear_attention_is_found_without_sdpa(tagged):
     r = tagged["sana_video"]["transformer_blocks.0.attn1"]
     assert r.extra["form"] == "linear" and r.kind == "joint" and r.attention_shape[-2] == 48
     assert tagged["sana_video"]["transformer_blocks.0.attn2"].extra["form"] == "sdpa"
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_family_preset_reuses_every_video_kind_of_its_model_and_nothing_else(tagged, name):
+    kinds = {r.kind for r in tagged[name].values()}
+    schedule = PAB.preset(PRESETS[name])
+    schedule.check_model(kinds)  # would raise if the preset named a kind the model lacks
+    assert schedule.kinds() == kinds - {"text", "other"}

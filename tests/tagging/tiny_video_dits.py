@@ -152,3 +152,46 @@ WAN_KINDS = {}
 for _i in range(2):
     WAN_KINDS |= {f"blocks.{_i}.attn1": "joint",  # self-attention over all F*H*W/4 = 48 video tokens
                   f"blocks.{_i}.attn2": "cross"}  # keys/values from encoder_hidden_states (text)
+
+
+def ltx_video():
+    """LTXVideoTransformer3DModel (LTX-Video 1), 2 blocks, video as 3x4x4 packed tokens."""
+    torch.manual_seed(0)
+    model = diffusers.LTXVideoTransformer3DModel(
+        in_channels=4, out_channels=4, patch_size=1, patch_size_t=1, num_attention_heads=2, attention_head_dim=8,
+        cross_attention_dim=16, num_layers=2, caption_channels=16).eval()
+
+    def kwargs():
+        return dict(hidden_states=_randn(2, 48, 4, seed=2), encoder_hidden_states=_randn(2, 5, 16, seed=3),
+                    timestep=torch.full((2,), 500, dtype=torch.int64),
+                    encoder_attention_mask=torch.ones(2, 5, dtype=torch.int64), num_frames=3, height=4, width=4,
+                    return_dict=False)
+
+    return model, kwargs
+
+
+LTX_KINDS = {}
+for _i in range(2):
+    LTX_KINDS |= {f"transformer_blocks.{_i}.attn1": "joint",  # self-attention over the 48 video tokens
+                  f"transformer_blocks.{_i}.attn2": "cross"}  # keys/values from encoder_hidden_states
+
+
+def allegro():
+    """AllegroTransformer3DModel, 2 blocks."""
+    torch.manual_seed(0)
+    model = diffusers.AllegroTransformer3DModel(
+        patch_size=2, patch_size_t=1, num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
+        num_layers=2, cross_attention_dim=16, caption_channels=16, sample_height=8, sample_width=8,
+        sample_frames=3).eval()
+
+    def kwargs():
+        return dict(hidden_states=_randn(2, 4, 3, 8, 8, seed=2), encoder_hidden_states=_randn(2, 5, 16, seed=3),
+                    timestep=torch.full((2,), 500, dtype=torch.int64), return_dict=False)
+
+    return model, kwargs
+
+
+ALLEGRO_KINDS = {}
+for _i in range(2):
+    ALLEGRO_KINDS |= {f"transformer_blocks.{_i}.attn1": "joint",  # 3D full attention with 3D RoPE
+                      f"transformer_blocks.{_i}.attn2": "cross"}  # keys/values from the caption projection
