@@ -3,16 +3,32 @@
 A *region* is the set of nodes recorded under one module path (``blocks.3.temporal_attn``); its *exits*
 are the region's nodes read outside it. Reusing a region means replacing its exits by cached tensors.
 
-Kinds come from graph structure, not names. For the first attention op of a region, with video input of
-batch ``B`` and query of shape ``(B*G, heads, L, d)``:
+Attention is found from ops and data flow, in three forms (the first of a module is its *core*):
 
-* ``cross``    keys/values do not depend on the video input (they come from the conditioning input);
+* ``sdpa``     a call of ``aten.scaled_dot_product_attention``;
+* ``softmax``  ``softmax(Q K^T) V`` written with ``matmul``/``bmm``: a product of two activations whose
+  result reaches, through a softmax (and scaling, masks, casts, views), a product with a third activation;
+* ``linear``   the same chain without a softmax: ``Q (K^T V)`` with a kernel feature map and a normaliser
+  (Sana's ``(V K^T) Q``); the first product sums over the key tokens, the queries enter at the second.
+
+Kinds come from graph structure, not names. The graph inputs get roles from their shapes (see
+:class:`InputRoles`): the video; *streams* denoised alongside it (an input shaped like an output: LTX-2's
+audio); *text* (other ``(batch, tokens, width)`` inputs); *features* (other inputs of rank >= 4). An operand
+of the core holds the tokens of the inputs it depends on, narrowed by its token count when that is one
+input's (:func:`token_roles`: the text positions of a single-stream block are text although joint attention
+mixed video into them). Then, with a query of shape ``(B*G, heads, L, d)`` for a video batch ``B``:
+
+* ``text``     queries and keys hold only text/conditioning tokens (HunyuanVideo's token refiner);
+* ``other``    queries hold no video tokens but a stream's or features' (LTX-2's audio attention), or video
+  queries read keys of another stream (LTX-2's audio-to-video attention);
+* ``cross``    video queries, keys/values of text/conditioning tokens;
 * ``joint``    one sequence per sample (G == 1): 3D full attention over all tokens (+ text);
 * ``temporal`` the sequence is the frames (L is a frame-count candidate) and G*p*p == H*W for an integer p;
 * ``spatial``  the batch groups frames (G is a frame-count candidate) and L*p*p == H*W.
 
 Frame-count candidates are dims 1 and 2 of a 5-D video input (B, C, F, H, W) or (B, F, C, H, W). When the
-structure is ambiguous the module name decides, and users can force kinds by module-path glob pattern::
+structure is ambiguous the module name decides, and users can force kinds by module-path glob pattern (a
+pattern that matches no region is an error)::
 
     >>> regions = tag_attention(captured, kinds={"temporal_transformer_blocks.*.attn1": "temporal"})
     >>> [(r.path, r.kind) for r in regions][:2]
@@ -188,12 +204,12 @@ def _next_product(start: fx.Node, path: str, deps: dict) -> tuple[fx.Node, fx.No
     while todo:
         node, soft = todo.pop(0)
         for user in node.users:
-            if user in seen or user.op != "call_function" or _attention_module(user)[0] != path:
+            if user in seen or user.op != "call_function" or not _inside(user, path):
                 continue
             seen.add(user)
             if user.target in PRODUCT_OPS:
                 other = user.args[1] if user.args[0] is node else user.args[0]
-                if isinstance(other, fx.Node) and deps[other] and not _derived_from(other, start):
+                if isinstance(other, fx.Node) and deps[other] and not _derived_from(other, start, path):
                     return user, other, soft
                 continue
             if user.target in _BETWEEN_PRODUCTS:
@@ -201,13 +217,18 @@ def _next_product(start: fx.Node, path: str, deps: dict) -> tuple[fx.Node, fx.No
     return None
 
 
-def _derived_from(node: fx.Node, source: fx.Node) -> bool:
+def _inside(node: fx.Node, path: str) -> bool:
+    return any(p == path for p, _ in module_path(node))
+
+
+def _derived_from(node: fx.Node, source: fx.Node, path: str) -> bool:
+    """Whether ``node`` is computed from ``source`` within the module ``path`` (the walk stays inside it)."""
     todo, seen = [node], set()
     while todo:
         n = todo.pop()
         if n is source:
             return True
-        if n in seen or n.op == "placeholder":
+        if n in seen or not _inside(n, path):
             continue
         seen.add(n)
         todo.extend(n.all_input_nodes)
@@ -266,7 +287,7 @@ def find_attention_cores(gm: fx.GraphModule, deps: dict) -> dict[str, tuple[Atte
             q, k = n.args[0], n.args[1]
             cores.setdefault(path, (AttentionCore(n, q, k, _shape_of(q), _shape_of(k), "sdpa"), mtype))
     for n in gm.graph.nodes:
-        if n.op == "call_function" and n.target in PRODUCT_OPS:
+        if n.op == "call_function" and n.target in PRODUCT_OPS and module_path(n):
             path, mtype = _attention_module(n)
             if path in cores:
                 continue

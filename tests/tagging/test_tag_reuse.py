@@ -76,6 +76,21 @@ def hand_capture():
     return model, capture(model, hand_kwargs())
 
 
+def test_hand_written_attention_kinds(hand_capture):
+    """Module by module against the kinds read from the code (HAND_KINDS says why); no SDPA in the graph."""
+    _, cap = hand_capture
+    assert not any(n.target == aten.scaled_dot_product_attention.default for n in cap.gm.graph.nodes)
+    regions = {r.path: r for r in tag_attention(cap)}
+    assert {p: r.kind for p, r in regions.items()} == {p: k for p, (k, _) in HAND_KINDS.items()}
+    forms = {p: r.extra.get("form") for p, r in regions.items() if r.kind != "mlp"}
+    assert forms["blocks.0.spatial_attn"] == forms["blocks.0.temporal_attn"] == forms["refiner"] == "softmax"
+    assert forms["blocks.0.linear_attn"] == forms["blocks.1.linear_attn"] == "linear"
+    # the bmm attention reads (B*16*heads, 3, d) tensors; its layout is recovered as (B*16, heads, 3, d)
+    assert regions["blocks.0.temporal_attn"].attention_shape == (2 * 16, 2, 3, 8)
+    for r in regions.values():
+        assert not r.reason.startswith("by name"), r
+
+
 def _ops_under(gm, path):
     return Counter(n.target for n in gm.graph.nodes if n.op == "call_function"
                    and any(p == path for p, _ in module_path(n)))
