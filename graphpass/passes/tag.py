@@ -349,11 +349,15 @@ class InputRoles:
 
 def _output_shapes(gm: fx.GraphModule) -> set[tuple[int, ...]]:
     out = next(n for n in gm.graph.nodes if n.op == "output")
-    return {_shape_of(n) for n in fx.node.map_aggregate(out.args[0], lambda x: x) if isinstance(n, fx.Node)
-            and isinstance(n.meta.get("val"), torch.Tensor)} if out.args else set()
+    return {_shape_of(n) for n in out.all_input_nodes if isinstance(n.meta.get("val"), torch.Tensor)}
 
 
 def input_roles(captured: CapturedGraph, video: str) -> InputRoles:
+    """Roles of the capture's inputs besides ``video``, from their shapes and the outputs' shapes.
+
+    LTX-2 (video packed as ``(2, 48, 4)``, outputs ``(2, 48, 4)`` and ``(2, 6, 4)``): ``audio_hidden_states``
+    ``(2, 6, 4)`` is a stream, ``encoder_hidden_states`` ``(2, 5, 16)`` text, ``timestep`` ``(2,)`` nothing.
+    """
     outputs = _output_shapes(captured.gm)
     streams, text, features = {}, {}, {}
     for name, spec in zip(captured.input_names, captured.input_specs):
