@@ -183,6 +183,9 @@ class AttentionCore:
     query_shape: tuple[int, ...]
     key_shape: tuple[int, ...]
     form: str
+    #: a bmm's ``(batch * heads, tokens, features)`` query not viewed from a 4-D tensor: the heads cannot be
+    #: told from the batch, so the layout cannot separate frames from tokens
+    heads_folded: bool = False
 
 
 def _shape_of(n: fx.Node) -> tuple[int, ...]:
@@ -265,13 +268,16 @@ def _product_core(p1: fx.Node, path: str, deps: dict) -> AttentionCore | None:
         return None
     p2, other, softmax = found
     if softmax:  # scores = Q K^T: queries are p1's left operand, keys its right one (transposed)
-        return AttentionCore(p2, a, b, _head_layout(a), _tokens_last(_shape_of(b)), "softmax")
+        q_shape = _head_layout(a)
+        return AttentionCore(p2, a, b, q_shape, _tokens_last(_shape_of(b)), "softmax", len(q_shape) == 3)
     # linear attention: p1 = K^T V (or V K^T) sums over the key tokens; the queries enter at p2
-    q_shape = _shape_of(other)
     if p2.args[1] is other:  # S @ Q: Q is laid out (..., features, tokens)
-        q_shape = _tokens_last(q_shape)
+        q_shape = _tokens_last(_shape_of(other))
+    else:
+        q_shape = _head_layout(other)
     key_tokens, features = _shape_of(a)[-1], _shape_of(a)[-2]
-    return AttentionCore(p2, other, b, q_shape, (*_shape_of(b)[:-2], key_tokens, features), "linear")
+    return AttentionCore(p2, other, b, q_shape, (*_shape_of(b)[:-2], key_tokens, features), "linear",
+                         len(q_shape) == 3)
 
 
 def find_attention_cores(gm: fx.GraphModule, deps: dict) -> dict[str, tuple[AttentionCore, str]]:
@@ -421,14 +427,17 @@ def _classify(core: AttentionCore, deps: dict, roles: InputRoles, path: str) -> 
         if k_roles & {"stream", "feature"}:
             return "other", f"keys/values are {lk} tokens of {k_src}, a stream other than {video}"
         return "cross", f"keys/values are {lk} tokens of {k_src}, not of {video}"
+    if core.heads_folded:
+        return _by_name(path, f"its bmm query {core.query_shape} folds the heads into the batch")
     return _video_kind(core.query_shape, roles.vshape, path)
 
 
 def _video_kind(q: tuple, vshape: tuple, path: str) -> tuple[str, str]:
     """spatial/temporal/joint for an attention whose queries and keys are video tokens: query ``q`` is
-    ``(B*G, heads, L, d)`` (or any leading dims whose product is B*G*heads, heads second to last but two)."""
+    ``(B*G, heads, L, d)``, ``(B*G, L, d)`` (one head), or ``(..., heads, L, d)`` whose leading dims
+    multiply to B*G."""
     b, lq = vshape[0], q[-2]
-    bq = q[0] if len(q) == 4 else math.prod(q[:-3]) if len(q) > 4 else q[0]
+    bq = q[0] if len(q) <= 4 else math.prod(q[:-3])
     if bq % b:
         return _by_name(path, f"query batch {bq} is not a multiple of the video batch {b}")
     g = bq // b
