@@ -22,9 +22,6 @@ from ..errors import ScheduleError
 #: stream. Presets never reuse ``text`` or ``other``: a schedule reuses them only when it names them.
 KINDS = ("spatial", "temporal", "cross", "joint", "mlp", "text", "other")
 
-#: Kinds that attend over no video tokens of their own (see :data:`KINDS`).
-NON_VIDEO_KINDS = ("text", "other")
-
 
 class Action(str, Enum):
     COMPUTE = "compute"  # run the region; nothing is kept

@@ -43,17 +43,6 @@ FAMILY_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def preset_kinds(name: str) -> tuple[str, ...]:
-    """The kinds a preset reuses, in :data:`KINDS` order.
-
-    >>> preset_kinds("wan")
-    ('cross', 'joint')
-    >>> preset_kinds("latte")
-    ('spatial', 'temporal', 'cross')
-    """
-    return tuple(PAB.preset(name).kinds_in_order())
-
-
 @dataclass
 class PAB(Schedule):
     """Pyramid Attention Broadcast schedule.
@@ -121,11 +110,7 @@ class PAB(Schedule):
         return self.windows.get(kind, self.window)
 
     def kinds(self) -> set[str]:
-        return set(self.kinds_in_order())
-
-    def kinds_in_order(self) -> list[str]:
-        """The kinds this schedule reuses, in :data:`KINDS` order."""
-        return [k for k in KINDS if self.range_of(k) > 1]
+        return {k for k in KINDS if self.range_of(k) > 1}
 
     def reuses(self, region: RegionRef, t: float, counter: int) -> bool:
         r = self.range_of(region.kind)
@@ -165,8 +150,9 @@ class PAB(Schedule):
         elif m := re.fullmatch(r"pab-?(\d)(\d)(\d)", key):
             kw = dict(spatial=int(m[1]), temporal=int(m[2]), cross=int(m[3]))
         else:
-            raise ScheduleError(f"unknown PAB preset {name!r}; known: {', '.join([*PRESETS, *FAMILY_PRESETS])}, or 'pabXYZ' "
-                                f"such as 'pab246' (spatial 2, temporal 4, cross 6)")
+            known = ", ".join([*PRESETS, *FAMILY_PRESETS])
+            raise ScheduleError(f"unknown PAB preset {name!r}; known: {known}, or 'pabXYZ' such as 'pab246' "
+                                f"(spatial 2, temporal 4, cross 6)")
         kw.update(overrides)
         return cls(**kw)
 
