@@ -71,3 +71,39 @@ def test_roles_from_shapes(cap):
 def test_reference_attention_is_other(cap):
     kinds = {r.path: r.kind for r in tag_attention(cap)}
     assert kinds == {"ref_attn": "other", "video_attn": "joint", "ref_cross": "other", "text_cross": "cross"}
+
+
+class FoldedAttention(nn.Module):
+    """bmm attention on queries reshaped straight from (B*G, L, heads*d) to (B*G*heads, L, d): no 4-D tensor
+    shows the heads, so the query's batch cannot be split into groups and heads."""
+
+    def __init__(self):
+        super().__init__()
+        self.to_qkv = nn.Linear(16, 48)
+
+    def forward(self, x):
+        n, length, _ = x.shape
+        q, k, v = (t.reshape(n * 2, length, 8) for t in self.to_qkv(x).chunk(3, dim=-1))
+        return torch.bmm(torch.softmax(torch.bmm(q, k.transpose(1, 2)), dim=-1), v).reshape(n, length, 16)
+
+
+class FoldedDiT(nn.Module):
+    """Spatial attention (batch B*F, 16 tokens) over a (B, 4, 3, 8, 8) video, with folded heads."""
+
+    def __init__(self):
+        super().__init__()
+        self.patch, self.spatial_attn = nn.Linear(16, 16), FoldedAttention()
+
+    def forward(self, hidden_states, timestep):
+        b = hidden_states.shape[0]
+        x = self.patch(hidden_states.reshape(b, 4, 3, 4, 2, 4, 2).permute(0, 2, 3, 5, 1, 4, 6).reshape(b * 3, 16, 16))
+        x = x + self.spatial_attn(x) * (1 + timestep[0] / 1000)
+        return x.reshape(b, 3, 4, 4, 4, 2, 2).permute(0, 4, 1, 2, 5, 3, 6).reshape(b, 4, 3, 8, 8)
+
+
+def test_folded_heads_defer_to_the_module_name():
+    torch.manual_seed(0)
+    cap = capture(FoldedDiT().eval(), dict(hidden_states=torch.randn(2, 4, 3, 8, 8), timestep=torch.full((2,), 500.0)))
+    (region,) = tag_attention(cap)
+    # the bmm query is (2*3*2, 16, 8): 6 sequences per sample are frames x heads, not frames; the name decides
+    assert region.kind == "spatial" and region.reason.startswith("by name") and "folds the heads" in region.reason
