@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import make_case
-from graphpass import TaggingError
+from conftest import DDIM_50, make_case
+from graphpass import PAB, TaggingError
 from graphpass.passes.capture import capture
 from graphpass.passes.tag import tag_attention
 
@@ -44,20 +44,19 @@ def test_latte_kinds(captured):
     assert [r.block for r in regions if r.kind == "cross"] == [0, 1]
 
 
-def test_latte_temporal_blocks_are_what_diffusers_pab_hook_gets_wrong(captured):
-    """diffusers' PAB hook matches names with re.search, spatial first: 'temporal_transformer_blocks.0.attn1'
-    contains 'transformer_blocks' and gets the spatial range. graphpass tags it temporal."""
-    from diffusers import PyramidAttentionBroadcastConfig, apply_pyramid_attention_broadcast
+def test_latte_temporal_blocks_get_the_temporal_range(captured):
+    """'temporal_transformer_blocks.0.attn1' contains 'transformer_blocks': a name match that tries spatial first
+    would give it the spatial range. graphpass tags it temporal from its layout, so the Latte preset (spatial 2,
+    temporal 3, window (100, 800)) reuses it at the calls of the window whose counter is not a multiple of 3."""
+    regions = tag_attention(captured["latte"][1])
+    plan = PAB.preset("latte").plan(regions, DDIM_50)
 
-    model = make_case("latte").model
-    apply_pyramid_attention_broadcast(model, PyramidAttentionBroadcastConfig(
-        spatial_attention_block_skip_range=2, temporal_attention_block_skip_range=3,
-        cross_attention_block_skip_range=6, current_timestep_callback=lambda: 500))
-    hook_range = {n: m._diffusers_hook.get_hook("pyramid_attention_broadcast").block_skip_range
-                  for n, m in model.named_modules() if getattr(m, "_diffusers_hook", None) is not None}
-    assert hook_range["temporal_transformer_blocks.0.attn1"] == 2  # the spatial range
-    kinds = _kinds(tag_attention(captured["latte"][1]))
-    assert kinds["temporal_transformer_blocks.0.attn1"] == "temporal"
+    def reused_at(path):
+        return [i for i, ph in enumerate(plan.phases) if path in ph.reused]
+
+    in_window = [i for i, t in enumerate(DDIM_50) if 100 < t < 800]
+    assert reused_at("temporal_transformer_blocks.0.attn1") == [i for i in in_window if i % 3]
+    assert reused_at("transformer_blocks.0.attn1") == [i for i in in_window if i % 2]
 
 
 def test_cogvideox_kinds(captured):

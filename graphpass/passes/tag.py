@@ -3,16 +3,32 @@
 A *region* is the set of nodes recorded under one module path (``blocks.3.temporal_attn``); its *exits*
 are the region's nodes read outside it. Reusing a region means replacing its exits by cached tensors.
 
-Kinds come from graph structure, not names. For the first attention op of a region, with video input of
-batch ``B`` and query of shape ``(B*G, heads, L, d)``:
+Attention is found from ops and data flow, in three forms (the first of a module is its *core*):
 
-* ``cross``    keys/values do not depend on the video input (they come from the conditioning input);
+* ``sdpa``     a call of ``aten.scaled_dot_product_attention``;
+* ``softmax``  ``softmax(Q K^T) V`` written with ``matmul``/``bmm``: a product of two activations whose
+  result reaches, through a softmax (and scaling, masks, casts, views), a product with a third activation;
+* ``linear``   the same chain without a softmax: ``Q (K^T V)`` with a kernel feature map and a normaliser
+  (Sana's ``(V K^T) Q``); the first product sums over the key tokens, the queries enter at the second.
+
+Kinds come from graph structure, not names. The graph inputs get roles from their shapes (see
+:class:`InputRoles`): the video; *streams* denoised alongside it (an input shaped like an output: LTX-2's
+audio); *text* (other ``(batch, tokens, width)`` inputs); *features* (other inputs of rank >= 4). An operand
+of the core holds the tokens of the inputs it depends on, narrowed by its token count when that is one
+input's (:func:`token_roles`: the text positions of a single-stream block are text although joint attention
+mixed video into them). Then, with a query of shape ``(B*G, heads, L, d)`` for a video batch ``B``:
+
+* ``text``     queries and keys hold only text/conditioning tokens (HunyuanVideo's token refiner);
+* ``other``    queries hold no video tokens but a stream's or features' (LTX-2's audio attention), or video
+  queries read keys of another stream (LTX-2's audio-to-video attention);
+* ``cross``    video queries, keys/values of text/conditioning tokens;
 * ``joint``    one sequence per sample (G == 1): 3D full attention over all tokens (+ text);
 * ``temporal`` the sequence is the frames (L is a frame-count candidate) and G*p*p == H*W for an integer p;
 * ``spatial``  the batch groups frames (G is a frame-count candidate) and L*p*p == H*W.
 
 Frame-count candidates are dims 1 and 2 of a 5-D video input (B, C, F, H, W) or (B, F, C, H, W). When the
-structure is ambiguous the module name decides, and users can force kinds by module-path glob pattern::
+structure is ambiguous the module name decides, and users can force kinds by module-path glob pattern (a
+pattern that matches no region is an error)::
 
     >>> regions = tag_attention(captured, kinds={"temporal_transformer_blocks.*.attn1": "temporal"})
     >>> [(r.path, r.kind) for r in regions][:2]
@@ -138,12 +154,290 @@ def _is_spatial_size(n: int, h: int, w: int) -> bool:
     return p * p * n == h * w
 
 
-def _classify(q: tuple, k_deps: frozenset[str], video: str, vshape: tuple, path: str) -> tuple[str, str]:
-    if video not in k_deps:
-        src = ", ".join(sorted(k_deps)) or "constants"
-        return "cross", f"keys/values come from {src}, not {video}"
-    bq, lq = q[0], q[-2]
-    b = vshape[0]
+# --- attention cores: SDPA, and the same computation written with matrix products ----------------------
+
+PRODUCT_OPS = {aten.matmul.default, aten.bmm.default}
+SOFTMAX_OPS = {aten.softmax.int, aten._softmax.default, aten._safe_softmax.default}
+# Ops that may sit between the two products of an attention written by hand: scaling, masking, casts,
+# dropout, views and the kernel feature maps / normalisers of linear attention. Anything else ends the search.
+_BETWEEN_PRODUCTS = {aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar, aten.add.Tensor,
+                     aten.sub.Tensor, aten.to.dtype, aten.type_as.default, aten.dropout.default,
+                     aten.masked_fill.Scalar, aten.masked_fill.Tensor, aten.where.self, aten.view.default,
+                     aten.reshape.default, aten._unsafe_view.default, aten.permute.default, aten.transpose.int,
+                     aten.contiguous.default, aten.clone.default, aten.expand.default, aten.unsqueeze.default,
+                     aten.squeeze.dim, aten._assert_tensor_metadata.default} | SOFTMAX_OPS
+
+
+@dataclass(frozen=True)
+class AttentionCore:
+    """One attention computation: the node that produces its output, the query and key operands, and their
+    shapes laid out as ``(..., tokens, features)``.
+
+    form: ``"sdpa"`` (``aten.scaled_dot_product_attention``), ``"softmax"`` (``softmax(Q K^T) V`` written with
+    matmul/bmm) or ``"linear"`` (``Q (K^T V)`` with a kernel feature map and no softmax, as in Sana).
+    """
+
+    node: fx.Node
+    query: fx.Node
+    key: fx.Node
+    query_shape: tuple[int, ...]
+    key_shape: tuple[int, ...]
+    form: str
+    #: a bmm's ``(batch * heads, tokens, features)`` query not viewed from a 4-D tensor: the heads cannot be
+    #: told from the batch, so the layout cannot separate frames from tokens
+    heads_folded: bool = False
+
+
+def _shape_of(n: fx.Node) -> tuple[int, ...]:
+    return tuple(int(x) for x in n.meta["val"].shape)
+
+
+def _tokens_last(shape: tuple[int, ...]) -> tuple[int, ...]:
+    return (*shape[:-2], shape[-1], shape[-2])
+
+
+def _next_product(start: fx.Node, path: str, deps: dict) -> tuple[fx.Node, fx.Node, bool] | None:
+    """From a product's output, follow its users inside the attention module ``path`` through the ops an
+    attention puts between its two products, to the next product whose other operand is not derived from
+    ``start``. Returns (that product, its other operand, whether a softmax was crossed) or None.
+
+    ``softmax(Q K^T / s) V`` gives (``A V``, V, True); Sana's ``(V K^T) Q`` gives (``S Q``, Q, False).
+    """
+    todo, seen = [(start, False)], {start}
+    while todo:
+        node, soft = todo.pop(0)
+        for user in node.users:
+            if user in seen or user.op != "call_function" or not _inside(user, path):
+                continue
+            seen.add(user)
+            if user.target in PRODUCT_OPS:
+                other = user.args[1] if user.args[0] is node else user.args[0]
+                if isinstance(other, fx.Node) and deps[other] and not _derived_from(other, start, path):
+                    return user, other, soft
+                continue
+            if user.target in _BETWEEN_PRODUCTS:
+                todo.append((user, soft or user.target in SOFTMAX_OPS))
+    return None
+
+
+def _inside(node: fx.Node, path: str) -> bool:
+    return any(p == path for p, _ in module_path(node))
+
+
+def _derived_from(node: fx.Node, source: fx.Node, path: str) -> bool:
+    """Whether ``node`` is computed from ``source`` within the module ``path`` (the walk stays inside it)."""
+    todo, seen = [node], set()
+    while todo:
+        n = todo.pop()
+        if n is source:
+            return True
+        if n in seen or not _inside(n, path):
+            continue
+        seen.add(n)
+        todo.extend(n.all_input_nodes)
+    return False
+
+
+_VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.expand.default,
+          aten.clone.default, aten.contiguous.default}
+
+
+def _head_layout(n: fx.Node) -> tuple[int, ...]:
+    """The shape of a query as ``(batch, heads, tokens, features)`` when a bmm reads it flattened to
+    ``(batch * heads, tokens, features)``: the 4-D tensor it was viewed from, else its own shape.
+
+    ``q.reshape(B * H, L, d)`` of a ``(B, H, L, d)`` query gives ``(B, H, L, d)``.
+    """
+    shape, node = _shape_of(n), n
+    while len(shape) == 3 and node.op == "call_function" and node.target in _VIEWS:
+        node = node.args[0]
+        up = _shape_of(node)
+        if len(up) == 4 and up[-2:] == shape[-2:] and math.prod(up) == math.prod(shape):
+            return up
+    return shape
+
+
+def _product_core(p1: fx.Node, path: str, deps: dict) -> AttentionCore | None:
+    """The attention core whose first product is ``p1``, if ``p1`` multiplies two activations and its result
+    reaches a second product with a third activation (see :func:`_next_product`)."""
+    a, b = p1.args[0], p1.args[1]
+    if not (isinstance(a, fx.Node) and isinstance(b, fx.Node) and deps[a] and deps[b]):
+        return None  # a product with a weight is a projection, not attention
+    found = _next_product(p1, path, deps)
+    if found is None:
+        return None
+    p2, other, softmax = found
+    if softmax:  # scores = Q K^T: queries are p1's left operand, keys its right one (transposed)
+        q_shape = _head_layout(a)
+        return AttentionCore(p2, a, b, q_shape, _tokens_last(_shape_of(b)), "softmax", len(q_shape) == 3)
+    # linear attention: p1 = K^T V (or V K^T) sums over the key tokens; the queries enter at p2
+    if p2.args[1] is other:  # S @ Q: Q is laid out (..., features, tokens)
+        q_shape = _tokens_last(_shape_of(other))
+    else:
+        q_shape = _head_layout(other)
+    key_tokens, features = _shape_of(a)[-1], _shape_of(a)[-2]
+    return AttentionCore(p2, other, b, q_shape, (*_shape_of(b)[:-2], key_tokens, features), "linear",
+                         len(q_shape) == 3)
+
+
+def find_attention_cores(gm: fx.GraphModule, deps: dict) -> dict[str, tuple[AttentionCore, str]]:
+    """The first attention core of every attention module, keyed by module path, with the module type.
+
+    SDPA calls come first; a module without one is searched for two chained products of activations
+    (:func:`_product_core`).
+    """
+    cores: dict[str, tuple[AttentionCore, str]] = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and n.target in ATTENTION_OPS:
+            path, mtype = _attention_module(n)
+            q, k = n.args[0], n.args[1]
+            cores.setdefault(path, (AttentionCore(n, q, k, _shape_of(q), _shape_of(k), "sdpa"), mtype))
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and n.target in PRODUCT_OPS and module_path(n):
+            path, mtype = _attention_module(n)
+            if path in cores:
+                continue
+            core = _product_core(n, path, deps)
+            if core is not None:
+                cores[path] = (core, mtype)
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    return dict(sorted(cores.items(), key=lambda kv: order[kv[1][0].node]))
+
+
+# --- kinds -------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class InputRoles:
+    """What each graph input is, decided from shapes (names are not read).
+
+    video: the latent video input. streams: other inputs denoised alongside it (shaped like one of the
+    model's outputs: an audio latent). text: other floating token sequences ``(batch, tokens, width)``.
+    features: other floating inputs of rank >= 4 (reference images, identity features). Integer inputs,
+    timesteps and pooled vectors have no role: attending through them says nothing about the tokens.
+    """
+
+    video: str
+    vshape: tuple[int, ...]
+    streams: dict[str, tuple[int, ...]]
+    text: dict[str, tuple[int, ...]]
+    features: dict[str, tuple[int, ...]]
+
+    def role(self, name: str) -> str | None:
+        if name == self.video:
+            return "video"
+        for role, group in (("stream", self.streams), ("text", self.text), ("feature", self.features)):
+            if name in group:
+                return role
+        return None
+
+    def video_token_counts(self) -> set[int]:
+        """Sequence lengths an attention over video tokens may have: a frame's tokens, the frames, or all
+        tokens of a run of frames, for any integer patch size.
+
+        >>> InputRoles("x", (2, 4, 3, 8, 8), {}, {}, {}).video_token_counts() >= {64, 16, 3, 48, 192}
+        True
+        """
+        shape = self.vshape
+        if len(shape) == 3:
+            return {shape[1]}
+        h, w = shape[-2:]
+        per_frame = {h * w // (p * p) for p in range(1, math.isqrt(h * w) + 1) if (h * w) % (p * p) == 0}
+        frames = {shape[1], shape[2]} if len(shape) == 5 else {1}
+        runs = {f for fr in frames for f in range(1, fr + 1) if fr % f == 0}
+        return per_frame | runs | {n * f for n in per_frame for f in runs}
+
+    def token_counts(self, role: str) -> set[int]:
+        if role == "video":
+            return self.video_token_counts()
+        group = {"stream": self.streams, "text": self.text, "feature": self.features}[role]
+        return {s[1] for s in group.values() if len(s) == 3}
+
+
+def _output_shapes(gm: fx.GraphModule) -> set[tuple[int, ...]]:
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    return {_shape_of(n) for n in out.all_input_nodes if isinstance(n.meta.get("val"), torch.Tensor)}
+
+
+def input_roles(captured: CapturedGraph, video: str) -> InputRoles:
+    """Roles of the capture's inputs besides ``video``, from their shapes and the outputs' shapes.
+
+    LTX-2 (video packed as ``(2, 48, 4)``, outputs ``(2, 48, 4)`` and ``(2, 6, 4)``): ``audio_hidden_states``
+    ``(2, 6, 4)`` is a stream, ``encoder_hidden_states`` ``(2, 5, 16)`` text, ``timestep`` ``(2,)`` nothing.
+    """
+    outputs = _output_shapes(captured.gm)
+    streams, text, features = {}, {}, {}
+    for name, spec in zip(captured.input_names, captured.input_specs):
+        if name == video or not spec.dtype.is_floating_point or len(spec.shape) < 3:
+            continue
+        if spec.shape in outputs:
+            streams[name] = spec.shape
+        elif len(spec.shape) == 3:
+            text[name] = spec.shape
+        else:
+            features[name] = spec.shape
+    vshape = captured.input_specs[captured.input_names.index(video)].shape
+    return InputRoles(video, vshape, streams, text, features)
+
+
+def token_roles(node: fx.Node, tokens: int, deps: dict, roles: InputRoles) -> set[str]:
+    """Whose tokens an attention operand holds.
+
+    The operand's data comes from some inputs (``deps``); after a joint attention every stream depends on
+    every input, so data alone cannot tell the text positions of a single-stream block from its video
+    positions. When the operand's token count is that of exactly one of the inputs it depends on, its tokens
+    are that input's; otherwise they are all of them (e.g. video and text tokens concatenated).
+
+    Example: in a single-stream block whose hidden state is ``cat([video (48 tokens), text (5 tokens)])``,
+    ``k = to_k(hidden[:, 48:])`` depends on video and text but holds 5 tokens: ``{"text"}``.
+    """
+    found = {r for r in (roles.role(i) for i in deps[node]) if r is not None}
+    by_count = {r for r in found if tokens in roles.token_counts(r)}
+    if len(by_count) == 1:
+        return by_count
+    if "video" in by_count:  # ambiguous sizes: the video's data decides
+        return {"video"}
+    return found
+
+
+def _holders(node: fx.Node, which: set[str], deps: dict, roles: InputRoles) -> str:
+    """The inputs of roles ``which`` that ``node`` reads, for reasons: ``"encoder_hidden_states"``."""
+    return ", ".join(sorted(i for i in deps[node] if roles.role(i) in which)) or "constants"
+
+
+def _classify(core: AttentionCore, deps: dict, roles: InputRoles, path: str) -> tuple[str, str]:
+    """The kind of an attention from whose tokens its queries and keys hold (:func:`token_roles`).
+
+    * queries hold video tokens: keys too -> spatial/temporal/joint by layout (:func:`_video_kind`); keys
+      of another denoised stream or of features -> ``other``; keys of text/conditioning -> ``cross``;
+    * queries hold no video tokens: any stream or feature tokens -> ``other``; text only -> ``text``.
+    """
+    q_roles = token_roles(core.query, core.query_shape[-2], deps, roles)
+    k_roles = token_roles(core.key, core.key_shape[-2], deps, roles)
+    lq, lk, video = core.query_shape[-2], core.key_shape[-2], roles.video
+    if "video" not in q_roles:
+        q_src = _holders(core.query, q_roles, deps, roles)
+        if (q_roles | k_roles) & {"stream", "feature"}:
+            return "other", f"queries are {lq} tokens of {q_src}, none of {video}"
+        if "text" in q_roles | k_roles:
+            k_src = _holders(core.key, k_roles, deps, roles)
+            return "text", f"queries ({lq} tokens of {q_src}) and keys ({lk} of {k_src}) are conditioning only"
+        return "other", f"queries are {lq} tokens of {q_src}, none of {video}"
+    if "video" not in k_roles:
+        k_src = _holders(core.key, k_roles, deps, roles)
+        if k_roles & {"stream", "feature"}:
+            return "other", f"keys/values are {lk} tokens of {k_src}, a stream other than {video}"
+        return "cross", f"keys/values are {lk} tokens of {k_src}, not of {video}"
+    if core.heads_folded:
+        return _by_name(path, f"its bmm query {core.query_shape} folds the heads into the batch")
+    return _video_kind(core.query_shape, roles.vshape, path)
+
+
+def _video_kind(q: tuple, vshape: tuple, path: str) -> tuple[str, str]:
+    """spatial/temporal/joint for an attention whose queries and keys are video tokens: query ``q`` is
+    ``(B*G, heads, L, d)``, ``(B*G, L, d)`` (one head), or ``(..., heads, L, d)`` whose leading dims
+    multiply to B*G."""
+    b, lq = vshape[0], q[-2]
+    bq = q[0] if len(q) <= 4 else math.prod(q[:-3])
     if bq % b:
         return _by_name(path, f"query batch {bq} is not a multiple of the video batch {b}")
     g = bq // b
@@ -164,7 +458,7 @@ def _classify(q: tuple, k_deps: frozenset[str], video: str, vshape: tuple, path:
 def _by_name(path: str, why: str) -> tuple[str, str]:
     low = path.lower()
     for kind, words in (("temporal", ("temp", "time")), ("cross", ("cross",)), ("spatial", ("spatial", "space")),
-                        ("joint", ("joint", "full"))):
+                        ("joint", ("joint", "full")), ("other", ("audio",)), ("text", ("refiner", "text"))):
         if any(w in low for w in words):
             return kind, f"by name ({why})"
     raise TaggingError(f"cannot tell the kind of attention {path}: {why}. Pass kinds={{'{path}': '<kind>'}} to "
@@ -183,6 +477,14 @@ def _pick_video_input(captured: CapturedGraph, video_input: str | None) -> str:
     raise TaggingError(f"no video-like floating tensor input among {captured.input_names}; pass video_input=<name>")
 
 
+def _check_batch(captured: CapturedGraph, video: str) -> None:
+    shape = captured.input_specs[captured.input_names.index(video)].shape
+    if 0 in shape:
+        raise TaggingError(f"the example {video!r} has shape {shape} with an empty dimension: tagging reads the "
+                           f"attention layout from the example's sizes. Pass example inputs with batch >= 1 and "
+                           f"non-empty frames, height and width.")
+
+
 def _override(path: str, kinds: dict[str, str] | None) -> str | None:
     for pattern, kind in (kinds or {}).items():
         if fnmatch.fnmatchcase(path, pattern):
@@ -192,26 +494,38 @@ def _override(path: str, kinds: dict[str, str] | None) -> str | None:
     return None
 
 
+def _check_overrides_match(kinds: dict[str, str] | None, regions: list["Region"]) -> None:
+    """Every ``kinds=`` pattern must name at least one region: a typo would otherwise be ignored silently."""
+    paths = [r.path for r in regions]
+    for pattern, kind in (kinds or {}).items():
+        if kind not in KINDS:
+            raise TaggingError(f"kinds override {pattern!r} -> {kind!r}: kind must be one of {', '.join(KINDS)}")
+        if not any(fnmatch.fnmatchcase(p, pattern) for p in paths):
+            shown = ", ".join(paths[:4]) + (", ..." if len(paths) > 4 else "")
+            raise TaggingError(f"kinds override pattern {pattern!r} matches no attention or MLP region; region paths "
+                               f"look like: {shown}. Fix the pattern (fnmatch globs over module paths, e.g. "
+                               f"'blocks.*.attn1').")
+
+
 def find_attention_regions(captured: CapturedGraph, *, video_input: str | None = None,
                            kinds: dict[str, str] | None = None) -> list[Region]:
     gm = captured.gm
     video = _pick_video_input(captured, video_input)
-    vshape = captured.input_specs[captured.input_names.index(video)].shape
+    _check_batch(captured, video)
+    roles = input_roles(captured, video)
     deps = _input_deps(gm)
-    first_op: dict[str, tuple[fx.Node, str]] = {}
-    for n in gm.graph.nodes:
-        if n.op == "call_function" and n.target in ATTENTION_OPS:
-            path, mtype = _attention_module(n)
-            first_op.setdefault(path, (n, mtype))
     regions = []
-    for path, (op, mtype) in first_op.items():
-        q = tuple(op.args[0].meta["val"].shape)
+    for path, (core, mtype) in find_attention_cores(gm, deps).items():
         forced = _override(path, kinds)
         if forced:
             kind, reason = forced, "set by kinds override"
         else:
-            kind, reason = _classify(q, deps[op.args[1]], video, vshape, path)
-        regions.append(_make_region(gm, path, mtype, kind, reason, q))
+            kind, reason = _classify(core, deps, roles, path)
+        if core.form != "sdpa":
+            reason += f"; {core.form} attention written with matrix products"
+        region = _make_region(gm, path, mtype, kind, reason, core.query_shape)
+        region.extra["form"] = core.form
+        regions.append(region)
     return regions
 
 
@@ -226,19 +540,19 @@ def find_mlp_regions(captured: CapturedGraph, attention: list[Region],
     gm = captured.gm
     attn_paths = [r.path for r in attention]
     attn_parents = {p.rsplit(".", 1)[0] for p in attn_paths if "." in p}
+    # a module holding an attention region (or inside one) is no MLP
+    has_attention = {".".join(p.split(".")[:i]) for p in attn_paths for i in range(1, p.count(".") + 2)}
     by_module: dict[str, list[fx.Node]] = {}
     types: dict[str, str] = {}
-    has_attention: set[str] = set()
     for n in gm.graph.nodes:
         for p, t in module_path(n):
             types[p] = t
-            if n.op == "call_function" and n.target in ATTENTION_OPS:
-                has_attention.add(p)
             if n.op == "call_function" and n.target in LINEAR_OPS:
                 by_module.setdefault(p, []).append(n)
     candidates = []
     for p, lins in by_module.items():
-        if p in has_attention or len(lins) < 2 or "." not in p or p.rsplit(".", 1)[0] not in attn_parents:
+        inside_attention = p in has_attention or any(p.startswith(a + ".") for a in attn_paths)
+        if inside_attention or len(lins) < 2 or "." not in p or p.rsplit(".", 1)[0] not in attn_parents:
             continue
         (i0, o0), (i1, o1) = _linear_dims(lins[0]), _linear_dims(lins[-1])
         if o0 > i0 and i1 > i0 and o1 == i0:  # i1 may be o0/2 for gated units (GEGLU, SwiGLU)
@@ -257,10 +571,12 @@ def tag_attention(captured: CapturedGraph, *, video_input: str | None = None,
     """All attention and MLP regions of ``captured``, tagged by kind, in graph order."""
     attention = find_attention_regions(captured, video_input=video_input, kinds=kinds)
     if not attention:
-        raise TaggingError(f"{captured.model_type} has no attention op (aten.scaled_dot_product_attention) in its "
-                           f"captured graph, so there is nothing for graphpass to reuse. Models must compute "
-                           f"attention with torch.nn.functional.scaled_dot_product_attention.")
+        raise TaggingError(f"{captured.model_type} has no attention op in its captured graph (neither "
+                           f"aten.scaled_dot_product_attention nor two chained matmul/bmm products of activations), "
+                           f"so there is nothing for graphpass to reuse. Models must compute attention with "
+                           f"torch.nn.functional.scaled_dot_product_attention or with matmul/bmm inside nn.Modules.")
     regions = attention + find_mlp_regions(captured, attention, kinds)
+    _check_overrides_match(kinds, regions)
     order = {n.name: i for i, n in enumerate(captured.gm.graph.nodes)}
     regions.sort(key=lambda r: order[r.nodes[0]])
     _check_disjoint(regions)

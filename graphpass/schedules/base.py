@@ -16,8 +16,11 @@ from typing import Any, ClassVar, Iterable, Protocol, Sequence
 
 from ..errors import ScheduleError
 
-#: Region kinds the tagger assigns and schedules may name.
-KINDS = ("spatial", "temporal", "cross", "joint", "mlp")
+#: Region kinds the tagger assigns and schedules may name. The first four attend over video tokens;
+#: ``text`` attends over text/conditioning tokens only (e.g. a prompt refiner) and ``other`` has no video
+#: tokens among its queries (an audio stream, reference features) or reads keys from another denoised
+#: stream. Presets never reuse ``text`` or ``other``: a schedule reuses them only when it names them.
+KINDS = ("spatial", "temporal", "cross", "joint", "mlp", "text", "other")
 
 
 class Action(str, Enum):

@@ -27,6 +27,23 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+# Presets for families the PAB paper does not cover: graphpass's defaults, not published figures. They follow
+# the paper's rule for 3D full attention (CogVideoX: ``joint`` range 2 in (100, 850)) and its pyramid for
+# text cross-attention (``cross`` range 6). None reuses ``text`` or ``other`` regions (a prompt refiner, an
+# audio stream): those change with the inputs the broadcast rule was never measured on, so a schedule reuses
+# them only when it names them, e.g. ``PAB.preset("ltx2", other=2)``.
+FAMILY_PRESETS: dict[str, dict[str, Any]] = {
+    "wan": dict(joint=2, cross=6, window=(100, 850)),  # self-attention over all tokens + text cross-attention
+    "skyreels-v2": dict(joint=2, cross=6, window=(100, 850)),  # Wan's blocks
+    "hunyuanvideo": dict(joint=2, window=(100, 850)),  # dual/single-stream joint attention (text inside)
+    "ltx-video": dict(joint=2, cross=6, window=(100, 850)),
+    "ltx2": dict(joint=2, cross=6, window=(100, 850)),  # video stream only; audio attention is "other"
+    "mochi": dict(joint=2, window=(100, 850)),  # joint attention with text inside
+    "allegro": dict(joint=2, cross=6, window=(100, 850)),
+    "sana-video": dict(joint=2, cross=6, window=(100, 850)),  # linear joint attention + softmax cross
+}
+
+
 @dataclass
 class PAB(Schedule):
     """Pyramid Attention Broadcast schedule.
@@ -35,6 +52,8 @@ class PAB(Schedule):
         spatial, temporal, cross, joint, mlp: broadcast range per region kind: the region computes every
             ``range``-th call inside its window and reuses its last output otherwise. ``None`` or ``1`` means
             the kind is always computed.
+        text, other: ranges for attention over no video tokens (a prompt refiner's self-attention; an audio
+            stream, reference features). No preset sets them: ``PAB(text=2, ...)`` must name them.
         window: ``(lo, hi)`` timestep window (exclusive) in which reuse is allowed, on the model's timestep
             scale (0..1000 for DDPM/DDIM-trained models). Outside it, every region computes and the cache
             of the kind is dropped.
@@ -62,6 +81,8 @@ class PAB(Schedule):
     mlp: int | None = None
     window: tuple[float, float] = DEFAULT_WINDOW
     windows: dict[str, tuple[float, float]] = field(default_factory=dict)
+    text: int | None = None
+    other: int | None = None
     window_unit: str = "timestep"
 
     def __post_init__(self):
@@ -81,8 +102,8 @@ class PAB(Schedule):
         if self.window_unit == "progress":
             self._check_progress()
         if not self.kinds():
-            raise ScheduleError("PAB schedule reuses nothing: give at least one of spatial/temporal/cross/joint/mlp a "
-                                "range >= 2, e.g. PAB(spatial=2, temporal=4, cross=6)")
+            raise ScheduleError(f"PAB schedule reuses nothing: give at least one of {'/'.join(KINDS)} a range >= 2, "
+                                f"e.g. PAB(spatial=2, temporal=4, cross=6)")
 
     @staticmethod
     def _check_window(name, w) -> tuple[float, float]:
@@ -133,16 +154,33 @@ class PAB(Schedule):
     # --- construction ----------------------------------------------------------------------------
     @classmethod
     def preset(cls, name: str, **overrides) -> "PAB":
-        """A published default: ``"open-sora"``, ``"latte"``, ``"open-sora-plan"``, ``"cogvideox"``, or
-        ``"pabXYZ"`` (spatial X, temporal Y, cross Z; default window). Keyword overrides replace fields."""
+        """A named schedule; keyword overrides replace fields.
+
+        Published PAB defaults: ``"open-sora"`` (spatial 2, temporal 4, cross 6), ``"latte"`` (2, 3, 6),
+        ``"open-sora-plan"`` (2, 4, 6), ``"cogvideox"`` (joint 2), or ``"pabXYZ"`` (spatial X, temporal Y,
+        cross Z; default window).
+
+        Other families (graphpass defaults, window (100, 850)): ``"wan"``, ``"skyreels-v2"``, ``"ltx-video"``,
+        ``"ltx2"``, ``"allegro"``, ``"sana-video"`` reuse joint (2) and cross (6); ``"hunyuanvideo"`` and
+        ``"mochi"`` reuse joint (2) only (their text tokens are inside the joint attention). No preset reuses
+        ``text`` or ``other`` regions. A preset naming a kind the model lacks fails ``check_model``.
+
+            >>> print(PAB.preset("ltx2"))
+            PAB(cross=6@(100,850), joint=2@(100,850))
+            >>> PAB.preset("ltx2", other=2).kinds() == {"joint", "cross", "other"}
+            True
+        """
         key = name.lower().replace("_", "-")
         if key in PRESETS:
             kw = dict(PRESETS[key])
+        elif key in FAMILY_PRESETS:
+            kw = dict(FAMILY_PRESETS[key])
         elif m := re.fullmatch(r"pab-?(\d)(\d)(\d)", key):
             kw = dict(spatial=int(m[1]), temporal=int(m[2]), cross=int(m[3]))
         else:
-            raise ScheduleError(f"unknown PAB preset {name!r}; known: {', '.join(PRESETS)}, or 'pabXYZ' "
-                                f"such as 'pab246' (spatial 2, temporal 4, cross 6)")
+            known = ", ".join([*PRESETS, *FAMILY_PRESETS])
+            raise ScheduleError(f"unknown PAB preset {name!r}; known: {known}, or 'pabXYZ' such as 'pab246' "
+                                f"(spatial 2, temporal 4, cross 6)")
         kw.update(overrides)
         return cls(**kw)
 
