@@ -129,6 +129,13 @@ def test_unknown_preset():
         graphpass.optimize(NoAttention(), "opensora-fast", example_kwargs=dict(hidden_states=torch.ones(1)))
 
 
+class _Region:
+    """A region as a schedule sees it: a path and a kind."""
+
+    def __init__(self, kind: str):
+        self.path, self.kind = f"blocks.0.{kind}", kind
+
+
 @pytest.mark.parametrize("schedule", [
     PAB(spatial=2, temporal=4, cross=6, window=(100, 800)),
     PAB(joint=2, mlp=3, window=(150.5, 850), windows={"mlp": (300, 700)}),
@@ -142,8 +149,19 @@ def test_json_round_trip(schedule, tmp_path):
     path = tmp_path / "s.json"
     schedule.save(path)
     assert schedule_from_json(path) == schedule == schedule_from_json(str(path))
-    # decisions survive too
-    assert str(back) == str(schedule)
+    # decisions survive too: the loaded schedule reuses exactly where PAB's rule, read off the JSON text by
+    # hand, says it must (range r > 1, lo < t < hi, counter % r != 0)
+    d = json.loads(text)
+    windows = d.get("windows") or {}
+    reused = 0
+    for kind in ("spatial", "temporal", "cross", "joint", "mlp"):
+        r = d.get(kind) or 1
+        lo, hi = windows.get(kind, d["window"])
+        for counter, t in enumerate(range(991, 0, -20)):
+            expected = r > 1 and lo < t < hi and counter % r != 0
+            assert back.reuses(_Region(kind), float(t), counter) == expected, (kind, t, counter)
+            reused += expected
+    assert reused > 0
 
 
 @pytest.mark.parametrize("text, match", [
