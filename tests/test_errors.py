@@ -182,3 +182,37 @@ def test_schedule_type_checked():
         graphpass.optimize(NoAttention(), {"spatial": 2}, example_kwargs=dict(hidden_states=torch.ones(1)))
     assert issubclass(ScheduleError, ValueError) and issubclass(InputError, ValueError)
     assert Schedule._registry["PAB"] is PAB
+
+
+# --- bad schedule files and options: clear errors, not tracebacks ----------------------------------
+@pytest.mark.parametrize("content, match", [
+    (b"\x80\x81\xfe binary \x00\xff", r"is not text \(not UTF-8\)"),
+    (b'{"type": "PAB", "spatial": 2, "window": null}', r"field of the wrong type.*\"window\" is a pair \[lo, hi\]"),
+    (b'{"type": "PAB", "spatial": 2, "windows": [[100, 800]]}', r"field of the wrong type.*\"windows\" an object"),
+    (b'{"type": "PAB", "spatial": 2, "windows": {"spatial": null}}', "field of the wrong type"),
+    (b'[{"type": "PAB"}]', r"must be an object such as \{\"type\": \"PAB\""),
+    (b'{"type": ["PAB"], "spatial": 2}', r"unknown schedule type \['PAB'\]"),
+], ids=["binary", "window-null", "windows-list", "windows-entry-null", "not-an-object", "type-list"])
+def test_bad_schedule_files_are_schedule_errors(tmp_path, content, match):
+    path = tmp_path / "s.json"
+    path.write_bytes(content)
+    with pytest.raises(ScheduleError, match=match):
+        schedule_from_json(path)
+
+
+def test_folder_as_schedule_path_is_a_schedule_error(tmp_path):
+    (tmp_path / "schedules.json").mkdir()
+    with pytest.raises(ScheduleError, match=r"schedules\.json is a folder; pass a \.json file"):
+        schedule_from_json(tmp_path / "schedules.json")
+
+
+def test_unknown_backend_is_refused_by_optimize_before_capture(monkeypatch):
+    import graphpass.api as api
+
+    def no_capture(*a, **k):
+        raise AssertionError("captured before checking the backend")
+
+    monkeypatch.setattr(api, "capture", no_capture)
+    with pytest.raises(InputError, match=r"unknown backend 'bogus'; choose one of eager, inductor"):
+        graphpass.optimize(NoAttention(), "pab246", backend="bogus",
+                           example_kwargs=dict(hidden_states=torch.ones(1, 2, 3, 4, 4), timestep=torch.ones(1)))
