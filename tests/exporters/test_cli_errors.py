@@ -139,6 +139,23 @@ def test_read_only_out_is_refused_before_the_model(tmp_path, capsys, no_model):
         ro.chmod(0o755)
 
 
+def test_read_only_place_is_refused_before_the_model_as_root_too(tmp_path, capsys, monkeypatch, no_model):
+    """Root ignores permission bits, so a read-only mount is what stops it: simulated by the probe folder's
+    creation failing with EROFS, as it does on such a mount."""
+    import errno
+    import tempfile
+
+    def read_only(*a, **k):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(tempfile, "mkdtemp", read_only)
+    err = command_error(["export", "--model", "vdt-tiny", "--out", str(tmp_path / "x")], capsys)
+    assert f"cannot write the export folder {tmp_path / 'x'}" in err and "Read-only file system" in err
+    err = parse_error(["analyze", "vdt-tiny", "--out", str(tmp_path / "a")], capsys)
+    assert "argument --out: cannot write" in err and "Read-only file system" in err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_export_command_replaces_an_export_only_with_overwrite(tmp_path, capsys):
     out = tmp_path / "cli"
     window = [0, 1]  # 2 DDIM steps (501, 1), none inside: one phase keeps the export short
