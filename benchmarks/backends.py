@@ -132,7 +132,7 @@ def main(argv=None) -> None:
         layouts = [("onnxruntime", False)] + ([("onnxruntime 1-file", True)] if sname != "baseline" else [])
         for label, single in layouts:
             folder = out_root / f"{sname}{'-single' if single else ''}"
-            graphpass.export(eager, folder, single_file=single)
+            graphpass.export(eager, folder, single_file=single, overwrite=True)
             m = graphpass.exporters.manifest.read_manifest(folder)
             secs = ([m["single_file"]["export_seconds"]] if single else [e["export_seconds"] for e in m["phases"]])
             loaded = graphpass.load(folder, threads=args.threads)

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 
 from .errors import InputError
+from .exporters.backends import BACKENDS
 from .passes.capture import capture
 from .passes.tag import include_gates, tag_attention
 from .runtime.executor import TIMESTEP_ORDERS, OptimizedModel
@@ -59,6 +60,9 @@ def optimize(model: torch.nn.Module, schedule: Schedule | str, *, example_kwargs
     Returns an :class:`~graphpass.OptimizedModel` called exactly like ``model`` (with ``example_kwargs``), or
     a :class:`~graphpass.runtime.lazy.LazyOptimizedModel` that becomes one on its first call.
     """
+    if backend not in BACKENDS:  # here, not at the first call, which may come after minutes of set-up
+        raise InputError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)} (ONNX Runtime and "
+                         f"TensorRT run exported artefacts: graphpass.export(...) then graphpass.load(...))")
     if isinstance(schedule, str):
         schedule = PAB.preset(schedule)
     if not isinstance(schedule, Schedule):

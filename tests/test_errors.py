@@ -129,6 +129,13 @@ def test_unknown_preset():
         graphpass.optimize(NoAttention(), "opensora-fast", example_kwargs=dict(hidden_states=torch.ones(1)))
 
 
+class _Region:
+    """A region as a schedule sees it: a path and a kind."""
+
+    def __init__(self, kind: str):
+        self.path, self.kind = f"blocks.0.{kind}", kind
+
+
 @pytest.mark.parametrize("schedule", [
     PAB(spatial=2, temporal=4, cross=6, window=(100, 800)),
     PAB(joint=2, mlp=3, window=(150.5, 850), windows={"mlp": (300, 700)}),
@@ -142,8 +149,19 @@ def test_json_round_trip(schedule, tmp_path):
     path = tmp_path / "s.json"
     schedule.save(path)
     assert schedule_from_json(path) == schedule == schedule_from_json(str(path))
-    # decisions survive too
-    assert str(back) == str(schedule)
+    # decisions survive too: the loaded schedule reuses exactly where PAB's rule, read off the JSON text by
+    # hand, says it must (range r > 1, lo < t < hi, counter % r != 0)
+    d = json.loads(text)
+    windows = d.get("windows") or {}
+    reused = 0
+    for kind in ("spatial", "temporal", "cross", "joint", "mlp"):
+        r = d.get(kind) or 1
+        lo, hi = windows.get(kind, d["window"])
+        for counter, t in enumerate(range(991, 0, -20)):
+            expected = r > 1 and lo < t < hi and counter % r != 0
+            assert back.reuses(_Region(kind), float(t), counter) == expected, (kind, t, counter)
+            reused += expected
+    assert reused > 0
 
 
 @pytest.mark.parametrize("text, match", [
@@ -164,3 +182,37 @@ def test_schedule_type_checked():
         graphpass.optimize(NoAttention(), {"spatial": 2}, example_kwargs=dict(hidden_states=torch.ones(1)))
     assert issubclass(ScheduleError, ValueError) and issubclass(InputError, ValueError)
     assert Schedule._registry["PAB"] is PAB
+
+
+# --- bad schedule files and options: clear errors, not tracebacks ----------------------------------
+@pytest.mark.parametrize("content, match", [
+    (b"\x80\x81\xfe binary \x00\xff", r"is not text \(not UTF-8\)"),
+    (b'{"type": "PAB", "spatial": 2, "window": null}', r"field of the wrong type.*\"window\" is a pair \[lo, hi\]"),
+    (b'{"type": "PAB", "spatial": 2, "windows": [[100, 800]]}', r"field of the wrong type.*\"windows\" an object"),
+    (b'{"type": "PAB", "spatial": 2, "windows": {"spatial": null}}', "field of the wrong type"),
+    (b'[{"type": "PAB"}]', r"must be an object such as \{\"type\": \"PAB\""),
+    (b'{"type": ["PAB"], "spatial": 2}', r"unknown schedule type \['PAB'\]"),
+], ids=["binary", "window-null", "windows-list", "windows-entry-null", "not-an-object", "type-list"])
+def test_bad_schedule_files_are_schedule_errors(tmp_path, content, match):
+    path = tmp_path / "s.json"
+    path.write_bytes(content)
+    with pytest.raises(ScheduleError, match=match):
+        schedule_from_json(path)
+
+
+def test_folder_as_schedule_path_is_a_schedule_error(tmp_path):
+    (tmp_path / "schedules.json").mkdir()
+    with pytest.raises(ScheduleError, match=r"schedules\.json is a folder; pass a \.json file"):
+        schedule_from_json(tmp_path / "schedules.json")
+
+
+def test_unknown_backend_is_refused_by_optimize_before_capture(monkeypatch):
+    import graphpass.api as api
+
+    def no_capture(*a, **k):
+        raise AssertionError("captured before checking the backend")
+
+    monkeypatch.setattr(api, "capture", no_capture)
+    with pytest.raises(InputError, match=r"unknown backend 'bogus'; choose one of eager, inductor"):
+        graphpass.optimize(NoAttention(), "pab246", backend="bogus",
+                           example_kwargs=dict(hidden_states=torch.ones(1, 2, 3, 4, 4), timestep=torch.ones(1)))

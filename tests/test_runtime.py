@@ -7,6 +7,12 @@ import torch
 import graphpass
 from conftest import DDIM_50, first, make_case, run_loop, step
 from graphpass import Action, CacheStore, PAB
+from reference_pab import ReferencePAB
+
+#: Latte's attention modules and their kinds, written from the diffusers model code.
+LATTE_MODULES = {**{f"transformer_blocks.{i}.attn1": "spatial" for i in range(2)},
+                 **{f"transformer_blocks.{i}.attn2": "cross" for i in range(2)},
+                 **{f"temporal_transformer_blocks.{i}.attn1": "temporal" for i in range(2)}}
 
 
 def _equal(a, b) -> bool:
@@ -34,8 +40,16 @@ def test_two_generations_are_identical(latte, planned):
     assert _equal(one, two)
     assert any(ph.reused for _, ph in st.trace)  # PAB was active: the equality is not trivial
     kw = dict(case.kwargs(), timestep=torch.full((2,), 981, dtype=torch.int64))
-    opt(**kw)
-    assert st.counter == 1 and len(st.trace) == 1 and opt.cache_nbytes == (0 if planned else opt.cache_nbytes)
+    restarted = first(opt(**kw))
+    assert st.counter == 1 and len(st.trace) == 1
+    # the restart holds what a reset() model holds after the same call, and computes what the model computes
+    held = opt.cache_nbytes
+    opt.reset()
+    fresh = first(opt(**kw))
+    assert held == opt.cache_nbytes and torch.equal(restarted, fresh)
+    assert torch.allclose(restarted, first(case.model(**kw)), atol=1e-6)
+    if planned:
+        assert held == 0  # 981 is outside the window and the plan's next step reuses nothing
     opt._plan = None
 
 
@@ -52,14 +66,29 @@ def test_reset_mid_generation(latte):
 
 
 def test_a_generation_that_continues_below_the_last_timestep_is_the_same_generation(latte):
-    """Without reset(), a call whose timestep is not above the last continues the generation: a second
-    loop over the second half alone differs from the full loop's second half (the counter goes on)."""
+    """Without reset(), a call whose timestep is not above the last continues the generation: a loop over
+    the first half, then one over the second half (from where the first stopped), gives the outputs of one
+    50-step generation of the module-level reference PAB (tests/reference_pab.py); a fresh generation over
+    the second half alone does not."""
     case, opt = latte
+    ref = ReferencePAB(case.model, LATTE_MODULES, {"spatial": 2, "temporal": 3, "cross": 6})
+    try:
+        expected = run_loop(ref, case.kwargs(), DDIM_50)
+    finally:
+        ref.restore()
     opt.reset()
-    run_loop(opt, case.kwargs(), DDIM_50[:25])
+    kw = case.kwargs()
+    head = run_loop(opt, kw, DDIM_50[:25])
     assert opt.state().counter == 25
-    run_loop(opt, case.kwargs(), DDIM_50[25:])
+    x = kw["hidden_states"]
+    for out in head:
+        x = step(x, out)
+    tail = run_loop(opt, dict(kw, hidden_states=x), DDIM_50[25:])
     assert opt.state().counter == 50
+    assert max(float((a - b).abs().max()) for a, b in zip(head + tail, expected)) <= 1e-6
+    opt.reset()  # the same second half as a generation of its own: its counter starts at 0
+    alone = run_loop(opt, dict(kw, hidden_states=x), DDIM_50[25:])
+    assert max(float((a - b).abs().max()) for a, b in zip(alone, expected[25:])) > 1e-4
 
 
 def test_cond_and_uncond_contexts_do_not_mix(latte):

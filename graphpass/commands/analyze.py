@@ -1,14 +1,16 @@
 """``graphpass analyze``: how much each attention kind's output changes per denoising step; stable windows."""
 from __future__ import annotations
 
+from .checks import non_negative_int, output_folder, positive_int
+
 
 def add_workload_args(p) -> None:
     """Arguments every evaluation command shares (model, steps, seeds, weights, threads)."""
     p.add_argument("model", help="model name: vdt-s (shipped weights), vdt-tiny (random) or latte-tiny (random)")
-    p.add_argument("--steps", type=int, default=50, help="DDIM sampling steps per video")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="one video per seed")
+    p.add_argument("--steps", type=positive_int, default=50, help="DDIM sampling steps per video")
+    p.add_argument("--seeds", type=non_negative_int, nargs="+", default=[0, 1], help="one video per seed")
     p.add_argument("--weights", default=None, help="VDT checkpoint to use instead of the shipped weights")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--threads", type=non_negative_int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -28,7 +30,7 @@ def add_parser(sub) -> None:
     add_workload_args(p)
     p.add_argument("--frac", type=float, default=0.25, help="stable-window threshold as a fraction of the kind's "
                    "range of change (see graphpass.eval.analyze)")
-    p.add_argument("--out", default="out/analyze", help="folder for analysis.json and analysis.png")
+    p.add_argument("--out", type=output_folder, default="out/analyze", help="folder for analysis.json and analysis.png")
     p.set_defaults(func=run)
 
 

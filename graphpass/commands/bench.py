@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from .analyze import add_workload_args, workload_from_args
+from .checks import output_folder, schedule_file
 
 
 def add_parser(sub) -> None:
@@ -10,11 +11,11 @@ def add_parser(sub) -> None:
                        "hooks); JSON, Markdown and a speedup-vs-PSNR PNG")
     add_workload_args(p)
     p.add_argument("--methods", nargs="+", default=None, help="methods to run (default: all that apply)")
-    p.add_argument("--schedule", nargs="+", default=None, help="schedule JSON file(s) from `graphpass search` (the "
+    p.add_argument("--schedule", type=schedule_file, nargs="+", default=None, help="schedule JSON file(s) from `graphpass search` (the "
                    "'searched' row; several files: one 'searched-<stem>' row each)")
     p.add_argument("--plot-speed", choices=("wall", "cpu"), default="wall", help="speedup plotted against PSNR: "
                    "wall time, or process CPU time (steadier on a machine shared with other jobs)")
-    p.add_argument("--out", default="out/bench", help="folder for bench.json, bench.md and bench.png")
+    p.add_argument("--out", type=output_folder, default="out/bench", help="folder for bench.json, bench.md and bench.png")
     p.set_defaults(func=run)
 
 

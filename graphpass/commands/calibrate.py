@@ -22,12 +22,14 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from .checks import non_negative_int, output_file, positive_int
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("calibrate", help="tune AdaCache thresholds for a model on a few seeds and write the schedule")
     p.add_argument("--model", default="vdt-s", help="VDT model name (vdt-s uses the shipped weights)")
-    p.add_argument("--steps", type=int, default=30, help="DDIM sampling steps")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (each one video and label)")
+    p.add_argument("--steps", type=positive_int, default=30, help="DDIM sampling steps")
+    p.add_argument("--seeds", type=non_negative_int, nargs="+", default=[0, 1, 2], help="seeds (each one video and label)")
     target = p.add_mutually_exclusive_group(required=True)
     target.add_argument("--target-speedup", type=float, help="reach this speedup in steps computed")
     target.add_argument("--target-psnr", type=float, help="keep this mean PSNR (dB) against the baseline")
@@ -37,9 +39,9 @@ def add_parser(sub) -> None:
     p.add_argument("--cache-unit", default="residual", choices=["residual", "outputs"],
                    help="what a reuse step adds: the blocks' residual (published) or re-gated attention/MLP outputs")
     p.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance scale")
-    p.add_argument("--iters", type=int, default=8, help="bisection runs after the two bracketing runs")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--out", default="schedule.json", help="schedule JSON to write")
+    p.add_argument("--iters", type=non_negative_int, default=8, help="bisection runs after the two bracketing runs")
+    p.add_argument("--threads", type=non_negative_int, default=None, help="torch CPU threads")
+    p.add_argument("--out", type=output_file, default="schedule.json", help="schedule JSON to write")
     p.set_defaults(func=run)
 
 

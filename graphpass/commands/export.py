@@ -5,15 +5,21 @@
 """
 from __future__ import annotations
 
+from .checks import positive_int, schedule_arg
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("export", help="export the phases of a model's plan (ONNX per phase + shared weights, or "
                        "TensorRT engines) with a manifest; run them with graphpass.load(folder)")
     p.add_argument("--model", default="vdt-s", help="shipped model name (vdt-s, vdt-tiny) or 'latte-tiny'")
-    p.add_argument("--schedule", default="pab246", help="PAB preset name (pab246, latte, open-sora...) or a JSON file")
-    p.add_argument("--steps", type=int, default=50, help="sampling steps of the plan exported (DDIM timesteps)")
-    p.add_argument("--batch", type=int, default=2, help="batch of the exported graphs (2 = one video with batched CFG)")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--schedule", type=schedule_arg, default="pab246",
+                   help="PAB preset name (pab246, latte, open-sora...) or a JSON file")
+    p.add_argument("--steps", type=positive_int, default=50, help="sampling steps of the plan exported (DDIM timesteps)")
+    p.add_argument("--batch", type=positive_int, default=2,
+                   help="batch of the exported graphs (2 = one video with batched CFG)")
+    p.add_argument("--out", required=True, help="output folder: new or empty, or an earlier export with --overwrite")
+    p.add_argument("--overwrite", action="store_true", help="replace the earlier graphpass export in --out (only "
+                   "once the new one is complete; a folder holding other files is never touched)")
     p.add_argument("--format", choices=["onnx", "tensorrt"], default="onnx", help="artefact format (default onnx)")
     p.add_argument("--single-file", action="store_true", help="ONNX: one graph with an If per reusable region "
                    "instead of one file per phase")
@@ -34,19 +40,19 @@ def run(args) -> int:
     from pathlib import Path
 
     from ..api import optimize
-    from ..exporters import TensorRTConfig, export
+    from ..exporters import TensorRTConfig, check_destination, export
     from ..exporters.manifest import read_manifest
-    from ..schedules import PAB, schedule_from_json
     from ..workloads import example_call
 
-    model, kwargs, timesteps = example_call(args.model, batch=args.batch, num_steps=args.steps)
-    sched = schedule_from_json(args.schedule) if args.schedule.endswith(".json") or args.schedule.lstrip().startswith(
-        "{") else PAB.preset(args.schedule)
-    opt = optimize(model, sched, example_kwargs=kwargs, timesteps=timesteps)
+    check_destination(args.out, args.overwrite)  # before building and capturing the model
     trt = None
     if args.format == "tensorrt":
         trt = TensorRTConfig(precision=args.precision, strip_weights=not args.keep_weights)
-    folder = export(opt, args.out, format=args.format, single_file=args.single_file, tensorrt=trt)
+    model, kwargs, timesteps = example_call(args.model, batch=args.batch, num_steps=args.steps)
+    sched = args.schedule
+    opt = optimize(model, sched, example_kwargs=kwargs, timesteps=timesteps)
+    folder = export(opt, args.out, format=args.format, single_file=args.single_file, tensorrt=trt,
+                    overwrite=args.overwrite)
     m = read_manifest(folder, verify=False)
     n = len(m["phases"])
     print(f"exported {args.model} under {sched} ({args.steps} steps, {n} phase{'s' * (n != 1)}) to {folder}/")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from .analyze import add_workload_args, workload_from_args
+from .checks import output_file, positive_int
 
 
 def add_parser(sub) -> None:
@@ -16,9 +17,9 @@ def add_parser(sub) -> None:
                    "ideal FLOPs")
     p.add_argument("--analysis", default=None, help="analysis.json from `graphpass analyze` (default: run it)")
     p.add_argument("--kinds", nargs="+", default=None, help="kinds to reuse (default: spatial temporal cross joint)")
-    p.add_argument("--max-range", type=int, default=8, help="largest broadcast range tried")
-    p.add_argument("--max-evals", type=int, default=40, help="most candidate schedules sampled")
-    p.add_argument("--out", default="schedule.json", help="schedule JSON (loadable by graphpass.schedule_from_json)")
+    p.add_argument("--max-range", type=positive_int, default=8, help="largest broadcast range tried")
+    p.add_argument("--max-evals", type=positive_int, default=40, help="most candidate schedules sampled")
+    p.add_argument("--out", type=output_file, default="schedule.json", help="schedule JSON (loadable by graphpass.schedule_from_json)")
     p.set_defaults(func=run)
 
 

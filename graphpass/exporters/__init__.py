@@ -11,7 +11,9 @@ from typing import TYPE_CHECKING, Sequence
 
 from ..errors import ArtefactError
 from .artefact import ArtefactModel, load
-from .tensorrt import TensorRTConfig
+from .destination import check_destination, staged
+from .onnx_export import export_onnx, plan_for_export
+from .tensorrt import TensorRTConfig, export_tensorrt, require_tensorrt
 
 if TYPE_CHECKING:
     from ..runtime.executor import OptimizedModel
@@ -21,7 +23,7 @@ FORMATS = ("onnx", "tensorrt")
 
 def export(opt: "OptimizedModel", folder: str | Path, format: str = "onnx", *,
            timesteps: Sequence[float] | None = None, single_file: bool = False, opset: int | None = None,
-           tensorrt: TensorRTConfig | None = None) -> Path:
+           tensorrt: TensorRTConfig | None = None, overwrite: bool = False) -> Path:
     """Save the phases of ``opt``'s plan to ``folder`` for deployment; load them with :func:`graphpass.load`.
 
     Layouts (``format="onnx"``):
@@ -38,36 +40,43 @@ def export(opt: "OptimizedModel", folder: str | Path, format: str = "onnx", *,
     ``format="tensorrt"`` writes the per-phase ONNX files and builds one engine per phase from them
     (``phase_<i>.engine``; options in :class:`TensorRTConfig`); it needs an NVIDIA GPU and the ``tensorrt``
     package. Every folder has a ``manifest.json`` (versions, schedule, plan, per-phase inputs/outputs, sha256
-    of every file).
+    of every file and of the manifest itself).
+
+    The folder is written all at once (see :mod:`graphpass.exporters.destination`): the files go into a
+    hidden temporary sibling that is renamed to ``folder`` at the end, so a failed or interrupted export
+    leaves ``folder`` as it was. ``folder`` must be new or empty, or hold an earlier graphpass export
+    (and nothing else) to be replaced with ``overwrite=True``; anything else is refused before any work.
+
+        >>> graphpass.export(opt, "out/vdt-onnx")                   # new folder
+        >>> graphpass.export(opt, "out/vdt-onnx")                   # again: ArtefactError, pass overwrite=True
+        >>> graphpass.export(opt, "out/vdt-onnx", overwrite=True)   # replaced once the new one is complete
 
     Args:
         opt: the optimised model; its plan (``opt.plan(timesteps)``) fixes which phases exist.
-        folder: output folder (created; earlier phase files in it are replaced).
+        folder: output folder (created, with its parents).
         timesteps: the sampler's timesteps, if ``opt.plan`` was not called.
         single_file: the single-graph layout above (ONNX only).
         opset: ONNX opset (default: the exporter's).
         tensorrt: engine options for ``format="tensorrt"``.
+        overwrite: replace an earlier graphpass export in ``folder``.
 
     Returns the folder.
     """
-    from .onnx_export import export_onnx
-
     if format not in FORMATS:
         raise ArtefactError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
-    folder = Path(folder)
-    if format == "onnx":
-        if tensorrt is not None:
-            raise ArtefactError("tensorrt= options apply to format='tensorrt' only")
-        export_onnx(opt, folder, timesteps=timesteps, single_file=single_file, opset=opset)
-        return folder
-    from .tensorrt import export_tensorrt, require_tensorrt
-
-    if single_file:
+    if format == "onnx" and tensorrt is not None:
+        raise ArtefactError("tensorrt= options apply to format='tensorrt' only")
+    if format == "tensorrt" and single_file:
         raise ArtefactError("format='tensorrt' builds one engine per phase; single_file=True is for ONNX only")
-    require_tensorrt()  # before the (slow) ONNX export
-    export_onnx(opt, folder, timesteps=timesteps, opset=opset)
-    export_tensorrt(folder, tensorrt or TensorRTConfig())
-    return folder
+    check_destination(folder, overwrite)  # before the (slow) export: a refused folder costs nothing
+    plan_for_export(opt, timesteps)  # an empty or missing plan is refused before the folder is touched
+    if format == "tensorrt":
+        require_tensorrt()
+    with staged(folder, overwrite) as tmp:
+        export_onnx(opt, tmp, timesteps=timesteps, single_file=single_file, opset=opset)
+        if format == "tensorrt":
+            export_tensorrt(tmp, tensorrt or TensorRTConfig())
+    return Path(folder)
 
 
-__all__ = ["export", "load", "ArtefactModel", "TensorRTConfig", "FORMATS"]
+__all__ = ["export", "load", "ArtefactModel", "TensorRTConfig", "FORMATS", "check_destination"]

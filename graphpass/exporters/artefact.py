@@ -21,10 +21,10 @@ import torch
 
 from ..errors import ArtefactError, InputError
 from ..passes.capture import CapturedGraph, TensorSpec
-from ..passes.tag import Region
 from ..runtime.executor import GenerationState, OptimizedModel
 from ..schedules.base import Action, Phase, Plan, schedule_from_json
-from .manifest import cache_tensor_name, dtype_of, read_manifest, reuse_flag_name
+from .manifest import cache_tensor_name, dtype_of, phases_of, read_manifest, regions_of, reuse_flag_name
+from .tensorrt import trt_runner_factory
 
 LOAD_BACKENDS = ("onnxruntime", "tensorrt")
 
@@ -66,17 +66,14 @@ class ArtefactModel(OptimizedModel):
             constants=dict(manifest["constants"]),
             out_spec=pytree.treespec_loads(manifest["out_spec"]),
             model_type=manifest["model_type"])
-        regions = [Region(path=r["path"], module_type=r["module_type"], kind=r["kind"], nodes=[], exits=r["exits"],
-                          exit_specs=[TensorSpec(tuple(s), dtype_of(d)) for s, d in r["exit_specs"]],
-                          flops=r["flops"], reason=r["reason"], block=r["block"]) for r in manifest["regions"]]
+        regions = regions_of(manifest)  # read_manifest checked them against the plan and the schedule
         schedule = schedule_from_json(json.dumps(manifest["schedule"]))
         super().__init__(None, captured, regions, schedule, timestep_arg=manifest["timestep_arg"], backend=backend)
         self.folder = folder
         self.manifest = manifest
         self._make_runner = make_runner
         self.specs: list[PhaseSpec] = []
-        for e in manifest["phases"]:
-            ph = Phase(tuple((p, Action(a)) for p, a in e["actions"]))
+        for e, ph in zip(manifest["phases"], phases_of(manifest)):
             spec = PhaseSpec(id=e["id"], phase=ph, file=e["file"], cache_inputs=e["cache_inputs"],
                              cache_outputs=e["cache_outputs"], num_user_outputs=e["num_user_outputs"],
                              engine=e.get("engine"), extra=e)
@@ -226,11 +223,16 @@ def load(folder: str | Path, backend: str | None = None, *, providers: Sequence[
             engines; needs an NVIDIA GPU and the ``tensorrt`` package).
         providers: ONNX Runtime execution providers (default CPU).
         threads: ONNX Runtime intra-op threads (default: its own choice).
-        verify: check the sha256 of every file against the manifest (on by default).
+        verify: check the sha256 of every file against the manifest (on by default; the manifest's own
+            sha256, its file names and its plan are checked always, see
+            :func:`~graphpass.exporters.manifest.read_manifest`).
 
-    Raises :class:`~graphpass.errors.ArtefactError` for another graphpass version, a modified or missing
-    file, or a missing runtime.
+    Raises :class:`~graphpass.errors.ArtefactError` for another graphpass version, an edited manifest, a
+    file name outside the folder, a modified or missing file, an unknown backend or a missing runtime.
     """
+    if backend is not None and backend not in LOAD_BACKENDS:
+        raise ArtefactError(f"unknown backend {backend!r} for an exported folder; choose one of "
+                            f"{', '.join(LOAD_BACKENDS)} (or leave backend=None to pick by the folder's format)")
     folder = Path(folder)
     manifest = read_manifest(folder, verify=verify)
     if backend is None:
@@ -238,17 +240,12 @@ def load(folder: str | Path, backend: str | None = None, *, providers: Sequence[
     try:
         if backend == "onnxruntime":
             make = ort_runner_factory(folder, manifest, providers=providers, threads=threads)
-        elif backend == "tensorrt":
-            from .tensorrt import trt_runner_factory
-
+        else:
             if manifest["format"] != "tensorrt":
                 raise ArtefactError(f"{folder} holds no TensorRT engines (format {manifest['format']!r}); export "
                                     f"with graphpass.export(opt, folder, format='tensorrt') or load with "
                                     f"backend='onnxruntime'")
             make = trt_runner_factory(folder, manifest)
-        else:
-            raise ArtefactError(f"unknown backend {backend!r} for an exported folder; choose one of "
-                                f"{', '.join(LOAD_BACKENDS)}")
         return ArtefactModel(folder, manifest, backend, make)
     except (KeyError, TypeError, ValueError) as e:
         raise ArtefactError(f"{folder / 'manifest.json'} is incomplete or malformed ({type(e).__name__}: {e}); "

@@ -65,11 +65,16 @@ def plan_for_export(opt: "OptimizedModel", timesteps: Sequence[float] | None) ->
     if timesteps is not None:
         if isinstance(timesteps, torch.Tensor):
             timesteps = timesteps.detach().cpu().flatten().tolist()
-        return opt.schedule.plan(opt.regions, [float(t) for t in timesteps])
-    if opt.current_plan is None:
+        plan = opt.schedule.plan(opt.regions, [float(t) for t in timesteps])
+    elif opt.current_plan is None:
         raise InputError("export needs the sampler's timesteps to know which phases exist: call "
                          "opt.plan(timesteps) first or pass graphpass.export(..., timesteps=...)")
-    return opt.current_plan
+    else:
+        plan = opt.current_plan
+    if len(plan) == 0:  # an artefact without phases would load and then refuse every call
+        raise InputError("export got an empty list of timesteps, so the plan has no step to export; pass the "
+                         "sampler's timesteps, e.g. graphpass.export(..., timesteps=scheduler.timesteps)")
+    return plan
 
 
 # --- one graph -> ONNX -----------------------------------------------------------------------------
@@ -236,16 +241,18 @@ def base_manifest(opt: "OptimizedModel", plan: Plan, fmt: str, layout: str) -> d
 
 def export_onnx(opt: "OptimizedModel", folder: str | Path, *, timesteps: Sequence[float] | None = None,
                 single_file: bool = False, opset: int | None = None) -> dict[str, Any]:
-    """Write the ONNX files, ``weights.bin`` and ``manifest.json`` of ``opt``'s plan into ``folder``;
-    returns the manifest. See :func:`graphpass.export` for the layouts."""
+    """Write the ONNX files, ``weights.bin`` and ``manifest.json`` of ``opt``'s plan into the empty (or new)
+    ``folder``; returns the manifest. See :func:`graphpass.export` for the layouts and for writing into a
+    folder safely."""
     require_onnx()
     import onnx
 
     plan = plan_for_export(opt, timesteps)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    for old in list(folder.glob("*.onnx")) + list(folder.glob("*.engine")) + [folder / WEIGHTS_FILE]:
-        old.unlink(missing_ok=True)  # a re-export must not leave files of another plan behind
+    if any(folder.iterdir()):  # graphpass.export stages into a fresh folder; never write over other files
+        raise ArtefactError(f"export_onnx writes into an empty folder and {folder} is not empty; use "
+                            f"graphpass.export(opt, folder, overwrite=True) to replace an earlier export")
     manifest = base_manifest(opt, plan, "onnx", "single-file" if single_file else "per-phase")
     device = _device_of(opt)
     inputs = _example_inputs(opt, device)

@@ -21,9 +21,8 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
-from . import diffusion
+from . import diffusion, save_weights_file
 from .physics import PhysicsParams, make_batch
 from .vdt import CONFIGS, VDT, VDTConfig
 
@@ -140,10 +139,7 @@ def save_weights(model: VDT, config_name: str, steps: int, path: str | os.PathLi
         meta[k] = str(v)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    save_file(sd, str(tmp), metadata=meta)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    save_weights_file(sd, path, meta)  # atomic, with the tensors' sha256 in the metadata
     return rec
 
 
@@ -200,9 +196,10 @@ def main(argv=None) -> None:
     if args.init:
         from safetensors.torch import load_file
 
-        from . import read_metadata
+        from . import check_weights_file, read_metadata
         from .vdt import grow_state_dict
 
+        check_weights_file(args.init)
         notes = grow_state_dict(model, {k: v.float() for k, v in load_file(args.init).items()})
         print(f"initialised from {args.init}" + "".join(f"\n  {n}" for n in notes), flush=True)
         m = read_metadata(args.init)

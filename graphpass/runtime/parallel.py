@@ -15,9 +15,13 @@ attention (DSP). Each phase graph then goes through
 :func:`~graphpass.passes.elide.elide_collectives`: a temporal attention the phase reuses needs neither of
 its all-to-alls, and both disappear from that phase's graph. Caches hold each rank's shard only.
 
-Ranks must call the model in lockstep (same timesteps, same number of calls); with ``check_calls`` (the
-default) each call first checks that, and that every rank's inputs are valid, with one small all-reduce,
-so an error on one rank is raised on all ranks instead of leaving the others waiting in a collective.
+Ranks must call the model in lockstep (same timesteps, same number of calls, same input values); with
+``check_calls`` (the default) each call first checks that, and that every rank's inputs are valid, with one
+small all-reduce (it carries a checksum of every input, ``check_inputs``), so an error or a mismatch on one
+rank is raised on all ranks instead of leaving the others waiting in a collective or computing a wrong
+result. A rank that dies during a call ends the call on the others with a :class:`ParallelError` as soon
+as the process group notices (at once for a dead process; a hung one after the group's timeout,
+``init_process_group(timeout=...)``); later calls raise it again without touching the broken group.
 
 Adaptive schedules decide from a metric measured on each rank's shard; ranks must decide alike, so such a
 runtime calls ``opt.parallel.reduce_metric(metric)`` once per compute step (an all-reduce max): every
@@ -62,10 +66,15 @@ class SequenceParallel:
             ``optimize`` raises (on every rank). ``None`` accepts any size.
         frame_dim: the video input's frame dimension; ``None`` infers it (the dim whose size equals the
             sequence length of temporal attention).
-        check_calls: before each call the ranks check, with one all-reduce of 5 numbers, that every rank's
-            inputs are valid and that all ranks are at the same timestep and call of the generation. An
-            error on one rank is then raised on all of them (a mismatch would otherwise wait forever in a
-            collective). ``False`` skips the check.
+        check_calls: before each call the ranks check, with one all-reduce of 5 numbers (and 2 per input with
+            ``check_inputs``), that every rank's inputs are valid and that all ranks are at the same timestep
+            and call of the generation. An error on one rank is then raised on all of them (a mismatch would
+            otherwise wait forever in a collective). ``False`` skips the check.
+        check_inputs: with ``check_calls``, also check that every rank was given the same input values (an
+            exact checksum of each input's bytes, folded into the same all-reduce): ranks fed different values,
+            e.g. noise drawn from a per-rank seed, would otherwise compute a silently wrong result. With
+            ``keep_sharded`` the video input (this rank's frames) is left out. ``False`` skips it (it reads
+            every input once per call).
 
     Example:
         >>> sp = SequenceParallel()                      # default group, whole tensors in and out
@@ -77,6 +86,42 @@ class SequenceParallel:
     world_size: int | None = None
     frame_dim: int | None = None
     check_calls: bool = True
+    check_inputs: bool = True
+
+
+#: Markers of torch.distributed transport failures (gloo, NCCL) when a peer process is gone or silent; gloo
+#: raises them as plain RuntimeErrors naming its transport, NCCL as DistBackendError.
+_LOST_PEER = ("connection closed by peer", "connection reset by peer", "broken pipe", "timed out",
+              "gloo/transport", "nccl")
+
+
+def lost_rank(error: BaseException) -> bool:
+    """Whether ``error`` says another rank of the process group is gone (died, killed, or silent past the
+    group's timeout), as opposed to an error of this rank's own computation.
+
+        >>> lost_rank(RuntimeError("[gloo/transport/tcp/pair.cc:553] Connection closed by peer [10.0.0.2]:4321"))
+        True
+        >>> lost_rank(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+        False
+    """
+    if isinstance(error, dist.DistError):
+        return True
+    return isinstance(error, RuntimeError) and any(m in str(error).lower() for m in _LOST_PEER)
+
+
+def checksum(x: torch.Tensor) -> float:
+    """An exact checksum of a tensor's bytes: their position-weighted sum modulo 2**52 (so that a float64,
+    the all-reduce's type, holds it exactly). Equal tensors give equal checksums on every rank and device;
+    a changed byte, or two bytes swapped, changes it.
+
+        >>> checksum(torch.tensor([1.0, 2.0])) == checksum(torch.tensor([1.0, 2.0]))
+        True
+        >>> checksum(torch.tensor([1.0, 2.0])) == checksum(torch.tensor([2.0, 1.0]))
+        False
+    """
+    b = x.detach().contiguous().view(-1).view(torch.uint8).to(torch.int64)
+    w = torch.arange(b.numel(), dtype=torch.int64, device=b.device) % 65521 + 1
+    return float(int((b * w).sum()) % (1 << 52))
 
 
 def _device(group) -> torch.device:
@@ -101,6 +146,7 @@ class ParallelRuntime:
         self.world_size = dist.get_world_size(self.group)
         self.device = _device(self.group)
         self.sharded: ShardedGraph | None = None
+        self.lost: ParallelError | None = None  # set when a rank was lost: the group cannot be used again
 
     # --- agreement -------------------------------------------------------------------------------
     def agree(self, error: BaseException | None, fingerprint: Any = None) -> None:
@@ -120,13 +166,17 @@ class ParallelRuntime:
             raise ParallelError(f"ranks optimised different things ({diff}); every rank must call graphpass.optimize "
                                 f"with the same model, schedule, example input shapes and SequenceParallel options")
 
-    def agree_call(self, error: BaseException | None, t: float, counter: int) -> None:
-        """Collective, once per call: one all-reduce of [failed, t, -t, counter, -counter]."""
+    def agree_call(self, error: BaseException | None, t: float, counter: int,
+                   checksums: dict[str, float] | None = None) -> None:
+        """Collective, once per call: one all-reduce (max) of [failed, t, -t, counter, -counter], then
+        ``checksum, -checksum`` of every input in ``checksums`` (the same names, in the same order, on every
+        rank): a maximum equal to minus the minimum means all ranks agree."""
         bad = error is not None
-        v = torch.tensor([float(bad), 0.0 if bad else t, 0.0 if bad else -t, 0.0 if bad else counter,
-                          0.0 if bad else -counter], dtype=torch.float64, device=self.device)
+        sums = list((checksums or {}).values())
+        vals = [t, -t, counter, -counter, *sums, *(-c for c in sums)]
+        v = torch.tensor([float(bad), *(0.0 if bad else x for x in vals)], dtype=torch.float64, device=self.device)
         dist.all_reduce(v, op=dist.ReduceOp.MAX, group=self.group)
-        failed, t_hi, t_lo, c_hi, c_lo = v.tolist()
+        failed, t_hi, t_lo, c_hi, c_lo, *rest = v.tolist()
         if failed:
             msgs: list = [None] * self.world_size
             dist.all_gather_object(msgs, None if error is None else f"{type(error).__name__}: {error}",
@@ -138,6 +188,22 @@ class ParallelRuntime:
             raise ParallelError(f"ranks are out of step: timesteps {-t_lo:g}..{t_hi:g}, calls {-c_lo:g}..{c_hi:g} of "
                                 f"the generation; call the optimised model on every rank with the same timestep, "
                                 f"the same number of times")
+        n = len(sums)
+        differ = [name for name, hi, lo in zip(checksums or {}, rest[:n], rest[n:]) if hi != -lo]
+        if differ:
+            raise ParallelError(f"the ranks were given different values of {', '.join(differ)} (their checksums "
+                                f"differ); every rank must pass the same inputs (e.g. draw noise from the same seed "
+                                f"on every rank, or broadcast it from rank 0), or the result is silently wrong. "
+                                f"SequenceParallel(check_inputs=False) turns this check off")
+
+    def lose(self, error: BaseException, what: str) -> ParallelError:
+        """The error to raise, on this rank and on every later call, once another rank is gone."""
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        self.lost = ParallelError(f"rank {self.rank} of {self.world_size}: another rank stopped during {what} (it "
+                                  f"exited, was killed, or did not answer within the process group's timeout), so "
+                                  f"this generation cannot finish; restart every rank (torchrun restarts them all). "
+                                  f"torch.distributed said: {first}")
+        return self.lost
 
     def reduce_metric(self, t: torch.Tensor | float) -> torch.Tensor | float:
         """All-reduce (max) of a metric over the ranks, so that every rank takes the same decision.
@@ -202,20 +268,56 @@ class ParallelModel(OptimizedModel):
         self.global_regions = global_regions
 
     def forward(self, *args, **kwargs):
-        if self.parallel.config.check_calls:
-            err, t, counter = None, 0.0, 0
-            try:
-                if args:
-                    raise InputError(f"call the optimised model with keyword arguments only (got {len(args)} "
-                                     f"positional); the capture's inputs are {self.captured.input_names}")
-                self.captured.flatten_call(kwargs)
-                t = self._timestep(kwargs)
-                st = self._state()
-                counter = 0 if st.last_t is not None and t > st.last_t else st.counter
-            except GraphpassError as e:
-                err = e
-            self.parallel.agree_call(err, t, counter)
-        return super().forward(*args, **kwargs)
+        rt = self.parallel
+        if rt.lost is not None:
+            raise rt.lost
+        where = self._call_label(kwargs)
+        try:
+            if rt.config.check_calls:
+                self._agree(args, kwargs)
+            return super().forward(*args, **kwargs)
+        except RuntimeError as e:
+            if not lost_rank(e):  # this rank's own failure: not a lost peer
+                raise
+            raise rt.lose(e, where) from e
+
+    def _step_of(self, kwargs) -> tuple[float, int]:
+        """(timestep, call number in the generation) of a call about to run."""
+        t = self._timestep(kwargs)
+        st = self._state()
+        return t, 0 if st.last_t is not None and t > st.last_t else st.counter
+
+    def _call_label(self, kwargs) -> str:
+        """``call 3 of the generation (timestep 781)``, for messages; just ``a call`` for a malformed one."""
+        try:
+            t, counter = self._step_of(kwargs)
+        except GraphpassError:
+            return "a call"
+        return f"call {counter + 1} of the generation (timestep {t:g})"
+
+    def _agree(self, args, kwargs) -> None:
+        """The ranks' per-call agreement (:meth:`ParallelRuntime.agree_call`): valid inputs everywhere, same
+        step, same input values (``check_inputs``)."""
+        err, t, counter, sums = None, 0.0, 0, {}
+        try:
+            if args:
+                raise InputError(f"call the optimised model with keyword arguments only (got {len(args)} "
+                                 f"positional); the capture's inputs are {self.captured.input_names}")
+            flat = self.captured.flatten_call(kwargs)
+            t, counter = self._step_of(kwargs)
+            sums = self._input_checksums(flat)
+        except GraphpassError as e:
+            err, sums = e, dict.fromkeys(self._checked_inputs(), 0.0)  # same vector length on every rank
+        self.parallel.agree_call(err, t, counter, sums)
+
+    def _checked_inputs(self) -> list[str]:
+        """Inputs whose values every rank must share: all of them, but this rank's frames with keep_sharded."""
+        skip = self.sharded.video_input if self.sharded.keep_sharded else None
+        return [n for n in self.captured.input_names if n != skip] if self.parallel.config.check_inputs else []
+
+    def _input_checksums(self, flat: list[torch.Tensor]) -> dict[str, float]:
+        by_name = dict(zip(self.captured.input_names, flat))
+        return {n: checksum(by_name[n]) for n in self._checked_inputs()}
 
     # --- communication ---------------------------------------------------------------------------
     def collectives(self, phase: Phase) -> tuple[list[Any], list[Any]]:
@@ -257,7 +359,8 @@ def connect(config: SequenceParallel, schedule: Schedule, runtime: type = Optimi
         err = ParallelError(f"SequenceParallel(world_size={config.world_size}) but the process group has "
                             f"{rt.world_size} ranks; launch {config.world_size} processes (torchrun "
                             f"--nproc_per_node {config.world_size}) or drop world_size=")
-    rt.agree(err, (schedule.to_json(), config.keep_sharded, config.frame_dim, config.check_calls, rt.world_size))
+    rt.agree(err, (schedule.to_json(), config.keep_sharded, config.frame_dim, config.check_calls, config.check_inputs,
+                   rt.world_size))
     return rt
 
 

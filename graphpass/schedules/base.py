@@ -196,16 +196,37 @@ def schedule_from_json(text_or_path: str | Path) -> Schedule:
     """Load any schedule from JSON text or a ``.json`` file path."""
     text = str(text_or_path)
     if not text.lstrip().startswith("{"):
-        p = Path(text)
-        if not p.exists():
-            raise ScheduleError(f"schedule file {p} does not exist; pass JSON text or an existing .json file")
-        text = p.read_text()
+        text = _read_schedule_file(Path(text))
     try:
         d = json.loads(text)
     except json.JSONDecodeError as e:
         raise ScheduleError(f"schedule JSON is malformed ({e}); write it with Schedule.save() or to_json()") from e
+    if not isinstance(d, dict):
+        raise ScheduleError(f"schedule JSON must be an object such as {{\"type\": \"PAB\", \"spatial\": 2}}, got a "
+                            f"{type(d).__name__}; write it with Schedule.save() or to_json()")
     kind = d.pop("type", None)
     d.pop("measured", None)  # figures `graphpass search` measured for the schedule: information, not a field
-    if kind not in Schedule._registry:
+    if not isinstance(kind, str) or kind not in Schedule._registry:
         raise ScheduleError(f"unknown schedule type {kind!r}; known: {', '.join(sorted(Schedule._registry))}")
-    return Schedule._registry[kind].from_dict(d)
+    try:
+        return Schedule._registry[kind].from_dict(d)
+    except (TypeError, AttributeError) as e:  # a field of the wrong JSON type (null, a list for an object...)
+        raise ScheduleError(f"{kind} schedule JSON has a field of the wrong type ({e}): ranges are integers, "
+                            f"\"window\" is a pair [lo, hi], \"windows\" an object such as {{\"cross\": [100, 900]}}; "
+                            f"compare with the output of Schedule.to_json()") from None
+
+
+def _read_schedule_file(p: Path) -> str:
+    """The text of a schedule file, or a :class:`ScheduleError` saying why it cannot be one."""
+    if not p.exists():
+        raise ScheduleError(f"schedule file {p} does not exist; pass JSON text or an existing .json file")
+    if p.is_dir():
+        raise ScheduleError(f"schedule path {p} is a folder; pass a .json file (e.g. one written by "
+                            f"Schedule.save() or `graphpass search`)")
+    try:
+        return p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise ScheduleError(f"schedule file {p} is not text (not UTF-8): pass a JSON file written by Schedule.save() "
+                            f"or `graphpass search`") from None
+    except OSError as e:
+        raise ScheduleError(f"cannot read schedule file {p} ({e.strerror}); check the path and its permissions") from None

@@ -1,10 +1,11 @@
-"""PSNR / SSIM against closed-form values."""
+"""PSNR / SSIM against closed-form values and an independent SSIM (tests/eval_tools/reference_metrics.py)."""
 
 import math
 
 import pytest
 import torch
 
+from eval_tools.reference_metrics import reference_ssim
 from graphpass.eval.metrics import psnr, ssim
 
 
@@ -61,6 +62,12 @@ def test_ssim_constant_images_with_offset_matches_luminance_term():
 def test_batches_and_shape_errors():
     a, b = _video(0, (2, 4, 3, 16, 16)), _video(1, (2, 4, 3, 16, 16))
     assert psnr(a, b) == pytest.approx([psnr(a[0], b[0]), psnr(a[1], b[1])])
-    assert len(ssim(a, b)) == 2
+    # each video's SSIM against an independent implementation (explicit windows, centred moments)
+    assert ssim(a, b) == pytest.approx([reference_ssim(a[0], b[0]), reference_ssim(a[1], b[1])], abs=1e-10)
+    noisy = (a + 0.1 * torch.randn(a.shape, generator=torch.Generator().manual_seed(4))).clamp(-1, 1)
+    assert ssim(noisy, a) == pytest.approx([reference_ssim(noisy[i], a[i]) for i in range(2)], abs=1e-10)
+    small = a[..., :7, :9]  # frames under 11 pixels: the window shrinks to 7
+    assert ssim(small, b[..., :7, :9]) == pytest.approx([reference_ssim(small[i], b[i, ..., :7, :9])
+                                                         for i in range(2)], abs=1e-10)
     with pytest.raises(ValueError):
         psnr(a, b[:, :2])

@@ -18,7 +18,7 @@ import torch
 
 import graphpass
 from graphpass import PAB, ArtefactError, InputError
-from graphpass.exporters.manifest import cache_tensor_name
+from graphpass.exporters.manifest import cache_tensor_name, manifest_digest, render_manifest
 from conftest import make_case, run_loop
 
 onnx = pytest.importorskip("onnx")
@@ -60,6 +60,16 @@ def copy_of(ex: Exported, tmp_path: Path) -> Path:
     dst = tmp_path / "copy"
     shutil.copytree(ex.folder, dst)
     return dst
+
+
+def edit_manifest(folder: Path, edit, reseal: bool = True) -> None:
+    """Apply ``edit(manifest)`` to ``folder``'s manifest; ``reseal`` also updates its own sha256, as someone
+    editing it on purpose would, so that the checks behind the digest are reached."""
+    m = json.loads((folder / "manifest.json").read_text())
+    edit(m)
+    if reseal:
+        m["manifest_sha256"] = manifest_digest(m)
+    (folder / "manifest.json").write_text(render_manifest(m))
 
 
 # --- per-phase export ------------------------------------------------------------------------------
@@ -170,9 +180,10 @@ def test_missing_phase_file_is_named(vdt, tmp_path):
 
 def test_incomplete_manifest_is_refused(vdt, tmp_path):
     folder = copy_of(vdt, tmp_path)
-    m = json.loads((folder / "manifest.json").read_text())
-    del m["user_outputs"]
-    (folder / "manifest.json").write_text(json.dumps(m))
+    edit_manifest(folder, lambda m: m.pop("user_outputs"), reseal=False)
+    with pytest.raises(ArtefactError, match=r"manifest\.json does not match its own sha256"):
+        graphpass.load(folder)
+    edit_manifest(folder, lambda m: m.pop("user_outputs", None))  # the same edit, resealed
     with pytest.raises(ArtefactError, match=r"manifest\.json is incomplete or malformed \(KeyError: 'user_outputs'\)"):
         graphpass.load(folder)
     (folder / "manifest.json").unlink()
@@ -207,9 +218,7 @@ def test_tensorrt_without_gpu_or_package_says_what_is_missing(vdt, tmp_path):
     with pytest.raises(ArtefactError, match="holds no TensorRT engines"):
         graphpass.load(vdt.folder, backend="tensorrt")
     folder = copy_of(vdt, tmp_path)  # a folder whose manifest says it holds engines
-    m = json.loads((folder / "manifest.json").read_text())
-    m["format"] = "tensorrt"
-    (folder / "manifest.json").write_text(json.dumps(m))
+    edit_manifest(folder, lambda m: m.update(format="tensorrt"))
     with pytest.raises(ArtefactError, match=missing):
         graphpass.load(folder)
 

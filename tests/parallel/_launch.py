@@ -67,3 +67,29 @@ def launch(fn, world_size: int = 2, timeout: float = 120.0, preload: tuple[str, 
                 if p.is_alive():
                     p.kill()
         return [torch.load(Path(folder) / f"rank{r}.pt", weights_only=False) for r in range(world_size)]
+
+
+def launch_allowing_exits(fn, world_size: int = 2, timeout: float = 120.0,
+                          preload: tuple[str, ...] = ()) -> tuple[dict[int, dict], dict[int, int]]:
+    """Like :func:`launch`, for tests where a rank is meant to die: waits for every process (a rank that
+    exits does not stop the others) and returns (results of the ranks that finished, exit code per rank).
+    Processes still running at ``timeout`` are killed and the test fails."""
+    method = "fork" if threading.active_count() == 1 else "forkserver"
+    if method == "forkserver":
+        mp.set_forkserver_preload(["_launch", *preload])
+    with tempfile.TemporaryDirectory() as folder:
+        ctx = mp.start_processes(_entry, args=(fn, world_size, free_port(), folder), nprocs=world_size,
+                                 join=False, start_method=method)
+        deadline = time.monotonic() + timeout
+        try:
+            for p in ctx.processes:
+                p.join(max(0.0, deadline - time.monotonic()))
+            if any(p.is_alive() for p in ctx.processes):
+                pytest.fail(f"{fn.__name__} on {world_size} ranks did not finish in {timeout:.0f} s (hang?)")
+        finally:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+        results = {r: torch.load(Path(folder) / f"rank{r}.pt", weights_only=False) for r in range(world_size)
+                   if (Path(folder) / f"rank{r}.pt").is_file()}
+        return results, {r: p.exitcode for r, p in enumerate(ctx.processes)}

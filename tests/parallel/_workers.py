@@ -4,7 +4,8 @@ dict of measurements that the tests check in the parent process.
 * :func:`dsp_checks`: DSP on VDT-tiny (4 frames: 2 + 2) and diffusers Latte (3 frames: 2 + 1), without reuse
   (against eager) and with PAB (against single-process PAB); collectives counted at run time against the
   phase graphs and the plan; keep_sharded (Latte, uneven); inspect(); reduce_metric; and the errors (a bad
-  input on one rank, ranks out of step, a wrong world size).
+  input on one rank, ranks out of step, different input values on the ranks, a wrong world size).
+* :func:`rank_death_checks`: rank 1 kills itself mid-generation; rank 0's next call must fail clearly and soon.
 * :func:`ulysses_checks`: a small joint-attention model that splits heads over the ranks with the same
   collective ops (Ulysses): numerics against the unsplit model and the four all-to-alls a reuse removes.
 """
@@ -142,6 +143,16 @@ def _error_checks(rank: int, opt, case, first_eager) -> dict:
     skew = case.kwargs()
     skew["timestep"] = torch.full_like(skew["timestep"], TIMESTEPS[rank])  # ranks at different steps
     out["out_of_step"] = _error(lambda: opt(**skew))
+    seeded = case.kwargs()  # each rank draws its own noise, from a per-rank seed: the classic mistake
+    seeded["hidden_states"] = torch.randn(seeded["hidden_states"].shape, generator=torch.Generator().manual_seed(
+        100 + rank))
+    seeded["timestep"] = torch.full_like(seeded["timestep"], TIMESTEPS[1])
+    out["per_rank_seed"] = _error(lambda: opt(**seeded))
+    opt.parallel.config.check_inputs = False  # turned off alike on every rank: the call runs, unchecked
+    try:
+        out["unchecked"] = _error(lambda: opt(**seeded))
+    finally:
+        opt.parallel.config.check_inputs = True
     out["world_size"] = _error(lambda: graphpass.optimize(case.model, PAB_SCHEDULE, example_kwargs=case.kwargs(),
                                                           parallel=SequenceParallel(world_size=3)))
     return out
@@ -252,3 +263,32 @@ def ulysses_checks(rank: int, world_size: int) -> dict:
     return dict(eager_diff=_max_diff(eager_split, mine(eager_full)), pab_diff=_max_diff(out, mine(single_out)),
                 collectives=len(every), phases=phases, counted=_counts(counted),
                 kinds=sorted({r.kind for r in opt.regions}))
+
+
+# --- a rank that dies -------------------------------------------------------------------------------
+def rank_death_checks(rank: int, world_size: int, check_calls: bool = True) -> dict:
+    """Two calls of a generation on both ranks, then rank 1 is killed (SIGKILL: no clean-up, no goodbye);
+    rank 0 makes the third call and a fourth, and reports what each raised and how long it took. With
+    ``check_calls`` the loss shows in the agreement all-reduce; without, in the graph's own all-to-all."""
+    import os
+    import signal
+    import time
+
+    case = make_case("vdt")
+    opt = graphpass.optimize(case.model, PAB_SCHEDULE, example_kwargs=case.kwargs(), timesteps=TIMESTEPS,
+                             parallel=SequenceParallel(check_calls=check_calls))
+    run_loop(opt, case.kwargs(), TIMESTEPS[:2])
+    if rank == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    out: dict = {}
+    for label, t in (("third", TIMESTEPS[2]), ("fourth", TIMESTEPS[3])):
+        kw = case.kwargs()
+        kw["timestep"] = torch.full_like(kw["timestep"], t)
+        t0 = time.monotonic()
+        out[label] = _error(lambda: opt(**kw))
+        out[label + "_seconds"] = time.monotonic() - t0
+    return out
+
+
+def rank_death_checks_unchecked(rank: int, world_size: int) -> dict:
+    return rank_death_checks(rank, world_size, check_calls=False)

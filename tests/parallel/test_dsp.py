@@ -9,11 +9,12 @@ all frames after the all-to-all, so results match up to summation order).
 from __future__ import annotations
 
 import re
+import signal
 
 import pytest
 
-from _launch import launch
-from _workers import all_checks
+from _launch import launch, launch_allowing_exits
+from _workers import all_checks, rank_death_checks, rank_death_checks_unchecked
 
 ATOL = 1e-5
 
@@ -107,6 +108,30 @@ def test_a_rank_that_raises_fails_every_rank_with_a_clear_error(ranks):
         assert e["out_of_step"] is not None and "out of step" in e["out_of_step"] and "881..981" in e["out_of_step"]
 
 
+def test_ranks_given_different_inputs_fail_unless_the_check_is_off(ranks):
+    for r in ranks:
+        e = r["dsp"]["errors"]
+        assert e["per_rank_seed"] is not None
+        assert "given different values of hidden_states" in e["per_rank_seed"]
+        assert "check_inputs=False" in e["per_rank_seed"]
+        assert "timestep" not in e["per_rank_seed"].split("values of")[1].split("(")[0]  # only what differs
+        assert e["unchecked"] is None  # turned off: the call ran
+
+
+@pytest.mark.parametrize("checks", [rank_death_checks, rank_death_checks_unchecked], ids=["checked", "unchecked"])
+def test_a_rank_killed_mid_generation_ends_the_others_clearly_and_soon(checks):
+    """Killed before the third call: rank 0 learns it in the call's agreement all-reduce (checked) or in the
+    phase graph's first all-to-all (unchecked calls)."""
+    results, exits = launch_allowing_exits(checks, world_size=2, timeout=150, preload=("_workers",))
+    assert exits[1] == -signal.SIGKILL and 1 not in results
+    assert exits[0] == 0
+    r = results[0]
+    assert r["third"] is not None and "another rank stopped during call 3 of the generation" in r["third"]
+    assert "restart every rank" in r["third"] and "torch.distributed said:" in r["third"]
+    assert r["third_seconds"] < 30  # well inside the group's 60 s timeout: a dead peer is noticed at once
+    assert r["fourth"] == r["third"] and r["fourth_seconds"] < 1  # later calls fail at once, without the group
+
+
 def test_mismatched_world_size_fails_every_rank(ranks):
     for r in ranks:
         msg = r["dsp"]["errors"]["world_size"]
@@ -130,3 +155,19 @@ def test_ulysses_joint_attention_matches_and_reuse_elides_all_four_all_to_alls(r
             computed += ph["steps"] * (2 - len(ph["reused"]))
         assert any(ph["reused"] for ph in u["phases"])
         assert u["counted"]["calls"] == {"all_to_all": 4 * computed}
+
+
+def test_input_checksum_sees_one_ulp_and_ignores_memory_layout():
+    """The per-call input check's checksum, without a process group: exact on the bytes."""
+    import torch
+
+    from graphpass.runtime.parallel import checksum, lost_rank
+
+    x = torch.randn(2, 4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    y = x.clone()
+    y.view(-1)[777] = torch.nextafter(y.view(-1)[777], torch.tensor(float("inf")))  # one ulp
+    assert checksum(x) == checksum(x.clone()) and checksum(x) != checksum(y)
+    assert checksum(x.transpose(1, 2).contiguous().transpose(1, 2)) == checksum(x)  # same values, other strides
+    assert checksum(x.flip(0)) != checksum(x)  # same bytes, other order
+    assert lost_rank(RuntimeError("[gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:1"))
+    assert not lost_rank(RuntimeError("mat1 and mat2 shapes cannot be multiplied (2x3 and 4x5)"))
