@@ -18,9 +18,6 @@ if TYPE_CHECKING:
     from .runtime.parallel import SequenceParallel
 
 
-BACKENDS = ("eager", "inductor")
-
-
 def optimize(model: torch.nn.Module, schedule: Schedule | str, *, example_kwargs: dict[str, Any] | None = None,
              timestep_arg: str = "timestep", video_input: str | None = None, kinds: dict[str, str] | None = None,
              backend: str = "eager", timesteps: Sequence[float] | None = None,
@@ -67,9 +64,6 @@ def optimize(model: torch.nn.Module, schedule: Schedule | str, *, example_kwargs
         schedule = PAB.preset(schedule)
     if not isinstance(schedule, Schedule):
         raise TypeError(f"schedule must be a graphpass schedule (e.g. graphpass.PAB(...)), got {type(schedule).__name__}")
-    if backend not in BACKENDS:
-        raise InputError(f"backend={backend!r}: one of {', '.join(BACKENDS)} (exported artefacts run on "
-                         f"onnxruntime/tensorrt through graphpass.load)")
     if timestep_order not in TIMESTEP_ORDERS:
         raise InputError(f"timestep_order={timestep_order!r}: one of {', '.join(TIMESTEP_ORDERS)}")
     if example_kwargs is None:
