@@ -66,3 +66,20 @@ def attention_kinds(case: ZooCase) -> dict[str, str]:
     return {p: k for p, (k, _) in case.kinds.items() if k in ATTENTION_KINDS}
 
 
+
+
+def top_blocks(model: torch.nn.Module, case: ZooCase) -> list[str]:
+    """The model's transformer blocks, read from its module tree: entries of its top-level module lists that
+    hold an attention module of ``case.kinds``, in the order one eager call runs them."""
+    lists = {name for name, m in model.named_children() if isinstance(m, torch.nn.ModuleList)}
+    wanted = {".".join(p.split(".")[:2]) for p, (k, _) in case.kinds.items() if k in ATTENTION_KINDS
+              and p.split(".")[0] in lists}
+    order: list[str] = []
+    handles = [model.get_submodule(p).register_forward_pre_hook(lambda m, a, p=p: order.append(p)) for p in wanted]
+    try:
+        with torch.no_grad():
+            model(**case.kwargs())
+    finally:
+        for h in handles:
+            h.remove()
+    return list(dict.fromkeys(order))

@@ -7,6 +7,8 @@ For each case (one capture shared by its tests):
 * tags equal the kinds written in the case from reading the model's source, module by module;
 * PAB over a 20-step loop, reusing every kind the model has, equals the module-level reference
   (tests/reference_pab.py) within 1e-5 relative, with the same reuse decisions;
+* AdaCache: an always-compute decision sequence equals eager bit for bit, and a fixed sequence with reuse
+  steps equals a module-level block-residual reference (tests/adacache/adacache_helpers.py) within 1e-5;
 * static ONNX export of the PAB plan runs in onnxruntime within 1e-4 of graphpass's eager outputs (a model
   with an op that does not lower gets a clear error naming it: the test then records it).
 """
@@ -14,17 +16,24 @@ from __future__ import annotations
 
 import os
 import re
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 import graphpass
-from graphpass import PAB
+from graphpass import PAB, FrozenAdaCache
 from graphpass.errors import GraphpassError
+from graphpass.runtime.adaptive import ResidualModel
 from graphpass.runtime.executor import OptimizedModel
 from reference_pab import ReferencePAB
 from zoo import ZOO
-from zoo._harness import RANGES, RTOL, STEPS, SUPPORTED, UNSUPPORTED, attention_kinds, captured, loop, rel
+from zoo._harness import (RANGES, RTOL, STEPS, SUPPORTED, UNSUPPORTED, attention_kinds, captured, loop, rel,
+                          top_blocks)
+
+sys.path.insert(0, str(Path(__file__).parent.parent / "adacache"))
+from adacache_helpers import BlockResidualReuse  # noqa: E402
 
 @pytest.mark.parametrize("name", SUPPORTED)
 def test_never_reusing_schedule_is_bit_identical(name):
@@ -70,6 +79,56 @@ def test_pab_equals_the_reference_for_every_kind(name):
     for i, (_, phase) in enumerate(trace):
         assert set(phase.reused) == {p for p, reused in ref.steps[i].items() if reused}, f"step {i}"
     assert sum(len(ph.reused) for _, ph in trace) > 0
+
+
+#: Residual caching needs every block to be ``x -> x + f(x)`` per hidden state it carries, in one chain.
+ADACACHE_UNSUPPORTED: dict[str, str] = {
+    # token_replace: each block's output re-assembles the first frame's tokens with torch.cat
+    "hunyuan-video-i2v": r"cannot find the hidden state entering block transformer_blocks\.0",
+    # the control stream runs its own chain of vace_blocks whose hints feed the main blocks
+    "wan-vace": r"does not come from block vace_blocks\.1",
+}
+#: Runs, but the per-block reference does something else: the face adapter adds to the hidden state between
+#: blocks, so graphpass's reused span residual includes it while a per-block reference recomputes it.
+ADACACHE_OTHER_REFERENCE = {"wan-animate"}
+DECISIONS = "CCRCRRCC" + "C" * (len(STEPS) - 8)
+
+
+@pytest.mark.parametrize("name", [n for n in SUPPORTED if n not in ADACACHE_UNSUPPORTED])
+def test_adacache_always_compute_equals_eager(name):
+    case = ZOO[name]
+    model, cap, regions = captured(name)
+    opt = ResidualModel(model, cap, regions, FrozenAdaCache("C" * len(STEPS)))
+    eager = loop(case, model, case.kwargs())
+    assert all(torch.equal(a, b) for a, b in zip(loop(case, opt, case.kwargs()), eager))
+
+
+@pytest.mark.parametrize("name", [n for n in SUPPORTED if n not in ADACACHE_UNSUPPORTED
+                                  and n not in ADACACHE_OTHER_REFERENCE])
+def test_adacache_decisions_equal_the_block_residual_reference(name):
+    case = ZOO[name]
+    model, cap, regions = captured(name)
+    opt = ResidualModel(model, cap, regions, FrozenAdaCache(DECISIONS))
+    opt.plan(STEPS)
+    got = loop(case, opt, case.kwargs())
+    fresh = case.build()  # the reference wraps block forwards: not the captured model
+    ref = BlockResidualReuse(fresh, top_blocks(fresh, case))
+    calls = iter(DECISIONS)
+
+    def reference(**kw):
+        ref.reuse = next(calls) == "R"
+        return fresh(**kw)
+
+    want = loop(case, reference, case.kwargs())
+    assert rel(got, want) <= RTOL
+    assert rel(got, loop(case, model, case.kwargs())) > 1e-4  # reuse changed the outputs: the check can fail
+
+
+@pytest.mark.parametrize("name", sorted(ADACACHE_UNSUPPORTED))
+def test_adacache_refuses_clearly(name):
+    model, cap, regions = captured(name)
+    with pytest.raises(GraphpassError, match=ADACACHE_UNSUPPORTED[name]):
+        ResidualModel(model, cap, regions, FrozenAdaCache(DECISIONS))
 
 
 @pytest.mark.parametrize("name", UNSUPPORTED)
