@@ -1,0 +1,387 @@
+"""Example inputs of one denoiser call of a diffusers video transformer, built from the model's config.
+
+Each builder returns the keyword arguments the model's diffusers pipeline passes to the transformer at one
+denoising step: latents of the config's channel count in the model's layout, text embeddings of the config's
+width (and the padding mask where the pipeline passes one), the timestep in the dtype the pipeline's scheduler
+gives, and every extra argument the pipeline computes (rotary tables, guidance, micro-conditions), with
+``return_dict=False``. Sizes are latent sizes (after the VAE): ``frames`` latent frames of ``height`` x
+``width``; ``None`` picks the model's default (:data:`DEFAULT_FRAMES` x :data:`DEFAULT_SIZE`, or the size a
+model fixes, e.g. Latte's ``video_length``). ``batch`` 2 is one batched classifier-free-guidance call.
+
+Builders are looked up by class name in :data:`INPUT_BUILDERS`; :data:`TIMESTEP_RULES` says how the family's
+default scheduler spaces its timesteps (:func:`timesteps_for`).
+
+    >>> from diffusers import LatteTransformer3DModel
+    >>> model = LatteTransformer3DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4,
+    ...     out_channels=8, num_layers=1, sample_size=8, patch_size=2, cross_attention_dim=16,
+    ...     caption_channels=16, norm_type="ada_norm_single", num_embeds_ada_norm=1000, video_length=3)
+    >>> kw = build_inputs(model, batch=2, timestep=981)
+    >>> tuple(kw["hidden_states"].shape), kw["timestep"].dtype, tuple(kw["encoder_hidden_states"].shape)
+    ((2, 4, 3, 8, 8), torch.int64, (2, 120, 16))
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from .errors import InputError
+
+#: Latent frames and latent height/width of a default example call: small, so capture and tests stay fast.
+DEFAULT_FRAMES = 3
+DEFAULT_SIZE = 8
+#: Text tokens for pipelines that accept any prompt length (with a padding mask); models whose pipeline pads
+#: to a fixed length the model depends on use that length instead (CogVideoX, Wan, Latte).
+TEXT_TOKENS = 16
+#: Tokens of the unconditional (negative, empty) prompt in the padding mask of a batched CFG call.
+NEGATIVE_TOKENS = 3
+#: First timestep used when the caller gives none (a DDPM model's first DDIM step, a flow model's sigma 1).
+DEFAULT_TIMESTEP = 999.0
+
+Builder = Callable[..., dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class TimestepRule:
+    """How the default scheduler of a model family spaces ``num_steps`` timesteps on the 0..1000 scale.
+
+    kind: ``"ddim"`` (DDPM-trained; DDIM 'leading' spacing 981, 961, ... as graphpass's sampler) or ``"flow"``
+        (flow matching: ``1000 * sigma`` with sigmas from 1 down, shifted).
+    shift: the flow scheduler's ``shift`` (``shift * s / (1 + (shift - 1) * s)``).
+    reversed: the model is called with ``1000 - t`` (Mochi: 1000 = clean).
+    """
+
+    kind: str
+    shift: float = 1.0
+    reversed: bool = False
+
+
+DDIM = TimestepRule("ddim")
+
+
+def ddim_timesteps(num_steps: int) -> list[float]:
+    """DDIM 'leading' timesteps with offset 1 (what graphpass's sampler uses).
+
+    >>> ddim_timesteps(4)
+    [751.0, 501.0, 251.0, 1.0]
+    """
+    from .models.sampler import ddim_timesteps as spaced
+
+    return [float(t) for t in spaced(num_steps)]
+
+
+def flow_timesteps(num_steps: int, shift: float = 1.0) -> list[float]:
+    """Flow-matching timesteps ``1000 * sigma``: sigmas ``linspace(1, 0, N + 1)[:-1]`` (HunyuanVideo's
+    pipeline; FlowMatchEulerDiscreteScheduler's default spacing) shifted by ``shift``.
+
+    >>> flow_timesteps(4)
+    [1000.0, 750.0, 500.0, 250.0]
+    >>> [round(t, 1) for t in flow_timesteps(2, shift=3.0)]
+    [1000.0, 750.0]
+    """
+    if num_steps < 1:
+        raise InputError(f"num_steps={num_steps}: sample at least one step")
+    sigmas = [1.0 - i / num_steps for i in range(num_steps)]
+    return [1000.0 * shift * s / (1.0 + (shift - 1.0) * s) for s in sigmas]
+
+
+def timesteps_for(class_name: str, num_steps: int) -> list[float]:
+    """The timesteps a model of ``class_name`` is called with over ``num_steps`` (its family's rule).
+
+    >>> timesteps_for("CogVideoXTransformer3DModel", 2)
+    [501.0, 1.0]
+    >>> timesteps_for("MochiTransformer3DModel", 2)
+    [0.0, 500.0]
+    """
+    rule = TIMESTEP_RULES.get(class_name, DDIM)
+    ts = ddim_timesteps(num_steps) if rule.kind == "ddim" else flow_timesteps(num_steps, rule.shift)
+    return [1000.0 - t for t in ts] if rule.reversed else ts
+
+
+# --- shared pieces ---------------------------------------------------------------------------------------------
+
+def _randn(g: torch.Generator, *shape: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=g)
+
+
+def _sizes(frames: int | None, height: int | None, width: int | None) -> tuple[int, int, int]:
+    return (frames or DEFAULT_FRAMES, height or DEFAULT_SIZE, width or DEFAULT_SIZE)
+
+
+def _check_divisible(cls: str, what: str, value: int, by: int) -> None:
+    if value % by:
+        raise InputError(f"{cls}: {what} {value} is not a multiple of the patch size {by}; pick a multiple of {by}")
+
+
+def _text_mask(batch: int, tokens: int) -> torch.Tensor:
+    """(B, L) int64 padding mask as a tokenizer gives it: the first half of a CFG batch is the negative
+    (short, padded) prompt, the second the full prompt.
+
+    >>> _text_mask(2, 5).tolist()
+    [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
+    """
+    mask = torch.ones(batch, tokens, dtype=torch.long)
+    mask[: batch // 2, min(NEGATIVE_TOKENS, tokens):] = 0
+    return mask
+
+
+def _timestep(batch: int, t: float, dtype: torch.dtype) -> torch.Tensor:
+    """``t.expand(batch)`` of a scheduler timestep: int64 for DDPM/UniPC schedulers, float32 for flow ones."""
+    return torch.full((batch,), t).to(dtype)
+
+
+# --- CogVideoX ---------------------------------------------------------------------------------------------------
+
+def cogvideox_rotary_emb(model: torch.nn.Module, frames: int, height: int, width: int) -> tuple[torch.Tensor, ...]:
+    """``(freqs_cos, freqs_sin)`` as ``CogVideoXPipeline._prepare_rotary_positional_embeddings`` builds them for
+    latents of ``frames`` x ``height`` x ``width`` (the pipeline's pixel size // VAE factor = latent size):
+    crop-region grid for CogVideoX 1.0, 'slice' grid for 1.5 (``patch_size_t`` set)."""
+    from diffusers.models.embeddings import get_3d_rotary_pos_embed
+    from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
+
+    cfg = model.config
+    p, p_t = cfg.patch_size, cfg.patch_size_t
+    grid_h, grid_w = height // p, width // p
+    base_w, base_h = cfg.sample_width // p, cfg.sample_height // p
+    if p_t is None:
+        crops = get_resize_crop_region_for_grid((grid_h, grid_w), base_w, base_h)
+        return get_3d_rotary_pos_embed(embed_dim=cfg.attention_head_dim, crops_coords=crops,
+                                       grid_size=(grid_h, grid_w), temporal_size=frames)
+    return get_3d_rotary_pos_embed(embed_dim=cfg.attention_head_dim, crops_coords=None, grid_size=(grid_h, grid_w),
+                                   temporal_size=(frames + p_t - 1) // p_t, grid_type="slice",
+                                   max_size=(base_h, base_w))
+
+
+def cogvideox_inputs(model, batch: int = 2, frames: int | None = None, height: int | None = None,
+                     width: int | None = None, *, timestep: float = DEFAULT_TIMESTEP, seed: int = 0) -> dict[str, Any]:
+    """CogVideoX (1.0 and 1.5, T2V and I2V): latents ``(B, F, C_in, H, W)`` (I2V's image latents are part of
+    ``in_channels``), T5 text padded to ``max_text_seq_length``, int64 DDIM timestep, rotary tables when
+    ``use_rotary_positional_embeddings``, ``ofs`` 2.0 when ``ofs_embed_dim`` is set (1.5 I2V). Learned
+    positional embeddings fix the size to the config's sample size (the model refuses others)."""
+    cfg = model.config
+    name = type(model).__name__
+    f, h, w = _sizes(frames, height, width)
+    if cfg.use_learned_positional_embeddings:
+        h, w = height or cfg.sample_height, width or cfg.sample_width
+    if cfg.patch_size_t is not None and f % cfg.patch_size_t:
+        # the pipeline pads the latent frames to a multiple of patch_size_t
+        f += cfg.patch_size_t - f % cfg.patch_size_t
+    _check_divisible(name, "latent height", h, cfg.patch_size)
+    _check_divisible(name, "latent width", w, cfg.patch_size)
+    g = torch.Generator().manual_seed(seed)
+    kw: dict[str, Any] = dict(hidden_states=_randn(g, batch, f, cfg.in_channels, h, w),
+                              encoder_hidden_states=_randn(g, batch, cfg.max_text_seq_length, cfg.text_embed_dim),
+                              timestep=_timestep(batch, timestep, torch.long))
+    if cfg.ofs_embed_dim is not None:
+        kw["ofs"] = torch.full((1,), 2.0)
+    if cfg.use_rotary_positional_embeddings:
+        kw["image_rotary_emb"] = cogvideox_rotary_emb(model, f, h, w)
+    kw.update(attention_kwargs=None, return_dict=False)
+    return kw
+
+
+# --- Latte -------------------------------------------------------------------------------------------------------
+
+#: LattePipeline's ``max_sequence_length`` (T5 prompt padded to it).
+LATTE_TEXT_TOKENS = 120
+
+
+def latte_inputs(model, batch: int = 2, frames: int | None = None, height: int | None = None,
+                 width: int | None = None, *, timestep: float = DEFAULT_TIMESTEP, seed: int = 0) -> dict[str, Any]:
+    """Latte: latents ``(B, C_in, F, H, W)`` with ``F = video_length`` (the temporal position table has
+    exactly that many rows), T5 text of 120 tokens, int64 DDIM timestep, temporal attention on."""
+    cfg = model.config
+    f, h, w = _sizes(frames or cfg.video_length, height, width)
+    if f != cfg.video_length:
+        raise InputError(f"LatteTransformer3DModel: frames={f} but the model's temporal position embedding has "
+                         f"video_length={cfg.video_length} rows; use frames={cfg.video_length}")
+    _check_divisible("LatteTransformer3DModel", "latent height", h, cfg.patch_size)
+    _check_divisible("LatteTransformer3DModel", "latent width", w, cfg.patch_size)
+    g = torch.Generator().manual_seed(seed)
+    return dict(hidden_states=_randn(g, batch, cfg.in_channels, f, h, w),
+                encoder_hidden_states=_randn(g, batch, LATTE_TEXT_TOKENS, cfg.caption_channels),
+                timestep=_timestep(batch, timestep, torch.long), enable_temporal_attentions=True, return_dict=False)
+
+
+# --- Wan family ----------------------------------------------------------------------------------------------------
+
+#: umT5 length the Wan pipelines pad every prompt to; Wan's image cross-attention splits the text at it.
+WAN_TEXT_TOKENS = 512
+#: CLIP ViT-H/14 image tokens (256 patches + class token) of the I2V pipelines' image encoder.
+CLIP_IMAGE_TOKENS = 257
+
+
+def _wan_core(model, batch, frames, height, width, timestep, seed) -> tuple[dict[str, Any], torch.Generator, tuple]:
+    """Latents, text, int64 timestep (UniPCMultistepScheduler, which the released checkpoints ship) and the
+    CLIP image tokens when the config has ``image_dim`` (I2V)."""
+    cfg = model.config
+    name = type(model).__name__
+    f, h, w = _sizes(frames, height, width)
+    pt, ph, pw = cfg.patch_size
+    for what, v, p in (("latent frames", f, pt), ("latent height", h, ph), ("latent width", w, pw)):
+        _check_divisible(name, what, v, p)
+    g = torch.Generator().manual_seed(seed)
+    kw: dict[str, Any] = dict(hidden_states=_randn(g, batch, cfg.in_channels, f, h, w),
+                              timestep=_timestep(batch, timestep, torch.long),
+                              encoder_hidden_states=_randn(g, batch, WAN_TEXT_TOKENS, cfg.text_dim))
+    if cfg.image_dim is not None:
+        kw["encoder_hidden_states_image"] = _randn(g, batch, CLIP_IMAGE_TOKENS, cfg.image_dim)
+    return kw, g, (f, h, w)
+
+
+def wan_inputs(model, batch: int = 2, frames: int | None = None, height: int | None = None,
+               width: int | None = None, *, timestep: float = DEFAULT_TIMESTEP, seed: int = 0) -> dict[str, Any]:
+    """Wan 2.1/2.2, SkyReels-V2 (text-to-video call), ChronoEdit: latents ``(B, C_in, F, H, W)`` (I2V's mask
+    and image latents are part of ``in_channels``), 512 text tokens, int64 timestep, CLIP image tokens for
+    I2V configs (``image_dim`` set)."""
+    kw, _, _ = _wan_core(model, batch, frames, height, width, timestep, seed)
+    kw.update(attention_kwargs=None, return_dict=False)
+    return kw
+
+
+def chronoedit_inputs(model, batch: int = 2, frames: int | None = None, height: int | None = None,
+                      width: int | None = None, *, timestep: float = DEFAULT_TIMESTEP, seed: int = 0
+                      ) -> dict[str, Any]:
+    """ChronoEdit: a Wan I2V call on 2 latent frames by default (the pipeline's 5 pixel frames without
+    temporal reasoning)."""
+    return wan_inputs(model, batch, frames or 2, height, width, timestep=timestep, seed=seed)
+
+
+def wan_vace_inputs(model, batch: int = 2, frames: int | None = None, height: int | None = None,
+                    width: int | None = None, *, timestep: float = DEFAULT_TIMESTEP, seed: int = 0) -> dict[str, Any]:
+    """Wan VACE: the Wan call plus control latents ``(B, vace_in_channels, F, H, W)`` and one conditioning
+    scale per VACE layer (``pipeline_wan_vace``: a tensor of ones by default)."""
+    kw, g, (f, h, w) = _wan_core(model, batch, frames, height, width, timestep, seed)
+    cfg = model.config
+    kw.update(control_hidden_states=_randn(g, batch, cfg.vace_in_channels, f, h, w),
+              control_hidden_states_scale=torch.ones(len(cfg.vace_layers)), attention_kwargs=None, return_dict=False)
+    return kw
+
+
+# --- HunyuanVideo ----------------------------------------------------------------------------------------------------
+
+#: HunyuanVideoPipeline's default embedded guidance scale (``guidance = scale * 1000``).
+HUNYUAN_GUIDANCE = 6.0
+
+
+def hunyuan_video_inputs(model, batch: int = 2, frames: int | None = None, height: int | None = None,
+                         width: int | None = None, *, timestep: float = DEFAULT_TIMESTEP, seed: int = 0
+                         ) -> dict[str, Any]:
+    """HunyuanVideo: latents ``(B, C_in, F, H, W)``, Llama text with its int64 padding mask, CLIP pooled
+    projection, float32 flow timestep, embedded guidance ``6.0 * 1000`` when ``guidance_embeds``."""
+    cfg = model.config
+    name = type(model).__name__
+    f, h, w = _sizes(frames, height, width)
+    _check_divisible(name, "latent frames", f, cfg.patch_size_t)
+    _check_divisible(name, "latent height", h, cfg.patch_size)
+    _check_divisible(name, "latent width", w, cfg.patch_size)
+    g = torch.Generator().manual_seed(seed)
+    guidance = torch.full((batch,), HUNYUAN_GUIDANCE * 1000.0) if cfg.guidance_embeds else None
+    return dict(hidden_states=_randn(g, batch, cfg.in_channels, f, h, w), timestep=_timestep(batch, timestep,
+                                                                                              torch.float32),
+                encoder_hidden_states=_randn(g, batch, TEXT_TOKENS, cfg.text_embed_dim),
+                encoder_attention_mask=_text_mask(batch, TEXT_TOKENS),
+                pooled_projections=_randn(g, batch, cfg.pooled_projection_dim), guidance=guidance,
+                attention_kwargs=None, return_dict=False)
+
+
+# --- LTX-Video ---------------------------------------------------------------------------------------------------------
+
+#: LTX-Video's VAE compression (temporal, spatial) and the pipeline's default frame rate.
+LTX_VAE_TEMPORAL, LTX_VAE_SPATIAL, LTX_FRAME_RATE = 8, 32, 25
+
+
+def ltx_video_inputs(model, batch: int = 2, frames: int | None = None, height: int | None = None,
+                     width: int | None = None, *, timestep: float = DEFAULT_TIMESTEP, seed: int = 0) -> dict[str, Any]:
+    """LTX-Video: packed latent tokens ``(B, F*H*W / (p_t p p), C_in)`` (``LTXPipeline._pack_latents``) with the
+    unpacked latent size as ints, T5 text with a bool mask, float32 flow timestep, and the rope interpolation
+    scale ``(8 / 25, 32, 32)`` (VAE temporal ratio / frame rate, spatial ratio twice)."""
+    cfg = model.config
+    name = type(model).__name__
+    f, h, w = _sizes(frames, height, width)
+    p, pt = cfg.patch_size, cfg.patch_size_t
+    _check_divisible(name, "latent frames", f, pt)
+    _check_divisible(name, "latent height", h, p)
+    _check_divisible(name, "latent width", w, p)
+    g = torch.Generator().manual_seed(seed)
+    tokens = (f // pt) * (h // p) * (w // p)
+    return dict(hidden_states=_randn(g, batch, tokens, cfg.in_channels),
+                encoder_hidden_states=_randn(g, batch, TEXT_TOKENS, cfg.caption_channels),
+                timestep=_timestep(batch, timestep, torch.float32),
+                encoder_attention_mask=_text_mask(batch, TEXT_TOKENS).bool(), num_frames=f, height=h, width=w,
+                rope_interpolation_scale=(LTX_VAE_TEMPORAL / LTX_FRAME_RATE, LTX_VAE_SPATIAL, LTX_VAE_SPATIAL),
+                attention_kwargs=None, return_dict=False)
+
+
+# --- Mochi -----------------------------------------------------------------------------------------------------------------
+
+def mochi_inputs(model, batch: int = 2, frames: int | None = None, height: int | None = None,
+                 width: int | None = None, *, timestep: float = DEFAULT_TIMESTEP, seed: int = 0) -> dict[str, Any]:
+    """Mochi: latents ``(B, C_in, F, H, W)``, T5 text with a bool mask, float32 timestep as the pipeline passes
+    it (reversed: ``1000 - 1000 * sigma``, so pass ``timestep`` from :func:`timesteps_for`)."""
+    cfg = model.config
+    f, h, w = _sizes(frames, height, width)
+    _check_divisible("MochiTransformer3DModel", "latent height", h, cfg.patch_size)
+    _check_divisible("MochiTransformer3DModel", "latent width", w, cfg.patch_size)
+    g = torch.Generator().manual_seed(seed)
+    return dict(hidden_states=_randn(g, batch, cfg.in_channels, f, h, w),
+                encoder_hidden_states=_randn(g, batch, TEXT_TOKENS, cfg.text_embed_dim),
+                timestep=_timestep(batch, timestep, torch.float32),
+                encoder_attention_mask=_text_mask(batch, TEXT_TOKENS).bool(), attention_kwargs=None, return_dict=False)
+
+
+# --- registry ----------------------------------------------------------------------------------------------------------------
+
+#: Input builder per diffusers class name: ``builder(model, batch, frames, height, width, *, timestep, seed)``.
+INPUT_BUILDERS: dict[str, Builder] = {
+    "CogVideoXTransformer3DModel": cogvideox_inputs,
+    "LatteTransformer3DModel": latte_inputs,
+    "WanTransformer3DModel": wan_inputs,
+    "SkyReelsV2Transformer3DModel": wan_inputs,
+    "ChronoEditTransformer3DModel": chronoedit_inputs,
+    "WanVACETransformer3DModel": wan_vace_inputs,
+    "HunyuanVideoTransformer3DModel": hunyuan_video_inputs,
+    "LTXVideoTransformer3DModel": ltx_video_inputs,
+    "MochiTransformer3DModel": mochi_inputs,
+}
+
+#: Timestep spacing of each family's default scheduler (classes not listed: :data:`DDIM`). Shifts: Wan's
+#: UniPC ``flow_shift`` 3.0 (the 480p checkpoints' scheduler config), HunyuanVideo 7.0, Mochi 1.0 reversed
+#: (its linear-quadratic schedule is approximated by plain linear sigmas), LTX-Video 1.0 (its resolution-dependent
+#: dynamic shift is not applied).
+TIMESTEP_RULES: dict[str, TimestepRule] = {
+    "WanTransformer3DModel": TimestepRule("flow", 3.0),
+    "SkyReelsV2Transformer3DModel": TimestepRule("flow", 3.0),
+    "ChronoEditTransformer3DModel": TimestepRule("flow", 3.0),
+    "WanVACETransformer3DModel": TimestepRule("flow", 3.0),
+    "HunyuanVideoTransformer3DModel": TimestepRule("flow", 7.0),
+    "LTXVideoTransformer3DModel": TimestepRule("flow", 1.0),
+    "MochiTransformer3DModel": TimestepRule("flow", 1.0, reversed=True),
+}
+
+
+def supported_classes() -> list[str]:
+    """Class names :func:`build_inputs` can serve, sorted."""
+    return sorted(INPUT_BUILDERS)
+
+
+def builder_for(class_name: str) -> Builder:
+    """The input builder of ``class_name``, or an :class:`InputError` naming the supported classes."""
+    if class_name not in INPUT_BUILDERS:
+        raise InputError(f"no example-input builder for {class_name}: graphpass builds the inputs of one "
+                         f"denoiser call for {', '.join(supported_classes())}; call graphpass.optimize(model, "
+                         f"schedule, example_kwargs=...) with your pipeline's inputs instead")
+    return INPUT_BUILDERS[class_name]
+
+
+def build_inputs(model: torch.nn.Module, batch: int = 2, frames: int | None = None, height: int | None = None,
+                 width: int | None = None, *, timestep: float = DEFAULT_TIMESTEP, seed: int = 0) -> dict[str, Any]:
+    """The keyword arguments of one denoiser call of ``model`` (its class's :data:`INPUT_BUILDERS` entry)."""
+    if batch < 1:
+        raise InputError(f"batch={batch}: use 1 (one video) or 2 (one video with batched guidance)")
+    return builder_for(type(model).__name__)(model, batch, frames, height, width, timestep=timestep, seed=seed)
+
+
+__all__ = ["INPUT_BUILDERS", "TIMESTEP_RULES", "TimestepRule", "build_inputs", "builder_for", "supported_classes",
+           "timesteps_for", "flow_timesteps", "ddim_timesteps", "cogvideox_rotary_emb"]
