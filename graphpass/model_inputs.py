@@ -9,7 +9,8 @@ gives, and every extra argument the pipeline computes (rotary tables, guidance, 
 model fixes, e.g. Latte's ``video_length``). ``batch`` 2 is one batched classifier-free-guidance call.
 
 Builders are looked up by class name in :data:`INPUT_BUILDERS`; :data:`TIMESTEP_RULES` says how the family's
-default scheduler spaces its timesteps (:func:`timesteps_for`).
+default scheduler spaces its timesteps (:func:`timesteps_for`), computed here without diffusers' schedulers;
+:func:`example_inputs` gives both, the call at the first timestep.
 
     >>> from diffusers import LatteTransformer3DModel
     >>> model = LatteTransformer3DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4,
@@ -21,8 +22,10 @@ default scheduler spaces its timesteps (:func:`timesteps_for`).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Callable
+
+import math
+from functools import partial
 
 import torch
 
@@ -42,26 +45,13 @@ DEFAULT_TIMESTEP = 999.0
 Builder = Callable[..., dict[str, Any]]
 
 
-@dataclass(frozen=True)
-class TimestepRule:
-    """How the default scheduler of a model family spaces ``num_steps`` timesteps on the 0..1000 scale.
-
-    kind: ``"ddim"`` (DDPM-trained; DDIM 'leading' spacing 981, 961, ... as graphpass's sampler) or ``"flow"``
-        (flow matching: ``1000 * sigma`` with sigmas from 1 down, shifted).
-    shift: the flow scheduler's ``shift`` (``shift * s / (1 + (shift - 1) * s)``).
-    reversed: the model is called with ``1000 - t`` (Mochi: 1000 = clean).
-    """
-
-    kind: str
-    shift: float = 1.0
-    reversed: bool = False
+#: How a family's default scheduler spaces its timesteps: ``rule(num_steps, example_kwargs) -> timesteps`` as the
+#: model is called with them (the example call gives what a rule needs, e.g. LTX-Video's token count).
+TimestepRule = Callable[[int, dict[str, Any]], list[float]]
 
 
-DDIM = TimestepRule("ddim")
-
-
-def ddim_timesteps(num_steps: int) -> list[float]:
-    """DDIM 'leading' timesteps with offset 1 (what graphpass's sampler uses).
+def ddim_timesteps(num_steps: int, kwargs: dict[str, Any] | None = None) -> list[float]:
+    """DDPM-trained models: DDIM 'leading' timesteps with offset 1 on 0..1000 (graphpass's sampler).
 
     >>> ddim_timesteps(4)
     [751.0, 501.0, 251.0, 1.0]
@@ -71,32 +61,83 @@ def ddim_timesteps(num_steps: int) -> list[float]:
     return [float(t) for t in spaced(num_steps)]
 
 
-def flow_timesteps(num_steps: int, shift: float = 1.0) -> list[float]:
-    """Flow-matching timesteps ``1000 * sigma``: sigmas ``linspace(1, 0, N + 1)[:-1]`` (HunyuanVideo's
-    pipeline; FlowMatchEulerDiscreteScheduler's default spacing) shifted by ``shift``.
+def _shifted(sigmas: list[float], shift: float) -> list[float]:
+    """Flow matching's static shift ``shift * s / (1 + (shift - 1) * s)`` (1 stays 1, 0 stays 0)."""
+    return [shift * s / (1.0 + (shift - 1.0) * s) for s in sigmas]
+
+
+def _check_steps(num_steps: int) -> None:
+    if num_steps < 1:
+        raise InputError(f"num_steps={num_steps}: sample at least one step")
+
+
+def flow_timesteps(num_steps: int, kwargs: dict[str, Any] | None = None, *, shift: float = 1.0) -> list[float]:
+    """FlowMatchEulerDiscreteScheduler(shift) given the sigmas ``linspace(1, 0, N + 1)[:-1]`` (HunyuanVideo's
+    pipeline): ``1000 * shifted sigma``, float.
 
     >>> flow_timesteps(4)
     [1000.0, 750.0, 500.0, 250.0]
-    >>> [round(t, 1) for t in flow_timesteps(2, shift=3.0)]
+    >>> flow_timesteps(2, shift=3.0)
     [1000.0, 750.0]
     """
-    if num_steps < 1:
-        raise InputError(f"num_steps={num_steps}: sample at least one step")
-    sigmas = [1.0 - i / num_steps for i in range(num_steps)]
-    return [1000.0 * shift * s / (1.0 + (shift - 1.0) * s) for s in sigmas]
+    _check_steps(num_steps)
+    return [1000.0 * s for s in _shifted([1.0 - i / num_steps for i in range(num_steps)], shift)]
 
 
-def timesteps_for(class_name: str, num_steps: int) -> list[float]:
-    """The timesteps a model of ``class_name`` is called with over ``num_steps`` (its family's rule).
+def unipc_flow_timesteps(num_steps: int, kwargs: dict[str, Any] | None = None, *, shift: float = 3.0
+                         ) -> list[float]:
+    """UniPCMultistepScheduler(use_flow_sigmas=True, flow_shift) (the Wan checkpoints' scheduler): sigmas
+    ``linspace(1, 1/1000, N + 1)[:-1]`` shifted, the first nudged below 1, timesteps ``int64(1000 * sigma)``.
 
-    >>> timesteps_for("CogVideoXTransformer3DModel", 2)
-    [501.0, 1.0]
-    >>> timesteps_for("MochiTransformer3DModel", 2)
-    [0.0, 500.0]
+    >>> unipc_flow_timesteps(4, shift=1.0)
+    [999.0, 750.0, 500.0, 250.0]
     """
-    rule = TIMESTEP_RULES.get(class_name, DDIM)
-    ts = ddim_timesteps(num_steps) if rule.kind == "ddim" else flow_timesteps(num_steps, rule.shift)
-    return [1000.0 - t for t in ts] if rule.reversed else ts
+    _check_steps(num_steps)
+    top, bottom = 1.0, 1.0 / 1000
+    sigmas = _shifted([top + (bottom - top) * i / num_steps for i in range(num_steps)], shift)
+    sigmas[0] -= 1e-6  # as the scheduler, to keep log(alpha) finite at sigma 1
+    return [float(math.trunc(1000.0 * s)) for s in sigmas]
+
+
+def ltx_timesteps(num_steps: int, kwargs: dict[str, Any], *, base_shift: float = 0.95, max_shift: float = 2.05,
+                  base_tokens: int = 1024, max_tokens: int = 4096, terminal: float = 0.1) -> list[float]:
+    """LTX-Video's pipeline with its checkpoint's FlowMatchEulerDiscreteScheduler: sigmas
+    ``linspace(1, 1/N, N)``, resolution-dependent exponential shift ``mu`` (linear in the video's
+    ``num_frames * height * width`` latent tokens between (1024, 0.95) and (4096, 2.05)), stretched so the last
+    sigma is 0.1.
+
+    >>> [round(t, 1) for t in ltx_timesteps(2, dict(num_frames=1, height=32, width=32))]
+    [1000.0, 100.0]
+    """
+    _check_steps(num_steps)
+    tokens = kwargs["num_frames"] * kwargs["height"] * kwargs["width"]
+    slope = (max_shift - base_shift) / (max_tokens - base_tokens)
+    mu = tokens * slope + base_shift - slope * base_tokens
+    sigmas = [1.0 - (1.0 - 1.0 / num_steps) * i / max(num_steps - 1, 1) for i in range(num_steps)]
+    sigmas = [math.exp(mu) / (math.exp(mu) + (1.0 / s - 1.0)) for s in sigmas]
+    scale = (1.0 - sigmas[-1]) / (1.0 - terminal)
+    return [1000.0 * (1.0 - (1.0 - s) / scale) for s in sigmas]
+
+
+def mochi_timesteps(num_steps: int, kwargs: dict[str, Any] | None = None, *, threshold_noise: float = 0.025
+                    ) -> list[float]:
+    """Mochi's pipeline: the linear-quadratic sigma schedule (linear for the first half of the steps up to
+    ``threshold_noise``, quadratic after) through a scheduler with ``invert_sigmas``: the model is called with
+    ``1000 * (1 - sigma)``, rising from 0 (Mochi's 1000 is the clean end).
+
+    >>> [round(t, 6) for t in mochi_timesteps(4)]
+    [0.0, 12.5, 25.0, 275.0]
+    """
+    _check_steps(num_steps)
+    linear = num_steps // 2
+    quad = num_steps - linear
+    diff = linear - threshold_noise * num_steps
+    q_coef = diff / (linear * quad ** 2) if linear else 0.0
+    l_coef = threshold_noise / linear - 2 * diff / quad ** 2 if linear else 0.0
+    const = q_coef * linear ** 2
+    noise = [i * threshold_noise / linear for i in range(linear)]
+    noise += [q_coef * i ** 2 + l_coef * i + const for i in range(linear, num_steps)]
+    return [1000.0 * x for x in noise]
 
 
 # --- shared pieces ---------------------------------------------------------------------------------------------
@@ -319,7 +360,7 @@ def ltx_video_inputs(model, batch: int = 2, frames: int | None = None, height: i
 def mochi_inputs(model, batch: int = 2, frames: int | None = None, height: int | None = None,
                  width: int | None = None, *, timestep: float = DEFAULT_TIMESTEP, seed: int = 0) -> dict[str, Any]:
     """Mochi: latents ``(B, C_in, F, H, W)``, T5 text with a bool mask, float32 timestep as the pipeline passes
-    it (reversed: ``1000 - 1000 * sigma``, so pass ``timestep`` from :func:`timesteps_for`)."""
+    it (reversed, rising from 0: :func:`mochi_timesteps`)."""
     cfg = model.config
     f, h, w = _sizes(frames, height, width)
     _check_divisible("MochiTransformer3DModel", "latent height", h, cfg.patch_size)
@@ -346,19 +387,36 @@ INPUT_BUILDERS: dict[str, Builder] = {
     "MochiTransformer3DModel": mochi_inputs,
 }
 
-#: Timestep spacing of each family's default scheduler (classes not listed: :data:`DDIM`). Shifts: Wan's
-#: UniPC ``flow_shift`` 3.0 (the 480p checkpoints' scheduler config), HunyuanVideo 7.0, Mochi 1.0 reversed
-#: (its linear-quadratic schedule is approximated by plain linear sigmas), LTX-Video 1.0 (its resolution-dependent
-#: dynamic shift is not applied).
+#: Timestep rule of each family's default scheduler (classes not listed: :func:`ddim_timesteps`, the DDPM
+#: families). Wan-family checkpoints ship UniPC with flow shift 3.0 (the 480p configs), HunyuanVideo shift 7.0.
 TIMESTEP_RULES: dict[str, TimestepRule] = {
-    "WanTransformer3DModel": TimestepRule("flow", 3.0),
-    "SkyReelsV2Transformer3DModel": TimestepRule("flow", 3.0),
-    "ChronoEditTransformer3DModel": TimestepRule("flow", 3.0),
-    "WanVACETransformer3DModel": TimestepRule("flow", 3.0),
-    "HunyuanVideoTransformer3DModel": TimestepRule("flow", 7.0),
-    "LTXVideoTransformer3DModel": TimestepRule("flow", 1.0),
-    "MochiTransformer3DModel": TimestepRule("flow", 1.0, reversed=True),
+    "WanTransformer3DModel": unipc_flow_timesteps,
+    "SkyReelsV2Transformer3DModel": unipc_flow_timesteps,
+    "ChronoEditTransformer3DModel": unipc_flow_timesteps,
+    "WanVACETransformer3DModel": unipc_flow_timesteps,
+    "HunyuanVideoTransformer3DModel": partial(flow_timesteps, shift=7.0),
+    "LTXVideoTransformer3DModel": ltx_timesteps,
+    "MochiTransformer3DModel": mochi_timesteps,
 }
+
+
+def timesteps_for(model: torch.nn.Module, num_steps: int, kwargs: dict[str, Any]) -> list[float]:
+    """The timesteps ``model`` is called with over ``num_steps`` by its pipeline's default scheduler, for the
+    call ``kwargs`` (:data:`TIMESTEP_RULES`)."""
+    return TIMESTEP_RULES.get(type(model).__name__, ddim_timesteps)(num_steps, kwargs)
+
+
+def example_inputs(model: torch.nn.Module, batch: int = 2, num_steps: int = 50, frames: int | None = None,
+                   height: int | None = None, width: int | None = None, seed: int = 0
+                   ) -> tuple[dict[str, Any], list[float]]:
+    """(keyword arguments of the first denoiser call of a ``num_steps`` generation, the timesteps of all steps).
+
+    The timestep argument holds the first timestep, in the dtype the pipeline's scheduler gives.
+    """
+    kwargs = build_inputs(model, batch, frames, height, width, seed=seed)
+    timesteps = timesteps_for(model, num_steps, kwargs)
+    kwargs["timestep"] = torch.full_like(kwargs["timestep"], timesteps[0])
+    return kwargs, timesteps
 
 
 def supported_classes() -> list[str]:
@@ -383,5 +441,6 @@ def build_inputs(model: torch.nn.Module, batch: int = 2, frames: int | None = No
     return builder_for(type(model).__name__)(model, batch, frames, height, width, timestep=timestep, seed=seed)
 
 
-__all__ = ["INPUT_BUILDERS", "TIMESTEP_RULES", "TimestepRule", "build_inputs", "builder_for", "supported_classes",
-           "timesteps_for", "flow_timesteps", "ddim_timesteps", "cogvideox_rotary_emb"]
+__all__ = ["INPUT_BUILDERS", "TIMESTEP_RULES", "build_inputs", "builder_for", "example_inputs", "supported_classes",
+           "timesteps_for", "ddim_timesteps", "flow_timesteps", "unipc_flow_timesteps", "ltx_timesteps",
+           "mochi_timesteps", "cogvideox_rotary_emb"]

@@ -142,7 +142,7 @@ def example_call(name: str | Path, batch: int = 2, num_steps: int = 50
     """(model, example keyword arguments of one call, the sampler's timesteps for ``num_steps``).
 
     For a diffusers model folder the call is built from the model's config
-    (:func:`graphpass.model_inputs.build_inputs`, default small latent size) at the first of the family's
+    (:func:`graphpass.model_inputs.example_inputs`, default small latent size) at the first of the family's
     timesteps (:func:`graphpass.model_inputs.timesteps_for`): DDIM 'leading' spacing on 0..1000 for
     DDPM-trained models (CogVideoX, Latte), shifted flow-matching ``1000 * sigma`` for flow models (Wan,
     HunyuanVideo, LTX-Video; Mochi's reversed), computed here without diffusers' schedulers.
@@ -151,8 +151,8 @@ def example_call(name: str | Path, batch: int = 2, num_steps: int = 50
 
     if is_model_folder(name):
         model = load_folder(name)
-        timesteps = model_inputs.timesteps_for(type(model).__name__, num_steps)
-        return model, model_inputs.build_inputs(model, batch, timestep=timesteps[0]), timesteps
+        kwargs, timesteps = model_inputs.example_inputs(model, batch, num_steps)
+        return model, kwargs, timesteps
     name = str(name)
     model = load_model(name)
     timesteps = [float(t) for t in ddim_timesteps(num_steps)]
