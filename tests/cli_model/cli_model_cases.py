@@ -1,0 +1,89 @@
+"""Tiny random configs of every diffusers class graphpass builds example inputs for, saved as model folders.
+
+Each :class:`FolderCase` names a diffusers class, a tiny config (2 heads, 1-2 layers, small widths), the
+output shape of the default example call (read from the model's source: the noise prediction in the input's
+layout with ``out_channels``), and whether graphpass captures the call today.
+
+    >>> case = CASES["latte"]
+    >>> model = case.build()
+    >>> type(model).__name__
+    'LatteTransformer3DModel'
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import diffusers
+import torch
+
+torch.set_num_threads(1)
+
+B = 2  # one batched classifier-free-guidance call
+
+_WAN = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
+            text_dim=16, freq_dim=16, ffn_dim=48, num_layers=2)
+_WAN_I2V = dict(_WAN, in_channels=12, image_dim=16, added_kv_proj_dim=24)
+_COG = dict(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4, num_layers=2, sample_width=8,
+            sample_height=8, sample_frames=9, patch_size=2, text_embed_dim=16, time_embed_dim=8,
+            temporal_compression_ratio=4, max_text_seq_length=5)
+
+
+@dataclass
+class FolderCase:
+    """name; class_name: the diffusers class; config: its tiny config; out_shape: the default call's output
+    shape; captures: graphpass captures the default call today (others fail on tuple arguments or
+    data-dependent shapes)."""
+
+    name: str
+    class_name: str
+    config: dict[str, Any]
+    out_shape: tuple[int, ...]
+    captures: bool = True
+
+    def build(self) -> torch.nn.Module:
+        """The model under seed 0, in eval mode."""
+        torch.manual_seed(0)
+        return getattr(diffusers, self.class_name)(**self.config).eval()
+
+    def save(self, folder: Path) -> torch.nn.Module:
+        """Build the model and write it to ``folder`` with ``save_pretrained``; returns the model."""
+        model = self.build()
+        model.save_pretrained(str(folder))
+        return model
+
+
+CASES: dict[str, FolderCase] = {c.name: c for c in [
+    # CogVideoX 1.0: (B, F, C, H, W) latents; 3 latent frames of 8x8 by default
+    FolderCase("cogvideox", "CogVideoXTransformer3DModel", _COG, (B, 3, 4, 8, 8)),
+    # rotary embeddings: head dim 16 splits 1/4 : 3/8 : 3/8 over (t, h, w)
+    FolderCase("cogvideox-rope", "CogVideoXTransformer3DModel",
+               dict(_COG, attention_head_dim=16, use_rotary_positional_embeddings=True), (B, 3, 4, 8, 8),
+               captures=False),
+    # Latte predicts noise and variance (out_channels 8 = 2 x 4); frames fixed at video_length
+    FolderCase("latte", "LatteTransformer3DModel",
+               dict(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2,
+                    sample_size=8, patch_size=2, cross_attention_dim=16, caption_channels=16,
+                    num_embeds_ada_norm=1000, norm_type="ada_norm_single", video_length=3), (B, 8, 3, 8, 8)),
+    FolderCase("wan", "WanTransformer3DModel", _WAN, (B, 4, 3, 8, 8)),
+    FolderCase("wan-i2v", "WanTransformer3DModel", _WAN_I2V, (B, 4, 3, 8, 8)),
+    FolderCase("skyreels-v2", "SkyReelsV2Transformer3DModel", _WAN, (B, 4, 3, 8, 8)),
+    # ChronoEdit: 2 latent frames by default (the pipeline without temporal reasoning)
+    FolderCase("chronoedit", "ChronoEditTransformer3DModel", _WAN_I2V, (B, 4, 2, 8, 8)),
+    FolderCase("wan-vace", "WanVACETransformer3DModel", dict(_WAN, vace_layers=[0, 1], vace_in_channels=12),
+               (B, 4, 3, 8, 8)),
+    FolderCase("hunyuanvideo", "HunyuanVideoTransformer3DModel",
+               dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=1,
+                    num_single_layers=1, num_refiner_layers=1, mlp_ratio=2.0, patch_size=2, patch_size_t=1,
+                    text_embed_dim=16, pooled_projection_dim=8, rope_axes_dim=(2, 2, 4), guidance_embeds=True),
+               (B, 4, 3, 8, 8)),
+    # LTX-Video: packed tokens (B, F*H*W, C) in and out (patch size 1)
+    FolderCase("ltx", "LTXVideoTransformer3DModel",
+               dict(in_channels=8, out_channels=8, patch_size=1, patch_size_t=1, num_attention_heads=2,
+                    attention_head_dim=8, cross_attention_dim=16, num_layers=2, caption_channels=16),
+               (B, 3 * 8 * 8, 8), captures=False),
+    FolderCase("mochi", "MochiTransformer3DModel",
+               dict(patch_size=2, num_attention_heads=2, attention_head_dim=8, num_layers=2, pooled_projection_dim=16,
+                    in_channels=4, text_embed_dim=16, time_embed_dim=16), (B, 4, 3, 8, 8), captures=False),
+]}
