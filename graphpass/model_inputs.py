@@ -309,7 +309,7 @@ HUNYUAN_GUIDANCE = 6.0
 def hunyuan_video_inputs(model, batch: int = 2, frames: int | None = None, height: int | None = None,
                          width: int | None = None, *, timestep: float = DEFAULT_TIMESTEP, seed: int = 0
                          ) -> dict[str, Any]:
-    """HunyuanVideo: latents ``(B, C_in, F, H, W)``, Llama text with its int64 padding mask, CLIP pooled
+    """HunyuanVideo: latents ``(B, C_in, F, H, W)``, Llama text with its padding mask (in the model's dtype), CLIP pooled
     projection, float32 flow timestep, embedded guidance ``6.0 * 1000`` when ``guidance_embeds``."""
     cfg = model.config
     name = type(model).__name__
@@ -322,7 +322,7 @@ def hunyuan_video_inputs(model, batch: int = 2, frames: int | None = None, heigh
     return dict(hidden_states=_randn(g, batch, cfg.in_channels, f, h, w), timestep=_timestep(batch, timestep,
                                                                                               torch.float32),
                 encoder_hidden_states=_randn(g, batch, TEXT_TOKENS, cfg.text_embed_dim),
-                encoder_attention_mask=_text_mask(batch, TEXT_TOKENS),
+                encoder_attention_mask=_text_mask(batch, TEXT_TOKENS).to(model.dtype),  # the pipeline casts it
                 pooled_projections=_randn(g, batch, cfg.pooled_projection_dim), guidance=guidance,
                 attention_kwargs=None, return_dict=False)
 
