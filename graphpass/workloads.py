@@ -115,6 +115,30 @@ def load_model(name: str | Path) -> torch.nn.Module:
                          f"model folder (save_pretrained)")
 
 
+def check_samplable(model: torch.nn.Module, kwargs: dict[str, Any]) -> None:
+    """Check that the evaluation sampler (``analyze``, ``search``, ``bench``) can sample videos with a diffusers
+    ``model`` called as ``kwargs``: it draws a 5-D latent video of the input's channels and takes the noise
+    prediction from the first of the output's channels, so the latents must be 5-D (not packed into tokens)
+    and the model must predict at least as many channels as it takes (not image or control latents
+    concatenated to the input).
+
+    >>> check_samplable(load_model("latte-tiny"), example_call("latte-tiny", num_steps=2)[1])  # in 4, out 8
+    """
+    name = type(model).__name__
+    x = kwargs["hidden_states"]
+    if x.dim() != 5:
+        raise InputError(f"{name} takes its latents packed as {x.dim()}-D tokens {tuple(x.shape)}; analyze, search and "
+                         f"bench sample 5-D latent videos: optimise it inside its pipeline instead "
+                         f"(graphpass.optimize_pipeline, or pipe.transformer = graphpass.optimize(...))")
+    cfg = model.config
+    c_in, c_out = cfg.get("in_channels"), cfg.get("out_channels") or cfg.get("in_channels")
+    if c_in is not None and c_out < c_in:
+        raise InputError(f"{name} takes {c_in} input channels but predicts {c_out}: its pipeline concatenates "
+                         f"conditioning (image, mask or control latents) to the noisy latents, which the sampler of "
+                         f"analyze, search and bench does not make; optimise it inside its pipeline instead "
+                         f"(graphpass.optimize_pipeline)")
+
+
 def randomise_zero_init(model: torch.nn.Module, std: float = 0.02, seed: int = 0) -> torch.nn.Module:
     """Give adaLN-Zero's zero-initialised parameters small random values, so a random-weight model's
     attention actually reaches its output (with zeros every block is the identity and the output is 0)."""

@@ -124,3 +124,24 @@ def test_folder_without_weights(tmp_path, folder):
     _write_config(tmp_path / "m", config)
     with pytest.raises(ArtefactError, match=r"cannot load LatteTransformer3DModel from .*weights"):
         load_model(str(tmp_path / "m"))
+
+
+def test_bench_passes_the_other_arguments(tmp_path):
+    """HunyuanVideo needs its text mask, pooled projection and guidance on every call: the sampler's calls carry
+    the example's, so the captured graph samples the baseline's video exactly."""
+    from graphpass.eval.bench import bench
+    from graphpass.eval.harness import Workload
+
+    CASES["hunyuanvideo"].save(tmp_path / "hv")
+    wl = Workload.from_name(str(tmp_path / "hv"), num_steps=4)
+    res = bench(wl, seeds=[0], methods=["baseline", "graphpass-noreuse"], progress=False)
+    row = res.row("graphpass-noreuse")
+    assert row["status"] == "ok" and row["psnr"] is None and row["ssim"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("name,match", [("wan-i2v", r"takes 12 input channels but predicts 4"),
+                                        ("ltx", r"packed as 3-D tokens")])
+def test_bench_refuses_what_its_sampler_cannot_sample(tmp_path, capsys, name, match):
+    CASES[name].save(tmp_path / name)
+    assert main(["bench", str(tmp_path / name), "--steps", "2", "--seeds", "0", "--quiet"]) == 1
+    assert re.search(match, capsys.readouterr().err)
