@@ -372,6 +372,48 @@ def mochi_inputs(model, batch: int = 2, frames: int | None = None, height: int |
                 encoder_attention_mask=_text_mask(batch, TEXT_TOKENS).bool(), attention_kwargs=None, return_dict=False)
 
 
+# --- Allegro -------------------------------------------------------------------------------------------------------------
+
+#: AllegroPipeline's ``max_sequence_length`` (T5 prompt padded to it).
+ALLEGRO_TEXT_TOKENS = 512
+
+
+def allegro_rotary_emb(model: torch.nn.Module, frames: int, height: int, width: int) -> tuple[tuple[torch.Tensor, ...],
+                                                                                               tuple[torch.Tensor, ...]]:
+    """``((freqs_t, freqs_h, freqs_w), (grid_t, grid_h, grid_w))`` as ``AllegroPipeline.
+    _prepare_rotary_positional_embeddings`` builds them for latents of ``frames`` x ``height`` x ``width``."""
+    from diffusers.models.embeddings import get_3d_rotary_pos_embed_allegro
+
+    cfg = model.config
+    grid_h, grid_w = height // cfg.patch_size, width // cfg.patch_size
+    freqs_t, freqs_h, freqs_w, grid_t, grid_h_, grid_w_ = get_3d_rotary_pos_embed_allegro(
+        embed_dim=cfg.attention_head_dim, crops_coords=((0, 0), (grid_h, grid_w)), grid_size=(grid_h, grid_w),
+        temporal_size=frames,
+        interpolation_scale=(cfg.interpolation_scale_t, cfg.interpolation_scale_h, cfg.interpolation_scale_w))
+    pos = torch.cartesian_prod(grid_t.long(), grid_h_.long(), grid_w_.long())
+    pos = pos.reshape(-1, 3).transpose(0, 1).reshape(3, 1, -1).contiguous()
+    return (freqs_t, freqs_h, freqs_w), tuple(pos)
+
+
+def allegro_inputs(model, batch: int = 2, frames: int | None = None, height: int | None = None,
+                   width: int | None = None, *, timestep: float = DEFAULT_TIMESTEP, seed: int = 0) -> dict[str, Any]:
+    """Allegro: latents ``(B, C_in, F, H, W)``, T5 text ``(B, 1, 512, D)`` with its int64 padding mask, a float32
+    timestep (the Euler-family schedulers Allegro runs with), the pipeline's 3-D rotary tables and positions."""
+    cfg = model.config
+    name = type(model).__name__
+    f, h, w = _sizes(frames, height, width)
+    _check_divisible(name, "latent frames", f, cfg.patch_size_t)
+    _check_divisible(name, "latent height", h, cfg.patch_size)
+    _check_divisible(name, "latent width", w, cfg.patch_size)
+    g = torch.Generator().manual_seed(seed)
+    return dict(hidden_states=_randn(g, batch, cfg.in_channels, f, h, w),
+                # the pipeline passes the text as (B, 1, L, D) (`prompt_embeds.unsqueeze(1)`)
+                encoder_hidden_states=_randn(g, batch, 1, ALLEGRO_TEXT_TOKENS, cfg.caption_channels),
+                encoder_attention_mask=_text_mask(batch, ALLEGRO_TEXT_TOKENS),
+                timestep=_timestep(batch, timestep, torch.float32),
+                image_rotary_emb=allegro_rotary_emb(model, f, h, w), return_dict=False)
+
+
 # --- registry ----------------------------------------------------------------------------------------------------------------
 
 #: Input builder per diffusers class name: ``builder(model, batch, frames, height, width, *, timestep, seed)``.
@@ -385,6 +427,7 @@ INPUT_BUILDERS: dict[str, Builder] = {
     "HunyuanVideoTransformer3DModel": hunyuan_video_inputs,
     "LTXVideoTransformer3DModel": ltx_video_inputs,
     "MochiTransformer3DModel": mochi_inputs,
+    "AllegroTransformer3DModel": allegro_inputs,
 }
 
 #: Timestep rule of each family's default scheduler (classes not listed: :func:`ddim_timesteps`, the DDPM

@@ -86,4 +86,9 @@ CASES: dict[str, FolderCase] = {c.name: c for c in [
     FolderCase("mochi", "MochiTransformer3DModel",
                dict(patch_size=2, num_attention_heads=2, attention_head_dim=8, num_layers=2, pooled_projection_dim=16,
                     in_channels=4, text_embed_dim=16, time_embed_dim=16), (B, 4, 3, 8, 8), captures=False),
+    # Allegro's 3-D rotary splits the head dim in three even parts: head dim 12
+    FolderCase("allegro", "AllegroTransformer3DModel",
+               dict(num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4, num_layers=2,
+                    cross_attention_dim=24, sample_height=8, sample_width=8, sample_frames=3, caption_channels=16),
+               (B, 4, 3, 8, 8), captures=False),
 ]}

@@ -16,14 +16,15 @@ import diffusers
 import numpy as np
 import pytest
 import torch
+from torch.utils._pytree import tree_flatten
 
 from cli_model_cases import CASES
 from graphpass.model_inputs import (build_inputs, ddim_timesteps, example_inputs, flow_timesteps, ltx_timesteps,
                                     mochi_timesteps, unipc_flow_timesteps)
 
 STEPS = 3
-#: Arguments whose second dimension is the prompt length (the pipeline's is the given prompt_embeds').
-TEXT_ARGS = {"encoder_hidden_states", "encoder_attention_mask"}
+#: Arguments with a prompt-length dimension (the pipeline's is the given prompt_embeds'), and which one.
+TEXT_ARGS = {"encoder_hidden_states": -2, "encoder_attention_mask": -1}
 #: Arguments drawn at random (compared by dtype and shape only).
 RANDOM_ARGS = {"hidden_states", "encoder_hidden_states", "encoder_hidden_states_image", "pooled_projections",
                "encoder_attention_mask"}
@@ -71,16 +72,19 @@ def assert_same_call(ours: dict[str, Any], theirs: dict[str, Any]) -> None:
             assert got.dtype == want.dtype, (name, got.dtype, want.dtype)
             shape_got, shape_want = list(got.shape), list(want.shape)
             if name in TEXT_ARGS:
-                shape_got[1:2], shape_want[1:2] = [], []
+                del shape_got[TEXT_ARGS[name]], shape_want[TEXT_ARGS[name]]
             assert shape_got == shape_want, (name, got.shape, want.shape)
             if name not in RANDOM_ARGS:
                 torch.testing.assert_close(got, want, msg=name)
-        elif isinstance(want, tuple) and want and isinstance(want[0], torch.Tensor):
-            assert len(got) == len(want), name
-            for g, w in zip(got, want):
-                torch.testing.assert_close(g, w, msg=name)
-        elif isinstance(want, tuple):
-            assert tuple(got) == pytest.approx(want), name
+        elif isinstance(want, (tuple, list)):  # rotary tables, rope scales: nested tuples of tensors or floats
+            leaves_got, spec_got = tree_flatten(got)
+            leaves_want, spec_want = tree_flatten(want)
+            assert spec_got == spec_want, name
+            for g, w in zip(leaves_got, leaves_want):
+                if isinstance(w, torch.Tensor):
+                    torch.testing.assert_close(g, w, msg=name)
+                else:
+                    assert g == pytest.approx(w), name
         else:
             assert got == want, (name, got, want)
 
@@ -163,8 +167,21 @@ def _mochi():
                       height=64, width=64, num_frames=13, guidance_scale=4.5), 2, (3, 8, 8)
 
 
+def _allegro():
+    model = CASES["allegro"].build()
+    sched = diffusers.EulerAncestralDiscreteScheduler(timestep_spacing="leading", steps_offset=1)
+    pipe = diffusers.AllegroPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=model, scheduler=sched)
+    pe, ne = _embeds(1, 5, 16)
+    mask = torch.ones(1, 5, dtype=torch.long)  # the tokenizer's attention mask
+    return pipe, dict(prompt_embeds=pe, prompt_attention_mask=mask, negative_prompt_embeds=ne,
+                      negative_prompt_attention_mask=mask, negative_prompt=None, height=64, width=64, num_frames=9,
+                      guidance_scale=7.5,
+                      clean_caption=False), 2, (3, 8, 8)
+
+
 PIPELINES = {"cogvideox": lambda: _cogvideox("cogvideox"), "cogvideox-rope": lambda: _cogvideox("cogvideox-rope"),
-             "latte": _latte, "wan": _wan, "hunyuanvideo": _hunyuanvideo, "ltx": _ltx, "mochi": _mochi}
+             "latte": _latte, "wan": _wan, "hunyuanvideo": _hunyuanvideo, "ltx": _ltx, "mochi": _mochi,
+             "allegro": _allegro}
 
 
 @pytest.mark.parametrize("name", sorted(PIPELINES))
