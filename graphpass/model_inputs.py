@@ -182,7 +182,7 @@ def cogvideox_rotary_emb(model: torch.nn.Module, frames: int, height: int, width
     from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
 
     cfg = model.config
-    p, p_t = cfg.patch_size, cfg.patch_size_t
+    p, p_t = cfg.patch_size, cfg.get("patch_size_t")
     grid_h, grid_w = height // p, width // p
     base_w, base_h = cfg.sample_width // p, cfg.sample_height // p
     if p_t is None:
@@ -194,30 +194,56 @@ def cogvideox_rotary_emb(model: torch.nn.Module, frames: int, height: int, width
                                    max_size=(base_h, base_w))
 
 
-def cogvideox_inputs(model, batch: int = 2, frames: int | None = None, height: int | None = None,
-                     width: int | None = None, *, timestep: float = DEFAULT_TIMESTEP, seed: int = 0) -> dict[str, Any]:
-    """CogVideoX (1.0 and 1.5, T2V and I2V): latents ``(B, F, C_in, H, W)`` (I2V's image latents are part of
-    ``in_channels``), T5 text padded to ``max_text_seq_length``, int64 DDIM timestep, rotary tables when
-    ``use_rotary_positional_embeddings``, ``ofs`` 2.0 when ``ofs_embed_dim`` is set (1.5 I2V). Learned
-    positional embeddings fix the size to the config's sample size (the model refuses others)."""
+def _cogvideo_core(model, batch, frames, height, width, timestep, seed) -> tuple[dict[str, Any], torch.Generator]:
+    """What CogVideoX and ConsisID share: latents ``(B, F, C_in, H, W)``, T5 text padded to
+    ``max_text_seq_length``, int64 timestep, the rotary tables when ``use_rotary_positional_embeddings``."""
     cfg = model.config
     name = type(model).__name__
     f, h, w = _sizes(frames, height, width)
     if cfg.use_learned_positional_embeddings:
         h, w = height or cfg.sample_height, width or cfg.sample_width
-    if cfg.patch_size_t is not None and f % cfg.patch_size_t:
-        # the pipeline pads the latent frames to a multiple of patch_size_t
-        f += cfg.patch_size_t - f % cfg.patch_size_t
+    p_t = cfg.get("patch_size_t")
+    if p_t is not None and f % p_t:
+        f += p_t - f % p_t  # the pipeline pads the latent frames to a multiple of patch_size_t
     _check_divisible(name, "latent height", h, cfg.patch_size)
     _check_divisible(name, "latent width", w, cfg.patch_size)
     g = torch.Generator().manual_seed(seed)
     kw: dict[str, Any] = dict(hidden_states=_randn(g, batch, f, cfg.in_channels, h, w),
                               encoder_hidden_states=_randn(g, batch, cfg.max_text_seq_length, cfg.text_embed_dim),
                               timestep=_timestep(batch, timestep, torch.long))
-    if cfg.ofs_embed_dim is not None:
-        kw["ofs"] = torch.full((1,), 2.0)
     if cfg.use_rotary_positional_embeddings:
         kw["image_rotary_emb"] = cogvideox_rotary_emb(model, f, h, w)
+    return kw, g
+
+
+def cogvideox_inputs(model, batch: int = 2, frames: int | None = None, height: int | None = None,
+                     width: int | None = None, *, timestep: float = DEFAULT_TIMESTEP, seed: int = 0) -> dict[str, Any]:
+    """CogVideoX (1.0 and 1.5, T2V and I2V): latents ``(B, F, C_in, H, W)`` (I2V's image latents are part of
+    ``in_channels``), T5 text padded to ``max_text_seq_length``, int64 DDIM timestep, rotary tables when
+    ``use_rotary_positional_embeddings``, ``ofs`` 2.0 when ``ofs_embed_dim`` is set (1.5 I2V). Learned
+    positional embeddings fix the size to the config's sample size (the model refuses others)."""
+    kw, _ = _cogvideo_core(model, batch, frames, height, width, timestep, seed)
+    if model.config.ofs_embed_dim is not None:
+        kw["ofs"] = torch.full((1,), 2.0)
+    kw.update(attention_kwargs=None, return_dict=False)
+    return kw
+
+
+#: ConsisID's face features: EVA-CLIP ViT-L/14 at 336 px gives 24 x 24 patches + the class token per scale.
+CONSISID_VIT_TOKENS = 577
+
+
+def consisid_inputs(model, batch: int = 2, frames: int | None = None, height: int | None = None,
+                    width: int | None = None, *, timestep: float = DEFAULT_TIMESTEP, seed: int = 0) -> dict[str, Any]:
+    """ConsisID: the CogVideoX call (image latents in ``in_channels``) plus, when ``is_train_face``, the face
+    identity of one reference image as ``process_face_embeddings_infer`` gives it: ``id_cond`` ``(1,
+    LFE_id_dim)`` (ArcFace + CLIP embedding) and ``id_vit_hidden``, a list of ``LFE_num_scale`` CLIP hidden
+    states ``(1, 577, LFE_vit_dim)`` (batch 1 even under guidance: the pipeline does not repeat them)."""
+    kw, g = _cogvideo_core(model, batch, frames, height, width, timestep, seed)
+    cfg = model.config
+    if cfg.is_train_face:
+        kw["id_cond"] = _randn(g, 1, cfg.LFE_id_dim)
+        kw["id_vit_hidden"] = [_randn(g, 1, CONSISID_VIT_TOKENS, cfg.LFE_vit_dim) for _ in range(cfg.LFE_num_scale)]
     kw.update(attention_kwargs=None, return_dict=False)
     return kw
 
@@ -419,6 +445,7 @@ def allegro_inputs(model, batch: int = 2, frames: int | None = None, height: int
 #: Input builder per diffusers class name: ``builder(model, batch, frames, height, width, *, timestep, seed)``.
 INPUT_BUILDERS: dict[str, Builder] = {
     "CogVideoXTransformer3DModel": cogvideox_inputs,
+    "ConsisIDTransformer3DModel": consisid_inputs,
     "LatteTransformer3DModel": latte_inputs,
     "WanTransformer3DModel": wan_inputs,
     "SkyReelsV2Transformer3DModel": wan_inputs,

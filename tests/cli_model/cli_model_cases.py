@@ -61,6 +61,16 @@ CASES: dict[str, FolderCase] = {c.name: c for c in [
     FolderCase("cogvideox-rope", "CogVideoXTransformer3DModel",
                dict(_COG, attention_head_dim=16, use_rotary_positional_embeddings=True), (B, 3, 4, 8, 8),
                captures=False),
+    # ConsisID: CogVideoX I2V blocks (image latents concatenated: 8 = 2 x 4 channels in) with rotary
+    # embeddings, and face identity injected by perceiver cross-attention every cross_attn_interval blocks
+    FolderCase("consisid", "ConsisIDTransformer3DModel",
+               # the face tokens' width LFE_output_dim must be 2/3 of the inner dim (3 heads x 16 = 48 -> 32)
+               dict(_COG, in_channels=8, num_attention_heads=3, attention_head_dim=16,
+                    use_rotary_positional_embeddings=True,
+                    is_train_face=True, cross_attn_interval=1, cross_attn_dim_head=8, cross_attn_num_heads=2,
+                    LFE_id_dim=16, LFE_vit_dim=8, LFE_depth=2, LFE_dim_head=8, LFE_num_heads=2, LFE_num_id_token=2,
+                    LFE_num_querie=4, LFE_output_dim=32, LFE_ff_mult=1, LFE_num_scale=2), (B, 3, 4, 8, 8),
+               captures=False),
     # Latte predicts noise and variance (out_channels 8 = 2 x 4); frames fixed at video_length
     FolderCase("latte", "LatteTransformer3DModel",
                dict(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2,

@@ -246,3 +246,20 @@ def test_mochi_rule_is_diffusers_inverted_linear_quadratic(steps):
     sched = diffusers.FlowMatchEulerDiscreteScheduler(invert_sigmas=True)
     sched.set_timesteps(sigmas=linear_quadratic_schedule(steps, 0.025))
     assert mochi_timesteps(steps) == pytest.approx(sched.timesteps.tolist(), rel=1e-5, abs=1e-3)
+
+
+def test_consisid_rotary_is_the_pipelines():
+    """ConsisID's pipeline needs a VAE to encode its reference image; its rotary tables need only the config."""
+    from types import SimpleNamespace
+
+    from diffusers.pipelines.consisid.pipeline_consisid import ConsisIDPipeline
+
+    model = CASES["consisid"].build()
+    # the pipeline's own method on a stand-in holding what it reads (constructing the pipeline needs OpenCV)
+    pipe = SimpleNamespace(transformer=model, vae_scale_factor_spatial=8)
+    want = ConsisIDPipeline._prepare_rotary_positional_embeddings(pipe, 64, 64, 3, torch.device("cpu"))
+    kw = build_inputs(model, 2, 3, 8, 8)
+    assert len(kw["image_rotary_emb"]) == 2
+    for got, ref in zip(kw["image_rotary_emb"], want):
+        torch.testing.assert_close(got, ref)
+    assert kw["timestep"].dtype == torch.int64  # CogVideoXDPMScheduler's timesteps
