@@ -84,6 +84,18 @@ def flow_timesteps(num_steps: int, kwargs: dict[str, Any] | None = None, *, shif
     return [1000.0 * s for s in _shifted([1.0 - i / num_steps for i in range(num_steps)], shift)]
 
 
+def flow_default_timesteps(num_steps: int, kwargs: dict[str, Any] | None = None) -> list[float]:
+    """FlowMatchEulerDiscreteScheduler() with its own spacing (no sigmas given, shift 1): timesteps
+    ``linspace(1000, 1, N)``.
+
+    >>> flow_default_timesteps(4)
+    [1000.0, 667.0, 334.0, 1.0]
+    """
+    _check_steps(num_steps)
+    top, bottom = 1000.0, 1.0
+    return [top + (bottom - top) * i / max(num_steps - 1, 1) for i in range(num_steps)]
+
+
 def unipc_flow_timesteps(num_steps: int, kwargs: dict[str, Any] | None = None, *, shift: float = 3.0
                          ) -> list[float]:
     """UniPCMultistepScheduler(use_flow_sigmas=True, flow_shift) (the Wan checkpoints' scheduler): sigmas
@@ -440,6 +452,30 @@ def allegro_inputs(model, batch: int = 2, frames: int | None = None, height: int
                 image_rotary_emb=allegro_rotary_emb(model, f, h, w), return_dict=False)
 
 
+# --- EasyAnimate ---------------------------------------------------------------------------------------------------------
+
+#: EasyAnimatePipeline's ``max_sequence_length`` (Qwen2-VL prompt padded to it).
+EASYANIMATE_TEXT_TOKENS = 256
+
+
+def easyanimate_inputs(model, batch: int = 2, frames: int | None = None, height: int | None = None,
+                       width: int | None = None, *, timestep: float = DEFAULT_TIMESTEP, seed: int = 0
+                       ) -> dict[str, Any]:
+    """EasyAnimate (V5.1 text-to-video): latents ``(B, C_in, F, H, W)``, Qwen2-VL text of 256 tokens (no mask:
+    the pipeline does not pass it), the timestep in the latents' dtype (``torch.tensor([t] * B).to(dtype)``),
+    passed positionally by the pipeline, by name here."""
+    cfg = model.config
+    name = type(model).__name__
+    f, h, w = _sizes(frames, height, width)
+    _check_divisible(name, "latent height", h, cfg.patch_size)
+    _check_divisible(name, "latent width", w, cfg.patch_size)
+    g = torch.Generator().manual_seed(seed)
+    return dict(hidden_states=_randn(g, batch, cfg.in_channels, f, h, w), timestep=_timestep(batch, timestep,
+                                                                                              torch.float32),
+                encoder_hidden_states=_randn(g, batch, EASYANIMATE_TEXT_TOKENS, cfg.text_embed_dim),
+                return_dict=False)
+
+
 # --- registry ----------------------------------------------------------------------------------------------------------------
 
 #: Input builder per diffusers class name: ``builder(model, batch, frames, height, width, *, timestep, seed)``.
@@ -455,6 +491,7 @@ INPUT_BUILDERS: dict[str, Builder] = {
     "LTXVideoTransformer3DModel": ltx_video_inputs,
     "MochiTransformer3DModel": mochi_inputs,
     "AllegroTransformer3DModel": allegro_inputs,
+    "EasyAnimateTransformer3DModel": easyanimate_inputs,
 }
 
 #: Timestep rule of each family's default scheduler (classes not listed: :func:`ddim_timesteps`, the DDPM
@@ -467,6 +504,7 @@ TIMESTEP_RULES: dict[str, TimestepRule] = {
     "HunyuanVideoTransformer3DModel": partial(flow_timesteps, shift=7.0),
     "LTXVideoTransformer3DModel": ltx_timesteps,
     "MochiTransformer3DModel": mochi_timesteps,
+    "EasyAnimateTransformer3DModel": flow_default_timesteps,
 }
 
 
@@ -512,5 +550,5 @@ def build_inputs(model: torch.nn.Module, batch: int = 2, frames: int | None = No
 
 
 __all__ = ["INPUT_BUILDERS", "TIMESTEP_RULES", "build_inputs", "builder_for", "example_inputs", "supported_classes",
-           "timesteps_for", "ddim_timesteps", "flow_timesteps", "unipc_flow_timesteps", "ltx_timesteps",
+           "timesteps_for", "ddim_timesteps", "flow_timesteps", "flow_default_timesteps", "unipc_flow_timesteps", "ltx_timesteps",
            "mochi_timesteps", "cogvideox_rotary_emb"]

@@ -101,4 +101,9 @@ CASES: dict[str, FolderCase] = {c.name: c for c in [
                dict(num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4, num_layers=2,
                     cross_attention_dim=24, sample_height=8, sample_width=8, sample_frames=3, caption_channels=16),
                (B, 4, 3, 8, 8), captures=False),
+    # EasyAnimate: MMDiT blocks over text + video; the rotary grid is fixed for 60 x 90 base sizes
+    FolderCase("easyanimate", "EasyAnimateTransformer3DModel",
+               dict(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, patch_size=2,
+                    num_layers=2, mmdit_layers=2, time_embed_dim=16, text_embed_dim=16, sample_width=8,
+                    sample_height=8), (B, 4, 3, 8, 8)),
 ]}
