@@ -111,6 +111,21 @@ def unipc_flow_timesteps(num_steps: int, kwargs: dict[str, Any] | None = None, *
     return [float(math.trunc(1000.0 * s)) for s in sigmas]
 
 
+def dpm_flow_timesteps(num_steps: int, kwargs: dict[str, Any] | None = None, *, shift: float = 3.0
+                       ) -> list[float]:
+    """DPMSolverMultistepScheduler(use_flow_sigmas=True, flow_shift) (the Sana family's scheduler; shift 3.0
+    as in its released configs): sigmas ``1 - linspace(1, 1/1000, N + 1)`` reversed, shifted, the last (0)
+    dropped; timesteps ``int64(1000 * sigma)``.
+
+    >>> dpm_flow_timesteps(4, shift=1.0)
+    [999.0, 749.0, 499.0, 249.0]
+    """
+    _check_steps(num_steps)
+    top, bottom = 1.0, 1.0 / 1000
+    sigmas = [1.0 - (top + (bottom - top) * i / num_steps) for i in range(num_steps, 0, -1)]
+    return [float(math.trunc(1000.0 * s)) for s in _shifted(sigmas, shift)]
+
+
 def ltx_timesteps(num_steps: int, kwargs: dict[str, Any], *, base_shift: float = 0.95, max_shift: float = 2.05,
                   base_tokens: int = 1024, max_tokens: int = 4096, terminal: float = 0.1) -> list[float]:
     """LTX-Video's pipeline with its checkpoint's FlowMatchEulerDiscreteScheduler: sigmas
@@ -476,6 +491,30 @@ def easyanimate_inputs(model, batch: int = 2, frames: int | None = None, height:
                 return_dict=False)
 
 
+# --- SANA-Video ------------------------------------------------------------------------------------------------------------
+
+#: SanaVideoPipeline's ``max_sequence_length`` (Gemma prompt: first token + the last 299 of the padded prompt).
+SANA_TEXT_TOKENS = 300
+
+
+def sana_video_inputs(model, batch: int = 2, frames: int | None = None, height: int | None = None,
+                      width: int | None = None, *, timestep: float = DEFAULT_TIMESTEP, seed: int = 0
+                      ) -> dict[str, Any]:
+    """SANA-Video: latents ``(B, C_in, F, H, W)``, Gemma text of 300 tokens with its int64 padding mask, int64
+    timestep (DPM-Solver on flow sigmas)."""
+    cfg = model.config
+    name = type(model).__name__
+    f, h, w = _sizes(frames, height, width)
+    pt, ph, pw = cfg.patch_size
+    for what, v, p in (("latent frames", f, pt), ("latent height", h, ph), ("latent width", w, pw)):
+        _check_divisible(name, what, v, p)
+    g = torch.Generator().manual_seed(seed)
+    return dict(hidden_states=_randn(g, batch, cfg.in_channels, f, h, w),
+                encoder_hidden_states=_randn(g, batch, SANA_TEXT_TOKENS, cfg.caption_channels),
+                encoder_attention_mask=_text_mask(batch, SANA_TEXT_TOKENS),
+                timestep=_timestep(batch, timestep, torch.long), attention_kwargs=None, return_dict=False)
+
+
 # --- registry ----------------------------------------------------------------------------------------------------------------
 
 #: Input builder per diffusers class name: ``builder(model, batch, frames, height, width, *, timestep, seed)``.
@@ -492,6 +531,7 @@ INPUT_BUILDERS: dict[str, Builder] = {
     "MochiTransformer3DModel": mochi_inputs,
     "AllegroTransformer3DModel": allegro_inputs,
     "EasyAnimateTransformer3DModel": easyanimate_inputs,
+    "SanaVideoTransformer3DModel": sana_video_inputs,
 }
 
 #: Timestep rule of each family's default scheduler (classes not listed: :func:`ddim_timesteps`, the DDPM
@@ -505,6 +545,7 @@ TIMESTEP_RULES: dict[str, TimestepRule] = {
     "LTXVideoTransformer3DModel": ltx_timesteps,
     "MochiTransformer3DModel": mochi_timesteps,
     "EasyAnimateTransformer3DModel": flow_default_timesteps,
+    "SanaVideoTransformer3DModel": dpm_flow_timesteps,
 }
 
 
@@ -550,5 +591,5 @@ def build_inputs(model: torch.nn.Module, batch: int = 2, frames: int | None = No
 
 
 __all__ = ["INPUT_BUILDERS", "TIMESTEP_RULES", "build_inputs", "builder_for", "example_inputs", "supported_classes",
-           "timesteps_for", "ddim_timesteps", "flow_timesteps", "flow_default_timesteps", "unipc_flow_timesteps", "ltx_timesteps",
+           "timesteps_for", "ddim_timesteps", "flow_timesteps", "flow_default_timesteps", "dpm_flow_timesteps", "unipc_flow_timesteps", "ltx_timesteps",
            "mochi_timesteps", "cogvideox_rotary_emb"]

@@ -106,4 +106,8 @@ CASES: dict[str, FolderCase] = {c.name: c for c in [
                dict(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, patch_size=2,
                     num_layers=2, mmdit_layers=2, time_embed_dim=16, text_embed_dim=16, sample_width=8,
                     sample_height=8), (B, 4, 3, 8, 8)),
+    FolderCase("sana-video", "SanaVideoTransformer3DModel",
+               dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=12, num_layers=2,
+                    num_cross_attention_heads=2, cross_attention_head_dim=12, cross_attention_dim=24,
+                    caption_channels=16, sample_size=8), (B, 4, 3, 8, 8)),
 ]}

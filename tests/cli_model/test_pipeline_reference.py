@@ -20,7 +20,8 @@ import torch
 from torch.utils._pytree import tree_flatten
 
 from cli_model_cases import CASES
-from graphpass.model_inputs import (build_inputs, ddim_timesteps, example_inputs, flow_timesteps, ltx_timesteps,
+from graphpass.model_inputs import (build_inputs, ddim_timesteps, dpm_flow_timesteps, example_inputs,
+                                    flow_default_timesteps, flow_timesteps, ltx_timesteps,
                                     mochi_timesteps, unipc_flow_timesteps)
 
 STEPS = 3
@@ -194,9 +195,24 @@ def _easyanimate():
                       guidance_scale=5.0), 2, (3, 8, 8)
 
 
+def _sana_video():
+    model = CASES["sana-video"].build()
+    sched = diffusers.DPMSolverMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                                  flow_shift=3.0)
+    pipe = diffusers.SanaVideoPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=model,
+                                       scheduler=sched)
+    pe, ne = _embeds(1, 5, 16)
+    mask = torch.ones(1, 5, dtype=torch.long)
+    return pipe, dict(prompt_embeds=pe, prompt_attention_mask=mask, negative_prompt_embeds=ne,
+                      negative_prompt_attention_mask=mask, negative_prompt=None, height=64, width=64, frames=9,
+                      guidance_scale=6.0,
+                      use_resolution_binning=False), 2, (3, 8, 8)
+
+
 PIPELINES = {"cogvideox": lambda: _cogvideox("cogvideox"), "cogvideox-rope": lambda: _cogvideox("cogvideox-rope"),
              "latte": _latte, "wan": _wan, "hunyuanvideo": _hunyuanvideo, "ltx": _ltx, "mochi": _mochi,
-             "allegro": _allegro, "easyanimate": _easyanimate}
+             "allegro": _allegro, "easyanimate": _easyanimate,
+             "sana-video": _sana_video}
 
 
 @pytest.mark.parametrize("name", sorted(PIPELINES))
@@ -276,3 +292,18 @@ def test_consisid_rotary_is_the_pipelines():
     for got, ref in zip(kw["image_rotary_emb"], want):
         torch.testing.assert_close(got, ref)
     assert kw["timestep"].dtype == torch.int64  # CogVideoXDPMScheduler's timesteps
+
+
+@pytest.mark.parametrize("steps", [1, 4, 50])
+def test_dpm_flow_rule_is_diffusers_dpm_solver(steps):
+    sched = diffusers.DPMSolverMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                                  flow_shift=3.0)
+    sched.set_timesteps(steps)
+    assert dpm_flow_timesteps(steps) == [float(t) for t in sched.timesteps]
+
+
+@pytest.mark.parametrize("steps", [1, 4, 50])
+def test_flow_default_rule_is_diffusers_flow_match(steps):
+    sched = diffusers.FlowMatchEulerDiscreteScheduler()
+    sched.set_timesteps(steps)
+    assert flow_default_timesteps(steps) == pytest.approx(sched.timesteps.tolist(), rel=1e-6)
