@@ -126,6 +126,20 @@ def dpm_flow_timesteps(num_steps: int, kwargs: dict[str, Any] | None = None, *, 
     return [float(math.trunc(1000.0 * s)) for s in _shifted(sigmas, shift)]
 
 
+def edm_timesteps(num_steps: int, kwargs: dict[str, Any] | None = None, *, sigma_min: float = 0.002,
+                  sigma_max: float = 80.0, rho: float = 7.0) -> list[float]:
+    """EDMEulerScheduler (Cosmos 1.0): Karras sigmas from ``sigma_max`` to ``sigma_min`` and the model's timestep
+    ``0.25 * log(sigma)`` -- not on the 0..1000 scale (a PAB window in 0..1000 units does not apply).
+
+    >>> [round(t, 4) for t in edm_timesteps(2)]
+    [1.0955, -1.5537]
+    """
+    _check_steps(num_steps)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    ramp = [i / max(num_steps - 1, 1) for i in range(num_steps)]
+    return [0.25 * math.log((hi + r * (lo - hi)) ** rho) for r in ramp]
+
+
 def ltx_timesteps(num_steps: int, kwargs: dict[str, Any], *, base_shift: float = 0.95, max_shift: float = 2.05,
                   base_tokens: int = 1024, max_tokens: int = 4096, terminal: float = 0.1) -> list[float]:
     """LTX-Video's pipeline with its checkpoint's FlowMatchEulerDiscreteScheduler: sigmas
@@ -515,6 +529,31 @@ def sana_video_inputs(model, batch: int = 2, frames: int | None = None, height: 
                 timestep=_timestep(batch, timestep, torch.long), attention_kwargs=None, return_dict=False)
 
 
+# --- Cosmos -----------------------------------------------------------------------------------------------------------------
+
+#: CosmosTextToWorldPipeline's defaults: T5 prompt of 512 tokens, 30 fps, a VAE with 8x spatial compression.
+COSMOS_TEXT_TOKENS, COSMOS_FPS, COSMOS_VAE_SPATIAL = 512, 30, 8
+
+
+def cosmos_inputs(model, batch: int = 2, frames: int | None = None, height: int | None = None,
+                  width: int | None = None, *, timestep: float = DEFAULT_TIMESTEP, seed: int = 0) -> dict[str, Any]:
+    """Cosmos 1.0 text-to-world: latents ``(B, C_in, F, H, W)``, T5 text of 512 tokens, a float32 EDM timestep
+    (``0.25 * log(sigma)``: :func:`edm_timesteps`), ``fps`` 30 and the all-zero pixel-size padding mask
+    ``(1, 1, 8H, 8W)`` the pipeline passes. (The pipeline runs the conditional and unconditional halves as two
+    calls; batch 2 here is one call of both.)"""
+    cfg = model.config
+    name = type(model).__name__
+    f, h, w = _sizes(frames, height, width)
+    pt, ph, pw = cfg.patch_size
+    for what, v, p in (("latent frames", f, pt), ("latent height", h, ph), ("latent width", w, pw)):
+        _check_divisible(name, what, v, p)
+    g = torch.Generator().manual_seed(seed)
+    return dict(hidden_states=_randn(g, batch, cfg.in_channels, f, h, w),
+                timestep=_timestep(batch, timestep, torch.float32),
+                encoder_hidden_states=_randn(g, batch, COSMOS_TEXT_TOKENS, cfg.text_embed_dim), fps=COSMOS_FPS,
+                padding_mask=torch.zeros(1, 1, h * COSMOS_VAE_SPATIAL, w * COSMOS_VAE_SPATIAL), return_dict=False)
+
+
 # --- registry ----------------------------------------------------------------------------------------------------------------
 
 #: Input builder per diffusers class name: ``builder(model, batch, frames, height, width, *, timestep, seed)``.
@@ -532,6 +571,7 @@ INPUT_BUILDERS: dict[str, Builder] = {
     "AllegroTransformer3DModel": allegro_inputs,
     "EasyAnimateTransformer3DModel": easyanimate_inputs,
     "SanaVideoTransformer3DModel": sana_video_inputs,
+    "CosmosTransformer3DModel": cosmos_inputs,
 }
 
 #: Timestep rule of each family's default scheduler (classes not listed: :func:`ddim_timesteps`, the DDPM
@@ -546,6 +586,7 @@ TIMESTEP_RULES: dict[str, TimestepRule] = {
     "MochiTransformer3DModel": mochi_timesteps,
     "EasyAnimateTransformer3DModel": flow_default_timesteps,
     "SanaVideoTransformer3DModel": dpm_flow_timesteps,
+    "CosmosTransformer3DModel": edm_timesteps,
 }
 
 
@@ -563,7 +604,9 @@ def example_inputs(model: torch.nn.Module, batch: int = 2, num_steps: int = 50, 
     The timestep argument holds the first timestep, in the dtype the pipeline's scheduler gives.
     """
     kwargs = build_inputs(model, batch, frames, height, width, seed=seed)
-    timesteps = timesteps_for(model, num_steps, kwargs)
+    # in the call's dtype (float32 for flow schedulers): the values the model is called with
+    dtype = kwargs["timestep"].dtype
+    timesteps = [float(t) for t in torch.tensor(timesteps_for(model, num_steps, kwargs)).to(dtype)]
     kwargs["timestep"] = torch.full_like(kwargs["timestep"], timesteps[0])
     return kwargs, timesteps
 
@@ -591,5 +634,5 @@ def build_inputs(model: torch.nn.Module, batch: int = 2, frames: int | None = No
 
 
 __all__ = ["INPUT_BUILDERS", "TIMESTEP_RULES", "build_inputs", "builder_for", "example_inputs", "supported_classes",
-           "timesteps_for", "ddim_timesteps", "flow_timesteps", "flow_default_timesteps", "dpm_flow_timesteps", "unipc_flow_timesteps", "ltx_timesteps",
+           "timesteps_for", "ddim_timesteps", "flow_timesteps", "flow_default_timesteps", "dpm_flow_timesteps", "edm_timesteps", "unipc_flow_timesteps", "ltx_timesteps",
            "mochi_timesteps", "cogvideox_rotary_emb"]

@@ -110,4 +110,9 @@ CASES: dict[str, FolderCase] = {c.name: c for c in [
                dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=12, num_layers=2,
                     num_cross_attention_heads=2, cross_attention_head_dim=12, cross_attention_dim=24,
                     caption_channels=16, sample_size=8), (B, 4, 3, 8, 8)),
+    # Cosmos: concat_padding_mask off (resizing the padding mask needs torchvision, not installed here)
+    FolderCase("cosmos", "CosmosTransformer3DModel",
+               dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=12, num_layers=2,
+                    mlp_ratio=2.0, text_embed_dim=16, adaln_lora_dim=4, max_size=(4, 16, 16),
+                    concat_padding_mask=False), (B, 4, 3, 8, 8)),
 ]}

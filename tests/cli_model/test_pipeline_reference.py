@@ -21,7 +21,7 @@ from torch.utils._pytree import tree_flatten
 
 from cli_model_cases import CASES
 from graphpass.model_inputs import (build_inputs, ddim_timesteps, dpm_flow_timesteps, example_inputs,
-                                    flow_default_timesteps, flow_timesteps, ltx_timesteps,
+                                    edm_timesteps, flow_default_timesteps, flow_timesteps, ltx_timesteps,
                                     mochi_timesteps, unipc_flow_timesteps)
 
 STEPS = 3
@@ -307,3 +307,11 @@ def test_flow_default_rule_is_diffusers_flow_match(steps):
     sched = diffusers.FlowMatchEulerDiscreteScheduler()
     sched.set_timesteps(steps)
     assert flow_default_timesteps(steps) == pytest.approx(sched.timesteps.tolist(), rel=1e-6)
+
+
+@pytest.mark.parametrize("steps", [1, 4, 35])
+def test_edm_rule_is_diffusers_edm_euler(steps):
+    """Cosmos 1.0's scheduler (its pipeline cannot be built here: it requires the cosmos_guardrail package)."""
+    sched = diffusers.EDMEulerScheduler()
+    sched.set_timesteps(steps)
+    assert edm_timesteps(steps) == pytest.approx(sched.timesteps.tolist(), rel=1e-5)
