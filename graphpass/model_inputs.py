@@ -394,6 +394,36 @@ def hunyuan_video_inputs(model, batch: int = 2, frames: int | None = None, heigh
                 attention_kwargs=None, return_dict=False)
 
 
+#: HunyuanVideo15Pipeline's SigLIP image tokens (all zeros for text-to-video).
+HUNYUAN15_IMAGE_TOKENS = 729
+
+
+def hunyuan_video15_inputs(model, batch: int = 2, frames: int | None = None, height: int | None = None,
+                           width: int | None = None, *, timestep: float = DEFAULT_TIMESTEP, seed: int = 0
+                           ) -> dict[str, Any]:
+    """HunyuanVideo 1.5 text-to-video: ``cat([latents, zero condition latents, zero mask], dim=1)`` (``in_channels =
+    2C + 1``), zero SigLIP image tokens ``(B, 729, image_embed_dim)``, the Qwen text and ByT5 glyph text with
+    their padding masks in the model's dtype, float32 flow timestep."""
+    cfg = model.config
+    name = type(model).__name__
+    f, h, w = _sizes(frames, height, width)
+    _check_divisible(name, "latent frames", f, cfg.patch_size_t)
+    _check_divisible(name, "latent height", h, cfg.patch_size)
+    _check_divisible(name, "latent width", w, cfg.patch_size)
+    c = (cfg.in_channels - 1) // 2
+    g = torch.Generator().manual_seed(seed)
+    latents = _randn(g, batch, c, f, h, w)
+    hidden = torch.cat([latents, torch.zeros_like(latents), torch.zeros(batch, cfg.in_channels - 2 * c, f, h, w)],
+                       dim=1)
+    return dict(hidden_states=hidden, image_embeds=torch.zeros(batch, HUNYUAN15_IMAGE_TOKENS, cfg.image_embed_dim),
+                timestep=_timestep(batch, timestep, torch.float32),
+                encoder_hidden_states=_randn(g, batch, TEXT_TOKENS, cfg.text_embed_dim),
+                encoder_attention_mask=_text_mask(batch, TEXT_TOKENS).to(model.dtype),
+                encoder_hidden_states_2=_randn(g, batch, TEXT_TOKENS, cfg.text_embed_2_dim),
+                encoder_attention_mask_2=_text_mask(batch, TEXT_TOKENS).to(model.dtype),
+                attention_kwargs=None, return_dict=False)
+
+
 # --- LTX-Video ---------------------------------------------------------------------------------------------------------
 
 #: LTX-Video's VAE compression (temporal, spatial) and the pipeline's default frame rate.
@@ -572,6 +602,7 @@ INPUT_BUILDERS: dict[str, Builder] = {
     "EasyAnimateTransformer3DModel": easyanimate_inputs,
     "SanaVideoTransformer3DModel": sana_video_inputs,
     "CosmosTransformer3DModel": cosmos_inputs,
+    "HunyuanVideo15Transformer3DModel": hunyuan_video15_inputs,
 }
 
 #: Timestep rule of each family's default scheduler (classes not listed: :func:`ddim_timesteps`, the DDPM
@@ -587,6 +618,8 @@ TIMESTEP_RULES: dict[str, TimestepRule] = {
     "EasyAnimateTransformer3DModel": flow_default_timesteps,
     "SanaVideoTransformer3DModel": dpm_flow_timesteps,
     "CosmosTransformer3DModel": edm_timesteps,
+    # the pipeline's sigmas linspace(1, 0, N + 1)[:-1]; shift 7.0 as HunyuanVideo's scheduler config
+    "HunyuanVideo15Transformer3DModel": partial(flow_timesteps, shift=7.0),
 }
 
 

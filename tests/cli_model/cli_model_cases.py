@@ -115,4 +115,10 @@ CASES: dict[str, FolderCase] = {c.name: c for c in [
                dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=12, num_layers=2,
                     mlp_ratio=2.0, text_embed_dim=16, adaln_lora_dim=4, max_size=(4, 16, 16),
                     concat_padding_mask=False), (B, 4, 3, 8, 8)),
+    # HunyuanVideo 1.5: in_channels 2C + 1 (latents, condition latents, mask)
+    FolderCase("hunyuanvideo15", "HunyuanVideo15Transformer3DModel",
+               dict(in_channels=9, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=2,
+                    num_refiner_layers=1, mlp_ratio=2.0, patch_size=1, patch_size_t=1, text_embed_dim=16,
+                    text_embed_2_dim=8, image_embed_dim=8, rope_axes_dim=(2, 2, 4)), (B, 4, 3, 8, 8),
+               captures=False),
 ]}
