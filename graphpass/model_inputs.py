@@ -84,16 +84,19 @@ def flow_timesteps(num_steps: int, kwargs: dict[str, Any] | None = None, *, shif
     return [1000.0 * s for s in _shifted([1.0 - i / num_steps for i in range(num_steps)], shift)]
 
 
-def flow_default_timesteps(num_steps: int, kwargs: dict[str, Any] | None = None) -> list[float]:
-    """FlowMatchEulerDiscreteScheduler() with its own spacing (no sigmas given, shift 1): timesteps
-    ``linspace(1000, 1, N)``.
+def flow_default_timesteps(num_steps: int, kwargs: dict[str, Any] | None = None, *, shift: float = 1.0
+                           ) -> list[float]:
+    """FlowMatchEulerDiscreteScheduler(shift) with its own spacing (no sigmas given): sigmas from 1 to the shifted
+    ``1/1000``, evenly spaced, then shifted (the scheduler shifts them once at construction and again per
+    call). With shift 1: timesteps ``linspace(1000, 1, N)``.
 
-    >>> flow_default_timesteps(4)
+    >>> [round(t, 6) for t in flow_default_timesteps(4)]
     [1000.0, 667.0, 334.0, 1.0]
     """
     _check_steps(num_steps)
-    top, bottom = 1000.0, 1.0
-    return [top + (bottom - top) * i / max(num_steps - 1, 1) for i in range(num_steps)]
+    top, bottom = 1.0, _shifted([1.0 / 1000], shift)[0]
+    sigmas = [top + (bottom - top) * i / max(num_steps - 1, 1) for i in range(num_steps)]
+    return [1000.0 * s for s in _shifted(sigmas, shift)]
 
 
 def unipc_flow_timesteps(num_steps: int, kwargs: dict[str, Any] | None = None, *, shift: float = 3.0
@@ -584,6 +587,44 @@ def cosmos_inputs(model, batch: int = 2, frames: int | None = None, height: int 
                 padding_mask=torch.zeros(1, 1, h * COSMOS_VAE_SPATIAL, w * COSMOS_VAE_SPATIAL), return_dict=False)
 
 
+# --- Kandinsky 5 ----------------------------------------------------------------------------------------------------------
+
+#: Kandinsky 5's VAE spatial compression (the pipeline's ``vae_scale_factor_spatial``).
+KANDINSKY5_VAE_SPATIAL = 8
+
+
+def kandinsky5_inputs(model, batch: int = 2, frames: int | None = None, height: int | None = None,
+                      width: int | None = None, *, timestep: float = DEFAULT_TIMESTEP, seed: int = 0
+                      ) -> dict[str, Any]:
+    """Kandinsky 5 text-to-video: channels-last latents ``(B, F, H, W, C)`` (with zero visual conditioning and
+    mask appended when ``visual_cond``), Qwen text and CLIP pooled embedding, float32 flow timestep, the rope
+    positions as the pipeline builds them (a list of frame/row/column ``arange``\ s over the patch grid and one
+    over the text), the resolution's ``scale_factor`` ((1, 2, 2) for 480p-sized videos, else (1, 3.16, 3.16))
+    and no sparse attention (``attention_type`` "regular"; "nabla" is not built)."""
+    cfg = model.config
+    name = type(model).__name__
+    if cfg.attention_type != "regular":
+        raise InputError(f"{name} with attention_type={cfg.attention_type!r}: graphpass builds inputs for regular "
+                         f"attention only; pass your pipeline's inputs (with its sparse_params) to graphpass.optimize")
+    f, h, w = _sizes(frames, height, width)
+    pt, ph, pw = cfg.patch_size
+    for what, v, p in (("latent frames", f, pt), ("latent height", h, ph), ("latent width", w, pw)):
+        _check_divisible(name, what, v, p)
+    g = torch.Generator().manual_seed(seed)
+    x = _randn(g, batch, f, h, w, cfg.in_visual_dim)
+    if cfg.visual_cond:
+        x = torch.cat([x, torch.zeros_like(x), torch.zeros(batch, f, h, w, 1)], dim=-1)
+    px_h, px_w = h * KANDINSKY5_VAE_SPATIAL, w * KANDINSKY5_VAE_SPATIAL
+    scale = (1, 2, 2) if 480 <= px_h <= 854 and 480 <= px_w <= 854 else (1, 3.16, 3.16)
+    return dict(hidden_states=x, encoder_hidden_states=_randn(g, batch, TEXT_TOKENS, cfg.in_text_dim),
+                pooled_projections=_randn(g, batch, cfg.in_text_dim2),
+                timestep=_timestep(batch, timestep, torch.float32),
+                visual_rope_pos=[torch.arange(f), torch.arange(h // ph), torch.arange(w // pw)],
+                text_rope_pos=torch.arange(TEXT_TOKENS), scale_factor=scale, sparse_params=None,
+                # as the pipeline: with return_dict=False the model returns the bare tensor, not a 1-tuple
+                return_dict=True)
+
+
 # --- registry ----------------------------------------------------------------------------------------------------------------
 
 #: Input builder per diffusers class name: ``builder(model, batch, frames, height, width, *, timestep, seed)``.
@@ -603,6 +644,7 @@ INPUT_BUILDERS: dict[str, Builder] = {
     "SanaVideoTransformer3DModel": sana_video_inputs,
     "CosmosTransformer3DModel": cosmos_inputs,
     "HunyuanVideo15Transformer3DModel": hunyuan_video15_inputs,
+    "Kandinsky5Transformer3DModel": kandinsky5_inputs,
 }
 
 #: Timestep rule of each family's default scheduler (classes not listed: :func:`ddim_timesteps`, the DDPM
@@ -620,6 +662,8 @@ TIMESTEP_RULES: dict[str, TimestepRule] = {
     "CosmosTransformer3DModel": edm_timesteps,
     # the pipeline's sigmas linspace(1, 0, N + 1)[:-1]; shift 7.0 as HunyuanVideo's scheduler config
     "HunyuanVideo15Transformer3DModel": partial(flow_timesteps, shift=7.0),
+    # the pipeline's set_timesteps(N); shift 5.0 assumed (Kandinsky 5's sampling scale)
+    "Kandinsky5Transformer3DModel": partial(flow_default_timesteps, shift=5.0),
 }
 
 

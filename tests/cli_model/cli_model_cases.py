@@ -121,4 +121,9 @@ CASES: dict[str, FolderCase] = {c.name: c for c in [
                     num_refiner_layers=1, mlp_ratio=2.0, patch_size=1, patch_size_t=1, text_embed_dim=16,
                     text_embed_2_dim=8, image_embed_dim=8, rope_axes_dim=(2, 2, 4)), (B, 4, 3, 8, 8),
                captures=False),
+    # Kandinsky 5: channels-last latents (B, F, H, W, C) in and out
+    FolderCase("kandinsky5", "Kandinsky5Transformer3DModel",
+               dict(in_visual_dim=4, in_text_dim=16, in_text_dim2=8, time_dim=16, out_visual_dim=4,
+                    patch_size=(1, 2, 2), model_dim=16, ff_dim=32, num_text_blocks=1, num_visual_blocks=2,
+                    axes_dims=(4, 2, 2)), (B, 3, 8, 8, 4), captures=False),
 ]}

@@ -26,7 +26,7 @@ from graphpass.model_inputs import (build_inputs, ddim_timesteps, dpm_flow_times
 
 STEPS = 3
 #: Arguments with a prompt-length dimension (the pipeline's is the given prompt_embeds'), and which one.
-TEXT_ARGS = {"encoder_hidden_states": -2, "encoder_attention_mask": -1}
+TEXT_ARGS = {"encoder_hidden_states": -2, "encoder_attention_mask": -1, "text_rope_pos": -1}
 #: Arguments drawn at random (compared by dtype and shape only).
 RANDOM_ARGS = {"hidden_states", "encoder_hidden_states", "encoder_hidden_states_image", "pooled_projections",
                "encoder_attention_mask"}
@@ -76,7 +76,9 @@ def assert_same_call(ours: dict[str, Any], theirs: dict[str, Any]) -> None:
             if name in TEXT_ARGS:
                 del shape_got[TEXT_ARGS[name]], shape_want[TEXT_ARGS[name]]
             assert shape_got == shape_want, (name, got.shape, want.shape)
-            if name not in RANDOM_ARGS:
+            if name in TEXT_ARGS and name not in RANDOM_ARGS:  # text positions: ours run on past the prompt's
+                torch.testing.assert_close(got[..., :want.shape[-1]], want, msg=name)
+            elif name not in RANDOM_ARGS:
                 torch.testing.assert_close(got, want, msg=name)
         elif isinstance(want, (tuple, list)):  # rotary tables, rope scales: nested tuples of tensors or floats
             leaves_got, spec_got = tree_flatten(got)
@@ -209,10 +211,26 @@ def _sana_video():
                       use_resolution_binning=False), 2, (3, 8, 8)
 
 
+def _kandinsky5():
+    model = CASES["kandinsky5"].build()
+    pipe = diffusers.Kandinsky5T2VPipeline(transformer=model, vae=None, text_encoder=None, tokenizer=None,
+                                           text_encoder_2=None, tokenizer_2=None,
+                                           scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=5.0))
+    g = torch.Generator().manual_seed(3)
+    # Qwen text of 5 tokens (cu_seqlens: one prompt of 5) and the CLIP pooled embedding, prompt and negative
+    return pipe, dict(prompt_embeds_qwen=torch.randn(1, 5, 16, generator=g),
+                      prompt_embeds_clip=torch.randn(1, 8, generator=g),
+                      negative_prompt_embeds_qwen=torch.randn(1, 5, 16, generator=g),
+                      negative_prompt_embeds_clip=torch.randn(1, 8, generator=g),
+                      prompt_cu_seqlens=torch.tensor([0, 5], dtype=torch.int32),
+                      negative_prompt_cu_seqlens=torch.tensor([0, 5], dtype=torch.int32),
+                      height=64, width=64, num_frames=9, guidance_scale=5.0), 1, (3, 8, 8)
+
+
 PIPELINES = {"cogvideox": lambda: _cogvideox("cogvideox"), "cogvideox-rope": lambda: _cogvideox("cogvideox-rope"),
              "latte": _latte, "wan": _wan, "hunyuanvideo": _hunyuanvideo, "ltx": _ltx, "mochi": _mochi,
              "allegro": _allegro, "easyanimate": _easyanimate,
-             "sana-video": _sana_video}
+             "sana-video": _sana_video, "kandinsky5": _kandinsky5}
 
 
 @pytest.mark.parametrize("name", sorted(PIPELINES))
@@ -303,10 +321,11 @@ def test_dpm_flow_rule_is_diffusers_dpm_solver(steps):
 
 
 @pytest.mark.parametrize("steps", [1, 4, 50])
-def test_flow_default_rule_is_diffusers_flow_match(steps):
-    sched = diffusers.FlowMatchEulerDiscreteScheduler()
+@pytest.mark.parametrize("shift", [1.0, 5.0])
+def test_flow_default_rule_is_diffusers_flow_match(steps, shift):
+    sched = diffusers.FlowMatchEulerDiscreteScheduler(shift=shift)
     sched.set_timesteps(steps)
-    assert flow_default_timesteps(steps) == pytest.approx(sched.timesteps.tolist(), rel=1e-6)
+    assert flow_default_timesteps(steps, shift=shift) == pytest.approx(sched.timesteps.tolist(), rel=1e-5)
 
 
 @pytest.mark.parametrize("steps", [1, 4, 35])
