@@ -22,10 +22,9 @@ default scheduler spaces its timesteps (:func:`timesteps_for`), computed here wi
 """
 from __future__ import annotations
 
-from typing import Any, Callable
-
 import math
 from functools import partial
+from typing import Any, Callable
 
 import torch
 
@@ -34,8 +33,9 @@ from .errors import InputError
 #: Latent frames and latent height/width of a default example call: small, so capture and tests stay fast.
 DEFAULT_FRAMES = 3
 DEFAULT_SIZE = 8
-#: Text tokens for pipelines that accept any prompt length (with a padding mask); models whose pipeline pads
-#: to a fixed length the model depends on use that length instead (CogVideoX, Wan, Latte).
+#: Text tokens for pipelines whose prompt length varies (with a padding mask: HunyuanVideo, LTX-Video, Mochi,
+#: Kandinsky 5); where the pipeline pads every prompt to a fixed length, that length is used (CogVideoX's
+#: ``max_text_seq_length``, Wan 512, Latte 120, Allegro 512, EasyAnimate 256, SANA-Video 300, Cosmos 512).
 TEXT_TOKENS = 16
 #: Tokens of the unconditional (negative, empty) prompt in the padding mask of a batched CFG call.
 NEGATIVE_TOKENS = 3

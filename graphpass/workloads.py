@@ -167,9 +167,11 @@ def example_call(name: str | Path, batch: int = 2, num_steps: int = 50
 
     For a diffusers model folder the call is built from the model's config
     (:func:`graphpass.model_inputs.example_inputs`, default small latent size) at the first of the family's
-    timesteps (:func:`graphpass.model_inputs.timesteps_for`): DDIM 'leading' spacing on 0..1000 for
-    DDPM-trained models (CogVideoX, Latte), shifted flow-matching ``1000 * sigma`` for flow models (Wan,
-    HunyuanVideo, LTX-Video; Mochi's reversed), computed here without diffusers' schedulers.
+    timesteps (:func:`graphpass.model_inputs.timesteps_for`), computed without diffusers' schedulers as the
+    family's default scheduler spaces them: DDIM 'leading' spacing on 0..1000 for DDPM-trained models
+    (CogVideoX, ConsisID, Latte, Allegro), shifted flow-matching ``1000 * sigma`` for flow models (Wan family,
+    HunyuanVideo, LTX-Video, EasyAnimate, SANA-Video, Kandinsky 5; Mochi's reversed), EDM's ``0.25 log sigma``
+    for Cosmos.
     """
     from .models.sampler import ddim_timesteps
 
