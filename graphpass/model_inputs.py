@@ -23,7 +23,6 @@ default scheduler spaces its timesteps (:func:`timesteps_for`), computed here wi
 from __future__ import annotations
 
 import math
-from functools import partial
 from typing import Any, Callable
 
 import torch
@@ -45,12 +44,13 @@ DEFAULT_TIMESTEP = 999.0
 Builder = Callable[..., dict[str, Any]]
 
 
-#: How a family's default scheduler spaces its timesteps: ``rule(num_steps, example_kwargs) -> timesteps`` as the
-#: model is called with them (the example call gives what a rule needs, e.g. LTX-Video's token count).
-TimestepRule = Callable[[int, dict[str, Any]], list[float]]
+#: How a family's default scheduler spaces its timesteps: ``rule(model, num_steps, example_kwargs) -> timesteps``
+#: as the model is called with them (the model and the example call give what a rule needs, e.g. the token
+#: count of a resolution-dependent shift).
+TimestepRule = Callable[[torch.nn.Module, int, dict[str, Any]], list[float]]
 
 
-def ddim_timesteps(num_steps: int, kwargs: dict[str, Any] | None = None) -> list[float]:
+def ddim_timesteps(num_steps: int) -> list[float]:
     """DDPM-trained models: DDIM 'leading' timesteps with offset 1 on 0..1000 (graphpass's sampler).
 
     >>> ddim_timesteps(4)
@@ -71,7 +71,7 @@ def _check_steps(num_steps: int) -> None:
         raise InputError(f"num_steps={num_steps}: sample at least one step")
 
 
-def flow_timesteps(num_steps: int, kwargs: dict[str, Any] | None = None, *, shift: float = 1.0) -> list[float]:
+def flow_timesteps(num_steps: int, *, shift: float = 1.0) -> list[float]:
     """FlowMatchEulerDiscreteScheduler(shift) given the sigmas ``linspace(1, 0, N + 1)[:-1]`` (HunyuanVideo's
     pipeline): ``1000 * shifted sigma``, float.
 
@@ -84,7 +84,7 @@ def flow_timesteps(num_steps: int, kwargs: dict[str, Any] | None = None, *, shif
     return [1000.0 * s for s in _shifted([1.0 - i / num_steps for i in range(num_steps)], shift)]
 
 
-def flow_default_timesteps(num_steps: int, kwargs: dict[str, Any] | None = None, *, shift: float = 1.0
+def flow_default_timesteps(num_steps: int, *, shift: float = 1.0
                            ) -> list[float]:
     """FlowMatchEulerDiscreteScheduler(shift) with its own spacing (no sigmas given): sigmas from 1 to the shifted
     ``1/1000``, evenly spaced, then shifted (the scheduler shifts them once at construction and again per
@@ -99,7 +99,7 @@ def flow_default_timesteps(num_steps: int, kwargs: dict[str, Any] | None = None,
     return [1000.0 * s for s in _shifted(sigmas, shift)]
 
 
-def unipc_flow_timesteps(num_steps: int, kwargs: dict[str, Any] | None = None, *, shift: float = 3.0
+def unipc_flow_timesteps(num_steps: int, *, shift: float = 3.0
                          ) -> list[float]:
     """UniPCMultistepScheduler(use_flow_sigmas=True, flow_shift) (the Wan checkpoints' scheduler): sigmas
     ``linspace(1, 1/1000, N + 1)[:-1]`` shifted, the first nudged below 1, timesteps ``int64(1000 * sigma)``.
@@ -114,7 +114,7 @@ def unipc_flow_timesteps(num_steps: int, kwargs: dict[str, Any] | None = None, *
     return [float(math.trunc(1000.0 * s)) for s in sigmas]
 
 
-def dpm_flow_timesteps(num_steps: int, kwargs: dict[str, Any] | None = None, *, shift: float = 3.0
+def dpm_flow_timesteps(num_steps: int, *, shift: float = 3.0
                        ) -> list[float]:
     """DPMSolverMultistepScheduler(use_flow_sigmas=True, flow_shift) (the Sana family's scheduler; shift 3.0
     as in its released configs): sigmas ``1 - linspace(1, 1/1000, N + 1)`` reversed, shifted, the last (0)
@@ -129,7 +129,7 @@ def dpm_flow_timesteps(num_steps: int, kwargs: dict[str, Any] | None = None, *, 
     return [float(math.trunc(1000.0 * s)) for s in _shifted(sigmas, shift)]
 
 
-def edm_timesteps(num_steps: int, kwargs: dict[str, Any] | None = None, *, sigma_min: float = 0.002,
+def edm_timesteps(num_steps: int, *, sigma_min: float = 0.002,
                   sigma_max: float = 80.0, rho: float = 7.0) -> list[float]:
     """EDMEulerScheduler (Cosmos 1.0): Karras sigmas from ``sigma_max`` to ``sigma_min`` and the model's timestep
     ``0.25 * log(sigma)`` -- not on the 0..1000 scale (a PAB window in 0..1000 units does not apply).
@@ -143,27 +143,51 @@ def edm_timesteps(num_steps: int, kwargs: dict[str, Any] | None = None, *, sigma
     return [0.25 * math.log((hi + r * (lo - hi)) ** rho) for r in ramp]
 
 
-def ltx_timesteps(num_steps: int, kwargs: dict[str, Any], *, base_shift: float = 0.95, max_shift: float = 2.05,
-                  base_tokens: int = 1024, max_tokens: int = 4096, terminal: float = 0.1) -> list[float]:
-    """LTX-Video's pipeline with its checkpoint's FlowMatchEulerDiscreteScheduler: sigmas
-    ``linspace(1, 1/N, N)``, resolution-dependent exponential shift ``mu`` (linear in the video's
-    ``num_frames * height * width`` latent tokens between (1024, 0.95) and (4096, 2.05)), stretched so the last
-    sigma is 0.1.
+def dynamic_flow_timesteps(num_steps: int, tokens: int, *, base_shift: float, max_shift: float, base_tokens: int,
+                           max_tokens: int, terminal: float | None = None) -> list[float]:
+    """Flow matching with a resolution-dependent shift, as the LTX-Video and Motif-Video pipelines drive
+    FlowMatchEulerDiscreteScheduler: sigmas ``linspace(1, 1/N, N)``, exponential time shift by ``mu`` (linear in
+    the video's ``tokens`` between ``(base_tokens, base_shift)`` and ``(max_tokens, max_shift)``), stretched so
+    the last sigma is ``terminal`` when given.
 
-    >>> [round(t, 1) for t in ltx_timesteps(2, dict(num_frames=1, height=32, width=32))]
-    [1000.0, 100.0]
+    >>> [round(t, 1) for t in dynamic_flow_timesteps(2, 256, base_shift=0.5, max_shift=1.15, base_tokens=256,
+    ...                                              max_tokens=4096)]
+    [1000.0, 622.5]
     """
     _check_steps(num_steps)
-    tokens = kwargs["num_frames"] * kwargs["height"] * kwargs["width"]
     slope = (max_shift - base_shift) / (max_tokens - base_tokens)
     mu = tokens * slope + base_shift - slope * base_tokens
     sigmas = [1.0 - (1.0 - 1.0 / num_steps) * i / max(num_steps - 1, 1) for i in range(num_steps)]
     sigmas = [math.exp(mu) / (math.exp(mu) + (1.0 / s - 1.0)) for s in sigmas]
-    scale = (1.0 - sigmas[-1]) / (1.0 - terminal)
-    return [1000.0 * (1.0 - (1.0 - s) / scale) for s in sigmas]
+    if terminal is not None:
+        scale = (1.0 - sigmas[-1]) / (1.0 - terminal)
+        sigmas = [1.0 - (1.0 - s) / scale for s in sigmas]
+    return [1000.0 * s for s in sigmas]
 
 
-def mochi_timesteps(num_steps: int, kwargs: dict[str, Any] | None = None, *, threshold_noise: float = 0.025
+def ltx_timesteps(num_steps: int, tokens: int) -> list[float]:
+    """LTX-Video's pipeline with its checkpoint's scheduler config: :func:`dynamic_flow_timesteps` over the
+    video's latent tokens between (1024, 0.95) and (4096, 2.05), terminal sigma 0.1.
+
+    >>> [round(t, 1) for t in ltx_timesteps(2, tokens=1024)]
+    [1000.0, 100.0]
+    """
+    return dynamic_flow_timesteps(num_steps, tokens, base_shift=0.95, max_shift=2.05, base_tokens=1024,
+                                  max_tokens=4096, terminal=0.1)
+
+
+def motif_timesteps(num_steps: int, tokens: int) -> list[float]:
+    """Motif-Video's pipeline: :func:`dynamic_flow_timesteps` over its packed video tokens between the
+    pipeline's defaults (256, 0.5) and (4096, 1.15).
+
+    >>> [round(t, 1) for t in motif_timesteps(2, tokens=256)]
+    [1000.0, 622.5]
+    """
+    return dynamic_flow_timesteps(num_steps, tokens, base_shift=0.5, max_shift=1.15, base_tokens=256,
+                                  max_tokens=4096)
+
+
+def mochi_timesteps(num_steps: int, *, threshold_noise: float = 0.025
                     ) -> list[float]:
     """Mochi's pipeline: the linear-quadratic sigma schedule (linear for the first half of the steps up to
     ``threshold_noise``, quadratic after) through a scheduler with ``invert_sigmas``: the model is called with
@@ -625,6 +649,34 @@ def kandinsky5_inputs(model, batch: int = 2, frames: int | None = None, height: 
                 return_dict=True)
 
 
+# --- Motif-Video ----------------------------------------------------------------------------------------------------------
+
+#: MotifVideoPipeline's ``max_sequence_length`` (T5 prompt padded to it).
+MOTIF_TEXT_TOKENS = 512
+
+
+def motif_video_inputs(model, batch: int = 2, frames: int | None = None, height: int | None = None,
+                       width: int | None = None, *, timestep: float = DEFAULT_TIMESTEP, seed: int = 0
+                       ) -> dict[str, Any]:
+    """Motif-Video text-to-video: ``cat([latents, zero condition latents, zero mask], dim=1)`` (``in_channels =
+    2C + 1``), T5 text of 512 tokens with its bool padding mask, float32 flow timestep, no image embeddings."""
+    cfg = model.config
+    name = type(model).__name__
+    f, h, w = _sizes(frames, height, width)
+    _check_divisible(name, "latent frames", f, cfg.patch_size_t)
+    _check_divisible(name, "latent height", h, cfg.patch_size)
+    _check_divisible(name, "latent width", w, cfg.patch_size)
+    c = (cfg.in_channels - 1) // 2
+    g = torch.Generator().manual_seed(seed)
+    latents = _randn(g, batch, c, f, h, w)
+    hidden = torch.cat([latents, torch.zeros_like(latents), torch.zeros(batch, cfg.in_channels - 2 * c, f, h, w)],
+                       dim=1)
+    return dict(hidden_states=hidden, timestep=_timestep(batch, timestep, torch.float32),
+                encoder_hidden_states=_randn(g, batch, MOTIF_TEXT_TOKENS, cfg.text_embed_dim),
+                encoder_attention_mask=_text_mask(batch, MOTIF_TEXT_TOKENS).bool(), attention_kwargs=None,
+                return_dict=False)
+
+
 # --- registry ----------------------------------------------------------------------------------------------------------------
 
 #: Input builder per diffusers class name: ``builder(model, batch, frames, height, width, *, timestep, seed)``.
@@ -645,32 +697,43 @@ INPUT_BUILDERS: dict[str, Builder] = {
     "CosmosTransformer3DModel": cosmos_inputs,
     "HunyuanVideo15Transformer3DModel": hunyuan_video15_inputs,
     "Kandinsky5Transformer3DModel": kandinsky5_inputs,
+    "MotifVideoTransformer3DModel": motif_video_inputs,
 }
 
 #: Timestep rule of each family's default scheduler (classes not listed: :func:`ddim_timesteps`, the DDPM
 #: families). Wan-family checkpoints ship UniPC with flow shift 3.0 (the 480p configs), HunyuanVideo shift 7.0.
 TIMESTEP_RULES: dict[str, TimestepRule] = {
-    "WanTransformer3DModel": unipc_flow_timesteps,
-    "SkyReelsV2Transformer3DModel": unipc_flow_timesteps,
-    "ChronoEditTransformer3DModel": unipc_flow_timesteps,
-    "WanVACETransformer3DModel": unipc_flow_timesteps,
-    "HunyuanVideoTransformer3DModel": partial(flow_timesteps, shift=7.0),
-    "LTXVideoTransformer3DModel": ltx_timesteps,
-    "MochiTransformer3DModel": mochi_timesteps,
-    "EasyAnimateTransformer3DModel": flow_default_timesteps,
-    "SanaVideoTransformer3DModel": dpm_flow_timesteps,
-    "CosmosTransformer3DModel": edm_timesteps,
+    "WanTransformer3DModel": lambda model, n, kw: unipc_flow_timesteps(n, shift=3.0),
+    "SkyReelsV2Transformer3DModel": lambda model, n, kw: unipc_flow_timesteps(n, shift=3.0),
+    "ChronoEditTransformer3DModel": lambda model, n, kw: unipc_flow_timesteps(n, shift=3.0),
+    "WanVACETransformer3DModel": lambda model, n, kw: unipc_flow_timesteps(n, shift=3.0),
+    "HunyuanVideoTransformer3DModel": lambda model, n, kw: flow_timesteps(n, shift=7.0),
     # the pipeline's sigmas linspace(1, 0, N + 1)[:-1]; shift 7.0 as HunyuanVideo's scheduler config
-    "HunyuanVideo15Transformer3DModel": partial(flow_timesteps, shift=7.0),
+    "HunyuanVideo15Transformer3DModel": lambda model, n, kw: flow_timesteps(n, shift=7.0),
+    "LTXVideoTransformer3DModel": lambda model, n, kw: ltx_timesteps(n, kw["num_frames"] * kw["height"]
+                                                                     * kw["width"]),
+    "MotifVideoTransformer3DModel": lambda model, n, kw: motif_timesteps(n, _packed_tokens(model, kw)),
+    "MochiTransformer3DModel": lambda model, n, kw: mochi_timesteps(n),
+    "EasyAnimateTransformer3DModel": lambda model, n, kw: flow_default_timesteps(n),
     # the pipeline's set_timesteps(N); shift 5.0 assumed (Kandinsky 5's sampling scale)
-    "Kandinsky5Transformer3DModel": partial(flow_default_timesteps, shift=5.0),
+    "Kandinsky5Transformer3DModel": lambda model, n, kw: flow_default_timesteps(n, shift=5.0),
+    "SanaVideoTransformer3DModel": lambda model, n, kw: dpm_flow_timesteps(n, shift=3.0),
+    "CosmosTransformer3DModel": lambda model, n, kw: edm_timesteps(n),
 }
+
+
+def _packed_tokens(model: torch.nn.Module, kwargs: dict[str, Any]) -> int:
+    """Video tokens after a ``(patch_size_t, patch_size, patch_size)`` patch embedding of ``(B, C, F, H, W)``."""
+    _, _, f, h, w = kwargs["hidden_states"].shape
+    cfg = model.config
+    return (f // cfg.patch_size_t) * (h // cfg.patch_size) * (w // cfg.patch_size)
 
 
 def timesteps_for(model: torch.nn.Module, num_steps: int, kwargs: dict[str, Any]) -> list[float]:
     """The timesteps ``model`` is called with over ``num_steps`` by its pipeline's default scheduler, for the
     call ``kwargs`` (:data:`TIMESTEP_RULES`)."""
-    return TIMESTEP_RULES.get(type(model).__name__, ddim_timesteps)(num_steps, kwargs)
+    rule = TIMESTEP_RULES.get(type(model).__name__)
+    return ddim_timesteps(num_steps) if rule is None else rule(model, num_steps, kwargs)
 
 
 def example_inputs(model: torch.nn.Module, batch: int = 2, num_steps: int = 50, frames: int | None = None,
@@ -711,5 +774,6 @@ def build_inputs(model: torch.nn.Module, batch: int = 2, frames: int | None = No
 
 
 __all__ = ["INPUT_BUILDERS", "TIMESTEP_RULES", "build_inputs", "builder_for", "example_inputs", "supported_classes",
-           "timesteps_for", "ddim_timesteps", "flow_timesteps", "flow_default_timesteps", "dpm_flow_timesteps", "edm_timesteps", "unipc_flow_timesteps", "ltx_timesteps",
+           "timesteps_for", "ddim_timesteps", "flow_timesteps", "flow_default_timesteps", "dpm_flow_timesteps", "edm_timesteps",
+           "dynamic_flow_timesteps", "motif_timesteps", "unipc_flow_timesteps", "ltx_timesteps",
            "mochi_timesteps", "cogvideox_rotary_emb"]

@@ -126,4 +126,11 @@ CASES: dict[str, FolderCase] = {c.name: c for c in [
                dict(in_visual_dim=4, in_text_dim=16, in_text_dim2=8, time_dim=16, out_visual_dim=4,
                     patch_size=(1, 2, 2), model_dim=16, ff_dim=32, num_text_blocks=1, num_visual_blocks=2,
                     axes_dims=(4, 2, 2)), (B, 3, 8, 8, 4), captures=False),
+    # Motif-Video: in_channels 2C + 1 (latents, condition latents, mask); dual-stream, single-stream and decoder
+    # blocks
+    FolderCase("motif-video", "MotifVideoTransformer3DModel",
+               dict(in_channels=9, out_channels=4, num_attention_heads=2, attention_head_dim=12, num_layers=1,
+                    num_single_layers=2, num_decoder_layers=1, mlp_ratio=2.0, patch_size=2, patch_size_t=1,
+                    text_embed_dim=16, rope_axes_dim=(4, 4, 4), enable_text_cross_attention_dual=True,
+                    enable_text_cross_attention_single=True), (B, 4, 3, 8, 8)),
 ]}

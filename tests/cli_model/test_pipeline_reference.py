@@ -227,10 +227,25 @@ def _kandinsky5():
                       height=64, width=64, num_frames=9, guidance_scale=5.0), 1, (3, 8, 8)
 
 
+def _motif_video():
+    model = CASES["motif-video"].build()
+    sched = diffusers.FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True)
+    pipe = diffusers.MotifVideoPipeline(scheduler=sched, vae=None, text_encoder=None, tokenizer=None,
+                                        transformer=model, guider=diffusers.ClassifierFreeGuidance())
+    # the pipeline reads the latent channel count from vae.config.z_dim: a stand-in VAE config
+    object.__setattr__(pipe, "vae", SimpleNamespace(config=SimpleNamespace(z_dim=4)))
+    pe, ne = _embeds(1, 5, 16)
+    # masks as the pipeline's T5 encoding returns them (`prompt_attention_mask.bool()`)
+    mask = torch.ones(1, 5, dtype=torch.bool)
+    return pipe, dict(prompt_embeds=pe, prompt_attention_mask=mask, negative_prompt_embeds=ne,
+                      negative_prompt_attention_mask=mask, height=64, width=64, num_frames=9), 1, (3, 8, 8)
+
+
 PIPELINES = {"cogvideox": lambda: _cogvideox("cogvideox"), "cogvideox-rope": lambda: _cogvideox("cogvideox-rope"),
              "latte": _latte, "wan": _wan, "hunyuanvideo": _hunyuanvideo, "ltx": _ltx, "mochi": _mochi,
              "allegro": _allegro, "easyanimate": _easyanimate,
-             "sana-video": _sana_video, "kandinsky5": _kandinsky5}
+             "sana-video": _sana_video, "kandinsky5": _kandinsky5,
+             "motif-video": _motif_video}
 
 
 @pytest.mark.parametrize("name", sorted(PIPELINES))
@@ -284,7 +299,7 @@ def test_ltx_rule_is_diffusers_dynamic_shift(steps, tokens):
                                                       base_image_seq_len=1024, max_image_seq_len=4096,
                                                       shift_terminal=0.1)
     sched.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=calculate_shift(f * h * w, 1024, 4096, 0.95, 2.05))
-    got = ltx_timesteps(steps, dict(num_frames=f, height=h, width=w))
+    got = ltx_timesteps(steps, f * h * w)
     assert got == pytest.approx(sched.timesteps.tolist(), rel=1e-5, abs=1e-3)
 
 
