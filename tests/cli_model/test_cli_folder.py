@@ -55,6 +55,25 @@ def test_inspect_a_folder(folder, capsys, name, schedule):
     assert [shown[i] for i in sorted(shown)] == ddim_timesteps(10)
 
 
+def test_inspect_a_flow_model_folder(tmp_path, capsys):
+    """HunyuanVideo (flow matching, shift 7): one joint attention over video + text per block; the plan runs over
+    the shifted flow timesteps as FlowMatchEulerDiscreteScheduler(shift=7) gives them for the pipeline's sigmas."""
+    import diffusers
+    import numpy as np
+
+    CASES["hunyuanvideo"].save(tmp_path / "hv")
+    rc = main(["inspect", "--model", str(tmp_path / "hv"), "--schedule", "cogvideox", "--steps", "10"])
+    report = capsys.readouterr().out
+    assert rc == 0
+    regions = _regions(report)
+    assert regions["transformer_blocks.0.attn"] == "joint" and regions["single_transformer_blocks.0.attn"] == "joint"
+    sched = diffusers.FlowMatchEulerDiscreteScheduler(shift=7.0)
+    sched.set_timesteps(sigmas=np.linspace(1.0, 0.0, 11)[:-1])
+    plan = report[report.index("plan (step"):]
+    shown = {int(i): float(t) for i, t in re.findall(r"(\d+): t=\s*([\d.]+)", plan)}
+    assert [shown[i] for i in sorted(shown)] == pytest.approx(sched.timesteps.tolist(), abs=0.05)  # 1 decimal shown
+
+
 def test_bench_a_folder(folder, tmp_path, capsys):
     out = tmp_path / "bench"
     rc = main(["bench", str(folder["cogvideox"]), "--steps", "6", "--seeds", "0", "--threads", "1", "--quiet",

@@ -2,7 +2,7 @@
 config run the model eagerly, and graphpass captures them for the classes that capture today.
 
 Captured today: CogVideoX (without rotary embeddings), Latte, Wan (T2V and I2V), SkyReels-V2, ChronoEdit, Wan
-VACE, HunyuanVideo, EasyAnimate, SANA-Video, Cosmos. Not yet: CogVideoX with rotary embeddings, ConsisID,
+VACE, HunyuanVideo, EasyAnimate, SANA-Video, Cosmos, Motif-Video. Not yet: CogVideoX with rotary embeddings, ConsisID,
 Allegro, LTX-Video (tuple arguments), Kandinsky 5 (list arguments), Mochi and HunyuanVideo 1.5
 (data-dependent shapes or branches on the text mask / image embeddings).
 """
