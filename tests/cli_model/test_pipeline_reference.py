@@ -241,11 +241,22 @@ def _motif_video():
                       negative_prompt_attention_mask=mask, height=64, width=64, num_frames=9), 1, (3, 8, 8)
 
 
+def _skyreels_v2():
+    model = CASES["skyreels-v2"].build()
+    sched = diffusers.UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                              flow_shift=3.0)
+    pipe = diffusers.SkyReelsV2Pipeline(tokenizer=None, text_encoder=None, vae=None, transformer=model,
+                                        scheduler=sched)
+    pe, ne = _embeds(1, 5, 16)
+    return pipe, dict(prompt_embeds=pe, negative_prompt_embeds=ne, height=64, width=64, num_frames=9,
+                      guidance_scale=6.0), 1, (3, 8, 8)
+
+
 PIPELINES = {"cogvideox": lambda: _cogvideox("cogvideox"), "cogvideox-rope": lambda: _cogvideox("cogvideox-rope"),
              "latte": _latte, "wan": _wan, "hunyuanvideo": _hunyuanvideo, "ltx": _ltx, "mochi": _mochi,
              "allegro": _allegro, "easyanimate": _easyanimate,
              "sana-video": _sana_video, "kandinsky5": _kandinsky5,
-             "motif-video": _motif_video}
+             "motif-video": _motif_video, "skyreels-v2": _skyreels_v2}
 
 
 @pytest.mark.parametrize("name", sorted(PIPELINES))
