@@ -6,7 +6,8 @@ from .checks import non_negative_int, output_folder, positive_int
 
 def add_workload_args(p) -> None:
     """Arguments every evaluation command shares (model, steps, seeds, weights, threads)."""
-    p.add_argument("model", help="model name: vdt-s (shipped weights), vdt-tiny (random) or latte-tiny (random)")
+    p.add_argument("model", help="model name: vdt-s (shipped weights), vdt-tiny (random), latte-tiny (random), or a "
+                   "diffusers model folder (save_pretrained: config.json + weights)")
     p.add_argument("--steps", type=positive_int, default=50, help="DDIM sampling steps per video")
     p.add_argument("--seeds", type=non_negative_int, nargs="+", default=[0, 1], help="one video per seed")
     p.add_argument("--weights", default=None, help="VDT checkpoint to use instead of the shipped weights")

@@ -11,7 +11,8 @@ from .checks import positive_int, schedule_arg
 def add_parser(sub) -> None:
     p = sub.add_parser("export", help="export the phases of a model's plan (ONNX per phase + shared weights, or "
                        "TensorRT engines) with a manifest; run them with graphpass.load(folder)")
-    p.add_argument("--model", default="vdt-s", help="shipped model name (vdt-s, vdt-tiny) or 'latte-tiny'")
+    p.add_argument("--model", default="vdt-s", help="shipped model name (vdt-s, vdt-tiny, latte-tiny) or a diffusers "
+                   "model folder (save_pretrained: config.json + weights, e.g. a pipeline's transformer/ folder)")
     p.add_argument("--schedule", type=schedule_arg, default="pab246",
                    help="PAB preset name (pab246, latte, open-sora...) or a JSON file")
     p.add_argument("--steps", type=positive_int, default=50, help="sampling steps of the plan exported (DDIM timesteps)")

@@ -6,7 +6,8 @@ from .checks import output_folder, positive_int, schedule_arg
 
 def add_parser(sub) -> None:
     p = sub.add_parser("inspect", help="show regions, phases and the per-step plan of a model under a schedule")
-    p.add_argument("--model", default="vdt-s", help="shipped model name (vdt-s, vdt-tiny) or 'latte-tiny'")
+    p.add_argument("--model", default="vdt-s", help="shipped model name (vdt-s, vdt-tiny, latte-tiny) or a diffusers "
+                   "model folder (save_pretrained: config.json + weights, e.g. a pipeline's transformer/ folder)")
     p.add_argument("--schedule", type=schedule_arg, default="pab246",
                    help="PAB preset name (pab246, latte, open-sora...) or a JSON file")
     p.add_argument("--steps", type=positive_int, default=50, help="sampling steps of the plan shown")

@@ -37,11 +37,13 @@ from ..passes.specialise import specialise_phase
 from ..passes.tag import Region, tag_attention
 from ..runtime.executor import OptimizedModel
 from ..schedules.base import Phase, Schedule
-from ..workloads import vdt_example_kwargs
+from ..workloads import check_samplable, vdt_example_kwargs
 from .metrics import psnr, ssim
 
 #: Text embedding width of the label-id -> embedding table used for diffusers models without one.
 _VOCAB = 16
+#: Arguments of a diffusers transformer call that the sampler's call provides (the others are the example's).
+_SAMPLER_ARGS = ("hidden_states", "timestep", "encoder_hidden_states", "return_dict")
 
 
 class DiffusersAdapter:
@@ -53,6 +55,8 @@ class DiffusersAdapter:
         embeddings: ``(vocab, L_text, D)`` table; a call's text embedding is the row of its first label id;
             row 0 is zeros (the null label of the unconditional half of guidance).
         timestep_dtype: dtype of the timestep the transformer was captured with (int64 for diffusers).
+        fixed: the transformer's other arguments, passed unchanged on every call (rotary tables, text masks,
+            pooled projections... of the example call).
         on_new_generation: called before the first call of each generation (a timestep not below the previous
             call's: sampler timesteps strictly decrease), e.g. to reset the state of diffusers cache hooks.
         current_timestep: the timestep of the call in flight (diffusers cache hooks read it through
@@ -60,8 +64,9 @@ class DiffusersAdapter:
     """
 
     def __init__(self, fn: Callable, layout: str, embeddings: torch.Tensor, timestep_dtype: torch.dtype,
-                 on_new_generation: Callable[[], None] | None = None):
+                 on_new_generation: Callable[[], None] | None = None, fixed: dict[str, Any] | None = None):
         self.fn, self.layout, self.embeddings, self.timestep_dtype = fn, layout, embeddings, timestep_dtype
+        self.fixed = dict(fixed or {})
         self.on_new_generation = on_new_generation
         self.current_timestep: int | None = None
 
@@ -74,7 +79,7 @@ class DiffusersAdapter:
             self.on_new_generation()
         self.current_timestep = now
         out = self.fn(hidden_states=x.contiguous(), timestep=t, encoder_hidden_states=text.contiguous(),
-                      return_dict=False)
+                      return_dict=False, **self.fixed)
         out = out[0] if isinstance(out, (tuple, list)) else out
         c = hidden_states.shape[2]
         if self.layout == "BCFHW":
@@ -216,6 +221,8 @@ class Workload:
             except models.WeightsError as e:
                 raise ArtefactError(f"{e} (or pass weights=/--weights PATH to use a training checkpoint)") from e
         family = "vdt" if name.startswith("vdt-") else "diffusers"
+        if family == "diffusers":
+            check_samplable(model, kwargs)
         return cls(name=name, model=model, example_kwargs=kwargs, num_steps=num_steps, family=family,
                    physics=family == "vdt")
 
@@ -251,8 +258,9 @@ class Workload:
         """``fn`` (the model or a drop-in replacement) as the sampler calls it."""
         if self.family == "vdt":
             return fn
+        fixed = {k: v for k, v in self.example_kwargs.items() if k not in _SAMPLER_ARGS}
         return DiffusersAdapter(fn, self._layout, self._embeddings, self.example_kwargs["timestep"].dtype,
-                                on_new_generation)
+                                on_new_generation, fixed)
 
     def labels(self, seed: int) -> torch.Tensor:
         """(1, L) label ids of the video of ``seed``: the physics world's caption for VDT models, random ids
