@@ -23,12 +23,18 @@ the same way once per shape, against export's own guards too. ``meta["val"]`` ho
 """
 from __future__ import annotations
 
+import linecache
+import os
+import re
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
+from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
+from torch.overrides import TorchFunctionMode
 
 from ..errors import CaptureError, InputError
 
@@ -164,8 +170,10 @@ class CapturedGraph:
     structures: dict[str, ArgStructure] = field(default_factory=dict)
     #: whether the capture was asked to free the non-batch dimensions too (``dynamic=True``).
     dynamic: bool = False
-    #: data-dependent values the capture specialised on, checked on every call (see ``value_checks``).
-    value_checks: list = field(default_factory=list, repr=False)
+    #: tensor values the model read (``if mask.all():``) that the capture fixed at the example's; each call's
+    #: values are computed by ``value_graph`` (graph inputs -> the tensors read) and must be the same.
+    value_checks: list[ValueCheck] = field(default_factory=list)
+    value_graph: fx.GraphModule | None = field(default=None, repr=False)
     _checked: dict[tuple, str | None] = field(default_factory=dict, repr=False)
 
     @property
@@ -212,7 +220,21 @@ class CapturedGraph:
         shapes = tuple(tuple(v.shape) for v in flat)
         if shapes != tuple(sp.shape for sp in self.input_specs):
             self._check_free(shapes)
+        if self.value_checks:
+            self._check_values(flat)
         return flat
+
+    def _check_values(self, flat: list[torch.Tensor]) -> None:
+        """The tensor values the capture fixed must be the example's: else the graph's branch is wrong."""
+        with torch.no_grad():
+            got = self.value_graph(*flat)
+        for chk, t in zip(self.value_checks, got):
+            value = chk.read(t)
+            if value != chk.value:
+                raise InputError(f"the capture fixed the tensor value read at {chk.describe()} to {chk.value!r}, "
+                                 f"the example call's, and traced the model's code for it; this call gives "
+                                 f"{value!r}, for which the graph would compute something else. Call "
+                                 f"graphpass.optimize again with example inputs that give {value!r}")
 
     def _check_static(self, name: str, spec: TensorSpec, shape: tuple[int, ...]) -> None:
         free = self.dynamic_dims.get(name, {})
@@ -276,17 +298,178 @@ def _same_constant(a, b) -> bool:
         return a is b
 
 
+# --- data-dependent values ---------------------------------------------------------------------------------
+#: Tensor methods that turn a tensor's value into a Python value (``if mask.all():``, ``n = int(x.sum())``).
+_VALUE_READS = (torch.Tensor.__bool__, torch.Tensor.item, torch.Tensor.__int__, torch.Tensor.__float__,
+                torch.Tensor.__index__)
+_TORCH_DIR = os.path.dirname(torch.__file__)
+
+
+@dataclass(frozen=True)
+class ValueCheck:
+    """A tensor value the model turned into a Python value, fixed at the value the example call gave.
+
+    where: the source line (``transformer_hunyuan_video15.py:702 if is_t2v:``); module: the module path
+    ('' for the model itself) that ran it.
+    """
+
+    value: Any
+    where: str
+    module: str
+    method: str = "__bool__"  # how the model read it: bool(t), t.item(), int(t), float(t), operator.index(t)
+
+    def read(self, t: torch.Tensor) -> Any:
+        return getattr(t, self.method)()
+
+    def describe(self) -> str:
+        return f"`{self.where}` (in module {self.module or '<model>'!r})"
+
+
+def _call_site() -> str:
+    """``file.py:line code`` of the innermost frame outside torch and graphpass: the model's own line."""
+    here = os.path.dirname(os.path.dirname(__file__))
+    f = sys._getframe(1)
+    while f is not None and (f.f_code.co_filename.startswith(_TORCH_DIR) or f.f_code.co_filename.startswith(here)):
+        f = f.f_back
+    if f is None:
+        return "<unknown>"
+    line = linecache.getline(f.f_code.co_filename, f.f_lineno).strip()
+    return f"{os.path.basename(f.f_code.co_filename)}:{f.f_lineno} {line}"
+
+
+class ModuleStack:
+    """While active, ``current`` is the path of the innermost module running (global forward hooks), so that
+    errors and checks can say where in the model they arose."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.names = {id(m): n for n, m in model.named_modules()}
+        self.stack: list[str] = []
+
+    @property
+    def current(self) -> str:
+        return self.stack[-1] if self.stack else ""
+
+    def __enter__(self):
+        from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
+
+        self._handles = [register_module_forward_pre_hook(self._enter), register_module_forward_hook(self._exit)]
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._handles:
+            h.remove()
+
+    def _enter(self, module, args):
+        if id(module) in self.names:
+            self.stack.append(self.names[id(module)])
+
+    def _exit(self, module, args, out):
+        if id(module) in self.names and self.stack:
+            self.stack.pop()
+
+
+class ValueReads(TorchFunctionMode):
+    """Records (eager example call) or replays (export) the values the model reads out of tensors.
+
+    Recording runs the model on the real example; replaying hands export the recorded value at the same
+    source line, so the traced branch is the example's, and keeps the tensor that was read (``tensors``):
+    the capture returns it as an extra output from which each call's value is checked.
+
+        >>> with ModuleStack(model) as where, ValueReads(where) as rec:
+        ...     model(**kwargs)
+        >>> rec.checks
+        [ValueCheck(value=True, where='transformer_hunyuan_video15.py:702 if is_t2v:', module='')]
+    """
+
+    def __init__(self, where: ModuleStack, replay: list[ValueCheck] | None = None):
+        super().__init__()
+        self.where = where
+        self.replay = replay
+        self.checks: list[ValueCheck] = []
+        self.tensors: list[torch.Tensor] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _INDEXING and _tensor_bounds(args[1]):
+            # x[:, :n] with n a 0-d tensor: the bound is read in C++; read it here, as an int.
+            bounds = [self._read(torch.Tensor.__index__, t) for t in _tensor_bounds(args[1])]
+            return func(args[0], _with_bounds(args[1], iter(bounds)), *args[2:], **kwargs)
+        if func not in _VALUE_READS:
+            return func(*args, **kwargs)
+        return self._read(func, args[0])
+
+    def _read(self, func, t: torch.Tensor):
+        site = _call_site()
+        if self.replay is None:
+            with torch._C.DisableTorchFunction():
+                value = func(t)
+            self.checks.append(ValueCheck(value, site, self.where.current, func.__name__))
+            return value
+        i = len(self.checks)
+        if i >= len(self.replay) or self.replay[i].where != site:
+            raise CaptureError(f"the model reads a tensor's value at `{site}` (in module "
+                               f"{self.where.current or '<model>'!r}) when exported but not at this point of the "
+                               f"example call; graphpass cannot fix that value. Rewrite the branch with torch.cond "
+                               f"or make it depend on shapes only")
+        self.checks.append(self.replay[i])
+        self.tensors.append(t)
+        return self.replay[i].value
+
+
+_INDEXING = (torch.Tensor.__getitem__, torch.Tensor.__setitem__)
+
+
+def _tensor_bounds(index) -> list[torch.Tensor]:
+    """The 0-d tensors used as slice bounds in an index (``x[i, :n]``)."""
+    parts = index if isinstance(index, tuple) else (index,)
+    return [b for p in parts if isinstance(p, slice) for b in (p.start, p.stop, p.step)
+            if isinstance(b, torch.Tensor) and b.dim() == 0]
+
+
+def _with_bounds(index, values):
+    """``index`` with its tensor slice bounds replaced, in order, by ``values``."""
+    def bound(b):
+        return next(values) if isinstance(b, torch.Tensor) and b.dim() == 0 else b
+
+    def part(p):
+        return slice(bound(p.start), bound(p.stop), bound(p.step)) if isinstance(p, slice) else p
+
+    return tuple(part(p) for p in index) if isinstance(index, tuple) else part(index)
+
+
+def _data_dependent(e: BaseException) -> bool:
+    while e is not None:
+        if isinstance(e, GuardOnDataDependentSymNode) or "data-dependent" in str(e).split("\n", 1)[0]:
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _read_values(model, kwargs: dict[str, Any]) -> list[ValueCheck]:
+    """The values the model reads out of tensors on the example call, with where it reads them."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), ModuleStack(model) as where, ValueReads(where) as rec:
+            model(**kwargs)
+    finally:
+        model.train(was_training)
+    return rec.checks
+
+
+
 class _Bound(torch.nn.Module):
     """Calls the model with the constant keyword arguments bound and the structured ones rebuilt from their
     tensor leaves, so export sees only flat tensor inputs."""
 
     def __init__(self, model: torch.nn.Module, names, constants: dict[str, Any],
-                 structures: dict[str, ArgStructure]):
+                 structures: dict[str, ArgStructure], reads: list[ValueCheck] | None = None):
         super().__init__()
         self.model = model
         self.names = list(names)
         self.constants = constants
         self.structures = structures
+        self.reads = reads
 
     def forward(self, *args):
         # Positional: torch.export's dynamic_shapes (Dim.AUTO) binds reliably to positional inputs.
@@ -294,7 +477,15 @@ class _Bound(torch.nn.Module):
         kwargs = {k: v for k, v in values.items() if k not in self._leaves()}
         for k, st in self.structures.items():
             kwargs[k] = st.rebuild(values[n] for n in st.tensor_names)
-        return self.model(**kwargs, **self.constants)
+        if self.reads is None:
+            return self.model(**kwargs, **self.constants)
+        # Replay the example's values; return the tensors they were read from, after the model's outputs.
+        with ModuleStack(self.model) as where, ValueReads(where, self.reads) as rep:
+            out = self.model(**kwargs, **self.constants)
+        if len(rep.checks) != len(self.reads):
+            raise CaptureError(f"the example call read {len(self.reads)} tensor values, the export "
+                               f"{len(rep.checks)}; graphpass cannot fix them")
+        return out, tuple(t.detach().clone() for t in rep.tensors)
 
     def _leaves(self) -> set[str]:
         return {n for st in self.structures.values() for n in st.tensor_names}
@@ -353,7 +544,18 @@ def capture(model: torch.nn.Module, example_kwargs: dict[str, Any], *, dynamic: 
     free = set(free_batch)
     if dynamic:
         free |= {(k, i) for k, v in tensors.items() if v.dtype.is_floating_point for i in range(1, v.dim())}
-    ep = _export(model, names, constants, structures, tensors, free)
+    reads = None
+    try:
+        ep = _export(model, names, constants, structures, tensors, free)
+    except CaptureError as e:
+        if not _data_dependent(e.__cause__):
+            raise
+        # The model branches on tensor values (``if mask.all():``): fix them at the example's values, each
+        # checked on every call (CapturedGraph.value_checks).
+        reads = _read_values(model, example_kwargs)
+        if not reads:  # it branches on sizes that depend on values, not on values graphpass could fix
+            raise
+        ep = _export(model, names, constants, structures, tensors, free, reads)
     src = ep.module()  # with export's input guards: probes new shapes now, checks calls' shapes later
     symbols = _free_dims(ep, names) if free else {}
     while symbols:
@@ -363,38 +565,21 @@ def capture(model: torch.nn.Module, example_kwargs: dict[str, Any], *, dynamic: 
                 bad |= group
         if not bad:
             break
-        ep = _export(model, names, constants, structures, tensors, set(symbols) - bad)  # failed probes: static
+        ep = _export(model, names, constants, structures, tensors, set(symbols) - bad, reads)  # failed: static
         src = ep.module()
         symbols = _free_dims(ep, names) if set(symbols) - bad else {}
     dynamic_dims: dict[str, dict[int, str]] = {}
     for (k, i), sym in sorted(symbols.items(), key=lambda kv: names.index(kv[0][0])):
         dynamic_dims.setdefault(k, {})[i] = str(sym)
 
-    graph = fx.Graph()
-    env: dict[fx.Node, fx.Node] = {}
-    outputs = None
-    for node in src.graph.nodes:
-        if node.op == "call_module" and node.target == "_guards_fn":
-            continue  # export's input guards; the runtime checks shapes itself with clearer errors
-        if node.op == "output":
-            outputs = fx.node.map_arg(node.args[0], lambda n: env[n])
-            continue
-        if node.op == "placeholder":  # named after the call's keyword arguments, as the analyses expect
-            name = names[sum(1 for n in graph.nodes if n.op == "placeholder")]
-            new = graph.placeholder(name.replace(".", "_"))
-            new.meta = dict(node.meta)
-        else:
-            new = graph.node_copy(node, lambda n: env[n])
-        if "val" in new.meta:
-            new.meta["val"] = _concrete(new.meta["val"])
-        stack = new.meta.get("nn_module_stack")
-        if stack:
-            new.meta["nn_module_stack"] = {k: (_strip(p), t) for k, (p, t) in stack.items()
-                                           if _strip(p)}
-        env[node] = new
-    graph.output(tuple(outputs))
-    gm = fx.GraphModule(src, graph)
-    gm.graph.lint()
+    out_spec = ep.call_spec.out_spec
+    n_out = out_spec.num_leaves
+    if reads is not None:  # (model outputs, read tensors)
+        out_spec = out_spec.child(0)
+        n_out = out_spec.num_leaves
+    example = [tensors[k] for k in names]
+    gm = _copy_export_graph(src, names, slice(0, n_out), example)
+    value_graph = _copy_export_graph(src, names, slice(n_out, None), example) if reads else None
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(placeholders) != len(tensors):
         raise CaptureError(f"export produced {len(placeholders)} inputs for {len(tensors)} tensor arguments")
@@ -403,16 +588,90 @@ def capture(model: torch.nn.Module, example_kwargs: dict[str, Any], *, dynamic: 
         input_names=names,
         input_specs=[TensorSpec(tuple(tensors[k].shape), tensors[k].dtype) for k in names],
         constants=constants,
-        out_spec=ep.call_spec.out_spec,
+        out_spec=out_spec,
         model_type=type(model).__name__,
         dynamic_dims=dynamic_dims,
         checker=src if dynamic_dims else None,
         structures=structures,
         dynamic=dynamic,
+        value_checks=list(reads or []),
+        value_graph=value_graph,
     )
 
 
-def _export(model, names, constants, structures, tensors, free):
+def _copy_export_graph(src: fx.GraphModule, names: list[str], outputs: slice, example) -> fx.GraphModule:
+    """The exported graph with placeholders named after the inputs, module paths relative to the model,
+    ``meta["val"]`` at the example's shapes, and only the ``outputs`` leaves (what only the others needed
+    is dropped)."""
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    leaves = None
+    unresolved = False
+    for node in src.graph.nodes:
+        if node.op == "call_module" and node.target == "_guards_fn":
+            continue  # export's input guards; the runtime checks shapes itself with clearer errors
+        if node.op == "output":
+            leaves = fx.node.map_arg(node.args[0], lambda n: env[n])
+            continue
+        if node.op == "placeholder":  # named after the call's keyword arguments, as the analyses expect
+            name = names[sum(1 for n in graph.nodes if n.op == "placeholder")]
+            new = graph.placeholder(name.replace(".", "_"))
+            new.meta = dict(node.meta)
+        else:
+            new = graph.node_copy(node, lambda n: env[n])
+        if "val" in new.meta:
+            try:
+                new.meta["val"] = _concrete(new.meta["val"])
+            except Exception:  # a size that depends on values (nonzero, masked select): read off the example
+                unresolved = True
+        stack = new.meta.get("nn_module_stack")
+        if stack:
+            new.meta["nn_module_stack"] = {k: (_strip(p), t) for k, (p, t) in stack.items()
+                                           if _strip(p)}
+        env[node] = new
+    kept = list(leaves)[outputs]
+    dropped = [n for n in list(leaves) if n not in kept and isinstance(n, fx.Node)]
+    graph.output(tuple(kept))
+    _drop_unused(graph, dropped)
+    gm = fx.GraphModule(src, graph)
+    gm.graph.lint()
+    if unresolved:
+        _example_meta(gm, example)
+    return gm
+
+
+def _drop_unused(graph: fx.Graph, nodes: list[fx.Node]) -> None:
+    """Erase ``nodes`` and what only they needed, where nothing else reads it and it has no side effect."""
+    todo = list(nodes)
+    while todo:
+        n = todo.pop()
+        if n.graph is graph and not n.users and n.op == "call_function" and not n.is_impure():
+            todo.extend(n.all_input_nodes)
+            graph.erase_node(n)
+
+
+def _example_meta(gm: fx.GraphModule, example) -> None:
+    """Set every node's ``meta["val"]`` from a run on the example inputs (for sizes export left symbolic
+    because they depend on tensor values)."""
+    class Recorder(fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            n.meta["val"] = _as_meta(out)
+            return out
+
+    with torch.no_grad():
+        Recorder(gm).run(*example)
+
+
+def _as_meta(v):
+    if isinstance(v, torch.Tensor):
+        return torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device="meta")
+    if isinstance(v, (list, tuple)):
+        return type(v)(_as_meta(x) for x in v)
+    return v
+
+
+def _export(model, names, constants, structures, tensors, free, reads=None):
     from torch.export import Dim
 
     dynamic_shapes = None
@@ -420,15 +679,46 @@ def _export(model, names, constants, structures, tensors, free):
         dynamic_shapes = (tuple({i: Dim.AUTO for (n, i) in sorted(free) if n == k} or None for k in names),)
     was_training = model.training
     model.eval()
+    where = ModuleStack(model)
     try:
-        return torch.export.export(_Bound(model, names, constants, structures), tuple(tensors[k] for k in names),
-                                   dynamic_shapes=dynamic_shapes, strict=False)
-    except Exception as e:  # export errors are long; keep the first line and point at the cause
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CaptureError(f"torch.export could not capture {type(model).__name__}: {first}. graphpass needs a model "
-                           f"that torch.export.export(..., strict=False) accepts with these example inputs.") from e
+        with where:
+            return torch.export.export(_Bound(model, names, constants, structures, reads),
+                                       tuple(tensors[k] for k in names), dynamic_shapes=dynamic_shapes, strict=False)
+    except CaptureError:
+        raise
+    except Exception as e:
+        raise _export_error(model, e, where.current) from e
     finally:
         model.train(was_training)
+
+
+def _export_error(model, e: BaseException, module: str) -> CaptureError:
+    """Export's error in a few lines: what failed, at which line of the model's code, in which module."""
+    text = str(e).strip()
+    first = text.splitlines()[0] if text else type(e).__name__
+    where = f" in module {module!r}" if module else ""
+    site = _model_line(e)
+    site = f" at {site}" if site else ""
+    what = ("a branch on a tensor's value that graphpass could not fix"
+            if _data_dependent(e) else "an operation torch.export does not support")
+    return CaptureError(f"torch.export could not capture {type(model).__name__}{where}{site} ({what}): {first}. "
+                        f"graphpass needs a model that torch.export.export(..., strict=False) accepts with these "
+                        f"example inputs; rewrite that line (torch.cond for a branch) or pass kwargs that avoid it.")
+
+
+def _model_line(e: BaseException) -> str:
+    """``file.py:line `code``` of the innermost frame of ``e``'s traceback outside torch and graphpass: the
+    model's line that export failed on."""
+    import traceback
+
+    here = os.path.dirname(os.path.dirname(__file__))
+    found = ""
+    while e is not None:
+        for fr in traceback.extract_tb(e.__traceback__):
+            if not fr.filename.startswith(_TORCH_DIR) and not fr.filename.startswith(here):
+                found = f"{os.path.basename(fr.filename)}:{fr.lineno} `{(fr.line or '').strip()}`"
+        e = e.__cause__
+    return found
 
 
 def _user_inputs(ep, names) -> list[fx.Node]:
