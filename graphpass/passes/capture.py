@@ -243,7 +243,11 @@ class CapturedGraph:
             return
         why = f"dimension(s) {fixed} are static in this capture" if fixed else "the rank differs"
         hint = f" (its free dimensions: {sorted(free)})" if free else ""
-        if not self.dynamic:
+        ones = [i for i in fixed if spec.shape[i] in (0, 1)]
+        if ones:  # export fixes sizes 0 and 1 (it cannot tell "one" from "any" by tracing)
+            hint += (f"; dimension(s) {ones} had size {spec.shape[ones[0]]} in the example, which export always "
+                     f"captures static: give an example of size 2 or more there")
+        elif not self.dynamic:
             hint += " (graphpass.optimize(..., dynamic=True) frees the dimensions the model allows)"
         raise InputError(f"argument {name!r} has shape {shape} but the graph was captured for {spec.shape}: {why}"
                          f"{hint}; call graphpass.optimize again with example inputs of this shape")
@@ -539,6 +543,8 @@ def capture(model: torch.nn.Module, example_kwargs: dict[str, Any], *, dynamic: 
         raise CaptureError("example_kwargs is empty: pass the keyword arguments of one real model call, e.g. "
                            "dict(hidden_states=x, timestep=t, encoder_hidden_states=c)")
     tensors, constants, structures = _split_arguments(example_kwargs)
+    # A sliced example (x[:, :1]) would have export guard on its strides, which no other size could meet.
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
     names = list(tensors)
     free_batch = batch_dims(tensors)
     free = set(free_batch)
