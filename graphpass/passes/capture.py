@@ -6,20 +6,39 @@ is kept as a pytree spec so the runtime can rebuild it. Non-tensor keyword argum
 ``None`` options) are bound as constants of the capture. Parameters stay those of the original module:
 the graph reads them by attribute, so no weight is copied.
 
+Structured arguments. A tuple, list or dict (rotary embeddings ``(cos, sin)``, lists of features) is
+flattened as a pytree: each tensor leaf is an input named by its path (``image_rotary_emb.0``,
+``opts.scale``), constant leaves are bound. Every call is flattened the same way; another structure is an
+InputError that shows both. An input whose dtype differs from the capture's is cast when every value
+survives the cast (an int64 timestep 500 for a float32 capture), else refused.
+
 Every node keeps ``meta["nn_module_stack"]`` (module paths, relative to the model) and ``meta["val"]``
 (a tensor with the node's shape at the example call), which the tagging and FLOP analyses read.
 
-Dynamic dimensions. With ``dynamic=True`` every non-batch dimension of the floating-point inputs (the
-video's frames, height, width and channels; a conditioning sequence's length) is exported as ``Dim.AUTO``;
-those the model leaves free stay symbolic in the graph, so one capture serves other sizes. Export may leave
-a size free that the model cannot in fact serve (e.g. ``(W // p) * (H // p) == 64`` is only checked by a
-later ``view``), so each free size is probed: the graph is run on fake tensors (shapes only, no arithmetic)
-at twice its example value, and a size that fails is captured static. A later call with new sizes is checked
-the same way once per shape, against export's own guards too. ``meta["val"]`` holds the example's shapes.
+Dynamic dimensions. The batch (dim 0 of the first floating-point input of rank >= 3, and of every input
+whose dim 0 has that size) is exported as ``Dim.AUTO`` in every capture, since pipelines switch guidance on
+and off. With ``dynamic=True`` every non-batch dimension of the floating-point inputs (the video's frames,
+height, width and channels; a conditioning sequence's length) is too; those the model leaves free stay
+symbolic in the graph, so one capture serves other sizes. Export may leave a size free that the model cannot
+in fact serve (e.g. ``(W // p) * (H // p) == 64`` is only checked by a later ``view``), so each free size is
+probed: the graph is run on fake tensors (shapes only, no arithmetic) at twice its example value (all batch
+dims at once), and a size that fails is captured static. A later call with new sizes is checked the same way
+once per shape, against export's own guards too. ``meta["val"]`` holds the example's shapes. Export fixes
+sizes 0 and 1, so an example with one frame (or a batch of one) captures that dimension static.
 
     >>> cap = capture(vdt, kwargs, dynamic=True)   # VDT computes its sin-cos positions per call
     >>> cap.dynamic_dims        # (B, F, C, H, W) and the (B, F) mask; the symbol names are export's
-    {'hidden_states': {1: 's50', 3: 's87', 4: 's35'}, 'cond_mask': {1: 's50'}}
+    {'hidden_states': {0: 's21', 1: 's50', 3: 's87', 4: 's35'}, ..., 'cond_mask': {0: 's21', 1: 's50'}}
+
+Values read from tensors. A model that branches on a tensor's value (``if torch.all(image_embeds == 0):``),
+reads one as a number (``.item()``, ``int(t)``) or slices with one (``mask[i, :lengths[i]] = True``) cannot be
+traced for every value. When export fails on such a read, the example call is run once to record each value
+with its source line and module (:class:`ValueReads`), and export replays them: the graph is the example's
+branch. ``value_graph`` computes the values read from each call's inputs and ``flatten_call`` refuses a call
+whose values differ (InputError naming the line, the module and both values). Sizes that depend on values
+(``nonzero``, boolean masks) need no fixing: they stay symbolic in the graph and take any value.
+
+A model export cannot capture gets a CaptureError naming the module and the line of the model's code.
 """
 from __future__ import annotations
 
@@ -391,6 +410,7 @@ class ValueReads(TorchFunctionMode):
         self.replay = replay
         self.checks: list[ValueCheck] = []
         self.tensors: list[torch.Tensor] = []
+        self._next = 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -409,12 +429,14 @@ class ValueReads(TorchFunctionMode):
                 value = func(t)
             self.checks.append(ValueCheck(value, site, self.where.current, func.__name__))
             return value
-        i = len(self.checks)
-        if i >= len(self.replay) or self.replay[i].where != site:
+        # The next recorded read at this line (eager-only code, e.g. under `not is_compiling()`, may read more).
+        i = next((j for j in range(self._next, len(self.replay)) if self.replay[j].where == site), None)
+        if i is None:
             raise CaptureError(f"the model reads a tensor's value at `{site}` (in module "
                                f"{self.where.current or '<model>'!r}) when exported but not at this point of the "
                                f"example call; graphpass cannot fix that value. Rewrite the branch with torch.cond "
                                f"or make it depend on shapes only")
+        self._next = i + 1
         self.checks.append(self.replay[i])
         self.tensors.append(t)
         return self.replay[i].value
@@ -467,13 +489,14 @@ class _Bound(torch.nn.Module):
     tensor leaves, so export sees only flat tensor inputs."""
 
     def __init__(self, model: torch.nn.Module, names, constants: dict[str, Any],
-                 structures: dict[str, ArgStructure], reads: list[ValueCheck] | None = None):
+                 structures: dict[str, ArgStructure], reads: list[ValueCheck] | None = None, sink=None):
         super().__init__()
         self.model = model
         self.names = list(names)
         self.constants = constants
         self.structures = structures
         self.reads = reads
+        self.sink = sink  # called with the reads export made (a function: export copies module state)
 
     def forward(self, *args):
         # Positional: torch.export's dynamic_shapes (Dim.AUTO) binds reliably to positional inputs.
@@ -486,9 +509,7 @@ class _Bound(torch.nn.Module):
         # Replay the example's values; return the tensors they were read from, after the model's outputs.
         with ModuleStack(self.model) as where, ValueReads(where, self.reads) as rep:
             out = self.model(**kwargs, **self.constants)
-        if len(rep.checks) != len(self.reads):
-            raise CaptureError(f"the example call read {len(self.reads)} tensor values, the export "
-                               f"{len(rep.checks)}; graphpass cannot fix them")
+        self.sink(rep.checks)  # the reads export made, in order: the extra outputs
         return out, tuple(t.detach().clone() for t in rep.tensors)
 
     def _leaves(self) -> set[str]:
@@ -550,9 +571,9 @@ def capture(model: torch.nn.Module, example_kwargs: dict[str, Any], *, dynamic: 
     free = set(free_batch)
     if dynamic:
         free |= {(k, i) for k, v in tensors.items() if v.dtype.is_floating_point for i in range(1, v.dim())}
-    reads = None
+    reads, checks = None, []
     try:
-        ep = _export(model, names, constants, structures, tensors, free)
+        ep, _ = _export(model, names, constants, structures, tensors, free)
     except CaptureError as e:
         if not _data_dependent(e.__cause__):
             raise
@@ -561,7 +582,7 @@ def capture(model: torch.nn.Module, example_kwargs: dict[str, Any], *, dynamic: 
         reads = _read_values(model, example_kwargs)
         if not reads:  # it branches on sizes that depend on values, not on values graphpass could fix
             raise
-        ep = _export(model, names, constants, structures, tensors, free, reads)
+        ep, checks = _export(model, names, constants, structures, tensors, free, reads)
     src = ep.module()  # with export's input guards: probes new shapes now, checks calls' shapes later
     symbols = _free_dims(ep, names) if free else {}
     while symbols:
@@ -571,7 +592,7 @@ def capture(model: torch.nn.Module, example_kwargs: dict[str, Any], *, dynamic: 
                 bad |= group
         if not bad:
             break
-        ep = _export(model, names, constants, structures, tensors, set(symbols) - bad, reads)  # failed: static
+        ep, checks = _export(model, names, constants, structures, tensors, set(symbols) - bad, reads)  # static
         src = ep.module()
         symbols = _free_dims(ep, names) if set(symbols) - bad else {}
     dynamic_dims: dict[str, dict[int, str]] = {}
@@ -600,7 +621,7 @@ def capture(model: torch.nn.Module, example_kwargs: dict[str, Any], *, dynamic: 
         checker=src if dynamic_dims else None,
         structures=structures,
         dynamic=dynamic,
-        value_checks=list(reads or []),
+        value_checks=list(checks) if reads is not None else [],
         value_graph=value_graph,
     )
 
@@ -678,6 +699,7 @@ def _as_meta(v):
 
 
 def _export(model, names, constants, structures, tensors, free, reads=None):
+    """(exported program, the value reads it replayed: its outputs after the model's)."""
     from torch.export import Dim
 
     dynamic_shapes = None
@@ -687,9 +709,15 @@ def _export(model, names, constants, structures, tensors, free, reads=None):
     model.eval()
     where = ModuleStack(model)
     try:
+        replayed: list[ValueCheck] = []
+
+        def sink(checks):
+            replayed[:] = checks
+
         with where:
-            return torch.export.export(_Bound(model, names, constants, structures, reads),
-                                       tuple(tensors[k] for k in names), dynamic_shapes=dynamic_shapes, strict=False)
+            ep = torch.export.export(_Bound(model, names, constants, structures, reads, sink),
+                                     tuple(tensors[k] for k in names), dynamic_shapes=dynamic_shapes, strict=False)
+        return ep, replayed
     except CaptureError:
         raise
     except Exception as e:
