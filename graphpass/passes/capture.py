@@ -660,11 +660,97 @@ def _copy_export_graph(src: fx.GraphModule, names: list[str], outputs: slice, ex
     dropped = [n for n in list(leaves) if n not in kept and isinstance(n, fx.Node)]
     graph.output(tuple(kept))
     _drop_unused(graph, dropped)
+    if not unresolved:  # (with sizes read off the example run, the writes stay: DCE reads them by memory)
+        functionalise_slice_writes(graph)
     gm = fx.GraphModule(src, graph)
     gm.graph.lint()
     if unresolved:
         _example_meta(gm, example)
     return gm
+
+
+def functionalise_slice_writes(graph: fx.Graph) -> int:
+    """Rewrite writes into slices of a tensor the graph made as out-of-place ``slice_scatter``; returns how
+    many. ``out = empty_like(q); out[..., 0::2] = a`` (rotary embeddings in Wan, CogVideoX) is exported as
+    ``copy_(slice(out, -1, 0, None, 2), a)``; it becomes ``out_1 = slice_scatter(out, a, -1, 0, None, 2)`` and
+    every later reader of ``out`` reads ``out_1``, so passes that follow data flow (region exits, block
+    spans) see the write. A write is left in place (dead-code elimination still reads it by memory) when the
+    tensor is a graph input or parameter, or is read through a view taken before the write.
+
+        >>> functionalise_slice_writes(gm.graph)   # Wan, 2 blocks: q and k, even and odd lanes
+        8
+    """
+    aten = torch.ops.aten
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    done = 0
+    for c in list(graph.nodes):
+        if not (c.op == "call_function" and c.target == aten.copy_.default and len(c.args) == 2 and not c.users):
+            continue
+        chain, base = [], c.args[0]  # slices from the base tensor to the written view, innermost first
+        while isinstance(base, fx.Node) and base.op == "call_function" and base.target == aten.slice.Tensor:
+            chain.append(base)
+            base = base.args[0]
+        if not chain or not isinstance(base, fx.Node) or base.op != "call_function" \
+                or getattr(base.target, "_schema", None) is None or _aliases_input(base) \
+                or any(len(v.users) != 1 or v.kwargs for v in chain) \
+                or any(order[u] < order[c] for u in base.users if u is not chain[-1]):
+            continue
+        src, dst = c.args[1], c.args[0].meta.get("val")
+        sv = src.meta.get("val") if isinstance(src, fx.Node) else None
+        if not isinstance(dst, torch.Tensor) or (isinstance(src, fx.Node) and not isinstance(sv, torch.Tensor)):
+            continue
+        with graph.inserting_before(c):
+            if not isinstance(src, fx.Node):  # a number: copy_ fills the view with it
+                src = _with_meta(graph.call_function(aten.full.default, (list(dst.shape), src),
+                                                     {"dtype": dst.dtype}), c, dst.shape, dst.dtype)
+            else:  # copy_ casts and broadcasts its source to the view
+                if sv.dtype != dst.dtype:
+                    src = _with_meta(graph.call_function(aten._to_copy.default, (src,), {"dtype": dst.dtype}),
+                                     c, sv.shape, dst.dtype)
+                if tuple(sv.shape) != tuple(dst.shape):
+                    src = _with_meta(graph.call_function(aten.expand.default, (src, list(dst.shape))), c,
+                                     dst.shape, dst.dtype)
+            new = src
+            for view in chain:  # innermost first: scatter into each enclosing tensor
+                outer = view.args[0].meta["val"]
+                new = _with_meta(graph.call_function(aten.slice_scatter.default, (view.args[0], new, *view.args[1:])),
+                                 c, outer.shape, outer.dtype)
+        for u in [u for u in base.users if u in order and u is not chain[-1] and order[u] > order[c]]:
+            u.replace_input_with(base, new)
+        graph.erase_node(c)
+        for view in chain:
+            if not view.users:
+                graph.erase_node(view)
+        order = {n: i for i, n in enumerate(graph.nodes)}
+        done += 1
+    return done
+
+
+def _aliases_input(node: fx.Node) -> bool:
+    """Whether ``node`` may share memory with a graph input or parameter (a view of one)."""
+    while node.op == "call_function":
+        schema = getattr(node.target, "_schema", None)
+        if schema is None or not any(a.alias_info is not None for a in schema.arguments):
+            return False
+        node = node.args[0]
+        if not isinstance(node, fx.Node):
+            return False
+    return True
+
+
+def _with_meta(new: fx.Node, like: fx.Node, shape, dtype) -> fx.Node:
+    """``new`` with ``like``'s module path and a contiguous meta tensor of this shape and dtype."""
+    new.meta["nn_module_stack"] = like.meta.get("nn_module_stack")
+    new.meta["val"] = torch.empty_strided(tuple(shape), _contiguous_strides(shape), dtype=dtype, device="meta")
+    return new
+
+
+def _contiguous_strides(shape) -> list[int]:
+    out, acc = [], 1
+    for s in reversed(list(shape)):
+        out.append(acc)
+        acc *= int(s)
+    return out[::-1]
 
 
 def _drop_unused(graph: fx.Graph, nodes: list[fx.Node]) -> None:
