@@ -171,3 +171,13 @@ def test_one_frame_example_captures_frames_static():
     with pytest.raises(InputError, match=r"dimension\(s\) \[1\] are static.*had size 1 in the example.*size 2 or "
                                          r"more"):
         opt(**dict(kw, hidden_states=torch.randn(2, 4, 3, 8, 8), cond_mask=torch.zeros(2, 4)))
+
+
+def test_guard_text_names_the_inputs(vdt_dynamic):
+    _, opt = vdt_dynamic
+    opt.reset()
+    # Export's guards speak of positional args; the message names the inputs instead.
+    with pytest.raises(InputError, match=r"Guard failed: hidden_states.size\(\)\[3\] % 4 == 0"):
+        opt(**_vdt_kwargs(4, 18, 16))
+    with pytest.raises(InputError, match=r"Guard failed: cond_mask.size\(\)\[1\] == hidden_states.size\(\)\[1\]"):
+        opt(**dict(_vdt_kwargs(4, 16, 16), cond_mask=torch.zeros(2, 5)))

@@ -274,7 +274,10 @@ class CapturedGraph:
     def _check_free(self, shapes: tuple[tuple[int, ...], ...]) -> None:
         """New sizes of free dimensions: run export's guards and every op on fake tensors, once per shape."""
         if shapes not in self._checked:
-            self._checked[shapes] = shape_error(self.checker, shapes, [s.dtype for s in self.input_specs])
+            why = shape_error(self.checker, shapes, [s.dtype for s in self.input_specs])
+            # export's guards speak of positional args: args_0.size()[3] -> hidden_states.size()[3]
+            self._checked[shapes] = why and re.sub(r"\bargs_(\d+)\b", lambda m: self.input_names[int(m[1])]
+                                                   if int(m[1]) < len(self.input_names) else m[0], why)
         if self._checked[shapes] is not None:
             got = ", ".join(f"{n} {tuple(s)}" for n, s in zip(self.input_names, shapes))
             raise InputError(f"the captured graph cannot run inputs of shapes {got}: {self._checked[shapes]}; "
