@@ -7,6 +7,7 @@ writes into inputs or parameters, stay.
 """
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.fx as fx
 from torch import nn
@@ -212,3 +213,35 @@ def test_residual_reuse_drops_rotary_writes():
     reuse = [opt.phase_graph(ph) for _, ph in opt.state().trace if ph.reused]
     assert reuse and all(pg.attention_ops() == 0 for pg in reuse)
     assert not any(n.target == aten.copy_.default for pg in reuse for n in pg.gm.graph.nodes)
+
+
+@pytest.mark.parametrize("name", ["SkyReelsV2Transformer3DModel", "ChronoEditTransformer3DModel",
+                                  "WanVACETransformer3DModel"])
+def test_models_built_on_wan(name):
+    # Wan's attention (rotary written in place) inside other models: capture, equal eager, reusable regions.
+    import diffusers
+    from capture_helpers import Case
+    from graphpass.schedules.base import Action, Phase
+
+    extra = dict(vace_layers=[0], vace_in_channels=6) if "VACE" in name else {}
+
+    def build():
+        torch.manual_seed(0)
+        return getattr(diffusers, name)(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8,
+                                        in_channels=4, out_channels=4, text_dim=16, freq_dim=16, ffn_dim=32,
+                                        num_layers=2, rope_max_seq_len=32, **extra).eval()
+
+    def kwargs():
+        g = torch.Generator().manual_seed(2)
+        kw = dict(hidden_states=torch.randn(2, 4, 3, 8, 8, generator=g), timestep=torch.full((2,), 500.0),
+                  encoder_hidden_states=torch.randn(2, 5, 16, generator=g), return_dict=False)
+        if extra:
+            kw.update(control_hidden_states=torch.randn(2, 6, 3, 8, 8, generator=g),
+                      control_hidden_states_scale=torch.ones(1))
+        return kw
+
+    opt = check_never_reusing(Case(build, kwargs), PAB(joint=2, window=(2000, 3000)), steps=[981.0, 900.0])
+    joint = [r.path for r in opt.regions if r.kind == "joint"]
+    assert "blocks.0.attn1" in joint
+    pg = opt.phase_graph(Phase.of({p: Action.REUSE for p in joint}))
+    assert pg.attention_ops() == sum(1 for r in opt.regions if r.kind == "cross")
