@@ -156,3 +156,28 @@ def test_inspect_cli_dynamic(capsys):
     assert main(["inspect", "--model", "vdt-tiny", "--steps", "10"]) == 0
     # Without --dynamic only the batch is free.
     assert re.search(r"shapes: free sizes hidden_states dims 0=s\d+;", capsys.readouterr().out)
+
+
+def test_one_frame_example_captures_frames_static():
+    # Export fixes sizes 0 and 1: with a one-frame example the frames are static (a sliced example is fine:
+    # the capture does not guard on its strides); height and width stay free and run at other sizes.
+    case = make_case("vdt")
+    kw = case.kwargs()
+    kw.update(hidden_states=kw["hidden_states"][:, :1], cond_mask=kw["cond_mask"][:, :1])
+    opt = graphpass.optimize(case.model, PAB(temporal=2, window=(2000, 3000)), example_kwargs=kw, dynamic=True)
+    assert sorted(opt.captured.dynamic_dims["hidden_states"]) == [0, 3, 4]
+    kw2 = dict(kw, hidden_states=torch.randn(2, 1, 3, 16, 12))
+    assert torch.equal(opt(**kw2), case.model(**kw2))
+    with pytest.raises(InputError, match=r"dimension\(s\) \[1\] are static.*had size 1 in the example.*size 2 or "
+                                         r"more"):
+        opt(**dict(kw, hidden_states=torch.randn(2, 4, 3, 8, 8), cond_mask=torch.zeros(2, 4)))
+
+
+def test_guard_text_names_the_inputs(vdt_dynamic):
+    _, opt = vdt_dynamic
+    opt.reset()
+    # Export's guards speak of positional args; the message names the inputs instead.
+    with pytest.raises(InputError, match=r"Guard failed: hidden_states.size\(\)\[3\] % 4 == 0"):
+        opt(**_vdt_kwargs(4, 18, 16))
+    with pytest.raises(InputError, match=r"Guard failed: cond_mask.size\(\)\[1\] == hidden_states.size\(\)\[1\]"):
+        opt(**dict(_vdt_kwargs(4, 16, 16), cond_mask=torch.zeros(2, 5)))

@@ -6,29 +6,54 @@ is kept as a pytree spec so the runtime can rebuild it. Non-tensor keyword argum
 ``None`` options) are bound as constants of the capture. Parameters stay those of the original module:
 the graph reads them by attribute, so no weight is copied.
 
+Structured arguments. A tuple, list or dict (rotary embeddings ``(cos, sin)``, lists of features) is
+flattened as a pytree: each tensor leaf is an input named by its path (``image_rotary_emb.0``,
+``opts.scale``), constant leaves are bound. Every call is flattened the same way; another structure is an
+InputError that shows both. An input whose dtype differs from the capture's is cast when every value
+survives the cast (an int64 timestep 500 for a float32 capture), else refused.
+
 Every node keeps ``meta["nn_module_stack"]`` (module paths, relative to the model) and ``meta["val"]``
 (a tensor with the node's shape at the example call), which the tagging and FLOP analyses read.
 
-Dynamic dimensions. With ``dynamic=True`` every non-batch dimension of the floating-point inputs (the
-video's frames, height, width and channels; a conditioning sequence's length) is exported as ``Dim.AUTO``;
-those the model leaves free stay symbolic in the graph, so one capture serves other sizes. Export may leave
-a size free that the model cannot in fact serve (e.g. ``(W // p) * (H // p) == 64`` is only checked by a
-later ``view``), so each free size is probed: the graph is run on fake tensors (shapes only, no arithmetic)
-at twice its example value, and a size that fails is captured static. A later call with new sizes is checked
-the same way once per shape, against export's own guards too. ``meta["val"]`` holds the example's shapes.
+Dynamic dimensions. The batch (dim 0 of the first floating-point input of rank >= 3, and of every input
+whose dim 0 has that size) is exported as ``Dim.AUTO`` in every capture, since pipelines switch guidance on
+and off. With ``dynamic=True`` every non-batch dimension of the floating-point inputs (the video's frames,
+height, width and channels; a conditioning sequence's length) is too; those the model leaves free stay
+symbolic in the graph, so one capture serves other sizes. Export may leave a size free that the model cannot
+in fact serve (e.g. ``(W // p) * (H // p) == 64`` is only checked by a later ``view``), so each free size is
+probed: the graph is run on fake tensors (shapes only, no arithmetic) at twice its example value (all batch
+dims at once), and a size that fails is captured static. A later call with new sizes is checked the same way
+once per shape, against export's own guards too. ``meta["val"]`` holds the example's shapes. Export fixes
+sizes 0 and 1, so an example with one frame (or a batch of one) captures that dimension static.
 
     >>> cap = capture(vdt, kwargs, dynamic=True)   # VDT computes its sin-cos positions per call
     >>> cap.dynamic_dims        # (B, F, C, H, W) and the (B, F) mask; the symbol names are export's
-    {'hidden_states': {1: 's50', 3: 's87', 4: 's35'}, 'cond_mask': {1: 's50'}}
+    {'hidden_states': {0: 's21', 1: 's50', 3: 's87', 4: 's35'}, ..., 'cond_mask': {0: 's21', 1: 's50'}}
+
+Values read from tensors. A model that branches on a tensor's value (``if torch.all(image_embeds == 0):``),
+reads one as a number (``.item()``, ``int(t)``) or slices with one (``mask[i, :lengths[i]] = True``) cannot be
+traced for every value. When export fails on such a read, the example call is run once to record each value
+with its source line and module (:class:`ValueReads`), and export replays them: the graph is the example's
+branch. ``value_graph`` computes the values read from each call's inputs and ``flatten_call`` refuses a call
+whose values differ (InputError naming the line, the module and both values). Sizes that depend on values
+(``nonzero``, boolean masks) need no fixing: they stay symbolic in the graph and take any value.
+
+A model export cannot capture gets a CaptureError naming the module and the line of the model's code.
 """
 from __future__ import annotations
 
+import linecache
+import os
+import re
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
+from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
+from torch.overrides import TorchFunctionMode
 
 from ..errors import CaptureError, InputError
 
@@ -164,8 +189,10 @@ class CapturedGraph:
     structures: dict[str, ArgStructure] = field(default_factory=dict)
     #: whether the capture was asked to free the non-batch dimensions too (``dynamic=True``).
     dynamic: bool = False
-    #: data-dependent values the capture specialised on, checked on every call (see ``value_checks``).
-    value_checks: list = field(default_factory=list, repr=False)
+    #: tensor values the model read (``if mask.all():``) that the capture fixed at the example's; each call's
+    #: values are computed by ``value_graph`` (graph inputs -> the tensors read) and must be the same.
+    value_checks: list[ValueCheck] = field(default_factory=list)
+    value_graph: fx.GraphModule | None = field(default=None, repr=False)
     _checked: dict[tuple, str | None] = field(default_factory=dict, repr=False)
 
     @property
@@ -212,7 +239,21 @@ class CapturedGraph:
         shapes = tuple(tuple(v.shape) for v in flat)
         if shapes != tuple(sp.shape for sp in self.input_specs):
             self._check_free(shapes)
+        if self.value_checks:
+            self._check_values(flat)
         return flat
+
+    def _check_values(self, flat: list[torch.Tensor]) -> None:
+        """The tensor values the capture fixed must be the example's: else the graph's branch is wrong."""
+        with torch.no_grad():
+            got = self.value_graph(*flat)
+        for chk, t in zip(self.value_checks, got):
+            value = chk.read(t)
+            if value != chk.value:
+                raise InputError(f"the capture fixed the tensor value read at {chk.describe()} to {chk.value!r}, "
+                                 f"the example call's, and traced the model's code for it; this call gives "
+                                 f"{value!r}, for which the graph would compute something else. Call "
+                                 f"graphpass.optimize again with example inputs that give {value!r}")
 
     def _check_static(self, name: str, spec: TensorSpec, shape: tuple[int, ...]) -> None:
         free = self.dynamic_dims.get(name, {})
@@ -221,7 +262,11 @@ class CapturedGraph:
             return
         why = f"dimension(s) {fixed} are static in this capture" if fixed else "the rank differs"
         hint = f" (its free dimensions: {sorted(free)})" if free else ""
-        if not self.dynamic:
+        ones = [i for i in fixed if spec.shape[i] in (0, 1)]
+        if ones:  # export fixes sizes 0 and 1 (it cannot tell "one" from "any" by tracing)
+            hint += (f"; dimension(s) {ones} had size {spec.shape[ones[0]]} in the example, which export always "
+                     f"captures static: give an example of size 2 or more there")
+        elif not self.dynamic:
             hint += " (graphpass.optimize(..., dynamic=True) frees the dimensions the model allows)"
         raise InputError(f"argument {name!r} has shape {shape} but the graph was captured for {spec.shape}: {why}"
                          f"{hint}; call graphpass.optimize again with example inputs of this shape")
@@ -229,7 +274,10 @@ class CapturedGraph:
     def _check_free(self, shapes: tuple[tuple[int, ...], ...]) -> None:
         """New sizes of free dimensions: run export's guards and every op on fake tensors, once per shape."""
         if shapes not in self._checked:
-            self._checked[shapes] = shape_error(self.checker, shapes, [s.dtype for s in self.input_specs])
+            why = shape_error(self.checker, shapes, [s.dtype for s in self.input_specs])
+            # export's guards speak of positional args: args_0.size()[3] -> hidden_states.size()[3]
+            self._checked[shapes] = why and re.sub(r"\bargs_(\d+)\b", lambda m: self.input_names[int(m[1])]
+                                                   if int(m[1]) < len(self.input_names) else m[0], why)
         if self._checked[shapes] is not None:
             got = ", ".join(f"{n} {tuple(s)}" for n, s in zip(self.input_names, shapes))
             raise InputError(f"the captured graph cannot run inputs of shapes {got}: {self._checked[shapes]}; "
@@ -276,17 +324,182 @@ def _same_constant(a, b) -> bool:
         return a is b
 
 
+# --- data-dependent values ---------------------------------------------------------------------------------
+#: Tensor methods that turn a tensor's value into a Python value (``if mask.all():``, ``n = int(x.sum())``).
+_VALUE_READS = (torch.Tensor.__bool__, torch.Tensor.item, torch.Tensor.__int__, torch.Tensor.__float__,
+                torch.Tensor.__index__)
+_TORCH_DIR = os.path.dirname(torch.__file__)
+
+
+@dataclass(frozen=True)
+class ValueCheck:
+    """A tensor value the model turned into a Python value, fixed at the value the example call gave.
+
+    where: the source line (``transformer_hunyuan_video15.py:702 if is_t2v:``); module: the module path
+    ('' for the model itself) that ran it.
+    """
+
+    value: Any
+    where: str
+    module: str
+    method: str = "__bool__"  # how the model read it: bool(t), t.item(), int(t), float(t), operator.index(t)
+
+    def read(self, t: torch.Tensor) -> Any:
+        return getattr(t, self.method)()
+
+    def describe(self) -> str:
+        return f"`{self.where}` (in module {self.module or '<model>'!r})"
+
+
+def _call_site() -> str:
+    """``file.py:line code`` of the innermost frame outside torch and graphpass: the model's own line."""
+    here = os.path.dirname(os.path.dirname(__file__))
+    f = sys._getframe(1)
+    while f is not None and (f.f_code.co_filename.startswith(_TORCH_DIR) or f.f_code.co_filename.startswith(here)):
+        f = f.f_back
+    if f is None:
+        return "<unknown>"
+    line = linecache.getline(f.f_code.co_filename, f.f_lineno).strip()
+    return f"{os.path.basename(f.f_code.co_filename)}:{f.f_lineno} {line}"
+
+
+class ModuleStack:
+    """While active, ``current`` is the path of the innermost module running (global forward hooks), so that
+    errors and checks can say where in the model they arose."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.names = {id(m): n for n, m in model.named_modules()}
+        self.stack: list[str] = []
+
+    @property
+    def current(self) -> str:
+        return self.stack[-1] if self.stack else ""
+
+    def __enter__(self):
+        from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
+
+        self._handles = [register_module_forward_pre_hook(self._enter), register_module_forward_hook(self._exit)]
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._handles:
+            h.remove()
+
+    def _enter(self, module, args):
+        if id(module) in self.names:
+            self.stack.append(self.names[id(module)])
+
+    def _exit(self, module, args, out):
+        if id(module) in self.names and self.stack:
+            self.stack.pop()
+
+
+class ValueReads(TorchFunctionMode):
+    """Records (eager example call) or replays (export) the values the model reads out of tensors.
+
+    Recording runs the model on the real example; replaying hands export the recorded value at the same
+    source line, so the traced branch is the example's, and keeps the tensor that was read (``tensors``):
+    the capture returns it as an extra output from which each call's value is checked.
+
+        >>> with ModuleStack(model) as where, ValueReads(where) as rec:
+        ...     model(**kwargs)
+        >>> rec.checks
+        [ValueCheck(value=True, where='transformer_hunyuan_video15.py:702 if is_t2v:', module='')]
+    """
+
+    def __init__(self, where: ModuleStack, replay: list[ValueCheck] | None = None):
+        super().__init__()
+        self.where = where
+        self.replay = replay
+        self.checks: list[ValueCheck] = []
+        self.tensors: list[torch.Tensor] = []
+        self._next = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _INDEXING and _tensor_bounds(args[1]):
+            # x[:, :n] with n a 0-d tensor: the bound is read in C++; read it here, as an int.
+            bounds = [self._read(torch.Tensor.__index__, t) for t in _tensor_bounds(args[1])]
+            return func(args[0], _with_bounds(args[1], iter(bounds)), *args[2:], **kwargs)
+        if func not in _VALUE_READS:
+            return func(*args, **kwargs)
+        return self._read(func, args[0])
+
+    def _read(self, func, t: torch.Tensor):
+        site = _call_site()
+        if self.replay is None:
+            with torch._C.DisableTorchFunction():
+                value = func(t)
+            self.checks.append(ValueCheck(value, site, self.where.current, func.__name__))
+            return value
+        # The next recorded read at this line (eager-only code, e.g. under `not is_compiling()`, may read more).
+        i = next((j for j in range(self._next, len(self.replay)) if self.replay[j].where == site), None)
+        if i is None:
+            raise CaptureError(f"the model reads a tensor's value at `{site}` (in module "
+                               f"{self.where.current or '<model>'!r}) when exported but not at this point of the "
+                               f"example call; graphpass cannot fix that value. Rewrite the branch with torch.cond "
+                               f"or make it depend on shapes only")
+        self._next = i + 1
+        self.checks.append(self.replay[i])
+        self.tensors.append(t)
+        return self.replay[i].value
+
+
+_INDEXING = (torch.Tensor.__getitem__, torch.Tensor.__setitem__)
+
+
+def _tensor_bounds(index) -> list[torch.Tensor]:
+    """The 0-d tensors used as slice bounds in an index (``x[i, :n]``)."""
+    parts = index if isinstance(index, tuple) else (index,)
+    return [b for p in parts if isinstance(p, slice) for b in (p.start, p.stop, p.step)
+            if isinstance(b, torch.Tensor) and b.dim() == 0]
+
+
+def _with_bounds(index, values):
+    """``index`` with its tensor slice bounds replaced, in order, by ``values``."""
+    def bound(b):
+        return next(values) if isinstance(b, torch.Tensor) and b.dim() == 0 else b
+
+    def part(p):
+        return slice(bound(p.start), bound(p.stop), bound(p.step)) if isinstance(p, slice) else p
+
+    return tuple(part(p) for p in index) if isinstance(index, tuple) else part(index)
+
+
+def _data_dependent(e: BaseException) -> bool:
+    while e is not None:
+        if isinstance(e, GuardOnDataDependentSymNode) or "data-dependent" in str(e).split("\n", 1)[0]:
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _read_values(model, kwargs: dict[str, Any]) -> list[ValueCheck]:
+    """The values the model reads out of tensors on the example call, with where it reads them."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), ModuleStack(model) as where, ValueReads(where) as rec:
+            model(**kwargs)
+    finally:
+        model.train(was_training)
+    return rec.checks
+
+
+
 class _Bound(torch.nn.Module):
     """Calls the model with the constant keyword arguments bound and the structured ones rebuilt from their
     tensor leaves, so export sees only flat tensor inputs."""
 
     def __init__(self, model: torch.nn.Module, names, constants: dict[str, Any],
-                 structures: dict[str, ArgStructure]):
+                 structures: dict[str, ArgStructure], reads: list[ValueCheck] | None = None, sink=None):
         super().__init__()
         self.model = model
         self.names = list(names)
         self.constants = constants
         self.structures = structures
+        self.reads = reads
+        self.sink = sink  # called with the reads export made (a function: export copies module state)
 
     def forward(self, *args):
         # Positional: torch.export's dynamic_shapes (Dim.AUTO) binds reliably to positional inputs.
@@ -294,7 +507,13 @@ class _Bound(torch.nn.Module):
         kwargs = {k: v for k, v in values.items() if k not in self._leaves()}
         for k, st in self.structures.items():
             kwargs[k] = st.rebuild(values[n] for n in st.tensor_names)
-        return self.model(**kwargs, **self.constants)
+        if self.reads is None:
+            return self.model(**kwargs, **self.constants)
+        # Replay the example's values; return the tensors they were read from, after the model's outputs.
+        with ModuleStack(self.model) as where, ValueReads(where, self.reads) as rep:
+            out = self.model(**kwargs, **self.constants)
+        self.sink(rep.checks)  # the reads export made, in order: the extra outputs
+        return out, tuple(t.detach().clone() for t in rep.tensors)
 
     def _leaves(self) -> set[str]:
         return {n for st in self.structures.values() for n in st.tensor_names}
@@ -348,12 +567,25 @@ def capture(model: torch.nn.Module, example_kwargs: dict[str, Any], *, dynamic: 
         raise CaptureError("example_kwargs is empty: pass the keyword arguments of one real model call, e.g. "
                            "dict(hidden_states=x, timestep=t, encoder_hidden_states=c)")
     tensors, constants, structures = _split_arguments(example_kwargs)
+    # A sliced example (x[:, :1]) would have export guard on its strides, which no other size could meet.
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
     names = list(tensors)
     free_batch = batch_dims(tensors)
     free = set(free_batch)
     if dynamic:
         free |= {(k, i) for k, v in tensors.items() if v.dtype.is_floating_point for i in range(1, v.dim())}
-    ep = _export(model, names, constants, structures, tensors, free)
+    reads, checks = None, []
+    try:
+        ep, _ = _export(model, names, constants, structures, tensors, free)
+    except CaptureError as e:
+        if not _data_dependent(e.__cause__):
+            raise
+        # The model branches on tensor values (``if mask.all():``): fix them at the example's values, each
+        # checked on every call (CapturedGraph.value_checks).
+        reads = _read_values(model, example_kwargs)
+        if not reads:  # it branches on sizes that depend on values, not on values graphpass could fix
+            raise
+        ep, checks = _export(model, names, constants, structures, tensors, free, reads)
     src = ep.module()  # with export's input guards: probes new shapes now, checks calls' shapes later
     symbols = _free_dims(ep, names) if free else {}
     while symbols:
@@ -363,38 +595,21 @@ def capture(model: torch.nn.Module, example_kwargs: dict[str, Any], *, dynamic: 
                 bad |= group
         if not bad:
             break
-        ep = _export(model, names, constants, structures, tensors, set(symbols) - bad)  # failed probes: static
+        ep, checks = _export(model, names, constants, structures, tensors, set(symbols) - bad, reads)  # static
         src = ep.module()
         symbols = _free_dims(ep, names) if set(symbols) - bad else {}
     dynamic_dims: dict[str, dict[int, str]] = {}
     for (k, i), sym in sorted(symbols.items(), key=lambda kv: names.index(kv[0][0])):
         dynamic_dims.setdefault(k, {})[i] = str(sym)
 
-    graph = fx.Graph()
-    env: dict[fx.Node, fx.Node] = {}
-    outputs = None
-    for node in src.graph.nodes:
-        if node.op == "call_module" and node.target == "_guards_fn":
-            continue  # export's input guards; the runtime checks shapes itself with clearer errors
-        if node.op == "output":
-            outputs = fx.node.map_arg(node.args[0], lambda n: env[n])
-            continue
-        if node.op == "placeholder":  # named after the call's keyword arguments, as the analyses expect
-            name = names[sum(1 for n in graph.nodes if n.op == "placeholder")]
-            new = graph.placeholder(name.replace(".", "_"))
-            new.meta = dict(node.meta)
-        else:
-            new = graph.node_copy(node, lambda n: env[n])
-        if "val" in new.meta:
-            new.meta["val"] = _concrete(new.meta["val"])
-        stack = new.meta.get("nn_module_stack")
-        if stack:
-            new.meta["nn_module_stack"] = {k: (_strip(p), t) for k, (p, t) in stack.items()
-                                           if _strip(p)}
-        env[node] = new
-    graph.output(tuple(outputs))
-    gm = fx.GraphModule(src, graph)
-    gm.graph.lint()
+    out_spec = ep.call_spec.out_spec
+    n_out = out_spec.num_leaves
+    if reads is not None:  # (model outputs, read tensors)
+        out_spec = out_spec.child(0)
+        n_out = out_spec.num_leaves
+    example = [tensors[k] for k in names]
+    gm = _copy_export_graph(src, names, slice(0, n_out), example)
+    value_graph = _copy_export_graph(src, names, slice(n_out, None), example) if reads else None
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(placeholders) != len(tensors):
         raise CaptureError(f"export produced {len(placeholders)} inputs for {len(tensors)} tensor arguments")
@@ -403,16 +618,177 @@ def capture(model: torch.nn.Module, example_kwargs: dict[str, Any], *, dynamic: 
         input_names=names,
         input_specs=[TensorSpec(tuple(tensors[k].shape), tensors[k].dtype) for k in names],
         constants=constants,
-        out_spec=ep.call_spec.out_spec,
+        out_spec=out_spec,
         model_type=type(model).__name__,
         dynamic_dims=dynamic_dims,
         checker=src if dynamic_dims else None,
         structures=structures,
         dynamic=dynamic,
+        value_checks=list(checks) if reads is not None else [],
+        value_graph=value_graph,
     )
 
 
-def _export(model, names, constants, structures, tensors, free):
+def _copy_export_graph(src: fx.GraphModule, names: list[str], outputs: slice, example) -> fx.GraphModule:
+    """The exported graph with placeholders named after the inputs, module paths relative to the model,
+    ``meta["val"]`` at the example's shapes, and only the ``outputs`` leaves (what only the others needed
+    is dropped)."""
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    leaves = None
+    unresolved = False
+    for node in src.graph.nodes:
+        if node.op == "call_module" and node.target == "_guards_fn":
+            continue  # export's input guards; the runtime checks shapes itself with clearer errors
+        if node.op == "output":
+            leaves = fx.node.map_arg(node.args[0], lambda n: env[n])
+            continue
+        if node.op == "placeholder":  # named after the call's keyword arguments, as the analyses expect
+            name = names[sum(1 for n in graph.nodes if n.op == "placeholder")]
+            new = graph.placeholder(name.replace(".", "_"))
+            new.meta = dict(node.meta)
+        else:
+            new = graph.node_copy(node, lambda n: env[n])
+        if "val" in new.meta:
+            try:
+                new.meta["val"] = _concrete(new.meta["val"])
+            except Exception:  # a size that depends on values (nonzero, masked select): read off the example
+                unresolved = True
+        stack = new.meta.get("nn_module_stack")
+        if stack:
+            new.meta["nn_module_stack"] = {k: (_strip(p), t) for k, (p, t) in stack.items()
+                                           if _strip(p)}
+        env[node] = new
+    kept = list(leaves)[outputs]
+    dropped = [n for n in list(leaves) if n not in kept and isinstance(n, fx.Node)]
+    graph.output(tuple(kept))
+    _drop_unused(graph, dropped)
+    if not unresolved:  # (with sizes read off the example run, the writes stay: DCE reads them by memory)
+        functionalise_slice_writes(graph)
+    gm = fx.GraphModule(src, graph)
+    gm.graph.lint()
+    if unresolved:
+        _example_meta(gm, example)
+    return gm
+
+
+def functionalise_slice_writes(graph: fx.Graph) -> int:
+    """Rewrite writes into slices of a tensor the graph made as out-of-place ``slice_scatter``; returns how
+    many. ``out = empty_like(q); out[..., 0::2] = a`` (rotary embeddings in Wan, CogVideoX) is exported as
+    ``copy_(slice(out, -1, 0, None, 2), a)``; it becomes ``out_1 = slice_scatter(out, a, -1, 0, None, 2)`` and
+    every later reader of ``out`` reads ``out_1``, so passes that follow data flow (region exits, block
+    spans) see the write. A write is left in place (dead-code elimination still reads it by memory) when the
+    tensor is a graph input or parameter, or is read through a view taken before the write.
+
+        >>> functionalise_slice_writes(gm.graph)   # Wan, 2 blocks: q and k, even and odd lanes
+        8
+    """
+    aten = torch.ops.aten
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    done = 0
+    for c in list(graph.nodes):
+        if not (c.op == "call_function" and c.target == aten.copy_.default and len(c.args) == 2 and not c.users):
+            continue
+        chain, base = [], c.args[0]  # slices from the base tensor to the written view, innermost first
+        while isinstance(base, fx.Node) and base.op == "call_function" and base.target == aten.slice.Tensor:
+            chain.append(base)
+            base = base.args[0]
+        if not chain or not isinstance(base, fx.Node) or base.op != "call_function" \
+                or getattr(base.target, "_schema", None) is None or _aliases_input(base) \
+                or any(len(v.users) != 1 or v.kwargs for v in chain) \
+                or any(order[u] < order[c] for u in base.users if u is not chain[-1]):
+            continue
+        src, dst = c.args[1], c.args[0].meta.get("val")
+        sv = src.meta.get("val") if isinstance(src, fx.Node) else None
+        if not isinstance(dst, torch.Tensor) or (isinstance(src, fx.Node) and not isinstance(sv, torch.Tensor)):
+            continue
+        with graph.inserting_before(c):
+            if not isinstance(src, fx.Node):  # a number: copy_ fills the view with it
+                src = _with_meta(graph.call_function(aten.full.default, (list(dst.shape), src),
+                                                     {"dtype": dst.dtype}), c, dst.shape, dst.dtype)
+            else:  # copy_ casts and broadcasts its source to the view
+                if sv.dtype != dst.dtype:
+                    src = _with_meta(graph.call_function(aten._to_copy.default, (src,), {"dtype": dst.dtype}),
+                                     c, sv.shape, dst.dtype)
+                if tuple(sv.shape) != tuple(dst.shape):
+                    src = _with_meta(graph.call_function(aten.expand.default, (src, list(dst.shape))), c,
+                                     dst.shape, dst.dtype)
+            new = src
+            for view in chain:  # innermost first: scatter into each enclosing tensor
+                outer = view.args[0].meta["val"]
+                new = _with_meta(graph.call_function(aten.slice_scatter.default, (view.args[0], new, *view.args[1:])),
+                                 c, outer.shape, outer.dtype)
+        for u in [u for u in base.users if u in order and u is not chain[-1] and order[u] > order[c]]:
+            u.replace_input_with(base, new)
+        graph.erase_node(c)
+        for view in chain:
+            if not view.users:
+                graph.erase_node(view)
+        order = {n: i for i, n in enumerate(graph.nodes)}
+        done += 1
+    return done
+
+
+def _aliases_input(node: fx.Node) -> bool:
+    """Whether ``node`` may share memory with a graph input or parameter (a view of one)."""
+    while node.op == "call_function":
+        schema = getattr(node.target, "_schema", None)
+        if schema is None or not any(a.alias_info is not None for a in schema.arguments):
+            return False
+        node = node.args[0]
+        if not isinstance(node, fx.Node):
+            return False
+    return True
+
+
+def _with_meta(new: fx.Node, like: fx.Node, shape, dtype) -> fx.Node:
+    """``new`` with ``like``'s module path and a contiguous meta tensor of this shape and dtype."""
+    new.meta["nn_module_stack"] = like.meta.get("nn_module_stack")
+    new.meta["val"] = torch.empty_strided(tuple(shape), _contiguous_strides(shape), dtype=dtype, device="meta")
+    return new
+
+
+def _contiguous_strides(shape) -> list[int]:
+    out, acc = [], 1
+    for s in reversed(list(shape)):
+        out.append(acc)
+        acc *= int(s)
+    return out[::-1]
+
+
+def _drop_unused(graph: fx.Graph, nodes: list[fx.Node]) -> None:
+    """Erase ``nodes`` and what only they needed, where nothing else reads it and it has no side effect."""
+    todo = list(nodes)
+    while todo:
+        n = todo.pop()
+        if n.graph is graph and not n.users and n.op == "call_function" and not n.is_impure():
+            todo.extend(n.all_input_nodes)
+            graph.erase_node(n)
+
+
+def _example_meta(gm: fx.GraphModule, example) -> None:
+    """Set every node's ``meta["val"]`` from a run on the example inputs (for sizes export left symbolic
+    because they depend on tensor values)."""
+    class Recorder(fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            n.meta["val"] = _as_meta(out)
+            return out
+
+    with torch.no_grad():
+        Recorder(gm).run(*example)
+
+
+def _as_meta(v):
+    if isinstance(v, torch.Tensor):
+        return torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device="meta")
+    if isinstance(v, (list, tuple)):
+        return type(v)(_as_meta(x) for x in v)
+    return v
+
+
+def _export(model, names, constants, structures, tensors, free, reads=None):
+    """(exported program, the value reads it replayed: its outputs after the model's)."""
     from torch.export import Dim
 
     dynamic_shapes = None
@@ -420,15 +796,52 @@ def _export(model, names, constants, structures, tensors, free):
         dynamic_shapes = (tuple({i: Dim.AUTO for (n, i) in sorted(free) if n == k} or None for k in names),)
     was_training = model.training
     model.eval()
+    where = ModuleStack(model)
     try:
-        return torch.export.export(_Bound(model, names, constants, structures), tuple(tensors[k] for k in names),
-                                   dynamic_shapes=dynamic_shapes, strict=False)
-    except Exception as e:  # export errors are long; keep the first line and point at the cause
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CaptureError(f"torch.export could not capture {type(model).__name__}: {first}. graphpass needs a model "
-                           f"that torch.export.export(..., strict=False) accepts with these example inputs.") from e
+        replayed: list[ValueCheck] = []
+
+        def sink(checks):
+            replayed[:] = checks
+
+        with where:
+            ep = torch.export.export(_Bound(model, names, constants, structures, reads, sink),
+                                     tuple(tensors[k] for k in names), dynamic_shapes=dynamic_shapes, strict=False)
+        return ep, replayed
+    except CaptureError:
+        raise
+    except Exception as e:
+        raise _export_error(model, e, where.current) from e
     finally:
         model.train(was_training)
+
+
+def _export_error(model, e: BaseException, module: str) -> CaptureError:
+    """Export's error in a few lines: what failed, at which line of the model's code, in which module."""
+    text = str(e).strip()
+    first = text.splitlines()[0] if text else type(e).__name__
+    where = f" in module {module!r}" if module else ""
+    site = _model_line(e)
+    site = f" at {site}" if site else ""
+    what = ("a branch on a tensor's value that graphpass could not fix"
+            if _data_dependent(e) else "an operation torch.export does not support")
+    return CaptureError(f"torch.export could not capture {type(model).__name__}{where}{site} ({what}): {first}. "
+                        f"graphpass needs a model that torch.export.export(..., strict=False) accepts with these "
+                        f"example inputs; rewrite that line (torch.cond for a branch) or pass kwargs that avoid it.")
+
+
+def _model_line(e: BaseException) -> str:
+    """``file.py:line `code``` of the innermost frame of ``e``'s traceback outside torch and graphpass: the
+    model's line that export failed on."""
+    import traceback
+
+    here = os.path.dirname(os.path.dirname(__file__))
+    found = ""
+    while e is not None:
+        for fr in traceback.extract_tb(e.__traceback__):
+            if not fr.filename.startswith(_TORCH_DIR) and not fr.filename.startswith(here):
+                found = f"{os.path.basename(fr.filename)}:{fr.lineno} `{(fr.line or '').strip()}`"
+        e = e.__cause__
+    return found
 
 
 def _user_inputs(ep, names) -> list[fx.Node]:

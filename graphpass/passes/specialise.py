@@ -31,8 +31,12 @@ from .tag import Region
 
 aten = torch.ops.aten
 # Ops export marks impure that are pure in inference: attention (dropout seed) and export's metadata asserts.
+# Export's checks of what it assumed about sizes that depend on values (``nonzero``'s count >= 0, two such
+# counts equal before a ``stack``) hold for every run of the model's code: an op whose sizes disagree raises
+# by itself, as in eager. They go with the values they check.
 _PURE_IN_INFERENCE = {aten.scaled_dot_product_attention.default, aten._assert_tensor_metadata.default,
-                      aten.dropout.default}
+                      aten.dropout.default, aten._assert_scalar.default,
+                      aten.sym_constrain_range_for_size.default}
 
 
 def is_impure(node: fx.Node) -> bool:

@@ -97,7 +97,86 @@ def check_pab_reference(case: Case, modules: dict[str, str], schedule: PAB, kw=N
     return opt
 
 
-__all__ = ["COGVIDEOX_MODULES", "Case", "STEPS_20", "WAN_MODULES", "cogvideox_rope", "check_never_reusing", "check_pab_reference", "first", "max_rel",
+def hunyuan15() -> Case:
+    """HunyuanVideo15Transformer3DModel (i2v): ``if torch.all(image_embeds == 0):`` picks text-to-video; the
+    text tokens are reordered per sample by boolean masks (sizes that depend on values)."""
+    from diffusers import HunyuanVideo15Transformer3DModel
+
+    def build():
+        torch.manual_seed(0)
+        return HunyuanVideo15Transformer3DModel(
+            in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=2,
+            num_refiner_layers=1, mlp_ratio=2.0, patch_size=1, patch_size_t=1, text_embed_dim=16, text_embed_2_dim=16,
+            image_embed_dim=16, rope_axes_dim=(4, 6, 6), target_size=64, task_type="i2v").eval()
+
+    def kwargs(t2v: bool = True):
+        g = torch.Generator().manual_seed(2)
+        mask = torch.ones(2, 5, dtype=torch.int64)
+        mask[1, 3:] = 0
+        image = torch.zeros(2, 3, 16) if t2v else torch.randn(2, 3, 16, generator=g)
+        return dict(hidden_states=torch.randn(2, 4, 3, 4, 4, generator=g), timestep=torch.full((2,), 500.0),
+                    encoder_hidden_states=torch.randn(2, 5, 16, generator=g), encoder_attention_mask=mask,
+                    encoder_hidden_states_2=torch.randn(2, 4, 16, generator=g),
+                    encoder_attention_mask_2=torch.ones(2, 4, dtype=torch.int64), image_embeds=image,
+                    return_dict=False)
+
+    return Case(build, kwargs)
+
+
+#: HunyuanVideo-1.5's double-stream blocks attend over video and text tokens together (joint).
+HUNYUAN15_MODULES = {f"transformer_blocks.{i}.attn": "joint" for i in range(2)}
+
+
+def mochi() -> Case:
+    """MochiTransformer3DModel: each sample's valid prompt tokens are picked with ``nonzero`` of its mask."""
+    from diffusers import MochiTransformer3DModel
+
+    def build():
+        torch.manual_seed(0)
+        return MochiTransformer3DModel(patch_size=2, num_attention_heads=2, attention_head_dim=8, num_layers=2,
+                                       pooled_projection_dim=16, in_channels=4, text_embed_dim=16, time_embed_dim=8,
+                                       max_sequence_length=5).eval()
+
+    def kwargs(valid=(5, 3)):
+        g = torch.Generator().manual_seed(2)
+        mask = torch.stack([torch.arange(5) < v for v in valid])
+        return dict(hidden_states=torch.randn(2, 4, 3, 8, 8, generator=g),
+                    encoder_hidden_states=torch.randn(2, 5, 16, generator=g),
+                    timestep=torch.full((2,), 500, dtype=torch.int64), encoder_attention_mask=mask, return_dict=False)
+
+    return Case(build, kwargs)
+
+
+def framepack() -> Case:
+    """HunyuanVideoFramepackTransformer3DModel: ``attention_mask[i, :effective_sequence_length[i]] = True``
+    slices with a tensor bound computed from the text mask."""
+    from diffusers import HunyuanVideoFramepackTransformer3DModel
+
+    def build():
+        torch.manual_seed(0)
+        return HunyuanVideoFramepackTransformer3DModel(
+            in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=1,
+            num_single_layers=1, num_refiner_layers=1, mlp_ratio=2.0, patch_size=2, patch_size_t=1,
+            guidance_embeds=False, text_embed_dim=16, pooled_projection_dim=8, rope_axes_dim=(4, 6, 6),
+            has_image_proj=True, image_proj_dim=16, has_clean_x_embedder=True).eval()
+
+    def kwargs(valid=(5, 3)):
+        g = torch.Generator().manual_seed(2)
+        mask = torch.stack([(torch.arange(5) < v).long() for v in valid])
+        return dict(hidden_states=torch.randn(2, 4, 3, 8, 8, generator=g), timestep=torch.full((2,), 500.0),
+                    encoder_hidden_states=torch.randn(2, 5, 16, generator=g), encoder_attention_mask=mask,
+                    pooled_projections=torch.randn(2, 8, generator=g), image_embeds=torch.randn(2, 3, 16, generator=g),
+                    indices_latents=torch.arange(3), latents_clean=torch.randn(2, 4, 1, 8, 8, generator=g),
+                    indices_latents_clean=torch.tensor([3]),
+                    latents_history_2x=torch.randn(2, 4, 2, 8, 8, generator=g),
+                    indices_latents_history_2x=torch.tensor([4, 5]),
+                    latents_history_4x=torch.randn(2, 4, 4, 8, 8, generator=g),
+                    indices_latents_history_4x=torch.arange(6, 10), return_dict=False)
+
+    return Case(build, kwargs)
+
+
+__all__ = ["HUNYUAN15_MODULES", "framepack", "hunyuan15", "mochi", "COGVIDEOX_MODULES", "Case", "STEPS_20", "WAN_MODULES", "cogvideox_rope", "check_never_reusing", "check_pab_reference", "first", "max_rel",
            "wan"]
 
 
