@@ -574,17 +574,30 @@ def capture(model: torch.nn.Module, example_kwargs: dict[str, Any], *, dynamic: 
     free = set(free_batch)
     if dynamic:
         free |= {(k, i) for k, v in tensors.items() if v.dtype.is_floating_point for i in range(1, v.dim())}
-    reads, checks = None, []
+    reads, checks, failure = None, [], None
     try:
         ep, _ = _export(model, names, constants, structures, tensors, free)
     except CaptureError as e:
-        if not _data_dependent(e.__cause__):
-            raise
+        ep, failure = None, e
+    if ep is None and free and not _data_dependent(failure.__cause__):
+        # Some models cannot be traced with symbolic sizes at all (Cosmos hands a size to numpy): fewer free
+        # dimensions, down to none, as the probe decides for the sizes it can test.
+        for fewer in ([free - set(free_batch)] if dynamic and free_batch else []) + [set()]:
+            try:
+                ep, _ = _export(model, names, constants, structures, tensors, fewer)
+            except CaptureError:
+                continue
+            free = fewer
+            free_batch = type(free_batch)(k for k in free_batch if k in fewer)
+            break
+    if ep is None:
+        if not _data_dependent(failure.__cause__):
+            raise failure
         # The model branches on tensor values (``if mask.all():``): fix them at the example's values, each
         # checked on every call (CapturedGraph.value_checks).
         reads = _read_values(model, example_kwargs)
         if not reads:  # it branches on sizes that depend on values, not on values graphpass could fix
-            raise
+            raise failure
         ep, checks = _export(model, names, constants, structures, tensors, free, reads)
     src = ep.module()  # with export's input guards: probes new shapes now, checks calls' shapes later
     symbols = _free_dims(ep, names) if free else {}
@@ -804,8 +817,11 @@ def _export(model, names, constants, structures, tensors, free, reads=None):
             replayed[:] = checks
 
         with where:
+            # Fresh tensor objects (views, no copy): export marks dynamic dimensions on the example tensors and
+            # a failed export leaves those marks, which would make a static retry symbolic too.
             ep = torch.export.export(_Bound(model, names, constants, structures, reads, sink),
-                                     tuple(tensors[k] for k in names), dynamic_shapes=dynamic_shapes, strict=False)
+                                     tuple(tensors[k].view_as(tensors[k]) for k in names),
+                                     dynamic_shapes=dynamic_shapes, strict=False)
         return ep, replayed
     except CaptureError:
         raise
