@@ -73,7 +73,8 @@ class ReferencePAB:
 
     def __call__(self, **kwargs):
         t = kwargs[self.timestep_arg]
-        t = float(t.flatten()[0]) if isinstance(t, torch.Tensor) else float(t)
+        # per-token timesteps (a clean conditioning frame at 0 beside noisy tokens): the step is the noisiest
+        t = float(t.max()) if isinstance(t, torch.Tensor) else float(t)
         if self.last_t is not None and t > self.last_t:
             self.reset()  # the timestep went back up: a new generation
         self.t = t

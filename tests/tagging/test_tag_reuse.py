@@ -159,8 +159,8 @@ def test_preset_naming_a_kind_the_model_lacks_is_refused():
 
 def test_sana_linear_attention_region_vanishes_with_its_rotary_writes():
     """SanaLinearAttnProcessor3_0 writes its rotary embedding into ``empty_like`` buffers in place (two
-    ``copy_`` for the queries, two for the keys) and multiplies three times (the normaliser K-sum . Q,
-    V K^T, then (V K^T) Q). Reusing the region removes all of it."""
+    writes for the queries, two for the keys: ``slice_scatter`` once captured) and multiplies three times
+    (the normaliser K-sum . Q, V K^T, then (V K^T) Q). Reusing the region removes all of it."""
     model, kwargs = dits.sana_video()
     cap = capture(model, kwargs())
     regions = tag_attention(cap)
@@ -168,8 +168,9 @@ def test_sana_linear_attention_region_vanishes_with_its_rotary_writes():
     pg = specialise_phase(cap, regions, Phase.of({path: Action.REUSE}))
     full = Counter(n.target for n in cap.gm.graph.nodes if n.op == "call_function")
     left = Counter(n.target for n in pg.gm.graph.nodes if n.op == "call_function")
-    assert _ops_under(cap.gm, path)[aten.copy_.default] == 4 and not _ops_under(pg.gm, path)
-    assert full[aten.copy_.default] - left[aten.copy_.default] == 4
+    write = aten.slice_scatter.default
+    assert _ops_under(cap.gm, path)[write] == 4 and not _ops_under(pg.gm, path)
+    assert full[write] - left[write] == 4
     assert full[aten.matmul.default] - left[aten.matmul.default] == 3
     assert full[aten.empty_like.default] - left[aten.empty_like.default] == 2
     region = next(r for r in regions if r.path == path)

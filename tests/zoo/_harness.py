@@ -59,7 +59,7 @@ def captured(name: str):
     case = ZOO[name]
     model = case.build()
     cap = capture(model, case.kwargs())
-    return model, cap, tag_attention(cap, video_input=case.video_input)
+    return model, cap, tag_attention(cap, video_input=case.video_input, kinds=case.extra.get("kinds_override"))
 
 
 def attention_kinds(case: ZooCase) -> dict[str, str]:

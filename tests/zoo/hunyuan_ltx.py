@@ -347,7 +347,8 @@ def _ltx2_kwargs(rope_type: str, use_cross_timestep: bool, image: bool = False) 
 _LTX2_KINDS = _blocks("transformer_blocks", 2, {
     "attn1": ("joint", "LTX2VideoTransformerBlock.attn1: video self-attention over all F*H*W tokens"),
     "attn2": ("cross", "attn2: queries video, keys/values the video text embeddings"),
-    "audio_to_video_attn": ("cross", "a2v: queries video, keys/values the audio stream (other conditioning)"),
+    "audio_to_video_attn": ("other", "a2v: queries video, keys/values the audio stream, which is denoised "
+                                     "alongside and changes every step (not static conditioning: not cross)"),
     "audio_attn1": ("other", "audio self-attention: audio tokens only"),
     "audio_attn2": ("other", "audio-text cross-attention: queries audio, keys/values the audio text embeddings"),
     "video_to_audio_attn": ("other", "v2a: queries audio (output goes to the audio stream), keys/values video"),
@@ -525,7 +526,8 @@ _K6_AUDIO = {
     "audio_dec_block.self_attention": ("other", "audio self-attention: audio tokens only"),
     "audio_dec_block.cross_attention": ("other", "queries audio, keys/values the audio text branch"),
     "audio_dec_block.feed_forward": ("mlp", "audio stream feed-forward"),
-    "va_cross_attention": ("cross", "queries video, keys/values the audio stream (aud_pre_ca)"),
+    "va_cross_attention": ("other", "queries video, keys/values the audio stream (aud_pre_ca), which changes "
+                                    "every step (not static conditioning: not cross)"),
     "av_cross_attention": ("other", "queries audio (output to the audio stream), keys/values video (vis_pre_ca)"),
 }
 
@@ -677,7 +679,10 @@ CASES: list[ZooCase] = [
                   "tokens, and a separate per-sample audio_timestep (B,). " + _LTX2_NOTES),
     ZooCase("ltx2.3", "LTX2VideoTransformer3DModel", _ltx2_build("split", v23=True), _ltx2_kwargs("split", True),
             _LTX2_KINDS, notes=_LTX23_NOTES),
-    ZooCase("mochi", "MochiTransformer3DModel", _mochi, _mochi_kwargs, _MOCHI_KINDS, notes=_MOCHI_NOTES),
+    ZooCase("mochi", "MochiTransformer3DModel", _mochi, _mochi_kwargs, _MOCHI_KINDS, notes=_MOCHI_NOTES,
+            # Mochi's processor loops over the samples (one SDPA of batch 1 per sample, after dropping padded
+            # text tokens): the graph cannot show the kind, graphpass asks for it and is told
+            extra={"kinds_override": {"transformer_blocks.*.attn1": "joint"}}),
     ZooCase("kandinsky5", "Kandinsky5Transformer3DModel", _kandinsky5, _kandinsky5_kwargs, _K5_KINDS,
             notes=_K5_NOTES),
     ZooCase("kandinsky6", "Kandinsky6Transformer3DModel", _kandinsky6(), _kandinsky6_kwargs(True),
@@ -695,5 +700,7 @@ CASES: list[ZooCase] = [
             notes="Unsupported: its only attention is flex_attention with a per-call data-dependent BlockMask, not "
                   "scaled_dot_product_attention, so there is no SDPA region to tag or reuse. " + _K6SR_NOTES),
     ZooCase("sana-wm-refiner", "SanaWMLTX2RefinerTransformer3DModel", _sana_refiner, _sana_refiner_kwargs,
-            _SANA_KINDS, notes="One AR window's denoising call (kv_cache_mode='inject'). " + _SANA_NOTES),
+            _SANA_KINDS, notes="One AR window's denoising call (kv_cache_mode='inject'). " + _SANA_NOTES,
+            # the K/V cache is a Python object the attention reads and fills: not a graph input
+            unsupported=r"example argument 'kv_cache' is a SanaWMRefinerKVCache"),
 ]

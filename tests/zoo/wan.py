@@ -228,7 +228,7 @@ def _wan_animate() -> ZooCase:
 
     kinds = _wan_block_kinds("blocks", 2, "WanTransformerBlock", i2v=True)
     kinds["face_adapter.0"] = (
-        "cross", "WanAnimateFaceBlockCrossAttention (after block 0): queries the video tokens of frame t, "
+        "other", "keys from face-motion features, not text: WanAnimateFaceBlockCrossAttention (after block 0): queries the video tokens of frame t, "
                  "keys/values the face-motion tokens of frame t (query.unflatten(1, (T, -1)).flatten(0, 1): "
                  "frames folded into the batch), softmax, no mask")
     notes = WAN_NOTES + (
@@ -319,7 +319,7 @@ def _wan_animate_2() -> ZooCase:
         "(no effect with 2 layers). Text is zero-padded to text_len in the forward. Timestep is a (1,) float "
         "tensor (`torch.stack([t])`); the K/V cache holds seeded values standing in for the reference pass.")
     return ZooCase("wan-animate-2", "WanAnimate2Transformer3DModel", _build_animate_2, kwargs, kinds,
-                   unsupported=r"example argument 'hidden_states' is a list",
+                   unsupported=r"example argument 'kv_cache' is a WanAnimate2KVCache",
                    notes=notes + " Unsupported: the inputs are lists of per-sample tensors and the self-attention "
                                  "reads a K/V cache held in a Python object filled by another call.")
 
@@ -550,7 +550,7 @@ def _anyflow_far() -> ZooCase:
         "values standing in for the prefill.")
     return ZooCase("anyflow-far", "AnyFlowFARTransformer3DModel",
                    lambda: _seeded(AnyFlowFARTransformer3DModel, **config), kwargs, kinds,
-                   unsupported=r"example argument 'chunk_partition' is a list",
+                   unsupported=r"FlexAttention does not support backward on CPU",
                    notes=notes + " Unsupported: chunk_partition is a list of ints and the self-attention reads "
                                  "a K/V cache (dict of tensors) filled by the prefill calls, with flex attention.")
 
