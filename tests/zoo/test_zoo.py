@@ -29,10 +29,10 @@ from graphpass.runtime.adaptive import ResidualModel
 from graphpass.runtime.executor import OptimizedModel
 from reference_pab import ReferencePAB
 from zoo import ZOO
-
-SHORT = STEPS[:10]  # never-reusing and residual runs: 10 steps; PAB runs all 20
 from zoo._harness import (RANGES, RTOL, STEPS, SUPPORTED, UNSUPPORTED, attention_kinds, captured, loop, rel,
                           top_blocks)
+
+SHORT = STEPS[:10]  # never-reusing and residual runs: 10 steps; PAB runs all 20
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "adacache"))
 from adacache_helpers import BlockResidualReuse  # noqa: E402
