@@ -69,6 +69,12 @@ def export(opt: "OptimizedModel", folder: str | Path, format: str = "onnx", *,
     if format == "tensorrt" and single_file:
         raise ArtefactError("format='tensorrt' builds one engine per phase; single_file=True is for ONNX only")
     check_destination(folder, overwrite)  # before the (slow) export: a refused folder costs nothing
+    if opt.captured.value_checks:  # the phase files cannot check them: a changed value would run silently
+        first = opt.captured.value_checks[0]
+        raise ArtefactError(f"{opt.captured.model_type} branches on tensor values (e.g. {first.where} in module "
+                            f"{first.module!r}), which graphpass fixes at the example's and checks per call; an "
+                            f"exported artefact cannot check them. Export a model whose call does not branch on "
+                            f"values, or serve it with graphpass.optimize")
     plan_for_export(opt, timesteps)  # an empty or missing plan is refused before the folder is touched
     if format == "tensorrt":
         require_tensorrt()

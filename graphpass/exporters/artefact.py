@@ -20,7 +20,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ..errors import ArtefactError, InputError
-from ..passes.capture import CapturedGraph, TensorSpec
+from ..passes.capture import ArgStructure, CapturedGraph, TensorSpec
 from ..runtime.executor import GenerationState, OptimizedModel
 from ..schedules.base import Action, Phase, Plan, schedule_from_json
 from .manifest import cache_tensor_name, dtype_of, phases_of, read_manifest, regions_of, reuse_flag_name
@@ -64,6 +64,7 @@ class ArtefactModel(OptimizedModel):
             input_names=[e["name"] for e in manifest["inputs"]],
             input_specs=[TensorSpec(tuple(e["shape"]), dtype_of(e["dtype"])) for e in manifest["inputs"]],
             constants=dict(manifest["constants"]),
+            structures={k: ArgStructure.from_dict(v) for k, v in manifest.get("structures", {}).items()},
             out_spec=pytree.treespec_loads(manifest["out_spec"]),
             model_type=manifest["model_type"])
         regions = regions_of(manifest)  # read_manifest checked them against the plan and the schedule

@@ -227,6 +227,7 @@ def base_manifest(opt: "OptimizedModel", plan: Plan, fmt: str, layout: str) -> d
         "timestep_arg": opt.timestep_arg,
         "inputs": [tensor_entry(n, s.shape, s.dtype) for n, s in zip(cap.input_names, cap.input_specs)],
         "constants": dict(cap.constants),
+        "structures": {k: st.to_dict() for k, st in cap.structures.items()},
         "out_spec": out_spec,
         "user_outputs": _user_output_entries(opt),
         "schedule": opt.schedule.to_dict() | {"type": opt.schedule.type_name},

@@ -120,6 +120,16 @@ class ArgStructure:
     is_tensor: tuple[bool, ...]
     picture: str  # describe() of the example value, for error messages
 
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form (an exported artefact's manifest keeps it, so a loaded artefact takes the same call)."""
+        return {"name": self.name, "spec": pytree.treespec_dumps(self.spec), "tensor_names": list(self.tensor_names),
+                "constants": list(self.constants), "is_tensor": list(self.is_tensor), "picture": self.picture}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ArgStructure":
+        return cls(d["name"], pytree.treespec_loads(d["spec"]), tuple(d["tensor_names"]), tuple(d["constants"]),
+                   tuple(d["is_tensor"]), d["picture"])
+
     @classmethod
     def of(cls, name: str, value) -> "ArgStructure":
         leaves, spec = pytree.tree_flatten_with_path(value)

@@ -164,7 +164,7 @@ def test_unsupported_models_get_a_clear_error(name):
 
 #: One case per family in the default run (ONNX export takes seconds per phase); GRAPHPASS_ZOO_ONNX=all runs
 #: every case (docs/models.md records all of them, see tests/zoo/coverage.py).
-ONNX_FAMILIES = ("latte", "cogvideox-2b", "wan", "cosmos", "kandinsky6-video")
+ONNX_FAMILIES = ("latte", "cogvideox-2b", "cogvideox-rope", "wan", "cosmos", "kandinsky6-video")
 ONNX_CASES = SUPPORTED if os.environ.get("GRAPHPASS_ZOO_ONNX") == "all" else [
     n for n in ONNX_FAMILIES if n in SUPPORTED]
 
@@ -189,3 +189,16 @@ def test_onnx_export_of_a_pab_plan_matches(name, tmp_path):
     runner = graphpass.load(folder, backend="onnxruntime")
     got = loop(case, runner, case.kwargs(), steps)
     assert max(float((a - b).abs().max()) for a, b in zip(got, want)) <= 1e-4
+
+
+def test_export_refuses_a_model_that_branches_on_values(tmp_path):
+    """HunyuanVideo-1.5 branches on ``torch.all(image_embeds == 0)``: graphpass fixes the value and checks it on
+    every call, which exported phase files could not do, so export refuses before touching the folder."""
+    case = ZOO["hunyuan-video15"]
+    model, cap, regions = captured("hunyuan-video15")
+    assert cap.value_checks
+    opt = OptimizedModel(model, cap, regions, PAB(joint=2, window=(0, 1000)))
+    opt.plan(STEPS[:3])
+    with pytest.raises(graphpass.ArtefactError, match=r"transformer_hunyuan_video15\.py:\d+ if is_t2v"):
+        graphpass.export(opt, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
