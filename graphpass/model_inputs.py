@@ -422,6 +422,19 @@ def hunyuan_video_inputs(model, batch: int = 2, frames: int | None = None, heigh
 
 
 #: HunyuanVideo15Pipeline's SigLIP image tokens (all zeros for text-to-video).
+def _latents_with_condition(model, g: torch.Generator, batch: int, frames, height, width) -> torch.Tensor:
+    """Text-to-video input of models conditioned by channel concatenation (``in_channels = 2C + 1``):
+    ``cat([latents, zero condition latents, zero mask], dim=1)``, as their pipelines build it."""
+    cfg, name = model.config, type(model).__name__
+    f, h, w = _sizes(frames, height, width)
+    _check_divisible(name, "latent frames", f, cfg.patch_size_t)
+    _check_divisible(name, "latent height", h, cfg.patch_size)
+    _check_divisible(name, "latent width", w, cfg.patch_size)
+    c = (cfg.in_channels - 1) // 2
+    latents = _randn(g, batch, c, f, h, w)
+    return torch.cat([latents, torch.zeros_like(latents), torch.zeros(batch, cfg.in_channels - 2 * c, f, h, w)], dim=1)
+
+
 HUNYUAN15_IMAGE_TOKENS = 729
 
 
@@ -432,16 +445,8 @@ def hunyuan_video15_inputs(model, batch: int = 2, frames: int | None = None, hei
     2C + 1``), zero SigLIP image tokens ``(B, 729, image_embed_dim)``, the Qwen text and ByT5 glyph text with
     their padding masks in the model's dtype, float32 flow timestep."""
     cfg = model.config
-    name = type(model).__name__
-    f, h, w = _sizes(frames, height, width)
-    _check_divisible(name, "latent frames", f, cfg.patch_size_t)
-    _check_divisible(name, "latent height", h, cfg.patch_size)
-    _check_divisible(name, "latent width", w, cfg.patch_size)
-    c = (cfg.in_channels - 1) // 2
     g = torch.Generator().manual_seed(seed)
-    latents = _randn(g, batch, c, f, h, w)
-    hidden = torch.cat([latents, torch.zeros_like(latents), torch.zeros(batch, cfg.in_channels - 2 * c, f, h, w)],
-                       dim=1)
+    hidden = _latents_with_condition(model, g, batch, frames, height, width)
     return dict(hidden_states=hidden, image_embeds=torch.zeros(batch, HUNYUAN15_IMAGE_TOKENS, cfg.image_embed_dim),
                 timestep=_timestep(batch, timestep, torch.float32),
                 encoder_hidden_states=_randn(g, batch, TEXT_TOKENS, cfg.text_embed_dim),
@@ -661,16 +666,8 @@ def motif_video_inputs(model, batch: int = 2, frames: int | None = None, height:
     """Motif-Video text-to-video: ``cat([latents, zero condition latents, zero mask], dim=1)`` (``in_channels =
     2C + 1``), T5 text of 512 tokens with its bool padding mask, float32 flow timestep, no image embeddings."""
     cfg = model.config
-    name = type(model).__name__
-    f, h, w = _sizes(frames, height, width)
-    _check_divisible(name, "latent frames", f, cfg.patch_size_t)
-    _check_divisible(name, "latent height", h, cfg.patch_size)
-    _check_divisible(name, "latent width", w, cfg.patch_size)
-    c = (cfg.in_channels - 1) // 2
     g = torch.Generator().manual_seed(seed)
-    latents = _randn(g, batch, c, f, h, w)
-    hidden = torch.cat([latents, torch.zeros_like(latents), torch.zeros(batch, cfg.in_channels - 2 * c, f, h, w)],
-                       dim=1)
+    hidden = _latents_with_condition(model, g, batch, frames, height, width)
     return dict(hidden_states=hidden, timestep=_timestep(batch, timestep, torch.float32),
                 encoder_hidden_states=_randn(g, batch, MOTIF_TEXT_TOKENS, cfg.text_embed_dim),
                 encoder_attention_mask=_text_mask(batch, MOTIF_TEXT_TOKENS).bool(), attention_kwargs=None,

@@ -9,8 +9,6 @@ import functools
 import sys
 from pathlib import Path
 
-import pytest
-import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

@@ -83,3 +83,25 @@ def top_blocks(model: torch.nn.Module, case: ZooCase) -> list[str]:
         for h in handles:
             h.remove()
     return list(dict.fromkeys(order))
+
+
+def run_pab(name: str, steps=STEPS):
+    """graphpass PAB (every kind of the case, window (0, 1000), planned) and the module-level reference on the
+    same loop: (optimised model, its outputs, the reference, the reference's outputs)."""
+    from graphpass import PAB
+    from graphpass.runtime.executor import OptimizedModel
+    from reference_pab import ReferencePAB
+
+    case = ZOO[name]
+    model, cap, regions = captured(name)
+    modules = attention_kinds(case)
+    ranges = {k: RANGES[k] for k in set(modules.values())}
+    opt = OptimizedModel(model, cap, regions, PAB(**ranges, window=(0, 1000)))
+    opt.plan(steps)
+    got = loop(case, opt, case.kwargs(), steps)
+    ref = ReferencePAB(model, modules, ranges, window=(0, 1000), timestep_arg=case.timestep_arg)
+    try:
+        want = loop(case, ref, case.kwargs(), steps)
+    finally:
+        ref.restore()
+    return opt, got, ref, want

@@ -27,9 +27,8 @@ import graphpass  # noqa: E402
 from graphpass import PAB  # noqa: E402
 from graphpass.passes.capture import capture  # noqa: E402
 from graphpass.runtime.executor import OptimizedModel  # noqa: E402
-from reference_pab import ReferencePAB  # noqa: E402
 from zoo import ZOO  # noqa: E402
-from zoo._harness import RANGES, STEPS, attention_kinds, captured, loop, rel  # noqa: E402
+from zoo._harness import RANGES, STEPS, attention_kinds, captured, loop, rel, run_pab  # noqa: E402
 
 
 def _first_line(e: BaseException) -> str:
@@ -39,18 +38,7 @@ def _first_line(e: BaseException) -> str:
 
 
 def _pab(name):
-    case = ZOO[name]
-    model, cap, regions = captured(name)
-    modules = attention_kinds(case)
-    ranges = {k: RANGES[k] for k in set(modules.values())}
-    opt = OptimizedModel(model, cap, regions, PAB(**ranges, window=(0, 1000)))
-    opt.plan(STEPS)
-    got = loop(case, opt, case.kwargs())
-    ref = ReferencePAB(model, modules, ranges, window=(0, 1000), timestep_arg=case.timestep_arg)
-    try:
-        want = loop(case, ref, case.kwargs())
-    finally:
-        ref.restore()
+    opt, got, _, want = run_pab(name)
     reused = sum(len(ph.reused) for _, ph in opt.state().trace)
     return f"{rel(got, want):.0e} rel, {reused} reuses"
 

@@ -27,10 +27,9 @@ from graphpass import PAB, FrozenAdaCache
 from graphpass.errors import GraphpassError
 from graphpass.runtime.adaptive import ResidualModel
 from graphpass.runtime.executor import OptimizedModel
-from reference_pab import ReferencePAB
 from zoo import ZOO
 from zoo._harness import (RANGES, RTOL, STEPS, SUPPORTED, UNSUPPORTED, attention_kinds, captured, loop, rel,
-                          top_blocks)
+                          run_pab, top_blocks)
 
 SHORT = STEPS[:10]  # never-reusing and residual runs: 10 steps; PAB runs all 20
 
@@ -68,18 +67,7 @@ def test_pab_equals_the_reference_for_every_kind(name):
     case = ZOO[name]
     if case.extra.get("tags_differ"):
         pytest.skip(f"tagging differs from the source, documented in the case: {case.extra['tags_differ']}")
-    model, cap, regions = captured(name)
-    modules = attention_kinds(case)
-    ranges = {k: RANGES[k] for k in set(modules.values())}
-    schedule = PAB(**ranges, window=(0, 1000))
-    opt = OptimizedModel(model, cap, regions, schedule)
-    opt.plan(STEPS)
-    got = loop(case, opt, case.kwargs())
-    ref = ReferencePAB(model, modules, ranges, window=(0, 1000), timestep_arg=case.timestep_arg)
-    try:
-        want = loop(case, ref, case.kwargs())
-    finally:
-        ref.restore()
+    opt, got, ref, want = run_pab(name)
     assert rel(got, want) <= RTOL
     trace = opt.state().trace
     for i, (_, phase) in enumerate(trace):
@@ -194,7 +182,6 @@ def test_onnx_export_of_a_pab_plan_matches(name, tmp_path):
 def test_export_refuses_a_model_that_branches_on_values(tmp_path):
     """HunyuanVideo-1.5 branches on ``torch.all(image_embeds == 0)``: graphpass fixes the value and checks it on
     every call, which exported phase files could not do, so export refuses before touching the folder."""
-    case = ZOO["hunyuan-video15"]
     model, cap, regions = captured("hunyuan-video15")
     assert cap.value_checks
     opt = OptimizedModel(model, cap, regions, PAB(joint=2, window=(0, 1000)))
