@@ -351,11 +351,7 @@ def _wan_core(model, batch, frames, height, width, timestep, seed) -> tuple[dict
     """Latents, text, int64 timestep (UniPCMultistepScheduler, which the released checkpoints ship) and the
     CLIP image tokens when the config has ``image_dim`` (I2V)."""
     cfg = model.config
-    name = type(model).__name__
-    f, h, w = _sizes(frames, height, width)
-    pt, ph, pw = cfg.patch_size
-    for what, v, p in (("latent frames", f, pt), ("latent height", h, ph), ("latent width", w, pw)):
-        _check_divisible(name, what, v, p)
+    f, h, w = _sizes_for_3d_patch(model, frames, height, width)
     g = torch.Generator().manual_seed(seed)
     kw: dict[str, Any] = dict(hidden_states=_randn(g, batch, cfg.in_channels, f, h, w),
                               timestep=_timestep(batch, timestep, torch.long),
@@ -422,6 +418,15 @@ def hunyuan_video_inputs(model, batch: int = 2, frames: int | None = None, heigh
 
 
 #: HunyuanVideo15Pipeline's SigLIP image tokens (all zeros for text-to-video).
+def _sizes_for_3d_patch(model, frames: int | None, height: int | None, width: int | None) -> tuple[int, int, int]:
+    """Latent (frames, height, width), each checked to divide by the model's ``patch_size`` (t, h, w)."""
+    f, h, w = _sizes(frames, height, width)
+    pt, ph, pw = model.config.patch_size
+    for what, v, p in (("latent frames", f, pt), ("latent height", h, ph), ("latent width", w, pw)):
+        _check_divisible(type(model).__name__, what, v, p)
+    return f, h, w
+
+
 def _latents_with_condition(model, g: torch.Generator, batch: int, frames, height, width) -> torch.Tensor:
     """Text-to-video input of models conditioned by channel concatenation (``in_channels = 2C + 1``):
     ``cat([latents, zero condition latents, zero mask], dim=1)``, as their pipelines build it."""
@@ -579,11 +584,7 @@ def sana_video_inputs(model, batch: int = 2, frames: int | None = None, height: 
     """SANA-Video: latents ``(B, C_in, F, H, W)``, Gemma text of 300 tokens with its int64 padding mask, int64
     timestep (DPM-Solver on flow sigmas)."""
     cfg = model.config
-    name = type(model).__name__
-    f, h, w = _sizes(frames, height, width)
-    pt, ph, pw = cfg.patch_size
-    for what, v, p in (("latent frames", f, pt), ("latent height", h, ph), ("latent width", w, pw)):
-        _check_divisible(name, what, v, p)
+    f, h, w = _sizes_for_3d_patch(model, frames, height, width)
     g = torch.Generator().manual_seed(seed)
     return dict(hidden_states=_randn(g, batch, cfg.in_channels, f, h, w),
                 encoder_hidden_states=_randn(g, batch, SANA_TEXT_TOKENS, cfg.caption_channels),
@@ -604,11 +605,7 @@ def cosmos_inputs(model, batch: int = 2, frames: int | None = None, height: int 
     ``(1, 1, 8H, 8W)`` the pipeline passes. (The pipeline runs the conditional and unconditional halves as two
     calls; batch 2 here is one call of both.)"""
     cfg = model.config
-    name = type(model).__name__
-    f, h, w = _sizes(frames, height, width)
-    pt, ph, pw = cfg.patch_size
-    for what, v, p in (("latent frames", f, pt), ("latent height", h, ph), ("latent width", w, pw)):
-        _check_divisible(name, what, v, p)
+    f, h, w = _sizes_for_3d_patch(model, frames, height, width)
     g = torch.Generator().manual_seed(seed)
     return dict(hidden_states=_randn(g, batch, cfg.in_channels, f, h, w),
                 timestep=_timestep(batch, timestep, torch.float32),
