@@ -9,10 +9,8 @@ import torch
 
 from adacache_helpers import captured
 from graphpass import ScheduleError, TaggingError
-from graphpass.passes.capture import capture
 from graphpass.passes.residuals import (find_block_span, find_metric_site, region_residual,
                                         residual_stats, specialise_residual_phase)
-from graphpass.passes.specialise import copy_graph, eliminate_dead_code
 from graphpass.schedules.adacache import ResidualPhase
 from graphpass.schedules.base import Action, Phase
 
