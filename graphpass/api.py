@@ -9,7 +9,7 @@ from .errors import InputError
 from .exporters.backends import BACKENDS
 from .passes.capture import capture
 from .passes.tag import include_gates, tag_attention
-from .runtime.executor import TIMESTEP_ORDERS, OptimizedModel
+from .runtime.executor import OptimizedModel, check_timestep_order
 from .runtime.lazy import LazyOptimizedModel
 from .schedules.base import Schedule
 from .schedules.pab import PAB
@@ -64,8 +64,7 @@ def optimize(model: torch.nn.Module, schedule: Schedule | str, *, example_kwargs
         schedule = PAB.preset(schedule)
     if not isinstance(schedule, Schedule):
         raise TypeError(f"schedule must be a graphpass schedule (e.g. graphpass.PAB(...)), got {type(schedule).__name__}")
-    if timestep_order not in TIMESTEP_ORDERS:
-        raise InputError(f"timestep_order={timestep_order!r}: one of {', '.join(TIMESTEP_ORDERS)}")
+    check_timestep_order(timestep_order)  # here too: a model optimised on its first call builds later
     if example_kwargs is None:
         if parallel is not None:
             raise InputError("parallel= needs example_kwargs: every rank must capture the same call up front")

@@ -351,7 +351,7 @@ def _wan_core(model, batch, frames, height, width, timestep, seed) -> tuple[dict
     """Latents, text, int64 timestep (UniPCMultistepScheduler, which the released checkpoints ship) and the
     CLIP image tokens when the config has ``image_dim`` (I2V)."""
     cfg = model.config
-    f, h, w = _sizes_for_3d_patch(model, frames, height, width)
+    f, h, w = _patched_sizes(model, frames, height, width, tuple(cfg.patch_size))
     g = torch.Generator().manual_seed(seed)
     kw: dict[str, Any] = dict(hidden_states=_randn(g, batch, cfg.in_channels, f, h, w),
                               timestep=_timestep(batch, timestep, torch.long),
@@ -402,11 +402,7 @@ def hunyuan_video_inputs(model, batch: int = 2, frames: int | None = None, heigh
     """HunyuanVideo: latents ``(B, C_in, F, H, W)``, Llama text with its padding mask (in the model's dtype), CLIP pooled
     projection, float32 flow timestep, embedded guidance ``6.0 * 1000`` when ``guidance_embeds``."""
     cfg = model.config
-    name = type(model).__name__
-    f, h, w = _sizes(frames, height, width)
-    _check_divisible(name, "latent frames", f, cfg.patch_size_t)
-    _check_divisible(name, "latent height", h, cfg.patch_size)
-    _check_divisible(name, "latent width", w, cfg.patch_size)
+    f, h, w = _patched_sizes(model, frames, height, width, (cfg.patch_size_t, cfg.patch_size, cfg.patch_size))
     g = torch.Generator().manual_seed(seed)
     guidance = torch.full((batch,), HUNYUAN_GUIDANCE * 1000.0) if cfg.guidance_embeds else None
     return dict(hidden_states=_randn(g, batch, cfg.in_channels, f, h, w), timestep=_timestep(batch, timestep,
@@ -418,11 +414,11 @@ def hunyuan_video_inputs(model, batch: int = 2, frames: int | None = None, heigh
 
 
 #: HunyuanVideo15Pipeline's SigLIP image tokens (all zeros for text-to-video).
-def _sizes_for_3d_patch(model, frames: int | None, height: int | None, width: int | None) -> tuple[int, int, int]:
-    """Latent (frames, height, width), each checked to divide by the model's ``patch_size`` (t, h, w)."""
+def _patched_sizes(model, frames: int | None, height: int | None, width: int | None,
+                   patch: tuple[int, int, int]) -> tuple[int, int, int]:
+    """Latent (frames, height, width), each checked to divide by the model's patch (t, h, w)."""
     f, h, w = _sizes(frames, height, width)
-    pt, ph, pw = model.config.patch_size
-    for what, v, p in (("latent frames", f, pt), ("latent height", h, ph), ("latent width", w, pw)):
+    for what, v, p in (("latent frames", f, patch[0]), ("latent height", h, patch[1]), ("latent width", w, patch[2])):
         _check_divisible(type(model).__name__, what, v, p)
     return f, h, w
 
@@ -430,11 +426,8 @@ def _sizes_for_3d_patch(model, frames: int | None, height: int | None, width: in
 def _latents_with_condition(model, g: torch.Generator, batch: int, frames, height, width) -> torch.Tensor:
     """Text-to-video input of models conditioned by channel concatenation (``in_channels = 2C + 1``):
     ``cat([latents, zero condition latents, zero mask], dim=1)``, as their pipelines build it."""
-    cfg, name = model.config, type(model).__name__
-    f, h, w = _sizes(frames, height, width)
-    _check_divisible(name, "latent frames", f, cfg.patch_size_t)
-    _check_divisible(name, "latent height", h, cfg.patch_size)
-    _check_divisible(name, "latent width", w, cfg.patch_size)
+    cfg = model.config
+    f, h, w = _patched_sizes(model, frames, height, width, (cfg.patch_size_t, cfg.patch_size, cfg.patch_size))
     c = (cfg.in_channels - 1) // 2
     latents = _randn(g, batch, c, f, h, w)
     return torch.cat([latents, torch.zeros_like(latents), torch.zeros(batch, cfg.in_channels - 2 * c, f, h, w)], dim=1)
@@ -473,12 +466,8 @@ def ltx_video_inputs(model, batch: int = 2, frames: int | None = None, height: i
     unpacked latent size as ints, T5 text with a bool mask, float32 flow timestep, and the rope interpolation
     scale ``(8 / 25, 32, 32)`` (VAE temporal ratio / frame rate, spatial ratio twice)."""
     cfg = model.config
-    name = type(model).__name__
-    f, h, w = _sizes(frames, height, width)
     p, pt = cfg.patch_size, cfg.patch_size_t
-    _check_divisible(name, "latent frames", f, pt)
-    _check_divisible(name, "latent height", h, p)
-    _check_divisible(name, "latent width", w, p)
+    f, h, w = _patched_sizes(model, frames, height, width, (pt, p, p))
     g = torch.Generator().manual_seed(seed)
     tokens = (f // pt) * (h // p) * (w // p)
     return dict(hidden_states=_randn(g, batch, tokens, cfg.in_channels),
@@ -534,11 +523,7 @@ def allegro_inputs(model, batch: int = 2, frames: int | None = None, height: int
     """Allegro: latents ``(B, C_in, F, H, W)``, T5 text ``(B, 1, 512, D)`` with its int64 padding mask, a float32
     timestep (the Euler-family schedulers Allegro runs with), the pipeline's 3-D rotary tables and positions."""
     cfg = model.config
-    name = type(model).__name__
-    f, h, w = _sizes(frames, height, width)
-    _check_divisible(name, "latent frames", f, cfg.patch_size_t)
-    _check_divisible(name, "latent height", h, cfg.patch_size)
-    _check_divisible(name, "latent width", w, cfg.patch_size)
+    f, h, w = _patched_sizes(model, frames, height, width, (cfg.patch_size_t, cfg.patch_size, cfg.patch_size))
     g = torch.Generator().manual_seed(seed)
     return dict(hidden_states=_randn(g, batch, cfg.in_channels, f, h, w),
                 # the pipeline passes the text as (B, 1, L, D) (`prompt_embeds.unsqueeze(1)`)
@@ -584,7 +569,7 @@ def sana_video_inputs(model, batch: int = 2, frames: int | None = None, height: 
     """SANA-Video: latents ``(B, C_in, F, H, W)``, Gemma text of 300 tokens with its int64 padding mask, int64
     timestep (DPM-Solver on flow sigmas)."""
     cfg = model.config
-    f, h, w = _sizes_for_3d_patch(model, frames, height, width)
+    f, h, w = _patched_sizes(model, frames, height, width, tuple(cfg.patch_size))
     g = torch.Generator().manual_seed(seed)
     return dict(hidden_states=_randn(g, batch, cfg.in_channels, f, h, w),
                 encoder_hidden_states=_randn(g, batch, SANA_TEXT_TOKENS, cfg.caption_channels),
@@ -605,7 +590,7 @@ def cosmos_inputs(model, batch: int = 2, frames: int | None = None, height: int 
     ``(1, 1, 8H, 8W)`` the pipeline passes. (The pipeline runs the conditional and unconditional halves as two
     calls; batch 2 here is one call of both.)"""
     cfg = model.config
-    f, h, w = _sizes_for_3d_patch(model, frames, height, width)
+    f, h, w = _patched_sizes(model, frames, height, width, tuple(cfg.patch_size))
     g = torch.Generator().manual_seed(seed)
     return dict(hidden_states=_randn(g, batch, cfg.in_channels, f, h, w),
                 timestep=_timestep(batch, timestep, torch.float32),
@@ -632,10 +617,8 @@ def kandinsky5_inputs(model, batch: int = 2, frames: int | None = None, height: 
     if cfg.attention_type != "regular":
         raise InputError(f"{name} with attention_type={cfg.attention_type!r}: graphpass builds inputs for regular "
                          f"attention only; pass your pipeline's inputs (with its sparse_params) to graphpass.optimize")
-    f, h, w = _sizes(frames, height, width)
-    pt, ph, pw = cfg.patch_size
-    for what, v, p in (("latent frames", f, pt), ("latent height", h, ph), ("latent width", w, pw)):
-        _check_divisible(name, what, v, p)
+    _, ph, pw = cfg.patch_size
+    f, h, w = _patched_sizes(model, frames, height, width, tuple(cfg.patch_size))
     g = torch.Generator().manual_seed(seed)
     x = _randn(g, batch, f, h, w, cfg.in_visual_dim)
     if cfg.visual_cond:

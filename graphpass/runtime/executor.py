@@ -18,6 +18,12 @@ from .cache import CacheStore
 from .facade import ModelFacade
 
 TIMESTEP_ORDERS = ("falling", "rising")
+def check_timestep_order(order: str) -> None:
+    if order not in TIMESTEP_ORDERS:
+        raise InputError(f"timestep_order={order!r}: one of {', '.join(TIMESTEP_ORDERS)} (how the sampler's "
+                         f"timesteps move over a generation)")
+
+
 #: Generations of a single call in a row after which the runtime says the timesteps look like they rise.
 _SINGLE_CALL_GENERATIONS = 3
 
@@ -70,12 +76,8 @@ class OptimizedModel(ModelFacade):
         super().__init__()
         from ..exporters.backends import make_runner  # backends come after the passes
 
-        if timestep_order not in TIMESTEP_ORDERS:
-            raise InputError(f"timestep_order={timestep_order!r}: one of {', '.join(TIMESTEP_ORDERS)} (how the "
-                             f"sampler's timesteps move over a generation)")
-        self.model = model  # keeps the shared parameters registered on this module
-        if model is not None:  # pipelines record a component's class from its module and name
-            self.__dict__["__module__"] = type(model).__module__
+        check_timestep_order(timestep_order)
+        self._hold(model)
         self.captured = captured
         self.regions = regions
         self.schedule = schedule
@@ -305,9 +307,10 @@ class OptimizedModel(ModelFacade):
         re-captures by itself on its next call)."""
         before = (self.device, self.dtype)
         self.model.to(*args, **kwargs)
-        if (self.device, self.dtype) != before:
+        after = (self.device, self.dtype)
+        if after != before:
             self.model.to(*before)
-            raise InputError(f"moving an optimised model from {before[0]}/{before[1]} to {self.device}/{self.dtype} "
+            raise InputError(f"moving an optimised model from {before[0]}/{before[1]} to {after[0]}/{after[1]} "
                              f"needs a new capture: call graphpass.optimize(model.to(...), schedule) again, or "
                              f"optimise without example_kwargs (it re-captures on the next call after .to())")
         return self

@@ -30,6 +30,13 @@ class ModelFacade(torch.nn.Module):
 
     model: torch.nn.Module
 
+    def _hold(self, model: torch.nn.Module | None) -> None:
+        """Register ``model`` as the wrapped model (its parameters stay this module's) and take its module name:
+        pipelines record a component's class from its module and name."""
+        self.model = model
+        if model is not None:
+            self.__dict__["__module__"] = type(model).__module__
+
     @property  # type: ignore[misc]
     def __class__(self):  # noqa: D401 - the proxy's class is the wrapped model's
         model = self.__dict__.get("_modules", {}).get("model")

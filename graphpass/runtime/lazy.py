@@ -35,8 +35,7 @@ class LazyOptimizedModel(ModelFacade):
 
     def __init__(self, model: torch.nn.Module, build: Builder):
         super().__init__()
-        self.model = model
-        self.__dict__["__module__"] = type(model).__module__
+        self._hold(model)
         self._build = build
         self.__dict__["optimized"] = None  # not a submodule: its parameters are the model's
         self._context: tuple[str, dict[str, Any]] | None = None
