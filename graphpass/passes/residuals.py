@@ -61,7 +61,7 @@ from ..errors import GraphpassError, ScheduleError, TaggingError
 from ..schedules.base import Action, Phase
 from .capture import CapturedGraph, TensorSpec, module_path
 from .flops import graph_flops, node_flops
-from .specialise import (PhaseGraph, cache_input_name, copy_graph, eliminate_dead_code, is_impure,
+from .specialise import (PhaseGraph, cache_input_name, copy_graph, eliminate_dead_code, in_place_writers, is_impure,
                          specialise_phase)
 from .tag import Region
 
@@ -265,37 +265,6 @@ def _int(a) -> int:
 
 def _block_nodes(gm: fx.GraphModule, block: str) -> list[fx.Node]:
     return [n for n in gm.graph.nodes if any(p == block for p, _ in module_path(n))]
-
-
-def _aliases(node: fx.Node) -> tuple[bool, bool]:
-    """(whether ``node``'s result aliases its first argument, whether it writes into it), from the op schema:
-    ``aten.slice.Tensor`` -> (True, False), ``aten.copy_.default`` -> (True, True), ``aten.add.Tensor`` ->
-    (False, False)."""
-    if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
-        return False, False
-    schema = node.target._schema
-    info = schema.arguments[0].alias_info if schema.arguments else None
-    if info is None:
-        return False, False
-    return True, bool(info.is_write)
-
-
-def _view_base(node: fx.Node) -> fx.Node:
-    """The tensor ``node`` is a view of (itself if it is no view)."""
-    while isinstance(node, fx.Node) and _aliases(node) == (True, False) and isinstance(node.args[0], fx.Node):
-        node = node.args[0]
-    return node
-
-
-def _writes(gm: fx.GraphModule) -> dict[fx.Node, list[fx.Node]]:
-    """In-place writes by the tensor they write into: Wan's rotary embedding fills ``out = empty_like(x)``
-    with ``out[..., 0::2] = ...`` (``aten.copy_`` into slices of ``out``), and whoever reads ``out`` later
-    depends on those writes although no graph edge says so."""
-    writes: dict[fx.Node, list[fx.Node]] = {}
-    for n in gm.graph.nodes:
-        if _aliases(n) == (True, True):
-            writes.setdefault(_view_base(n.args[0]), []).append(n)
-    return writes
 
 
 def _live_nodes(gm: fx.GraphModule) -> set[fx.Node]:
@@ -545,12 +514,12 @@ def find_block_span(captured: CapturedGraph, regions: Sequence[Region]) -> Block
         if any(a in after for a in n.all_input_nodes):
             after.add(n)
     before: set[fx.Node] = set(h_outs)
-    writes = _writes(gm)
+    bases, writers = in_place_writers(gm.graph)
     for n in reversed(gm.graph.nodes):
         if n in before:
             for a in n.all_input_nodes:
                 before.add(a)
-                before.update(w for w in writes.get(_view_base(a), ()) if order[w] < order[n])
+                before.update(w for b in bases[a] for w in writers.get(b, ()) if order[w] < order[n])
     span_nodes = [n for n in gm.graph.nodes if n in after and n in before and n not in h_ins]
     span_set = set(span_nodes)
     leaks = [n.name for n in span_nodes if n not in h_outs and any(

@@ -91,6 +91,17 @@ def _writes(node: fx.Node, bases) -> frozenset[fx.Node]:
                                if a.alias_info is not None and a.alias_info.is_write for m in _nodes_in(v)))
 
 
+def in_place_writers(graph: fx.Graph) -> tuple[dict[fx.Node, frozenset[fx.Node]], dict[fx.Node, list[fx.Node]]]:
+    """(:func:`storage_bases` of every node, the in-place writes into each base in graph order): whoever reads
+    a tensor depends on the writes into its memory, although no graph edge says so."""
+    bases = storage_bases(graph)
+    writers: dict[fx.Node, list[fx.Node]] = {}
+    for n in graph.nodes:
+        for b in _writes(n, bases):
+            writers.setdefault(b, []).append(n)
+    return bases, writers
+
+
 def live_nodes(graph: fx.Graph) -> set[fx.Node]:
     """The nodes the graph's outputs and side effects need, reading in-place writes by their memory.
 
@@ -102,17 +113,12 @@ def live_nodes(graph: fx.Graph) -> set[fx.Node]:
         >>> # out = empty_like(x); copy_(slice(out), a); copy_(slice(out), b); y = out.float(); return (z,)
         >>> # y is unused: y, both copies, both slices and out are dead (plain DCE keeps them: copy_ is impure)
     """
-    bases = storage_bases(graph)
-    writers: dict[fx.Node, list[fx.Node]] = {}
-    external: list[fx.Node] = []
-    for n in graph.nodes:
-        w = _writes(n, bases)
-        for b in w:
-            writers.setdefault(b, []).append(n)
-        if any(b.op in ("placeholder", "get_attr") or b.op not in ("call_function",) for b in w):
-            external.append(n)  # writes memory the graph did not make (or might not have made)
+    bases, writers = in_place_writers(graph)
+    written = {w for ws in writers.values() for w in ws}
+    # writes into memory the graph did not make (or might not have made) are always live
+    external = [w for b, ws in writers.items() if b.op != "call_function" for w in ws]
     roots = [n for n in graph.nodes if (n.op in ("placeholder", "output")
-                                        or (not _writes(n, bases) and is_impure(n)))] + external
+                                        or (n not in written and is_impure(n)))] + external
     live: set[fx.Node] = set()
     todo = list(roots)
     while todo:
