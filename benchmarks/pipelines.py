@@ -9,7 +9,7 @@ true kind) and as graphpass, integrated in one line each:
     pipe.transformer.enable_cache(PyramidAttentionBroadcastConfig(...))          # diffusers
     pipe.transformer = graphpass.optimize(pipe.transformer, schedule)             # graphpass
 
-Each variant first runs one warm-up generation (capture, specialisation, compilation: reported apart), then
+Each variant first runs one warm-up generation (capture, specialization, compilation: reported apart), then
 ``--reps`` generations, advanced round-robin so load changes on a shared machine hit all alike. Reported:
 median seconds per video (wall and process CPU), speedup against plain, and the largest difference of the
 latents against the hook's (equal output) and against plain. Run::

@@ -10,8 +10,8 @@ Public API::
 
 * :func:`optimize` -> :class:`OptimizedModel` (an ``nn.Module``; ``plan``, ``cache_context``, ``reset``, ``inspect``);
   ``dynamic=True`` keeps frames/height/width free where the model allows; without ``example_kwargs`` the model
-  is optimised on its first call (``pipe.transformer = graphpass.optimize(pipe.transformer, schedule)``)
-* :func:`optimize_pipeline` optimises a diffusers pipeline's transformers and plans every generation from its
+  is optimized on its first call (``pipe.transformer = graphpass.optimize(pipe.transformer, schedule)``)
+* :func:`optimize_pipeline` optimizes a diffusers pipeline's transformers and plans every generation from its
   scheduler
 * schedules: :class:`PAB` (``PAB.preset("latte")``, ``"pab246"``...), :func:`schedule_from_json`
 * step caches: :class:`AdaCache` (``AdaCache.preset("slow")``, with :class:`MoReg`), :class:`FrozenAdaCache` (a run's decisions replayed)

@@ -1,4 +1,4 @@
-"""graphpass.optimize: capture -> tag -> check schedule -> executor (phases are specialised on first use)."""
+"""graphpass.optimize: capture -> tag -> check schedule -> executor (phases are specialized on first use)."""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Sequence
@@ -30,8 +30,8 @@ def optimize(model: torch.nn.Module, schedule: Schedule | str, *, example_kwargs
         schedule: a :class:`~graphpass.PAB` (or a PAB preset name such as ``"pab246"`` or ``"latte"``).
             Or a residual step cache: :class:`~graphpass.AdaCache`, :class:`~graphpass.FrozenAdaCache`.
         example_kwargs: one real call's keyword arguments; tensors become graph inputs (the graphs are
-            specialised to their shapes unless ``dynamic``), plain constants such as ``return_dict=False`` are
-            bound. Omitted: the model is optimised on its first call, which is the example (a
+            specialized to their shapes unless ``dynamic``), plain constants such as ``return_dict=False`` are
+            bound. Omitted: the model is optimized on its first call, which is the example (a
             :class:`~graphpass.runtime.lazy.LazyOptimizedModel`; what a diffusers pipeline needs:
             ``pipe.transformer = graphpass.optimize(pipe.transformer, schedule)``).
         timestep_arg: the argument holding the timestep, read on every call to pick the phase.
@@ -46,7 +46,7 @@ def optimize(model: torch.nn.Module, schedule: Schedule | str, *, example_kwargs
             ``torch.distributed`` process group (DSP; every rank calls ``optimize`` and the model alike). Phases
             that reuse a temporal attention also skip its all-to-alls. See :mod:`graphpass.runtime.parallel`.
         dynamic: keep the frame, height and width dimensions (and a conditioning sequence's length) free
-            where the model allows, so one optimised model serves other video sizes; the dimensions the model
+            where the model allows, so one optimized model serves other video sizes; the dimensions the model
             fixes stay static and a call that changes them gets an ``InputError``. Each new shape is checked
             once on fake tensors; FLOPs and cache sizes in ``inspect()`` are those of the example call.
             Exported artefacts are static at the example's shapes. Not with ``parallel``; AdaCache's MoReg
@@ -64,7 +64,7 @@ def optimize(model: torch.nn.Module, schedule: Schedule | str, *, example_kwargs
         schedule = PAB.preset(schedule)
     if not isinstance(schedule, Schedule):
         raise TypeError(f"schedule must be a graphpass schedule (e.g. graphpass.PAB(...)), got {type(schedule).__name__}")
-    check_timestep_order(timestep_order)  # here too: a model optimised on its first call builds later
+    check_timestep_order(timestep_order)  # here too: a model optimized on its first call builds later
     if example_kwargs is None:
         if parallel is not None:
             raise InputError("parallel= needs example_kwargs: every rank must capture the same call up front")

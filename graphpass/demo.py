@@ -1,4 +1,4 @@
-"""End-to-end demo: sample physics videos with vdt-s, baseline vs optimised.
+"""End-to-end demo: sample physics videos with vdt-s, baseline vs optimized.
 
     graphpass demo --out out/demo --num-videos 4 --steps 50
 
@@ -7,7 +7,7 @@ given the first frames of a generator video), writes MP4/GIF per video plus
 side-by-sides, and prints seconds per video, speedup, PSNR/SSIM against the
 baseline and the physics plausibility score.
 
-Optimised column hook: pass ``optimize_fn(model) -> callable`` that returns a
+Optimized column hook: pass ``optimize_fn(model) -> callable`` that returns a
 drop-in replacement called exactly like the model
 (``fn(hidden_states=..., timestep=..., encoder_hidden_states=..., cond_mask=...)``).
 With ``optimize_fn=None`` only the baseline row is printed.
@@ -92,14 +92,14 @@ def run(out_dir: str | Path = "out/demo", num_videos: int = 4, num_steps: int = 
     shape = (cfg.num_frames, cfg.in_channels, cfg.image_size, cfg.image_size)
     tasks = make_tasks(num_videos, cfg.num_frames, cfg.image_size)
 
-    # ---- optimised column hook -------------------------------------------------
+    # ---- optimized column hook -------------------------------------------------
     opt_fn = None
     if optimize_fn is not None:
         opt_fn = optimize_fn(model, schedule=schedule) if schedule is not None else optimize_fn(model)
     # ----------------------------------------------------------------------------
 
     # Warm-up so the timings exclude one-off first-call costs (allocations, lazy compilation).
-    # The optimised callable gets a full-length run: it may plan per step of a num_steps schedule.
+    # The optimized callable gets a full-length run: it may plan per step of a num_steps schedule.
     _run_one(model, tasks[0], 2, guidance_scale, shape)
     if opt_fn is not None:
         _run_one(opt_fn, tasks[0], num_steps, guidance_scale, shape)

@@ -6,7 +6,7 @@ class GraphpassError(Exception):
 
 
 class CaptureError(GraphpassError):
-    """The model could not be captured as a graph, or captured into something graphpass cannot optimise."""
+    """The model could not be captured as a graph, or captured into something graphpass cannot optimize."""
 
 
 class TaggingError(GraphpassError):

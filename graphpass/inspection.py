@@ -1,4 +1,4 @@
-"""Human-readable reports of an optimised model: regions, phases, plan; phase graphs as code and DOT."""
+"""Human-readable reports of an optimized model: regions, phases, plan; phase graphs as code and DOT."""
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,7 +1,7 @@
 """graphpass in a diffusers pipeline: one line, or one call that also plans every generation.
 
 The one line is ``pipe.transformer = graphpass.optimize(pipe.transformer, schedule)``: the transformer is
-optimised on its first call and shows the pipeline the face it expects (``config``, ``dtype``, ``device``,
+optimized on its first call and shows the pipeline the face it expects (``config``, ``dtype``, ``device``,
 ``cache_context``, ``save_pretrained``). Phases are then chosen step by step from each call's timestep (and,
 for schedules whose windows are fractions of the trajectory, from what the pipeline passes to
 ``cache_context``).
@@ -27,14 +27,14 @@ from .errors import InputError
 from .runtime.facade import ModelFacade
 from .schedules.base import Schedule
 
-#: Pipeline components graphpass optimises when present.
+#: Pipeline components graphpass optimizes when present.
 TRANSFORMERS = ("transformer", "transformer_2")
 _CONNECTED = "_graphpass_set_timesteps"
 
 
 def optimize_pipeline(pipe: Any, schedule: Schedule | str, *, components: Sequence[str] = TRANSFORMERS,
                       **options) -> Any:
-    """Optimise the pipeline's transformers for ``schedule`` and plan each generation from its scheduler.
+    """Optimize the pipeline's transformers for ``schedule`` and plan each generation from its scheduler.
 
     Args:
         pipe: a diffusers pipeline (anything with the ``components`` attributes and a ``scheduler``).
@@ -54,7 +54,7 @@ def optimize_pipeline(pipe: Any, schedule: Schedule | str, *, components: Sequen
         if module is None:
             continue
         if isinstance(module, ModelFacade):
-            raise InputError(f"pipe.{name} is already optimised by graphpass; optimise the original model once")
+            raise InputError(f"pipe.{name} is already optimized by graphpass; optimize the original model once")
         if not isinstance(module, torch.nn.Module):
             raise InputError(f"pipe.{name} is a {type(module).__name__}, not a torch.nn.Module")
         setattr(pipe, name, optimize(module, schedule, **options))
@@ -104,7 +104,7 @@ def expert_steps(pipe: Any, timesteps: list[float], names: list[str]) -> dict[st
 
 
 def plan_generation(pipe: Any, timesteps: torch.Tensor | Sequence[float], names: Sequence[str] = TRANSFORMERS) -> None:
-    """Plan the next generation of every optimised transformer of ``pipe`` over ``timesteps`` (what its
+    """Plan the next generation of every optimized transformer of ``pipe`` over ``timesteps`` (what its
     scheduler's ``set_timesteps`` produced) and start it afresh."""
     ts = [float(t) for t in (timesteps.detach().cpu().flatten().tolist() if isinstance(timesteps, torch.Tensor)
                              else timesteps)]

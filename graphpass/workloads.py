@@ -128,14 +128,14 @@ def check_samplable(model: torch.nn.Module, kwargs: dict[str, Any]) -> None:
     x = kwargs["hidden_states"]
     if x.dim() != 5:
         raise InputError(f"{name} takes its latents packed as {x.dim()}-D tokens {tuple(x.shape)}; analyze, search and "
-                         f"bench sample 5-D latent videos: optimise it inside its pipeline instead "
+                         f"bench sample 5-D latent videos: optimize it inside its pipeline instead "
                          f"(graphpass.optimize_pipeline, or pipe.transformer = graphpass.optimize(...))")
     cfg = model.config
     c_in, c_out = cfg.get("in_channels"), cfg.get("out_channels") or cfg.get("in_channels")
     if c_in is not None and c_out < c_in:
         raise InputError(f"{name} takes {c_in} input channels but predicts {c_out}: its pipeline concatenates "
                          f"conditioning (image, mask or control latents) to the noisy latents, which the sampler of "
-                         f"analyze, search and bench does not make; optimise it inside its pipeline instead "
+                         f"analyze, search and bench does not make; optimize it inside its pipeline instead "
                          f"(graphpass.optimize_pipeline)")
 
 

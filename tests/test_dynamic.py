@@ -2,7 +2,7 @@
 
 VDT computes its sin-cos positions from each call's sizes, so its frames, height and width stay free in the
 capture (frames tied to ``cond_mask``'s second dimension); diffusers' Latte keeps a position table of fixed
-size, so its height and width are captured static and only the caption length is free. One optimised VDT
+size, so its height and width are captured static and only the caption length is free. One optimized VDT
 then serves other video sizes: over a full PAB loop at a size it was not captured at, its outputs equal the
 module-level reference PAB run at that size.
 """

@@ -23,7 +23,7 @@ class NoAttention(nn.Module):
 
 @pytest.fixture(scope="module")
 def cog():
-    """CogVideoX tiny (the fastest to capture), optimised with its preset, and one call's kwargs."""
+    """CogVideoX tiny (the fastest to capture), optimized with its preset, and one call's kwargs."""
     case = make_case("cogvideox")
     kw = case.kwargs()
     return graphpass.optimize(case.model, "cogvideox", example_kwargs=kw), kw

@@ -74,15 +74,15 @@ def normalise(code: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def optimised():
+def optimized():
     model, kw = _model_and_kwargs()
     opt = graphpass.optimize(model, PAB(spatial=2, cross=3, window=(100, 800)), example_kwargs=kw)
     assert {r.path: r.kind for r in opt.regions} == {"spatial_attn": "spatial", "cross_attn": "cross"}
     return model, kw, opt
 
 
-def test_reuse_all_phase_matches_golden(optimised):
-    _, _, opt = optimised
+def test_reuse_all_phase_matches_golden(optimized):
+    _, _, opt = optimized
     phase = Phase.of({"spatial_attn": Action.REUSE, "cross_attn": Action.REUSE})
     pg = opt.phase_graph(phase)
     code = normalise(pg.gm.code)
@@ -104,9 +104,9 @@ def test_reuse_all_phase_matches_golden(optimised):
     assert code == path.read_text(), f"phase graph code changed; see {path} (GRAPHPASS_UPDATE_GOLDEN=1 to accept)"
 
 
-def test_reuse_all_phase_is_numerically_the_model(optimised):
+def test_reuse_all_phase_is_numerically_the_model(optimized):
     """Fed the attention outputs eager computes at the same step, the reuse-all graph is the eager model."""
-    model, kw, opt = optimised
+    model, kw, opt = optimized
     pg = opt.phase_graph(Phase.of({"spatial_attn": Action.REUSE, "cross_attn": Action.REUSE}))
     seen = {}
     hooks = [getattr(model, n).register_forward_hook(lambda m, a, o, n=n: seen.__setitem__(n, o))
@@ -128,9 +128,9 @@ def test_reuse_all_phase_is_numerically_the_model(optimised):
     assert not torch.allclose(stale, expected, atol=1e-4)
 
 
-def test_planned_loop_matches_hand_written_pab(optimised):
-    """Over a DDIM-like loop, the planned optimised model equals the model with PAB done by hand."""
-    model, kw, opt = optimised
+def test_planned_loop_matches_hand_written_pab(optimized):
+    """Over a DDIM-like loop, the planned optimized model equals the model with PAB done by hand."""
+    model, kw, opt = optimized
     ts = [float(t) for t in range(981, 0, -20)]
     opt.reset()
     opt.plan(ts)

@@ -218,7 +218,7 @@ def test_parameters_are_shared_not_copied(name):
         assert tensors
         for n, p in tensors:
             assert n.startswith("model.") and p.data_ptr() == own[n[len("model."):]].data_ptr(), n
-    # a weight changed in place on the model changes the optimised model's output
+    # a weight changed in place on the model changes the optimized model's output
     kw = case.kwargs()
     before = first(opt(**kw)).clone()
     with torch.no_grad():

@@ -2,7 +2,7 @@
 
 * samplers whose timesteps rise: every call looks like a new generation, nothing is reused: warned once,
   and ``timestep_order="rising"`` serves them (checked against the falling run on mirrored timesteps);
-* a plan whose timesteps do not follow the optimised model's order is refused;
+* a plan whose timesteps do not follow the optimized model's order is refused;
 * per-token timesteps (a clean conditioning frame at 0 beside noisy tokens) step at the noisiest token;
 * a non-finite timestep is refused.
 """

@@ -93,7 +93,7 @@ def labels_for(model, seed: int) -> torch.Tensor:
 
 def sample_seeds(fn: Callable, model, seeds: Sequence[int], num_steps: int, guidance: float = 2.0,
                  after_each: Callable[[], None] | None = None) -> list[torch.Tensor]:
-    """One video per seed, sampled with ``fn`` (the model or an optimised model) by the DDIM sampler."""
+    """One video per seed, sampled with ``fn`` (the model or an optimized model) by the DDIM sampler."""
     from ..models.sampler import sample
 
     videos = []

@@ -33,7 +33,7 @@ import torch
 
 from ..errors import ArtefactError, InputError
 from ..passes.capture import CapturedGraph, capture
-from ..passes.specialise import specialise_phase
+from ..passes.specialize import specialize_phase
 from ..passes.tag import Region, tag_attention
 from ..runtime.executor import OptimizedModel
 from ..schedules.base import Phase, Schedule
@@ -293,7 +293,7 @@ class Workload:
     @cached_property
     def step_flops(self) -> int:
         """FLOPs of one step that computes every region (the baseline's step)."""
-        return specialise_phase(self.captured, self.regions, Phase()).flops
+        return specialize_phase(self.captured, self.regions, Phase()).flops
 
     def optimize(self, schedule: Schedule | str) -> OptimizedModel:
         """:func:`graphpass.optimize` of this workload's model (default options, planned for the sampler's
@@ -317,7 +317,7 @@ class Workload:
         total = 0
         for ph in plan.phases:
             if ph not in self._phase_flops:
-                self._phase_flops[ph] = specialise_phase(self.captured, self.regions, ph).flops
+                self._phase_flops[ph] = specialize_phase(self.captured, self.regions, ph).flops
             total += self._phase_flops[ph]
         return len(plan) * self.step_flops / total
 

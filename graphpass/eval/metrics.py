@@ -1,4 +1,4 @@
-"""Pixel fidelity of an optimised sampler's output against the baseline's.
+"""Pixel fidelity of an optimized sampler's output against the baseline's.
 
 Both metrics take videos (F, C, H, W) or batches (B, F, C, H, W) with values in
 [-1, 1] (data range 2), compute per frame, average over frames, and return one

@@ -1,6 +1,6 @@
 """Physics plausibility of generated ball videos.
 
-Why: PSNR/SSIM against the baseline only say an optimised sampler changed
+Why: PSNR/SSIM against the baseline only say an optimized sampler changed
 little; this check says whether a video still *moves like the physics world*
 the model was trained on (graphpass.models.physics).
 

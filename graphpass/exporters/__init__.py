@@ -52,7 +52,7 @@ def export(opt: "OptimizedModel", folder: str | Path, format: str = "onnx", *,
         >>> graphpass.export(opt, "out/vdt-onnx", overwrite=True)   # replaced once the new one is complete
 
     Args:
-        opt: the optimised model; its plan (``opt.plan(timesteps)``) fixes which phases exist.
+        opt: the optimized model; its plan (``opt.plan(timesteps)``) fixes which phases exist.
         folder: output folder (created, with its parents).
         timesteps: the sampler's timesteps, if ``opt.plan`` was not called.
         single_file: the single-graph layout above (ONNX only).

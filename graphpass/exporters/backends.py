@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 
 from ..errors import GraphpassError
-from ..passes.specialise import PhaseGraph
+from ..passes.specialize import PhaseGraph
 
 BACKENDS = ("eager", "inductor")
 

@@ -24,7 +24,7 @@ import torch.fx as fx
 
 from ..errors import GraphpassError
 from ..passes.capture import CapturedGraph
-from ..passes.specialise import eliminate_dead_code
+from ..passes.specialize import eliminate_dead_code
 from ..passes.tag import Region
 from ..schedules.base import Plan
 

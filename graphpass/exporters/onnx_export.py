@@ -1,6 +1,6 @@
-"""ONNX export of an optimised model: one file per distinct phase of its plan, weights stored once.
+"""ONNX export of an optimized model: one file per distinct phase of its plan, weights stored once.
 
-Each phase graph (:func:`~graphpass.passes.specialise.specialise_phase`) is exported with
+Each phase graph (:func:`~graphpass.passes.specialize.specialize_phase`) is exported with
 ``torch.onnx.export(dynamo=True)``; its inputs are the model's tensor arguments then the cached tensors it
 reads, its outputs the model's outputs then the cached tensors it stores, all named (see
 :func:`~graphpass.exporters.manifest.cache_tensor_name`). Every initializer of 1 KiB or more is then moved

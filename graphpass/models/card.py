@@ -102,7 +102,7 @@ Pixel-space video diffusion transformer (VDT-style: spatial attention, temporal 
 cross-attention to a label, MLP; adaLN-Zero timestep conditioning) trained from scratch on
 synthetic physics videos from `graphpass.models.physics` (1-3 coloured balls under gravity,
 bouncing off the walls and floor). It exists so the graphpass compiler has a real trained
-video DiT to optimise and check against, small enough to run on a CPU.
+video DiT to optimize and check against, small enough to run on a CPU.
 
 ## Architecture
 

@@ -572,7 +572,7 @@ def capture(model: torch.nn.Module, example_kwargs: dict[str, Any], *, dynamic: 
     ['image_rotary_emb.0', 'image_rotary_emb.1']
     """
     if not isinstance(model, torch.nn.Module):
-        raise CaptureError(f"graphpass optimises torch.nn.Module models, got {type(model).__name__}")
+        raise CaptureError(f"graphpass optimizes torch.nn.Module models, got {type(model).__name__}")
     if not example_kwargs:
         raise CaptureError("example_kwargs is empty: pass the keyword arguments of one real model call, e.g. "
                            "dict(hidden_states=x, timestep=t, encoder_hidden_states=c)")

@@ -10,11 +10,11 @@ The rule, from the graph and not from names: a collective is removable iff its r
 its only users are ``wait_tensor`` nodes that have no users. After removing collectives the pass runs DCE
 again (the tensors only a removed collective sent become dead) and repeats until nothing changes.
 
-Typical use, after :func:`~graphpass.passes.specialise.specialise_phase` has replaced a reused temporal
+Typical use, after :func:`~graphpass.passes.specialize.specialize_phase` has replaced a reused temporal
 attention by its cache input: the all-to-all that fed the attention (frames -> tokens) and the one after
 it (tokens -> frames) both lose their users, and both go::
 
-    >>> pg = specialise_phase(local, regions, phase, passes=(elide_collectives,))
+    >>> pg = specialize_phase(local, regions, phase, passes=(elide_collectives,))
     >>> [c.name for c in collective_nodes(pg.gm.graph)]      # the all-to-alls of computed regions only
 
 Every collective node the parallel passes create carries ``meta["graphpass_collective"]``, a
@@ -28,7 +28,7 @@ import torch
 import torch.fx as fx
 
 from ..errors import GraphpassError
-from .specialise import eliminate_dead_code
+from .specialize import eliminate_dead_code
 
 _C10D = torch.ops._c10d_functional
 #: Functional collectives (result must be waited on) and the wait op.

@@ -33,7 +33,7 @@ Finding the span (structure, not names):
 
 In-place writes count as data flow: Wan and CogVideoX write rotary embeddings into q/k buffers
 (``aten.copy_``); the span includes them, and a reuse graph drops the writes nobody reads any more
-(:func:`~graphpass.passes.specialise.eliminate_dead_code` reads writes by the memory they touch).
+(:func:`~graphpass.passes.specialize.eliminate_dead_code` reads writes by the memory they touch).
 
 The distance metric of AdaCache is measured on one *metric residual*: a block's residual (``out - in`` of
 its largest stream) or an attention/MLP region's residual (what the region adds to the hidden state, gate
@@ -61,8 +61,8 @@ from ..errors import GraphpassError, ScheduleError, TaggingError
 from ..schedules.base import Action, Phase
 from .capture import CapturedGraph, TensorSpec, module_path
 from .flops import graph_flops, node_flops
-from .specialise import (PhaseGraph, cache_input_name, copy_graph, eliminate_dead_code, in_place_writers, is_impure,
-                         specialise_phase)
+from .specialize import (PhaseGraph, cache_input_name, copy_graph, eliminate_dead_code, in_place_writers, is_impure,
+                         specialize_phase)
 from .tag import Region
 
 aten = torch.ops.aten
@@ -720,14 +720,14 @@ def _entry_value(graph: fx.Graph, by_name: dict[str, fx.Node], x: str | Concat,
     return inline(graph, join, [by_name[p] for p in x.parts], before=before)
 
 
-def specialise_residual_phase(captured: CapturedGraph, span: BlockSpan, phase: Phase, metric: MetricSite | None = None,
+def specialize_residual_phase(captured: CapturedGraph, span: BlockSpan, phase: Phase, metric: MetricSite | None = None,
                               strides: Sequence[int] = (), unit: str = "residual") -> PhaseGraph:
     """The graph of one residual-caching phase.
 
     ``phase.action(span.path)`` with ``unit="residual"``: REUSE -> the blocks are cut out and, for each
     hidden state the chain carries, ``h_out = h_in + cache[its residual]``; STORE -> the graph also returns
     each ``h_out - h_in``; COMPUTE -> the captured graph. With ``unit="outputs"`` the action applies to every attention/MLP region inside the blocks
-    (:func:`~graphpass.passes.specialise.specialise_phase`): a reuse step reads their cached outputs and still
+    (:func:`~graphpass.passes.specialize.specialize_phase`): a reuse step reads their cached outputs and still
     runs the blocks' gates and skip adds with the current step's conditioning.
     ``phase.metric`` (a :class:`~graphpass.schedules.adacache.ResidualPhase`; ``"none"`` for plain phases):
     ``"store"`` also returns the metric residual; ``"measure"`` reads the previous metric residual from the
@@ -750,7 +750,7 @@ def specialise_residual_phase(captured: CapturedGraph, span: BlockSpan, phase: P
     cache_inputs: list[str] = []
     stored: list[tuple[str, fx.Node]] = []  # (cache key, node) returned after the model's outputs
     if unit == "outputs":
-        inner = specialise_phase(captured, span.inner, Phase.of({r.path: action for r in span.inner}))
+        inner = specialize_phase(captured, span.inner, Phase.of({r.path: action for r in span.inner}))
         graph, by_name, outs = copy_graph(inner.gm)
         rename = span.inner_keys()
         n_user = inner.num_user_outputs

@@ -2,7 +2,7 @@
 
 It is an :class:`~graphpass.runtime.executor.OptimizedModel` whose only region is the chain of transformer
 blocks (:func:`~graphpass.passes.residuals.find_block_span`) and whose phase graphs come from
-:func:`~graphpass.passes.residuals.specialise_residual_phase`; calls, cache contexts, the cache store and
+:func:`~graphpass.passes.residuals.specialize_residual_phase`; calls, cache contexts, the cache store and
 plans are the core's. A :class:`~graphpass.FrozenAdaCache` runs exactly like PAB (its plan is static).
 For an :class:`~graphpass.AdaCache` each call's phase comes from an :class:`AdaptiveDecider` per cache
 context: a measuring compute step leaves its statistics (a ``(1 or 2, batch)`` tensor) in the cache, and the
@@ -21,8 +21,8 @@ import torch
 
 from ..errors import InputError, ScheduleError
 from ..passes.capture import CapturedGraph
-from ..passes.residuals import MetricSite, find_block_span, find_metric_site, specialise_residual_phase
-from ..passes.specialise import PhaseGraph
+from ..passes.residuals import MetricSite, find_block_span, find_metric_site, specialize_residual_phase
+from ..passes.specialize import PhaseGraph
 from ..passes.tag import Region, _pick_video_input
 from ..schedules.adacache import AdaCache, AdaptiveDecider, ResidualPhase, StepRecord
 from ..schedules.base import Action, Phase, Plan, Schedule
@@ -78,7 +78,7 @@ class ResidualModel(OptimizedModel):
     # --- core hooks ------------------------------------------------------------------------------
     def phase_graph(self, phase: Phase) -> PhaseGraph:
         if phase not in self._phase_graphs:
-            self._phase_graphs[phase] = specialise_residual_phase(self.captured, self.span, phase, self.metric,
+            self._phase_graphs[phase] = specialize_residual_phase(self.captured, self.span, phase, self.metric,
                                                                   self._strides, self.cache_unit)
         return self._phase_graphs[phase]
 
@@ -107,7 +107,7 @@ class ResidualModel(OptimizedModel):
         if self._strides and st.shapes != tuple(sp.shape for sp in self.captured.input_specs):
             # MoReg splits the residual into frames with the layout found at capture (sizes, not symbols)
             raise InputError(f"MoReg measures motion over the frames of the captured shapes "
-                             f"{[sp.shape for sp in self.captured.input_specs]}, not {list(st.shapes)}: optimise for "
+                             f"{[sp.shape for sp in self.captured.input_specs]}, not {list(st.shapes)}: optimize for "
                              f"this size, or use AdaCache(moreg=None), whose metric serves any size")
         i = st.counter
         if i == 0:

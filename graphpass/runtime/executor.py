@@ -11,7 +11,7 @@ import torch
 from ..errors import InputError, ScheduleError
 from ..passes.capture import CapturedGraph
 from ..passes.elide import elide_collectives
-from ..passes.specialise import PhaseGraph, specialise_phase
+from ..passes.specialize import PhaseGraph, specialize_phase
 from ..passes.tag import Region
 from ..schedules.base import Action, Phase, Plan, Schedule, progress_position
 from .cache import CacheStore
@@ -51,7 +51,7 @@ class GenerationState:
 
 
 class OptimizedModel(ModelFacade):
-    """Drop-in replacement for the optimised model: same keyword call, same outputs, and the model's face
+    """Drop-in replacement for the optimized model: same keyword call, same outputs, and the model's face
     for the code around it (``config``, ``dtype``, ``device``, ``save_pretrained``: see
     :mod:`graphpass.runtime.facade`).
 
@@ -140,7 +140,7 @@ class OptimizedModel(ModelFacade):
     def phase_graph(self, phase: Phase) -> PhaseGraph:
         if phase not in self._phase_graphs:
             # Collectives in the graph (sequence parallelism) that only reused regions needed go too.
-            self._phase_graphs[phase] = specialise_phase(self.captured, self.regions, phase,
+            self._phase_graphs[phase] = specialize_phase(self.captured, self.regions, phase,
                                                          passes=(elide_collectives,))
         return self._phase_graphs[phase]
 
@@ -181,7 +181,7 @@ class OptimizedModel(ModelFacade):
     # --- call ------------------------------------------------------------------------------------
     def forward(self, *args, **kwargs) -> Any:
         if args:
-            raise InputError(f"call the optimised model with keyword arguments only (got {len(args)} positional); "
+            raise InputError(f"call the optimized model with keyword arguments only (got {len(args)} positional); "
                              f"the capture's inputs are {self.captured.input_names}")
         t = self._timestep(kwargs)  # first: a missing timestep gets the message that explains why it is needed
         flat = self.captured.flatten_call(kwargs)
@@ -303,16 +303,16 @@ class OptimizedModel(ModelFacade):
 
     def to(self, *args, **kwargs):
         """Move or cast the model. The phase graphs were captured for the model's device and dtype, so a
-        change needs a new capture: raise, saying how (a model optimised without ``example_kwargs``
+        change needs a new capture: raise, saying how (a model optimized without ``example_kwargs``
         re-captures by itself on its next call)."""
         before = (self.device, self.dtype)
         self.model.to(*args, **kwargs)
         after = (self.device, self.dtype)
         if after != before:
             self.model.to(*before)
-            raise InputError(f"moving an optimised model from {before[0]}/{before[1]} to {after[0]}/{after[1]} "
+            raise InputError(f"moving an optimized model from {before[0]}/{before[1]} to {after[0]}/{after[1]} "
                              f"needs a new capture: call graphpass.optimize(model.to(...), schedule) again, or "
-                             f"optimise without example_kwargs (it re-captures on the next call after .to())")
+                             f"optimize without example_kwargs (it re-captures on the next call after .to())")
         return self
 
     def __repr__(self) -> str:

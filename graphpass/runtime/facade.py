@@ -1,11 +1,11 @@
-"""What an optimised model shows the code around it: the wrapped model's face.
+"""What an optimized model shows the code around it: the wrapped model's face.
 
 Samplers and diffusers pipelines read more than ``forward`` from their transformer: ``config``, ``dtype``,
 ``device``, ``cache_context(name, **kwargs)``, and ``save_pretrained`` through the pipeline's own
 ``save_pretrained``, which picks a component's save method from its class. :class:`ModelFacade` gives an
-optimised model that face:
+optimized model that face:
 
-* attributes the optimised module does not define are read from the wrapped model (``opt.config.patch_size``,
+* attributes the optimized module does not define are read from the wrapped model (``opt.config.patch_size``,
   ``opt.dtype``...), so a pipeline reads what it would read from the model itself;
 * ``__class__`` is the wrapped model's class, as transparent proxies do (``type(opt)`` stays the
   graphpass class): a pipeline that does ``pipe.transformer = opt`` records the original class in its
@@ -25,7 +25,7 @@ import torch
 
 
 class ModelFacade(torch.nn.Module):
-    """Base of optimised modules: delegates what is not its own to ``self.model`` (see the module
+    """Base of optimized modules: delegates what is not its own to ``self.model`` (see the module
     docstring). Subclasses hold the wrapped model as the submodule ``model``."""
 
     model: torch.nn.Module
@@ -69,14 +69,14 @@ class ModelFacade(torch.nn.Module):
 
     def save_pretrained(self, *args, **kwargs):
         """Save the wrapped model (its weights and config) as its own ``save_pretrained`` does; the schedule
-        is not saved: optimise the reloaded model again."""
+        is not saved: optimize the reloaded model again."""
         return self.model.save_pretrained(*args, **kwargs)
 
     def state_dict(self, *args, **kwargs):
-        """The wrapped model's state dict (the weights): an optimised module holds no other state to save."""
+        """The wrapped model's state dict (the weights): an optimized module holds no other state to save."""
         return self.model.state_dict(*args, **kwargs)
 
     def __reduce_ex__(self, protocol):
-        raise TypeError(f"an optimised {type(self.model).__name__} cannot be pickled or deep-copied (its graphs and "
+        raise TypeError(f"an optimized {type(self.model).__name__} cannot be pickled or deep-copied (its graphs and "
                         f"caches are tied to this process); save the model with save_pretrained/state_dict and "
-                        f"optimise it again where it is loaded")
+                        f"optimize it again where it is loaded")

@@ -1,10 +1,10 @@
-"""LazyOptimizedModel: optimise on the first real call, as torch.compile does.
+"""LazyOptimizedModel: optimize on the first real call, as torch.compile does.
 
 ``graphpass.optimize(model, schedule)`` without ``example_kwargs`` returns one. Its first call is the
-example: it is captured, tagged and specialised, then run through the optimised graphs like every later call.
+example: it is captured, tagged and specialized, then run through the optimized graphs like every later call.
 Until then it is the model's face (``config``, ``dtype``, ``device``...), so a pipeline can hold it from
 construction on. ``cache_context`` and ``plan`` called before the first call are kept and applied to the
-optimised model once it exists. ``.to(device or dtype)`` moves the model and drops the optimised graphs;
+optimized model once it exists. ``.to(device or dtype)`` moves the model and drops the optimized graphs;
 the next call captures again at the new device and dtype.
 
     >>> pipe.transformer = graphpass.optimize(pipe.transformer, "pab246")
@@ -22,14 +22,14 @@ from ..errors import InputError
 from .executor import OptimizedModel
 from .facade import ModelFacade
 
-#: Builds the optimised model from one real call's keyword arguments.
+#: Builds the optimized model from one real call's keyword arguments.
 Builder = Callable[[dict[str, Any]], OptimizedModel]
 
 
 class LazyOptimizedModel(ModelFacade):
     """The model until its first call, then the :class:`~graphpass.OptimizedModel` built from that call.
 
-    ``optimized``: the optimised model (None before the first call); every attribute graphpass adds
+    ``optimized``: the optimized model (None before the first call); every attribute graphpass adds
     (``inspect``, ``state``, ``regions``, ``phase_calls``...) is read from it once it exists.
     """
 
@@ -45,7 +45,7 @@ class LazyOptimizedModel(ModelFacade):
         opt = self.optimized
         if opt is None:
             if args:
-                raise InputError(f"call the optimised model with keyword arguments only (got {len(args)} "
+                raise InputError(f"call the optimized model with keyword arguments only (got {len(args)} "
                                  f"positional); graphpass captures the first call's keyword arguments")
             opt = self.__dict__["optimized"] = self._build(kwargs)
             if self._pending_plan is not None:
@@ -81,7 +81,7 @@ class LazyOptimizedModel(ModelFacade):
         return self._require().inspect(*args, **kwargs)
 
     def to(self, *args, **kwargs):
-        """Move or cast the model; the optimised graphs (made for the old device and dtype) are dropped and
+        """Move or cast the model; the optimized graphs (made for the old device and dtype) are dropped and
         the next call captures again."""
         before = (self.device, self.dtype)
         self.model.to(*args, **kwargs)
@@ -91,14 +91,14 @@ class LazyOptimizedModel(ModelFacade):
 
     def _require(self) -> OptimizedModel:
         if self.optimized is None:
-            raise InputError("the model is optimised on its first call and has not been called yet: call it once "
+            raise InputError("the model is optimized on its first call and has not been called yet: call it once "
                              "(or pass example_kwargs= to graphpass.optimize to capture up front)")
         return self.optimized
 
     def __getattr__(self, name: str) -> Any:
         opt = self.__dict__.get("optimized")
         if opt is not None and not name.startswith("__"):
-            return getattr(opt, name)  # graphpass's attributes first; the optimised model falls back to the model's
+            return getattr(opt, name)  # graphpass's attributes first; the optimized model falls back to the model's
         if name in _OPTIMIZED_ATTRS:
             self._require()
         return super().__getattr__(name)
@@ -108,7 +108,7 @@ class LazyOptimizedModel(ModelFacade):
         return f"LazyOptimizedModel({type(self.model).__name__}, {inner})"
 
 
-#: What an optimised model adds to the model's face: asked before the first call, a clear error.
+#: What an optimized model adds to the model's face: asked before the first call, a clear error.
 _OPTIMIZED_ATTRS = frozenset({"captured", "regions", "schedule", "backend", "state", "current_plan", "phase_graph",
                               "phase_calls", "cache_nbytes", "timestep_arg", "timestep_order", "decisions", "records",
                               "span", "metric"})

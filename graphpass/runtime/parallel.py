@@ -9,7 +9,7 @@ Every rank runs the same script::
                              parallel=graphpass.SequenceParallel())
     out = opt(**kw)        # whole inputs in, whole outputs out, on every rank
 
-Each rank captures the whole model, then :func:`~graphpass.passes.parallelise.parallelise` rewrites the
+Each rank captures the whole model, then :func:`~graphpass.passes.parallelize.parallelize` rewrites the
 graph into that rank's graph: its share of the frames, with an all-to-all before and after every temporal
 attention (DSP). Each phase graph then goes through
 :func:`~graphpass.passes.elide.elide_collectives`: a temporal attention the phase reuses needs neither of
@@ -41,7 +41,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from ..errors import GraphpassError, InputError
 from ..passes.capture import CapturedGraph
 from ..passes.elide import COLLECTIVE_OPS, collective_info, collective_nodes
-from ..passes.parallelise import ParallelError, ShardedGraph, parallelise
+from ..passes.parallelize import ParallelError, ShardedGraph, parallelize
 from ..passes.tag import Region
 from ..schedules.base import Phase, Plan, Schedule
 from .executor import OptimizedModel
@@ -163,7 +163,7 @@ class ParallelRuntime:
         prints = [f for _, f in got]
         if any(f != prints[0] for f in prints):
             diff = ", ".join(f"rank {r}: {f}" for r, f in enumerate(prints))
-            raise ParallelError(f"ranks optimised different things ({diff}); every rank must call graphpass.optimize "
+            raise ParallelError(f"ranks optimized different things ({diff}); every rank must call graphpass.optimize "
                                 f"with the same model, schedule, example input shapes and SequenceParallel options")
 
     def agree_call(self, error: BaseException | None, t: float, counter: int,
@@ -186,7 +186,7 @@ class ParallelRuntime:
                                 f"of {self.world_size}, so no rank ran it ({lines})") from error
         if t_hi != -t_lo or c_hi != -c_lo:
             raise ParallelError(f"ranks are out of step: timesteps {-t_lo:g}..{t_hi:g}, calls {-c_lo:g}..{c_hi:g} of "
-                                f"the generation; call the optimised model on every rank with the same timestep, "
+                                f"the generation; call the optimized model on every rank with the same timestep, "
                                 f"the same number of times")
         n = len(sums)
         differ = [name for name, hi, lo in zip(checksums or {}, rest[:n], rest[n:]) if hi != -lo]
@@ -301,7 +301,7 @@ class ParallelModel(OptimizedModel):
         err, t, counter, sums = None, 0.0, 0, {}
         try:
             if args:
-                raise InputError(f"call the optimised model with keyword arguments only (got {len(args)} "
+                raise InputError(f"call the optimized model with keyword arguments only (got {len(args)} "
                                  f"positional); the capture's inputs are {self.captured.input_names}")
             flat = self.captured.flatten_call(kwargs)
             t, counter = self._step_of(kwargs)
@@ -370,7 +370,7 @@ def build(model: torch.nn.Module, captured: CapturedGraph, regions: list[Region]
     config = rt.config
     err, sharded = None, None
     try:
-        sharded = parallelise(captured, regions, rank=rt.rank, world_size=rt.world_size, group_name=rt.group_name,
+        sharded = parallelize(captured, regions, rank=rt.rank, world_size=rt.world_size, group_name=rt.group_name,
                               video_input=video_input, frame_dim=config.frame_dim, keep_sharded=config.keep_sharded)
     except GraphpassError as e:
         err = e

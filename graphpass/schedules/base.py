@@ -126,7 +126,7 @@ class Schedule(ABC):
 
     @abstractmethod
     def kinds(self) -> set[str]:
-        """Kinds this schedule may reuse; optimising a model that lacks one of them is an error."""
+        """Kinds this schedule may reuse; optimizing a model that lacks one of them is an error."""
 
     @abstractmethod
     def reuses(self, region: RegionRef, t: float, counter: int) -> bool:

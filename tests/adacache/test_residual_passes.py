@@ -10,7 +10,7 @@ import torch
 from adacache_helpers import captured
 from graphpass import ScheduleError, TaggingError
 from graphpass.passes.residuals import (find_block_span, find_metric_site, region_residual,
-                                        residual_stats, specialise_residual_phase)
+                                        residual_stats, specialize_residual_phase)
 from graphpass.schedules.adacache import ResidualPhase
 from graphpass.schedules.base import Action, Phase
 
@@ -82,19 +82,19 @@ def test_phase_graphs(captured_case):
     site = find_metric_site(cap, span, regions, None, video_batch=2, frames=3 if case.name == "latte" else 4)
     flat = cap.flatten_call(case.kwargs())
     want = cap.gm(*flat)
-    store = specialise_residual_phase(cap, span, ResidualPhase(Phase.of({span.path: Action.STORE}).actions, "store"),
+    store = specialize_residual_phase(cap, span, ResidualPhase(Phase.of({span.path: Action.STORE}).actions, "store"),
                                       site)
     outs = store.gm(*flat)
     assert store.cache_outputs == [span.residual_key, site.residual_key]
     torch.testing.assert_close(outs[0], want[0], rtol=0, atol=0)
-    reuse = specialise_residual_phase(cap, span, Phase.of({span.path: Action.REUSE}))
+    reuse = specialize_residual_phase(cap, span, Phase.of({span.path: Action.REUSE}))
     assert reuse.cache_inputs == [span.residual_key] and reuse.attention_ops() == 0
     # the same inputs and their own residual give the same output with the blocks skipped
     torch.testing.assert_close(reuse.gm(*flat, outs[1])[0], want[0], rtol=1e-6, atol=1e-6)
     # what a reuse step still runs: everything outside the blocks plus one add
-    full = specialise_residual_phase(cap, span, Phase())
+    full = specialize_residual_phase(cap, span, Phase())
     assert reuse.flops <= full.flops - span.flops + math.prod(span.spec.shape)
-    measure = specialise_residual_phase(
+    measure = specialize_residual_phase(
         cap, span, ResidualPhase(Phase.of({span.path: Action.STORE}).actions, "measure"), site, strides=(1,))
     assert measure.cache_inputs == [site.residual_key]
     m = measure.gm(*flat, outs[2] * 2)  # cached residual twice the current one: distance 1/2

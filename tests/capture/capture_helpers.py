@@ -79,7 +79,7 @@ def check_never_reusing(case: Case, schedule: PAB, steps=STEPS_20[:6], **optimiz
 
 def check_pab_reference(case: Case, modules: dict[str, str], schedule: PAB, kw=None, **optimize_kw):
     """graphpass's PAB over :data:`STEPS_20` against the reference wrapping ``modules``; returns the
-    optimised model."""
+    optimized model."""
     kw = kw or case.kwargs()
     ranges = {k: schedule.range_of(k) for k in ("spatial", "temporal", "cross", "joint", "mlp")}
     ref = ReferencePAB(case.build(), modules, ranges, window=schedule.window)

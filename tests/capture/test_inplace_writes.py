@@ -15,7 +15,7 @@ from torch import nn
 import graphpass
 from graphpass import PAB
 from graphpass.passes.capture import capture
-from graphpass.passes.specialise import eliminate_dead_code
+from graphpass.passes.specialize import eliminate_dead_code
 from capture_helpers import WAN_MODULES, check_never_reusing, check_pab_reference, wan
 
 aten = torch.ops.aten

@@ -1,4 +1,4 @@
-"""Demo plumbing, including the optimised-column hook, on the tiny random model."""
+"""Demo plumbing, including the optimized-column hook, on the tiny random model."""
 
 import math
 

@@ -10,8 +10,8 @@ from conftest import make_case
 from graphpass.errors import GraphpassError
 from graphpass.passes.capture import capture
 from graphpass.passes.elide import WAIT_OP, collective_info, collective_nodes, elide_collectives
-from graphpass.passes.parallelise import ParallelError, parallelise
-from graphpass.passes.specialise import eliminate_dead_code, specialise_phase
+from graphpass.passes.parallelize import ParallelError, parallelize
+from graphpass.passes.specialize import eliminate_dead_code, specialize_phase
 from graphpass.passes.tag import tag_attention
 from graphpass.schedules.base import Action, Phase
 
@@ -34,7 +34,7 @@ def test_each_ranks_graph_has_its_frames_and_an_all_to_all_pair_per_temporal_reg
     temporal = [r.path for r in regions if r.kind == "temporal"]
     structures = []
     for rank in range(2):
-        sg = parallelise(cap, regions, rank=rank, world_size=2, group_name="0")
+        sg = parallelize(cap, regions, rank=rank, world_size=2, group_name="0")
         assert sg.frames.sizes == frames
         nodes = list(sg.captured.gm.graph.nodes)
         names = {n.name for n in nodes}
@@ -65,20 +65,20 @@ def test_each_ranks_graph_has_its_frames_and_an_all_to_all_pair_per_temporal_reg
 
 def test_a_reused_temporal_region_loses_both_of_its_all_to_alls(captures):
     cap, regions = captures["vdt"]
-    sg = parallelise(cap, regions, rank=1, world_size=2, group_name="0")
+    sg = parallelize(cap, regions, rank=1, world_size=2, group_name="0")
     every = {c.name: collective_info(c) for c in collective_nodes(sg.captured.gm.graph)}
     reuse = Phase.of({"blocks.0.temporal_attn": Action.REUSE, "blocks.1.cross_attn": Action.REUSE})
-    pg = specialise_phase(sg.captured, sg.regions, reuse, passes=(elide_collectives,))
+    pg = specialize_phase(sg.captured, sg.regions, reuse, passes=(elide_collectives,))
     kept = {c.name for c in collective_nodes(pg.gm.graph)}
     removed = {n: i for n, i in every.items() if n not in kept}
     assert sorted((i.region, i.role) for i in removed.values()) == [("blocks.0.temporal_attn", "enter"),
                                                                     ("blocks.0.temporal_attn", "exit")]
     # computing everything keeps every collective
-    full = specialise_phase(sg.captured, sg.regions, Phase(()), passes=(elide_collectives,))
+    full = specialize_phase(sg.captured, sg.regions, Phase(()), passes=(elide_collectives,))
     assert {c.name for c in collective_nodes(full.gm.graph)} == set(every)
     # dead-code elimination alone keeps collectives (wait_tensor is impure), so the region stays alive
     with pytest.raises(GraphpassError, match="still has live nodes"):
-        specialise_phase(sg.captured, sg.regions, reuse)
+        specialize_phase(sg.captured, sg.regions, reuse)
 
 
 def test_elide_removes_only_collectives_nobody_reads():
@@ -113,13 +113,13 @@ def test_joint_attention_model_is_refused():
     case = make_case("cogvideox")
     cap = capture(case.model, case.kwargs())
     with pytest.raises(ParallelError, match="no temporal attention region.*Ulysses"):
-        parallelise(cap, tag_attention(cap), rank=0, world_size=2, group_name="0")
+        parallelize(cap, tag_attention(cap), rank=0, world_size=2, group_name="0")
 
 
 def test_more_ranks_than_frames_is_refused(captures):
     cap, regions = captures["vdt"]
     with pytest.raises(ParallelError, match="4 frames cannot be split over 8 ranks"):
-        parallelise(cap, regions, rank=0, world_size=8, group_name="0")
+        parallelize(cap, regions, rank=0, world_size=8, group_name="0")
 
 
 def test_attention_over_frames_outside_a_temporal_region_is_refused(captures):
@@ -128,4 +128,4 @@ def test_attention_over_frames_outside_a_temporal_region_is_refused(captures):
     cap, _ = captures["vdt"]
     regions = tag_attention(cap, kinds={"blocks.1.temporal_attn": "spatial"})
     with pytest.raises(ParallelError, match=r"scaled_dot_product_attention.*blocks\.1\.temporal_attn.*mixes"):
-        parallelise(cap, regions, rank=0, world_size=2, group_name="0")
+        parallelize(cap, regions, rank=0, world_size=2, group_name="0")

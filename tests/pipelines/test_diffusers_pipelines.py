@@ -164,8 +164,8 @@ def test_pab_equals_diffusers_hook(name):
     assert reused > 0  # the window covered some steps: the comparison is not vacuous
 
 
-def test_two_expert_pipeline_optimises_and_plans_both():
-    """Wan 2.2: optimize_pipeline optimises transformer and transformer_2 and plans each over the steps the
+def test_two_expert_pipeline_optimizes_and_plans_both():
+    """Wan 2.2: optimize_pipeline optimizes transformer and transformer_2 and plans each over the steps the
     pipeline gives it (split at the boundary); equal to the hook on both experts."""
     ranges, window = PAB_CASES["wan"], (100, 900)
     case = PIPES["wan-2experts"]()
@@ -286,7 +286,7 @@ def test_save_pretrained_saves_the_original_transformer(tmp_path):
 
 
 def test_pipe_to_bfloat16_recaptures():
-    """pipe.to(torch.bfloat16) after optimising: the next generation captures again in bf16 and equals the
+    """pipe.to(torch.bfloat16) after optimizing: the next generation captures again in bf16 and equals the
     plain pipeline in bf16 (nothing reused)."""
     plain = PIPES["cogvideox"]()
     plain.pipe.to(torch.bfloat16)

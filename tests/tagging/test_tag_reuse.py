@@ -14,7 +14,7 @@ from conftest import run_loop
 from graphpass import PAB, ScheduleError
 from graphpass.passes.capture import capture, module_path
 from graphpass.passes.flops import node_flops
-from graphpass.passes.specialise import specialise_phase
+from graphpass.passes.specialize import specialize_phase
 from graphpass.passes.tag import tag_attention
 from graphpass.schedules.base import Action, Phase
 from handwritten_models import HAND_KINDS, build_hand, hand_kwargs
@@ -31,7 +31,7 @@ def _max_diff(a, b) -> float:
 
 def _against_reference(build, kwargs, modules: dict[str, str], schedule: PAB):
     """Outputs of graphpass and of the reference PAB (same seeded weights) over STEPS, eager outputs, the
-    reference, and the optimised model."""
+    reference, and the optimized model."""
     kw = kwargs()
     ref = ReferencePAB(build(), modules, {k: schedule.range_of(k) for k in set(modules.values())},
                        window=schedule.window)
@@ -103,7 +103,7 @@ def test_reused_linear_and_bmm_attention_vanish_from_the_phase_graph(hand_captur
     _, cap = hand_capture
     regions = tag_attention(cap)
     reused = ["blocks.0.linear_attn", "blocks.0.temporal_attn", "blocks.1.spatial_attn"]
-    pg = specialise_phase(cap, regions, Phase.of({p: Action.REUSE for p in reused}))
+    pg = specialize_phase(cap, regions, Phase.of({p: Action.REUSE for p in reused}))
     full = Counter(n.target for n in cap.gm.graph.nodes if n.op == "call_function")
     left = Counter(n.target for n in pg.gm.graph.nodes if n.op == "call_function")
     for p in reused:
@@ -165,7 +165,7 @@ def test_sana_linear_attention_region_vanishes_with_its_rotary_writes():
     cap = capture(model, kwargs())
     regions = tag_attention(cap)
     path = "transformer_blocks.0.attn1"
-    pg = specialise_phase(cap, regions, Phase.of({path: Action.REUSE}))
+    pg = specialize_phase(cap, regions, Phase.of({path: Action.REUSE}))
     full = Counter(n.target for n in cap.gm.graph.nodes if n.op == "call_function")
     left = Counter(n.target for n in pg.gm.graph.nodes if n.op == "call_function")
     write = aten.slice_scatter.default

@@ -87,7 +87,7 @@ def top_blocks(model: torch.nn.Module, case: ZooCase) -> list[str]:
 
 def run_pab(name: str, steps=STEPS):
     """graphpass PAB (every kind of the case, window (0, 1000), planned) and the module-level reference on the
-    same loop: (optimised model, its outputs, the reference, the reference's outputs)."""
+    same loop: (optimized model, its outputs, the reference, the reference's outputs)."""
     from graphpass import PAB
     from graphpass.runtime.executor import OptimizedModel
     from reference_pab import ReferencePAB

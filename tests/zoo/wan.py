@@ -405,7 +405,7 @@ def _chronoedit() -> ZooCase:
         "ChronoEditRotaryPosEmbed branches on the frame count: `if num_frames == 2` (transformer_chronoedit.py"
         ":413/420) takes temporal RoPE positions [0, temporal_skip_len-1] (fancy indexing `[[0, -1]]`) instead "
         "of [0, 1]; the pipeline's default (no temporal reasoning) is exactly 2 latent frames, so a capture at "
-        "2 frames is specialised to that branch.")
+        "2 frames is specialized to that branch.")
     return ZooCase("chronoedit", "ChronoEditTransformer3DModel",
                    lambda: _seeded(ChronoEditTransformer3DModel, **config), kwargs,
                    _wan_block_kinds("blocks", 2, "WanTransformerBlock", i2v=True), notes=notes)

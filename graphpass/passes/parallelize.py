@@ -28,7 +28,7 @@ an op that would mix the sharded axis (attention over frames outside a temporal 
 splits frames) is an error naming the node. The result is checked by propagating fake tensors through the
 local graph and comparing every node's shape with the shape the pass predicted.
 
->>> sg = parallelise(captured, regions, rank=0, world_size=2, group_name="0")
+>>> sg = parallelize(captured, regions, rank=0, world_size=2, group_name="0")
 >>> sg.frames.sizes, len(sg.collectives)          # VDT-tiny: 4 frames, 2 temporal regions + 1 output
 ((2, 2), 5)
 """
@@ -611,7 +611,7 @@ class _Builder:
         try:
             maps = _index_maps(n)
         except KeyError:
-            raise _Mixed("graphpass has no sharding rule for this op (add one to graphpass.passes.parallelise)") \
+            raise _Mixed("graphpass has no sharding rule for this op (add one to graphpass.passes.parallelize)") \
                 from None
         out_shape = _shape(n)
         shard, split, frames = None, None, None
@@ -677,7 +677,7 @@ def _find_frame_dim(captured: CapturedGraph, video: str, regions: list[Region]) 
     return [d for d in range(1, len(vshape)) if vshape[d] in lengths]
 
 
-def parallelise(captured: CapturedGraph, regions: list[Region], *, rank: int, world_size: int, group_name: str,
+def parallelize(captured: CapturedGraph, regions: list[Region], *, rank: int, world_size: int, group_name: str,
                 video_input: str | None = None, frame_dim: int | None = None,
                 keep_sharded: bool = False) -> ShardedGraph:
     """The graph rank ``rank`` of ``world_size`` runs (see the module docstring).

@@ -9,7 +9,7 @@ For a :class:`~graphpass.schedules.Phase`:
 
 Worked example (a model whose only reused region is ``blocks.0.temporal_attn``)::
 
-    >>> pg = specialise_phase(captured, regions, Phase.of({"blocks.0.temporal_attn": Action.REUSE}))
+    >>> pg = specialize_phase(captured, regions, Phase.of({"blocks.0.temporal_attn": Action.REUSE}))
     >>> pg.cache_inputs, pg.cache_outputs
     (['blocks.0.temporal_attn:0'], [])
 """
@@ -216,7 +216,7 @@ def cache_input_name(key: str) -> str:
     return "cache_" + re.sub(r"\W", "_", key)
 
 
-def specialise_phase(captured: CapturedGraph, regions: list[Region], phase: Phase, *,
+def specialize_phase(captured: CapturedGraph, regions: list[Region], phase: Phase, *,
                      passes: Sequence[Callable[[fx.Graph], object]] = ()) -> PhaseGraph:
     """``passes`` run on the rewritten graph after dead-code elimination and before the checks, for removals
     plain DCE cannot prove safe (e.g. :func:`~graphpass.passes.elide.elide_collectives`)."""
