@@ -84,7 +84,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     import graphpass
-    from graphpass.commands.calibrate import calibrate, labels_for
+    from graphpass.eval.calibrate import calibrate, labels_for
     from graphpass.eval.metrics import psnr, ssim
     from graphpass.models.sampler import ddim_timesteps, sample
     from graphpass.passes.flops import graph_flops

@@ -23,3 +23,11 @@ class InputError(GraphpassError, ValueError):
 
 class ArtefactError(GraphpassError):
     """A saved artefact (weights, exported folder, manifest) is missing, corrupt or from another version."""
+
+
+class SearchError(ScheduleError):
+    """No schedule in the search space meets the target on the seeds measured."""
+
+
+class WeightsError(ArtefactError, ValueError):
+    """A shipped weights file is missing, unreadable, or does not match its config."""

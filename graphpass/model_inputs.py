@@ -609,7 +609,7 @@ def kandinsky5_inputs(model, batch: int = 2, frames: int | None = None, height: 
                       ) -> dict[str, Any]:
     """Kandinsky 5 text-to-video: channels-last latents ``(B, F, H, W, C)`` (with zero visual conditioning and
     mask appended when ``visual_cond``), Qwen text and CLIP pooled embedding, float32 flow timestep, the rope
-    positions as the pipeline builds them (a list of frame/row/column ``arange``\ s over the patch grid and one
+    positions as the pipeline builds them (a list of frame/row/column ``arange`` tables over the patch grid and one
     over the text), the resolution's ``scale_factor`` ((1, 2, 2) for 480p-sized videos, else (1, 3.16, 3.16))
     and no sparse attention (``attention_type`` "regular"; "nabla" is not built)."""
     cfg = model.config

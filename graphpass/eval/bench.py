@@ -40,6 +40,7 @@ from typing import Any, Sequence
 import torch
 
 from ..errors import InputError
+from ..schedules.adacache import AdaCache, MoReg
 from ..schedules.pab import PAB
 from .harness import Baseline, ComputeAll, Measurement, Workload, save_figure
 
@@ -61,10 +62,6 @@ def model_preset(workload: Workload) -> str:
 
 
 def _adacache_variants(num_steps: int) -> dict[str, Any]:
-    try:
-        from ..schedules.adacache import AdaCache, MoReg
-    except ImportError:
-        return {}
     return {"adacache-slow": AdaCache.preset("slow"), "adacache-fast": AdaCache.preset("fast"),
             "adacache-fast-moreg": AdaCache.preset("fast", moreg=MoReg.for_steps(num_steps))}
 

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..errors import InputError, ScheduleError
+from ..errors import InputError, SearchError
 from ..schedules.pab import PAB
 from .analyze import ChangeAnalysis, analyze
 from .harness import Baseline, Measurement, Workload
@@ -45,10 +45,6 @@ from .harness import Baseline, Measurement, Workload
 #: Kinds a PAB search may reuse; the first three form the pyramid (ranges non-decreasing in this order).
 PYRAMID = ("spatial", "temporal", "cross")
 SEARCH_KINDS = PYRAMID + ("joint",)
-
-
-class SearchError(ScheduleError):
-    """No schedule in the search space meets the target on the seeds measured."""
 
 
 @dataclass

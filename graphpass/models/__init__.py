@@ -14,16 +14,13 @@ from pathlib import Path
 
 import torch
 
+from ..errors import WeightsError
 from .vdt import CONFIGS, VDT, VDTConfig
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
 __all__ = ["VDT", "VDTConfig", "CONFIGS", "WeightsError", "load", "create", "weights_path", "read_metadata",
            "save_weights_file", "check_weights_file", "weights_digest"]
-
-
-class WeightsError(ValueError):
-    """A shipped weights file is missing, unreadable, or does not match its config."""
 
 
 def create(name: str = "vdt-tiny", seed: int | None = 0) -> VDT:

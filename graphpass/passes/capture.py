@@ -189,7 +189,6 @@ class CapturedGraph:
     constants: dict[str, Any]
     out_spec: pytree.TreeSpec
     model_type: str
-    extra: dict[str, Any] = field(default_factory=dict)
     #: input name -> {dim: size symbol}: dimensions the graph serves at other sizes than captured (dims with
     #: one symbol must be equal in a call).
     dynamic_dims: dict[str, dict[int, str]] = field(default_factory=dict)

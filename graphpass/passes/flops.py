@@ -13,16 +13,8 @@ import math
 import torch
 import torch.fx as fx
 
-aten = torch.ops.aten
+from .ops import ATTENTION, ZERO_FLOP, aten
 
-_FREE = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.permute.default,
-         aten.transpose.int, aten.t.default, aten.unsqueeze.default, aten.squeeze.dim, aten.expand.default,
-         aten.flatten.using_ints, aten.slice.Tensor, aten.select.int, aten.chunk.default, aten.split.Tensor,
-         aten.unbind.int, aten.contiguous.default, aten.clone.default, aten.detach.default, aten.alias.default,
-         aten._assert_tensor_metadata.default, aten.to.dtype, aten.dropout.default, aten.unflatten.int,
-         aten.split_with_sizes.default, aten.cat.default, aten.stack.default, aten.repeat.default,
-         aten.repeat_interleave.self_int, aten.arange.start, aten.arange.default, aten.lift_fresh_copy.default,
-         aten.embedding.default, aten.zeros.default, aten.ones.default, aten.full.default}
 
 
 def _shape(x) -> tuple[int, ...] | None:
@@ -36,7 +28,7 @@ def node_flops(node: fx.Node) -> int:
     if node.op != "call_function":
         return 0
     t = node.target
-    if t in _FREE:
+    if t in ZERO_FLOP:
         return 0
     if t == aten.linear.default:
         x, w = _shape(node.args[0]), _shape(node.args[1])
@@ -49,7 +41,7 @@ def node_flops(node: fx.Node) -> int:
         out = _shape(node)
         a = _shape(node.args[1] if t == aten.baddbmm.default else node.args[0])
         return 2 * math.prod(out) * a[-1]
-    if t in (aten.scaled_dot_product_attention.default, aten._scaled_dot_product_flash_attention_for_cpu.default):
+    if t in ATTENTION:
         q, k = _shape(node.args[0]), _shape(node.args[1])
         return 4 * math.prod(q[:-1]) * k[-2] * q[-1]
     if t in (aten.conv2d.default, aten.conv3d.default, aten.conv1d.default, aten.convolution.default):

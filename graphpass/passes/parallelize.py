@@ -46,6 +46,7 @@ from ..errors import GraphpassError
 from .capture import CapturedGraph, TensorSpec, module_path
 from .elide import META_KEY, WAIT_OP, CollectiveInfo, collective_nodes
 from .flops import node_flops
+from .ops import CASTS, COPIES, RESHAPES, SPLITS
 from .tag import Region, _pick_video_input
 
 aten = torch.ops.aten
@@ -171,12 +172,10 @@ def _reshape_axis(axis: Axis, in_shape, out_shape) -> Axis:
 # mixes values along it (reduction, contraction, normalisation): {in_dim: (out_dim or None, mixed)}.
 IndexMap = dict[int, tuple[int | None, bool]]
 
-_RESHAPES = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.flatten.using_ints,
-             aten.unflatten.int}
-_IDENTITY = {aten.to.dtype, aten._to_copy.default, aten.clone.default, aten.dropout.default, aten.alias.default,
-             aten.detach.default, aten.contiguous.default, aten.lift_fresh_copy.default, aten.type_as.default}
+_RESHAPES = RESHAPES
+_IDENTITY = CASTS | COPIES
 _NO_OUTPUT = {aten._assert_tensor_metadata.default}
-_TUPLE_SPLITS = {aten.chunk.default, aten.split.Tensor, aten.split_with_sizes.default, aten.unbind.int}
+_TUPLE_SPLITS = SPLITS
 
 
 def _bcast(rank_in: int, rank_out: int) -> IndexMap:
@@ -750,7 +749,7 @@ def _finish(captured: CapturedGraph, regions: list[Region], b: _Builder, graph: 
                                      flops=sum(node_flops(by_name[n]) for n in r.nodes)))
     local = CapturedGraph(gm=gm, input_names=list(captured.input_names), input_specs=specs,
                           constants=dict(captured.constants), out_spec=captured.out_spec,
-                          model_type=captured.model_type, extra=dict(captured.extra))
+                          model_type=captured.model_type)
     return ShardedGraph(captured=local, regions=local_regions, frames=b.frames, video_input=b.video,
                         frame_dim=b.frame_dim, rank=b.rank, world_size=b.world, keep_sharded=b.keep_sharded,
                         collectives=[n.name for n in collective_nodes(gm.graph)])

@@ -61,6 +61,7 @@ from ..errors import GraphpassError, ScheduleError, TaggingError
 from ..schedules.base import Action, Phase
 from .capture import CapturedGraph, TensorSpec, module_path
 from .flops import graph_flops, node_flops
+from .ops import CASTS, COPIES, LAYOUT
 from .specialize import (PhaseGraph, cache_input_name, copy_graph, eliminate_dead_code, in_place_writers, is_impure,
                          specialize_phase)
 from .tag import Region
@@ -68,9 +69,7 @@ from .tag import Region
 aten = torch.ops.aten
 
 #: Ops that only re-lay out a tensor (no arithmetic); the stream may pass through them between blocks.
-_LAYOUT = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.permute.default,
-           aten.transpose.int, aten.clone.default, aten.contiguous.default, aten.squeeze.dim, aten.squeeze.default,
-           aten.unsqueeze.default, aten.flatten.using_ints, aten.alias.default, aten.to.dtype, aten.dropout.default}
+_LAYOUT = LAYOUT - {aten.expand.default} | {aten.to.dtype}
 #: Ops a region's output may pass through before it is added to the hidden state (gate, rescale, re-layout,
 #: the slice of a joint region's output that belongs to the hidden state).
 _TO_RESIDUAL = _LAYOUT | {aten.mul.Tensor, aten.div.Tensor, aten.slice.Tensor, aten._to_copy.default}
@@ -236,8 +235,7 @@ class MetricSite:
 #: Ops that keep a tensor's shape and element positions and change at most its dtype (Wan's
 #: ``(h.float() + f.float() * gate).type_as(h)``). The skip connection passes through their first argument
 #: (``type_as``'s second argument only supplies the dtype).
-_CASTS = {aten.to.dtype, aten._to_copy.default, aten.type_as.default, aten.clone.default, aten.contiguous.default,
-          aten.alias.default, aten.dropout.default}
+_CASTS = CASTS | COPIES
 #: A slice still to apply while walking back: ``(dim, start, stop)`` with ``0 <= start < stop <= size``.
 Window = tuple[int, int, int]
 

@@ -42,7 +42,7 @@ from __future__ import annotations
 import fnmatch
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
@@ -51,10 +51,11 @@ from ..errors import TaggingError
 from ..schedules.base import KINDS
 from .capture import CapturedGraph, TensorSpec, module_path
 from .flops import node_flops
+from .ops import LINEAR, PRODUCTS, SDPA, SOFTMAX
 
 aten = torch.ops.aten
-ATTENTION_OPS = {aten.scaled_dot_product_attention.default}
-LINEAR_OPS = {aten.linear.default, aten.addmm.default}
+ATTENTION_OPS = SDPA
+LINEAR_OPS = LINEAR
 
 
 @dataclass
@@ -69,7 +70,6 @@ class Region:
     reason: str
     block: int | None = None
     attention_shape: tuple[int, ...] | None = None  # query shape of the first attention op
-    extra: dict = field(default_factory=dict)
 
     @property
     def cache_keys(self) -> list[str]:
@@ -156,8 +156,8 @@ def _is_spatial_size(n: int, h: int, w: int) -> bool:
 
 # --- attention cores: SDPA, and the same computation written with matrix products ----------------------
 
-PRODUCT_OPS = {aten.matmul.default, aten.bmm.default}
-SOFTMAX_OPS = {aten.softmax.int, aten._softmax.default, aten._safe_softmax.default}
+PRODUCT_OPS = PRODUCTS
+SOFTMAX_OPS = SOFTMAX
 # Ops that may sit between the two products of an attention written by hand: scaling, masking, casts,
 # dropout, views and the kernel feature maps / normalisers of linear attention. Anything else ends the search.
 _BETWEEN_PRODUCTS = {aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar, aten.add.Tensor,
@@ -524,7 +524,6 @@ def find_attention_regions(captured: CapturedGraph, *, video_input: str | None =
         if core.form != "sdpa":
             reason += f"; {core.form} attention written with matrix products"
         region = _make_region(gm, path, mtype, kind, reason, core.query_shape)
-        region.extra["form"] = core.form
         regions.append(region)
     return regions
 

@@ -7,7 +7,7 @@ import torch
 from adacache_helpers import captured, residual_model
 from graphpass import AdaCache, GraphpassError, schedule_from_json
 from graphpass.cli import build_parser
-from graphpass.commands.calibrate import calibrate, labels_for
+from graphpass.eval.calibrate import calibrate, labels_for
 from graphpass.models.sampler import ddim_timesteps, sample
 from reference_pab import SDPACounter
 
