@@ -28,8 +28,7 @@ from .runtime.executor import OptimizedModel
 from .runtime.parallel import ParallelError, SequenceParallel
 from .schedules import PAB, Action, Phase, Plan, Schedule, schedule_from_json
 from .schedules.adacache import AdaCache, FrozenAdaCache, MoReg
-
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = [
     "optimize", "optimize_pipeline", "OptimizedModel", "CacheStore",

@@ -1,27 +1,27 @@
-"""graphpass.optimize: capture -> tag -> check schedule -> executor (phases are specialized on first use)."""
+"""graphpass.optimize: capture -> tag -> check schedule -> the runtime core driving the schedule's technique
+(phases are specialized on first use)."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import torch
 
 from .errors import InputError
-from .exporters.backends import BACKENDS
 from .passes.capture import capture
 from .passes.tag import include_gates, tag_attention
+from .runtime import parallel as sp
+from .runtime.backends import BACKENDS
 from .runtime.executor import OptimizedModel, check_timestep_order
 from .runtime.lazy import LazyOptimizedModel
 from .schedules.base import Schedule
 from .schedules.pab import PAB
-
-if TYPE_CHECKING:
-    from .runtime.parallel import SequenceParallel
+from .techniques import technique_for
 
 
 def optimize(model: torch.nn.Module, schedule: Schedule | str, *, example_kwargs: dict[str, Any] | None = None,
              timestep_arg: str = "timestep", video_input: str | None = None, kinds: dict[str, str] | None = None,
              backend: str = "eager", timesteps: Sequence[float] | None = None,
-             reuse_gated: bool = False, parallel: "SequenceParallel | None" = None,
+             reuse_gated: bool = False, parallel: sp.SequenceParallel | None = None,
              dynamic: bool = False, timestep_order: str = "falling") -> OptimizedModel | LazyOptimizedModel:
     """Compile ``model`` for ``schedule``.
 
@@ -78,16 +78,13 @@ def optimize(model: torch.nn.Module, schedule: Schedule | str, *, example_kwargs
         # A constant would be bound into the graph: every step would run with the example's timestep.
         raise InputError(f"example_kwargs[{timestep_arg!r}] is {example_kwargs[timestep_arg]!r}, not a tensor: the "
                          f"timestep must be a graph input, e.g. torch.full((batch,), 500.0)")
-    # Residual-caching schedules (AdaCache) bring their own subclass of the executor.
-    runtime = schedule.runtime_class() if hasattr(schedule, "runtime_class") else OptimizedModel
+    technique_for(schedule)  # an unregistered schedule type fails here, before the capture
     session = None
     if parallel is not None and dynamic:
         raise InputError("dynamic=True with parallel=: the sequence-parallel graphs split a fixed frame count "
                          "over the ranks; optimize with dynamic=False (the default)")
     if parallel is not None:  # collective: the ranks agree on the group and the options before capturing
-        from .runtime import parallel as sp
-
-        session = sp.connect(parallel, schedule, runtime)
+        session = sp.connect(parallel, schedule)
     captured = capture(model, example_kwargs, dynamic=dynamic)
     regions = tag_attention(captured, video_input=video_input, kinds=kinds)
     if reuse_gated:
@@ -97,8 +94,8 @@ def optimize(model: torch.nn.Module, schedule: Schedule | str, *, example_kwargs
         opt = sp.build(model, captured, regions, schedule, session, timestep_arg=timestep_arg, backend=backend,
                        video_input=video_input)
     else:
-        opt = runtime(model, captured, regions, schedule, timestep_arg=timestep_arg, backend=backend,
-                      timestep_order=timestep_order)
+        opt = OptimizedModel(model, captured, regions, schedule, timestep_arg=timestep_arg, backend=backend,
+                             timestep_order=timestep_order)
     if timesteps is not None:
         opt.plan(timesteps)
     return opt

@@ -2,15 +2,34 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import Any, Protocol, Sequence
 
 import torch.fx as fx
 
+from .passes.capture import CapturedGraph
+from .passes.elide import collective_info, collective_nodes
 from .passes.flops import graph_flops
-from .schedules.base import Action, Phase
+from .passes.specialize import PhaseGraph
+from .passes.tag import Region
+from .runtime.cache import frees
+from .schedules.base import Action, Phase, Plan, Schedule
 
-if TYPE_CHECKING:
-    from .runtime.executor import OptimizedModel
+
+class Inspected(Protocol):
+    """What a report reads of an optimized model (:class:`~graphpass.OptimizedModel` is one): the report
+    sits below the runtime, which calls it from ``opt.inspect()``."""
+
+    captured: CapturedGraph
+    regions: list[Region]
+    schedule: Schedule
+    current_plan: Plan | None
+    parallel: Any
+
+    def contexts(self) -> dict[str, Any]: ...
+
+    def preview_plan(self, timesteps: Sequence[float]) -> Plan: ...
+
+    def phase_graph(self, phase: Phase) -> PhaseGraph: ...
 
 _KIND_COLOUR = {"spatial": "lightblue", "temporal": "palegreen", "cross": "khaki", "joint": "plum",
                 "mlp": "lightsalmon"}
@@ -43,7 +62,7 @@ def _dynamic_line(dynamic_dims) -> str:
     return f"shapes: free sizes {free} (dims sharing a symbol are equal; FLOPs below at the example shapes)"
 
 
-def report(opt: "OptimizedModel", folder: str | None = None, timesteps: Sequence[float] | None = None) -> str:
+def report(opt: Inspected, folder: str | None = None, timesteps: Sequence[float] | None = None) -> str:
     full = graph_flops(opt.captured.gm)
     lines = [f"graphpass: {opt.captured.model_type} with {opt.schedule}",
              f"captured graph: {sum(1 for n in opt.captured.gm.graph.nodes if n.op not in ('placeholder', 'output'))}"
@@ -96,11 +115,10 @@ def report(opt: "OptimizedModel", folder: str | None = None, timesteps: Sequence
     for i, (t, ph) in enumerate(zip(plan.timesteps, plan.phases)):
         nxt = plan.phases[i + 1] if i + 1 < len(plan.phases) else Phase(())
         for r in opt.regions:
-            a = ph.action(r.path)
-            if a == Action.STORE:
+            if ph.action(r.path) == Action.STORE:
                 cache.add(r.path)
-            elif a == Action.COMPUTE or (a == Action.REUSE and nxt.action(r.path) != Action.REUSE):
-                cache.discard(r.path)  # the executor frees a planned cache after its last reuse
+            elif frees(ph.action(r.path), nxt.action(r.path)):  # the runtime's rule, on a plan
+                cache.discard(r.path)
         held = sum(keys_bytes[p] for p in cache)
         row.append(f"{i:>3}: t={t:>6.1f} P{ids[ph]:<2} {_fmt_bytes(held):>10}")
         if len(row) == 3:
@@ -126,8 +144,6 @@ def report(opt: "OptimizedModel", folder: str | None = None, timesteps: Sequence
 def _collective_bytes(node: fx.Node) -> int:
     """Bytes this rank sends to other ranks per run of a collective node (recorded by the pass that made it,
     else from the shapes: an all-to-all keeps 1/world of its input, an all-gather sends its input to each)."""
-    from .passes.elide import collective_info
-
     info = collective_info(node)
     if info is not None:
         return info.bytes_sent
@@ -143,12 +159,10 @@ def _collective_bytes(node: fx.Node) -> int:
 
 def _communication(opt, plan, phases, ids) -> list[str]:
     """Per phase: collectives kept and removed (by elide_collectives), and their bytes per step."""
-    from .passes.elide import collective_info, collective_nodes
-
     everything = collective_nodes(opt.captured.gm.graph)
     if not everything:
         return []
-    par = getattr(opt, "parallel", None)
+    par = opt.parallel
     who = f"rank {par.rank} of {par.world_size}" if par is not None else "this rank"
     lines = ["", f"communication per step ({who}; bytes sent to other ranks):",
              f"  {'id':<3} {'kept':>5} {'bytes':>10} {'removed':>8} {'bytes':>10}  removed around"]

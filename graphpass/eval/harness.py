@@ -303,9 +303,7 @@ class Workload:
         if isinstance(schedule, str):
             schedule = PAB.preset(schedule)
         schedule.check_model({r.kind for r in self.regions})
-        # as graphpass.optimize: residual-caching schedules (AdaCache) bring their own executor subclass
-        runtime = schedule.runtime_class() if hasattr(schedule, "runtime_class") else OptimizedModel
-        opt = runtime(self.model, self.captured, self.regions, schedule)
+        opt = OptimizedModel(self.model, self.captured, self.regions, schedule)  # the schedule's technique runs
         opt.plan(self.timesteps)
         return opt
 

@@ -1,8 +1,8 @@
 """Run an exported folder: the plan's phases on ONNX Runtime sessions or TensorRT engines.
 
-:func:`load` returns an :class:`ArtefactModel`, an :class:`~graphpass.OptimizedModel` whose phase graphs
-are the exported files: the executor's step logic (timestep -> phase, cache contexts, store/reuse/drop,
-new generation when the timestep goes back up) is the same code; only the runner of each phase differs.
+:func:`load` returns an :class:`ArtefactModel`: the runtime core (:class:`~graphpass.runtime.executor.
+RuntimeCore`: timestep -> phase, cache contexts, store/reuse/free, new generation when the timestep goes back
+up) driving one runner per exported phase. Only the runners differ from an optimized model's.
 
     >>> model = graphpass.load("out/vdt-onnx")                       # checks version and hashes
     >>> out = model(hidden_states=x, timestep=t, encoder_hidden_states=c, cond_mask=m)
@@ -13,17 +13,21 @@ that does not raises :class:`~graphpass.errors.ArtefactError` saying which step 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
+import torch.utils._pytree as pytree
 
 from ..errors import ArtefactError, InputError
-from ..passes.capture import ArgStructure, CapturedGraph, TensorSpec
-from ..runtime.executor import GenerationState, OptimizedModel
+from ..passes.capture import ArgStructure, CallSignature, TensorSpec
+from ..runtime.backends import PhaseRunner
+from ..runtime.executor import RuntimeCore
 from ..schedules.base import Action, Phase, Plan, schedule_from_json
-from .manifest import cache_tensor_name, dtype_of, phases_of, read_manifest, regions_of, reuse_flag_name
+from ..techniques import Decision, StepCall
+from .manifest import cache_tensor_name, dtype_of, phases_of, regions_of, read_manifest, reuse_flag_name
 from .tensorrt import trt_runner_factory
 
 LOAD_BACKENDS = ("onnxruntime", "tensorrt")
@@ -31,8 +35,8 @@ LOAD_BACKENDS = ("onnxruntime", "tensorrt")
 
 @dataclass
 class PhaseSpec:
-    """One exported phase, as the executor sees a phase graph (inputs: the model's, then ``cache_inputs``;
-    outputs: ``num_user_outputs`` model outputs, then ``cache_outputs``) plus where it lives.
+    """One exported phase, as the runtime core sees a phase program (inputs: the model's, then
+    ``cache_inputs``; outputs: ``num_user_outputs`` model outputs, then ``cache_outputs``) plus where it lives.
 
     file: the phase's file in the folder (``model.onnx`` for every phase of the single-file layout).
     engine: its TensorRT engine file, when built.
@@ -45,46 +49,45 @@ class PhaseSpec:
     cache_outputs: list[str]
     num_user_outputs: int
     engine: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
-class ArtefactModel(OptimizedModel):
+def recorded_call(manifest: dict[str, Any]) -> CallSignature:
+    """The call an export serves, as its manifest records it (static shapes: those of the export)."""
+    return CallSignature(
+        input_names=[e["name"] for e in manifest["inputs"]],
+        input_specs=[TensorSpec(tuple(e["shape"]), dtype_of(e["dtype"])) for e in manifest["inputs"]],
+        constants=dict(manifest["constants"]),
+        structures={k: ArgStructure.from_dict(v) for k, v in manifest.get("structures", {}).items()},
+        out_spec=pytree.treespec_loads(manifest["out_spec"]),
+        model_type=manifest["model_type"])
+
+
+class ArtefactModel(RuntimeCore):
     """An exported model: same keyword call and outputs as the model it was exported from.
 
     ``folder``/``manifest``: where it was loaded from and what it holds; ``backend``: the runtime of the
-    phase files (``"onnxruntime"`` or ``"tensorrt"``).
+    phase files (``"onnxruntime"`` or ``"tensorrt"``); ``specs``: the exported phases;
+    ``make_runner(spec, backend)`` makes the runner of each (an ONNX Runtime session's or a TensorRT engine's).
     """
 
     def __init__(self, folder: Path, manifest: dict[str, Any], backend: str,
-                 make_runner: Callable[[PhaseSpec, str], Callable]):
-        import torch.utils._pytree as pytree
-
-        captured = CapturedGraph(
-            gm=None,  # no FX graph: the phases are the exported files
-            input_names=[e["name"] for e in manifest["inputs"]],
-            input_specs=[TensorSpec(tuple(e["shape"]), dtype_of(e["dtype"])) for e in manifest["inputs"]],
-            constants=dict(manifest["constants"]),
-            structures={k: ArgStructure.from_dict(v) for k, v in manifest.get("structures", {}).items()},
-            out_spec=pytree.treespec_loads(manifest["out_spec"]),
-            model_type=manifest["model_type"])
-        regions = regions_of(manifest)  # read_manifest checked them against the plan and the schedule
+                 make_runner: Callable[[PhaseSpec, str], PhaseRunner]):
+        cached = {r.path: r.cache_keys for r in regions_of(manifest)}  # read_manifest checked them
         schedule = schedule_from_json(json.dumps(manifest["schedule"]))
-        super().__init__(None, captured, regions, schedule, timestep_arg=manifest["timestep_arg"], backend=backend)
+        super().__init__(None, recorded_call(manifest), schedule, cached, make_runner,
+                         timestep_arg=manifest["timestep_arg"], backend=backend)
         self.folder = folder
         self.manifest = manifest
-        self._make_runner = make_runner
-        self.specs: list[PhaseSpec] = []
-        for e, ph in zip(manifest["phases"], phases_of(manifest)):
-            spec = PhaseSpec(id=e["id"], phase=ph, file=e["file"], cache_inputs=e["cache_inputs"],
-                             cache_outputs=e["cache_outputs"], num_user_outputs=e["num_user_outputs"],
-                             engine=e.get("engine"), extra=e)
-            self.specs.append(spec)
-            self._phase_graphs[ph] = spec
+        self.specs = [PhaseSpec(id=e["id"], phase=ph, file=e["file"], cache_inputs=e["cache_inputs"],
+                                cache_outputs=e["cache_outputs"], num_user_outputs=e["num_user_outputs"],
+                                engine=e.get("engine"))
+                      for e, ph in zip(manifest["phases"], phases_of(manifest))]
+        self._phase_graphs.update((s.phase, s) for s in self.specs)
         self._plan = Plan([float(t) for t in manifest["plan"]["timesteps"]],
                           [self.specs[i].phase for i in manifest["plan"]["phase_ids"]])
 
-    # --- the executor's hooks --------------------------------------------------------------------
-    def phase_graph(self, phase: Phase) -> PhaseSpec:  # type: ignore[override]
+    # --- the core's hooks ------------------------------------------------------------------------
+    def phase_graph(self, phase: Phase) -> PhaseSpec:
         try:
             return self._phase_graphs[phase]
         except KeyError:
@@ -92,9 +95,8 @@ class ArtefactModel(OptimizedModel):
                                 f"{len(self.specs)} phases exist: re-export with the timesteps you sample "
                                 f"with") from None
 
-    def _phase_for(self, st: GenerationState, t: float) -> Phase:
-        plan = self._plan
-        i = st.counter
+    def _decide(self, call: StepCall) -> Decision:
+        plan, i, t = self._plan, call.counter, call.timestep
         if i >= len(plan):
             raise ArtefactError(f"call {i + 1} of a generation, but {self.folder} was exported for a plan of "
                                 f"{len(plan)} steps; start a new generation (a higher timestep) or call reset()")
@@ -102,10 +104,10 @@ class ArtefactModel(OptimizedModel):
             raise ArtefactError(f"step {i} got timestep {t:g}, but {self.folder} was exported for timestep "
                                 f"{plan.timesteps[i]:g} at that step (plan: {_short(plan.timesteps)}); only the "
                                 f"exported phases exist: sample with the exported timesteps or re-export with yours")
-        self._on_plan = True  # the executor frees caches by the plan's next phase
-        return plan.phases[i]
+        return Decision(plan.phases[i], on_plan=True)  # caches are freed by the plan's next phase
 
     def plan(self, timesteps: Sequence[float] | torch.Tensor) -> Plan:
+        """The exported plan, when ``timesteps`` are its own; an export serves no other."""
         if isinstance(timesteps, torch.Tensor):
             timesteps = timesteps.detach().cpu().flatten().tolist()
         ts = [float(t) for t in timesteps]
@@ -113,6 +115,9 @@ class ArtefactModel(OptimizedModel):
             raise ArtefactError(f"{self.folder} holds the phases of a plan over {_short(self._plan.timesteps)}; it "
                                 f"cannot serve {_short(ts)}: re-export with graphpass.export(..., timesteps=...)")
         return self._plan
+
+    def preview_plan(self, timesteps: Sequence[float] | torch.Tensor, **kwargs) -> Plan:
+        return self.plan(timesteps)
 
     def inspect(self, folder: str | None = None, timesteps: Sequence[float] | None = None) -> str:
         m = self.manifest
@@ -153,8 +158,6 @@ class OrtPhaseRunner:
 
     def __init__(self, session, input_names: list[str], output_names: list[str],
                  flags: dict[str, bool] | None = None, zeros: dict[str, torch.Tensor] | None = None):
-        import numpy as np
-
         self.session = session
         self.input_names = input_names
         self.output_names = output_names

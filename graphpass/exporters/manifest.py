@@ -34,6 +34,7 @@ from ..errors import ArtefactError, GraphpassError
 from ..passes.capture import TensorSpec
 from ..passes.tag import Region
 from ..schedules.base import Action, Phase, schedule_from_json
+from ..version import __version__
 
 MANIFEST = "manifest.json"
 WEIGHTS_FILE = "weights.bin"
@@ -87,8 +88,6 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 
 def versions() -> dict[str, str]:
     """Versions recorded in a manifest (graphpass's is checked on load; the others are informative)."""
-    from .. import __version__
-
     out = {"graphpass_version": __version__, "torch_version": torch.__version__}
     for mod in ("onnx", "onnxruntime", "tensorrt"):
         try:
@@ -270,8 +269,6 @@ def read_manifest(folder: str | Path, *, verify: bool = True) -> dict[str, Any]:
 
     Raises :class:`~graphpass.errors.ArtefactError` naming the problem and the fix.
     """
-    from .. import __version__
-
     folder = Path(folder)
     path = folder / MANIFEST
     if not path.is_file():

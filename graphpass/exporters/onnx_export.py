@@ -55,11 +55,10 @@ def require_onnx() -> None:
 
 def plan_for_export(opt: "OptimizedModel", timesteps: Sequence[float] | None) -> Plan:
     """The plan an export covers: ``timesteps`` if given, else the one fixed by ``opt.plan(...)``."""
-    if getattr(opt, "adaptive", False):
-        raise ArtefactError("AdaCache decides reuse at run time from measured values, so no fixed set of phases "
-                            "exists to export; export its decisions of a run as a static schedule instead: "
-                            "graphpass.optimize(model, opt.schedule.freeze(opt.decisions()), ...)")
-    if getattr(opt, "parallel", None) is not None:
+    refusal = opt.technique.export.refusal
+    if refusal is not None:
+        raise ArtefactError(refusal)
+    if opt.parallel is not None:
         raise ArtefactError("export a single-process model: phase graphs split over ranks hold collectives that "
                             "ONNX cannot express; call graphpass.optimize without parallel= for export")
     if timesteps is not None:

@@ -172,18 +172,18 @@ class ArgStructure:
                                      self.spec)
 
 
-@dataclass
-class CapturedGraph:
-    """A captured model call.
+@dataclass(kw_only=True)
+class CallSignature:
+    """How a model is called: its keyword arguments as a flat list of tensor inputs, and the leaves it
+    returns as its output. A :class:`CapturedGraph` is one; so is the call an exported folder records.
 
-    gm: flat GraphModule; its placeholders are ``input_names`` in order; it returns a tuple of the output
-        leaves described by ``out_spec``. A tuple/list/dict argument gives one input per tensor leaf, named
-        by its path (``image_rotary_emb.0``; the placeholder is ``image_rotary_emb_0``), see ``structures``.
+    input_names: the flat inputs in order. A tuple/list/dict argument gives one input per tensor leaf, named
+        by its path (``image_rotary_emb.0``), see ``structures``.
     constants: non-tensor keyword arguments bound at capture; a later call must pass the same values or omit
         them.
+    out_spec: the structure of the output leaves.
     """
 
-    gm: fx.GraphModule
     input_names: list[str]
     input_specs: list[TensorSpec]
     constants: dict[str, Any]
@@ -294,6 +294,19 @@ class CapturedGraph:
 
     def unflatten_outputs(self, leaves) -> Any:
         return pytree.tree_unflatten(list(leaves), self.out_spec)
+
+
+@dataclass(kw_only=True)
+class CapturedGraph(CallSignature):
+    """A captured model call: its :class:`CallSignature` and its graph.
+
+    gm: flat GraphModule; its placeholders are ``input_names`` in order (a structured argument's leaf
+        ``image_rotary_emb.0`` is the placeholder ``image_rotary_emb_0``); it returns a tuple of the output
+        leaves described by ``out_spec``.
+    """
+
+    gm: fx.GraphModule
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def cast_exact(name: str, v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -1,7 +1,28 @@
-"""CacheStore: the tensors a later step will read, and nothing else."""
+"""CacheStore: the tensors a later step will read, and nothing else; :func:`frees`: when a region's cached
+tensors go."""
 from __future__ import annotations
 
 import torch
+
+from ..schedules.base import Action
+
+
+def frees(action: Action, next_action: Action | None) -> bool:
+    """Whether a region's cached tensors are freed after a step where it did ``action``, the next step doing
+    ``next_action`` (``Action.COMPUTE`` after the last step of a plan; None when the next step is unknown,
+    i.e. off the plan). The one rule of the runtime, of ``inspect()`` and of exported artefacts: a region
+    computed without storing holds nothing, and one reused for the last time before the next step computes
+    or re-stores it holds nothing after that step. Off the plan a reuse keeps its tensors (a later step
+    may reuse them again).
+
+    >>> frees(Action.COMPUTE, None), frees(Action.REUSE, None), frees(Action.REUSE, Action.REUSE)
+    (True, False, False)
+    >>> frees(Action.REUSE, Action.STORE), frees(Action.STORE, Action.REUSE)
+    (True, False)
+    """
+    if action == Action.COMPUTE:
+        return True
+    return action == Action.REUSE and next_action is not None and next_action != Action.REUSE
 
 
 class CacheStore:

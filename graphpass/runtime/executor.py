@@ -1,20 +1,35 @@
-"""OptimizedModel: runs the phase graph that the plan names for each call, with a CacheStore per context."""
+"""The runtime core and the optimized model.
+
+:class:`RuntimeCore` steps a plan and owns the caches: for each call it reads the timestep, advances the
+generation of the cache context, asks for the call's phase, runs that phase's :class:`PhaseRunner` with
+the cached tensors it reads, stores what it returns for later steps and frees what no later step reads
+(:func:`~graphpass.runtime.cache.frees`). What a phase is and how it runs are its subclasses' business:
+
+* :class:`OptimizedModel`: a capture optimized for a schedule. The schedule's technique
+  (:func:`~graphpass.techniques.technique_for`) says what it acts on, specializes each phase graph and
+  picks each call's phase (its step policy); the backend makes the runners (:mod:`.backends`).
+* :class:`~graphpass.exporters.artefact.ArtefactModel`: an exported folder, whose phases are files run by
+  ONNX Runtime sessions or TensorRT engines.
+"""
 from __future__ import annotations
 
 import contextlib
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
 
 from ..errors import InputError, ScheduleError
+from ..inspection import report
 from ..passes.capture import CapturedGraph
-from ..passes.elide import elide_collectives
-from ..passes.specialize import PhaseGraph, specialize_phase
+from ..passes.residuals import BlockSpan, MetricSite
+from ..passes.specialize import PhaseGraph
 from ..passes.tag import Region
-from ..schedules.base import Action, Phase, Plan, Schedule, progress_position
-from .cache import CacheStore
+from ..schedules.base import Phase, Plan, Schedule, progress_position
+from ..techniques import Decision, StepCall, technique_for
+from .backends import PhaseProgram, PhaseRunner, make_runner
+from .cache import CacheStore, frees
 from .facade import ModelFacade
 
 TIMESTEP_ORDERS = ("falling", "rising")
@@ -50,13 +65,24 @@ class GenerationState:
         self.trace = []
 
 
-class OptimizedModel(ModelFacade):
+class CallSignature(Protocol):
+    """How the model is called: keyword arguments -> graph inputs, graph outputs -> the model's output (a
+    :class:`~graphpass.passes.capture.CapturedGraph`, or the call recorded in an exported manifest)."""
+
+    input_names: list[str]
+
+    def flatten_call(self, kwargs: dict[str, Any]) -> list[torch.Tensor]: ...
+
+    def unflatten_outputs(self, leaves) -> Any: ...
+
+
+class RuntimeCore(ModelFacade):
     """Drop-in replacement for the optimized model: same keyword call, same outputs, and the model's face
     for the code around it (``config``, ``dtype``, ``device``, ``save_pretrained``: see
     :mod:`graphpass.runtime.facade`).
 
-    Each call reads its timestep, advances the generation counter, picks the phase (from the plan when one
-    was made with :meth:`plan`, else step by step from the schedule), runs that phase's graph with the
+    Each call reads its timestep, advances the generation counter, picks the phase (:meth:`_decide`: from
+    the plan when one was made with :meth:`plan`, else step by step), runs that phase's runner with the
     cached tensors it needs, stores what later steps read and frees what they do not.
     A call whose timestep is above the previous one (below it with ``timestep_order="rising"``), or whose
     input shapes differ from the previous call's (a new batch size, or with ``dynamic=True`` another frame
@@ -65,35 +91,52 @@ class OptimizedModel(ModelFacade):
     No silent failure: a second call at the same timestep in one cache context (separate cond/uncond calls
     without ``cache_context``) warns once; a generation that leaves its plan warns once and goes on step by
     step; generations that keep ending after one call (timesteps that rise) warn once.
+
+    Subclasses give :meth:`phase_graph` (the :class:`~graphpass.runtime.backends.PhaseProgram` of a phase)
+    and :meth:`_decide`; ``make_runner(program, backend)`` makes each phase's runner once.
     """
 
     #: Set when the model runs split over ranks (:mod:`graphpass.runtime.parallel`); decisions taken from
     #: measured values must go through ``self.parallel.reduce_metric(value)`` so that all ranks agree.
     parallel = None
 
-    def __init__(self, model: torch.nn.Module, captured: CapturedGraph, regions: list[Region], schedule: Schedule,
-                 *, timestep_arg: str = "timestep", backend: str = "eager", timestep_order: str = "falling"):
+    def __init__(self, model: torch.nn.Module | None, signature: CallSignature, schedule: Schedule,
+                 cached: dict[str, list[str]], make_runner: Callable[[Any, str], PhaseRunner], *,
+                 timestep_arg: str = "timestep", backend: str = "eager", timestep_order: str = "falling"):
         super().__init__()
-        from ..exporters.backends import make_runner  # backends come after the passes
-
         check_timestep_order(timestep_order)
         self._hold(model)
-        self.captured = captured
-        self.regions = regions
+        self.signature = signature
         self.schedule = schedule
         self.timestep_arg = timestep_arg
         self.backend = backend
-        self._make_runner: Callable[[PhaseGraph, str], Callable] = make_runner
-        self._phase_graphs: dict[Phase, PhaseGraph] = {}
-        self._runners: dict[Phase, Callable] = {}
+        self.timestep_order = timestep_order
+        self._make_runner = make_runner
+        self._keys_by_region = cached  # region path -> the cache keys of its outputs
+        self._phase_graphs: dict[Phase, PhaseProgram] = {}
+        self._runners: dict[Phase, PhaseRunner] = {}
         self._contexts: dict[str, GenerationState] = {}
         self._context = "default"
         self._context_info: dict[str, Any] = {}  # cache_context's keyword arguments (step_index...)
-        self.timestep_order = timestep_order
         self._plan: Plan | None = None
-        self._on_plan = False  # whether the current call follows the plan
-        self._keys_by_region = {r.path: r.cache_keys for r in regions}
         self.phase_calls: dict[Phase, int] = {}
+
+    # --- what subclasses give --------------------------------------------------------------------
+    def phase_graph(self, phase: Phase) -> PhaseProgram:
+        """The program of ``phase`` (built on first use)."""
+        raise NotImplementedError
+
+    def _decide(self, call: StepCall) -> Decision:
+        """The phase of ``call``."""
+        raise NotImplementedError
+
+    def _make_plan(self, timesteps: list[float], positions: list[float]) -> Plan:
+        """The plan over ``timesteps`` (``positions``: what the schedule's windows read at each step)."""
+        raise NotImplementedError
+
+    def _adopt(self, plan: Plan) -> list[Phase]:
+        """Make ``plan`` the current one; the phases whose programs to build up front."""
+        return plan.distinct()
 
     # --- public ----------------------------------------------------------------------------------
     def plan(self, timesteps: Sequence[float] | torch.Tensor, *, step_indices: Sequence[int] | None = None,
@@ -106,10 +149,11 @@ class OptimizedModel(ModelFacade):
         experts of a two-transformer pipeline), each given timestep's index in it and its length, so that
         progress windows mean the same fraction of sampling for every expert.
         """
-        self._plan = self.preview_plan(timesteps, step_indices=step_indices, num_steps=num_steps)
-        for ph in self._plan.distinct():
+        plan = self.preview_plan(timesteps, step_indices=step_indices, num_steps=num_steps)
+        self._plan = plan
+        for ph in self._adopt(plan):
             self.phase_graph(ph)
-        return self._plan
+        return plan
 
     def preview_plan(self, timesteps: Sequence[float] | torch.Tensor, *, step_indices: Sequence[int] | None = None,
                      num_steps: int | None = None) -> Plan:
@@ -122,7 +166,7 @@ class OptimizedModel(ModelFacade):
         self._check_order(ts)
         positions = ([progress_position(i, num_steps) for i in step_indices] if self.schedule.needs_trajectory
                      else ts)
-        return Plan(ts, self.schedule.plan(self.regions, positions).phases)
+        return self._make_plan(ts, positions)
 
     def _check_order(self, ts: list[float]) -> None:
         rising = self.timestep_order == "rising"
@@ -136,13 +180,6 @@ class OptimizedModel(ModelFacade):
     @property
     def current_plan(self) -> Plan | None:
         return self._plan
-
-    def phase_graph(self, phase: Phase) -> PhaseGraph:
-        if phase not in self._phase_graphs:
-            # Collectives in the graph (sequence parallelism) that only reused regions needed go too.
-            self._phase_graphs[phase] = specialize_phase(self.captured, self.regions, phase,
-                                                         passes=(elide_collectives,))
-        return self._phase_graphs[phase]
 
     @contextlib.contextmanager
     def cache_context(self, name: str, **info):
@@ -178,13 +215,18 @@ class OptimizedModel(ModelFacade):
     def cache_nbytes(self) -> int:
         return sum(st.cache.nbytes for st in self._contexts.values())
 
+    def decisions(self, context: str | None = None) -> str:
+        """Per call of the context's last generation: ``"R"`` when it reused cached tensors, else ``"C"``
+        (for residual caching: whether the blocks were skipped)."""
+        return "".join("R" if ph.reused else "C" for _, ph in self.state(context).trace)
+
     # --- call ------------------------------------------------------------------------------------
     def forward(self, *args, **kwargs) -> Any:
         if args:
             raise InputError(f"call the optimized model with keyword arguments only (got {len(args)} positional); "
-                             f"the capture's inputs are {self.captured.input_names}")
+                             f"the capture's inputs are {self.signature.input_names}")
         t = self._timestep(kwargs)  # first: a missing timestep gets the message that explains why it is needed
-        flat = self.captured.flatten_call(kwargs)
+        flat = self.signature.flatten_call(kwargs)
         st = self._state()
         shapes = tuple(tuple(v.shape) for v in flat)
         if st.last_t is not None and (self._turned_back(t, st.last_t) or shapes != st.shapes
@@ -199,33 +241,49 @@ class OptimizedModel(ModelFacade):
                 f"batch them in one call); to start a new generation at the same timestep call opt.reset()",
                 stacklevel=3)
         st.shapes = shapes
-        self._on_plan = False  # _phase_for sets it when this call follows the plan
-        phase = self._phase_for(st, t)
-        pg = self.phase_graph(phase)
+        decision = self._decide(StepCall(counter=st.counter, timestep=t, context=self._context, shapes=shapes,
+                                         cache=st.cache, plan=self._plan, off_plan=st.off_plan,
+                                         position=lambda: self._position(st, t)))
+        if not decision.on_plan:
+            st.off_plan = decision.left_plan
+            if decision.left_plan and "plan" not in st.warned:
+                st.warned.add("plan")
+                self._warn_left_plan(st, t)
+        phase = decision.phase
+        program = self.phase_graph(phase)
         runner = self._runners.get(phase)
         if runner is None:
-            runner = self._runners[phase] = self._make_runner(pg, self.backend)
+            runner = self._runners[phase] = self._make_runner(program, self.backend)
         with torch.no_grad():  # inference only: cached tensors must not hold autograd graphs
-            outs = runner(*flat, *(st.cache.get(k) for k in pg.cache_inputs))
-        n = pg.num_user_outputs
-        for key, value in zip(pg.cache_outputs, outs[n:]):
+            outs = runner(*flat, *(st.cache.get(k) for k in program.cache_inputs))
+        n = program.num_user_outputs
+        for key, value in zip(program.cache_outputs, outs[n:]):
             st.cache.put(key, value)
-        # Free what no later step reads: regions computed without storing, and, on the plan, regions reused
-        # for the last time (the next step computes or re-stores them).
-        nxt = None
-        if self._on_plan and st.counter + 1 < len(self._plan):
-            nxt = self._plan.phases[st.counter + 1]
-        for r in self.regions:
-            a = phase.action(r.path)
-            if a == Action.COMPUTE or (a == Action.REUSE and self._on_plan
-                                       and (nxt is None or nxt.action(r.path) != Action.REUSE)):
-                for key in r.cache_keys:
-                    st.cache.drop(key)
+        self._free(st, phase, decision)
         st.trace.append((t, phase))
         st.counter += 1
         st.last_t = t
         self.phase_calls[phase] = self.phase_calls.get(phase, 0) + 1
-        return self.captured.unflatten_outputs(outs[:n])
+        return self.signature.unflatten_outputs(outs[:n])
+
+    def _free(self, st: GenerationState, phase: Phase, decision: Decision) -> None:
+        """Free what no later step reads (:func:`~graphpass.runtime.cache.frees`); on the plan the next step's
+        phase is known, off it a reuse keeps its tensors."""
+        nxt: Phase | None = None
+        if decision.on_plan:
+            i = st.counter + 1
+            nxt = self._plan.phases[i] if i < len(self._plan) else Phase(())
+        for path, keys in self._keys_by_region.items():
+            if frees(phase.action(path), None if nxt is None else nxt.action(path)):
+                for key in keys:
+                    st.cache.drop(key)
+
+    def _warn_left_plan(self, st: GenerationState, t: float) -> None:
+        plan = self._plan
+        expected = f"{plan.timesteps[st.counter]:g}" if st.counter < len(plan) else "the end of the plan"
+        warnings.warn(f"graphpass: call {st.counter} of this generation (timestep {t:g}) leaves the plan made by "
+                      f"opt.plan() for {len(plan)} steps (expected {expected}); going on step by step, which "
+                      f"keeps more tensors cached. Call opt.plan() with the sampler's new timesteps.", stacklevel=3)
 
     def _state(self) -> GenerationState:
         return self.state(self._context)
@@ -263,23 +321,6 @@ class OptimizedModel(ModelFacade):
                              f"graphpass steps all samples of a call together: pass one timestep for the whole batch")
         return float(rows[0].max())
 
-    def _phase_for(self, st: GenerationState, t: float) -> Phase:
-        plan = self._plan
-        if plan is not None and not st.off_plan and st.counter < len(plan) and abs(plan.timesteps[st.counter] - t) < 1e-6:
-            # The plan was made for this generation; its stores guarantee every reuse finds its tensors.
-            self._on_plan = True
-            return plan.phases[st.counter]
-        position = self._position(st, t)
-        st.off_plan = plan is not None
-        if plan is not None and "plan" not in st.warned:
-            st.warned.add("plan")
-            expected = f"{plan.timesteps[st.counter]:g}" if st.counter < len(plan) else "the end of the plan"
-            warnings.warn(f"graphpass: call {st.counter} of this generation (timestep {t:g}) leaves the plan made by "
-                          f"opt.plan() for {len(plan)} steps (expected {expected}); going on step by step, which "
-                          f"keeps more tensors cached. Call opt.plan() with the sampler's new timesteps.", stacklevel=3)
-        cached = {p for p, keys in self._keys_by_region.items() if all(k in st.cache for k in keys)}
-        return self.schedule.step_phase(self.regions, position, st.counter, cached)
-
     def _position(self, st: GenerationState, t: float) -> float:
         """What the schedule's windows read for this call: its timestep, or its position in the trajectory."""
         if not self.schedule.needs_trajectory:
@@ -292,14 +333,6 @@ class OptimizedModel(ModelFacade):
                             f"timesteps, use graphpass.optimize_pipeline(pipe, schedule) (plans each generation "
                             f"from the pipeline's scheduler), or pass cache_context(name, step_index=i, "
                             f"num_inference_steps=n)")
-
-    # --- inspection ------------------------------------------------------------------------------
-    def inspect(self, folder: str | None = None, timesteps: Sequence[float] | None = None) -> str:
-        """A report of the regions, the phases and the per-step plan; with ``folder``, also write each
-        phase graph as readable code (``.py``) and Graphviz DOT (``.dot``)."""
-        from ..inspection import report
-
-        return report(self, folder=folder, timesteps=timesteps)
 
     def to(self, *args, **kwargs):
         """Move or cast the model. The phase graphs were captured for the model's device and dtype, so a
@@ -314,6 +347,99 @@ class OptimizedModel(ModelFacade):
                              f"needs a new capture: call graphpass.optimize(model.to(...), schedule) again, or "
                              f"optimize without example_kwargs (it re-captures on the next call after .to())")
         return self
+
+
+class OptimizedModel(RuntimeCore):
+    """A model optimized for a schedule: the runtime core driving the phase graphs of the schedule's
+    technique (:func:`~graphpass.techniques.technique_for`) on a backend.
+
+    ``technique``: the technique; ``target``: what it acts on (``regions`` are the target's: the tagged
+    attention regions for PAB, the chain of blocks for residual caching); ``policy``: its step policy.
+    Besides the core's API:
+
+    * ``span``: the chain of blocks a residual technique caches (None otherwise); ``attention_regions``: the
+      tagged regions the target was found from; ``metric``: where an adaptive technique measures (or None);
+    * ``decisions(context=None)``: ``"C"``/``"R"`` per call of the last generation;
+    * ``records(context=None)``: what an adaptive policy measured and decided at each measuring step (the
+      last one once the next call has read it); ``metric_reads``: host reads of measured values so far;
+    * ``freeze(context=None)``: the last generation's decisions as a static, exportable schedule (for
+      techniques that declare how, e.g. AdaCache -> :class:`~graphpass.FrozenAdaCache`);
+    * ``with_schedule(schedule)``: the same capture run under another schedule.
+    """
+
+    def __init__(self, model: torch.nn.Module, captured: CapturedGraph, regions: list[Region], schedule: Schedule,
+                 *, timestep_arg: str = "timestep", backend: str = "eager", timestep_order: str = "falling"):
+        technique = technique_for(schedule)
+        target = technique.target(captured, regions, schedule)
+        super().__init__(model, captured, schedule, {r.path: r.cache_keys for r in target.regions}, make_runner,
+                         timestep_arg=timestep_arg, backend=backend, timestep_order=timestep_order)
+        self.captured = captured
+        self.technique = technique
+        self.target = target
+        self.regions = target.regions
+        self.policy = technique.policy(schedule, target, captured)
+
+    # --- the core's hooks ------------------------------------------------------------------------
+    def phase_graph(self, phase: Phase) -> PhaseGraph:
+        if phase not in self._phase_graphs:
+            self._phase_graphs[phase] = self.technique.specialize(self.captured, self.target, phase)
+        return self._phase_graphs[phase]
+
+    def _decide(self, call: StepCall) -> Decision:
+        return self.policy.decide(call)
+
+    def _make_plan(self, timesteps: list[float], positions: list[float]) -> Plan:
+        return self.policy.plan(timesteps, positions)
+
+    def _adopt(self, plan: Plan) -> list[Phase]:
+        return self.policy.adopt(plan)
+
+    # --- what the technique acts on and decided --------------------------------------------------
+    @property
+    def span(self) -> BlockSpan | None:
+        return self.target.span
+
+    @property
+    def metric(self) -> MetricSite | None:
+        return self.target.metric
+
+    @property
+    def attention_regions(self) -> list[Region]:
+        return self.target.attention_regions
+
+    @property
+    def adaptive(self) -> bool:
+        """Whether phases are decided at run time from measured values (no fixed plan)."""
+        return self.policy.adaptive
+
+    @property
+    def metric_reads(self) -> int:
+        return self.policy.metric_reads
+
+    def records(self, context: str | None = None) -> list:
+        """What the policy measured and decided at each measuring step of the context's generation."""
+        return self.policy.records(context or self._context)
+
+    def freeze(self, context: str | None = None) -> Schedule:
+        """The last generation's decisions as a static schedule (AdaCache -> :class:`~graphpass.FrozenAdaCache`)."""
+        freeze = self.technique.export.freeze
+        if freeze is None:
+            raise InputError(f"{self.technique.name} has no run-time decisions to freeze: its schedule "
+                             f"{self.schedule} is already static")
+        return freeze(self.schedule, self.decisions(context))
+
+    def with_schedule(self, schedule: Schedule) -> "OptimizedModel":
+        """A model running ``schedule`` on the same capture (no new export), planned for the same timesteps."""
+        opt = OptimizedModel(self.model, self.captured, self.attention_regions, schedule,
+                             timestep_arg=self.timestep_arg, backend=self.backend, timestep_order=self.timestep_order)
+        if self._plan is not None:
+            opt.plan(self._plan.timesteps)
+        return opt
+
+    def inspect(self, folder: str | None = None, timesteps: Sequence[float] | None = None) -> str:
+        """A report of the regions, the phases and the per-step plan; with ``folder``, also write each
+        phase graph as readable code (``.py``) and Graphviz DOT (``.dot``)."""
+        return report(self, folder=folder, timesteps=timesteps)
 
     def __repr__(self) -> str:
         return (f"OptimizedModel({self.captured.model_type}, {self.schedule}, regions={len(self.regions)}, "

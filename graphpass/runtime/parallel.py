@@ -44,6 +44,7 @@ from ..passes.elide import COLLECTIVE_OPS, collective_info, collective_nodes
 from ..passes.parallelize import ParallelError, ShardedGraph, parallelize
 from ..passes.tag import Region
 from ..schedules.base import Phase, Plan, Schedule
+from ..techniques import technique_for
 from .executor import OptimizedModel
 
 __all__ = ["SequenceParallel", "ParallelModel", "ParallelRuntime", "ParallelError", "count_collectives",
@@ -344,15 +345,16 @@ class ParallelModel(OptimizedModel):
                 f"{self.parallel.world_size}, frames {list(self.sharded.frames.sizes)})")
 
 
-def connect(config: SequenceParallel, schedule: Schedule, runtime: type = OptimizedModel) -> ParallelRuntime:
+def connect(config: SequenceParallel, schedule: Schedule) -> ParallelRuntime:
     """Join the process group before anything is captured; collective (every rank calls it). The ranks
     check the options against the group and agree on them, so a wrong world size fails at once, on all ranks."""
     if not isinstance(config, SequenceParallel):
         raise TypeError(f"parallel= takes a graphpass.SequenceParallel, got {type(config).__name__}")
     rt = ParallelRuntime(config)
     err = None
-    if runtime is not OptimizedModel:
-        err = ParallelError(f"{type(schedule).__name__} runs on its own executor ({runtime.__name__}), which "
+    technique = technique_for(schedule)
+    if not technique.parallel:
+        err = ParallelError(f"{type(schedule).__name__} is run by the {technique.name} technique, which "
                             f"SequenceParallel does not drive yet; use a PAB schedule with parallel=, or run "
                             f"{type(schedule).__name__} on one process")
     elif config.world_size is not None and config.world_size != rt.world_size:

@@ -26,7 +26,8 @@ follow the same decision; separate cond/uncond calls decide independently in the
 ``opt.cache_context``.
 
 A schedule here is data plus the pure decision rule (:class:`AdaptiveDecider`); the graphs are built by
-:mod:`graphpass.passes.residuals` and run by :class:`graphpass.runtime.adaptive.ResidualModel`.
+:mod:`graphpass.passes.residuals`, and :mod:`graphpass.techniques.adacache` declares how the runtime drives
+them.
 
 >>> s = AdaCache.preset("slow")
 >>> s.steps_for(0.1), s.steps_for(0.5)
@@ -146,13 +147,8 @@ class MoReg:
 
 
 class ResidualSchedule(Schedule):
-    """Base of schedules that cache the residual of the whole chain of transformer blocks; executed by
-    :class:`graphpass.runtime.adaptive.ResidualModel` (``graphpass.optimize`` picks it)."""
-
-    def runtime_class(self):
-        from ..runtime.adaptive import ResidualModel
-
-        return ResidualModel
+    """Base of schedules that cache the residual of the whole chain of transformer blocks (their technique:
+    :mod:`graphpass.techniques.adacache`)."""
 
     def kinds(self) -> set[str]:
         return set()  # caches whole blocks, whatever attention kinds they hold

@@ -1,6 +1,6 @@
 """Write graphpass/models/weights/MODEL_CARD.md from the shipped weights.
 
-    python -m graphpass.models.card [--name vdt-s] [--num-videos 8] [--num-steps 50]
+    python -m graphpass.eval.card [--name vdt-s] [--num-videos 8] [--num-steps 50]
 
 Reads the safetensors metadata and the loss log, re-checks the recorded
 fixed-batch loss, samples videos, and scores their physics against generator
@@ -17,12 +17,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..eval.physics import evaluate
-from . import create, load, read_metadata, weights_path
-from .physics import VOCAB, PhysicsParams, decode_label, generate
-from .sampler import sample
-from .video_io import write_frame_strip
-from .train import fixed_batch_loss
+from ..models import create, load, read_metadata, weights_path
+from ..models.physics import VOCAB, PhysicsParams, decode_label, generate
+from ..models.sampler import sample
+from ..models.train import fixed_batch_loss
+from ..models.video_io import write_frame_strip
+from .physics import evaluate
 
 
 def random_weights_model(name: str, seed: int = 0):

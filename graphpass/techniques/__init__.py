@@ -1,0 +1,12 @@
+"""Caching techniques: one module each, registered by schedule type (see :mod:`.base` and
+docs/architecture.md).
+
+>>> technique_for(graphpass.PAB.preset("pab246")).name, technique_for(graphpass.FrozenAdaCache("CCR")).name
+('PAB', 'FrozenAdaCache')
+"""
+from .base import Decision, Export, StaticPlan, StepCall, StepPolicy, Target, Technique, tagged_regions
+from .registry import register, technique_for, techniques
+from . import adacache, pab  # noqa: F401,E402 (the built-in techniques register on import)
+
+__all__ = ["Technique", "Target", "StepPolicy", "StaticPlan", "StepCall", "Decision", "Export", "tagged_regions",
+           "register", "technique_for", "techniques"]
