@@ -307,10 +307,13 @@ class Workload:
         opt.plan(self.timesteps)
         return opt
 
+    @cached_property
+    def _phase_flops(self) -> dict[Phase, int]:
+        """FLOPs of each phase graph specialized so far (a plan names few distinct phases)."""
+        return {}
+
     def ideal_speedup(self, schedule: Schedule) -> float:
         """FLOPs of the baseline's steps over those of ``schedule``'s planned phase graphs (no sampling)."""
-        if not hasattr(self, "_phase_flops"):
-            self._phase_flops: dict[Phase, int] = {}
         plan = schedule.plan(self.regions, self.timesteps)
         total = 0
         for ph in plan.phases:

@@ -58,6 +58,7 @@ import torch.fx as fx
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from ..errors import GraphpassError, ScheduleError, TaggingError
+from ..schedules.adacache import ResidualPhase
 from ..schedules.base import Action, Phase
 from .capture import CapturedGraph, TensorSpec, module_path
 from .flops import graph_flops, node_flops
@@ -732,7 +733,7 @@ def specialize_residual_phase(captured: CapturedGraph, span: BlockSpan, phase: P
     cache and returns the new one and :func:`residual_stats` (with MoReg motion when ``strides`` are given).
     """
     action = phase.action(span.path)
-    mode = getattr(phase, "metric", "none")
+    mode = phase.metric if isinstance(phase, ResidualPhase) else "none"
     unknown = {p for p, _ in phase.actions} - {span.path}
     if unknown:  # requires: the phase speaks of the span only
         raise GraphpassError(f"residual phase names {sorted(unknown)}; it may only name the block span {span.path}")

@@ -21,7 +21,7 @@ from typing import Any, Callable, Protocol, Sequence
 import torch
 
 from ..errors import InputError, ScheduleError
-from ..inspection import report
+from .inspection import report
 from ..passes.capture import CapturedGraph
 from ..passes.residuals import BlockSpan, MetricSite
 from ..passes.specialize import PhaseGraph

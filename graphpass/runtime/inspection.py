@@ -6,18 +6,18 @@ from typing import Any, Protocol, Sequence
 
 import torch.fx as fx
 
-from .passes.capture import CapturedGraph
-from .passes.elide import collective_info, collective_nodes
-from .passes.flops import graph_flops
-from .passes.specialize import PhaseGraph
-from .passes.tag import Region
-from .runtime.cache import frees
-from .schedules.base import Action, Phase, Plan, Schedule
+from ..passes.capture import CapturedGraph
+from ..passes.elide import collective_info, collective_nodes
+from ..passes.flops import graph_flops
+from ..passes.specialize import PhaseGraph
+from ..passes.tag import Region
+from ..schedules.base import Action, Phase, Plan, Schedule
+from .cache import frees
 
 
 class Inspected(Protocol):
-    """What a report reads of an optimized model (:class:`~graphpass.OptimizedModel` is one): the report
-    sits below the runtime, which calls it from ``opt.inspect()``."""
+    """What a report reads of an optimized model (:class:`~graphpass.OptimizedModel` is one, and calls
+    :func:`report` from ``opt.inspect()``)."""
 
     captured: CapturedGraph
     regions: list[Region]
