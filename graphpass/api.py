@@ -28,7 +28,8 @@ def optimize(model: torch.nn.Module, schedule: Schedule | str, *, example_kwargs
     Args:
         model: the DiT (an ``nn.Module`` called with keyword arguments).
         schedule: a :class:`~graphpass.PAB` (or a PAB preset name such as ``"pab246"`` or ``"latte"``).
-            Or a residual step cache: :class:`~graphpass.AdaCache`, :class:`~graphpass.FrozenAdaCache`.
+            Or a residual step cache: :class:`~graphpass.AdaCache`, :class:`~graphpass.FrozenAdaCache`. Any
+            schedule whose type has a registered technique (:func:`graphpass.techniques.technique_for`).
         example_kwargs: one real call's keyword arguments; tensors become graph inputs (the graphs are
             specialized to their shapes unless ``dynamic``), plain constants such as ``return_dict=False`` are
             bound. Omitted: the model is optimized on its first call, which is the example (a

@@ -1,4 +1,5 @@
-"""Backends and saved artefacts: run phase graphs eagerly or with Inductor, export them to ONNX/TensorRT.
+"""Saved artefacts: export a plan's phase graphs to ONNX/TensorRT and load them back as runners of the runtime
+core (backends that run phase graphs in process, eager and Inductor, are :mod:`graphpass.runtime.backends`).
 
     >>> opt = graphpass.optimize(model, "pab246", example_kwargs=kw, timesteps=ts)
     >>> graphpass.export(opt, "out/vdt-onnx")                    # one ONNX file per phase + weights.bin

@@ -1,7 +1,7 @@
 """The runtime core and the optimized model.
 
 :class:`RuntimeCore` steps a plan and owns the caches: for each call it reads the timestep, advances the
-generation of the cache context, asks for the call's phase, runs that phase's :class:`PhaseRunner` with
+generation of the cache context, asks for the call's phase, runs that phase's :class:`~graphpass.runtime.backends.PhaseRunner` with
 the cached tensors it reads, stores what it returns for later steps and frees what no later step reads
 (:func:`~graphpass.runtime.cache.frees`). What a phase is and how it runs are its subclasses' business:
 
@@ -16,13 +16,12 @@ from __future__ import annotations
 import contextlib
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
 from ..errors import InputError, ScheduleError
-from .inspection import report
-from ..passes.capture import CapturedGraph
+from ..passes.capture import CallSignature, CapturedGraph
 from ..passes.residuals import BlockSpan, MetricSite
 from ..passes.specialize import PhaseGraph
 from ..passes.tag import Region
@@ -31,6 +30,7 @@ from ..techniques import Decision, StepCall, technique_for
 from .backends import PhaseProgram, PhaseRunner, make_runner
 from .cache import CacheStore, frees
 from .facade import ModelFacade
+from .inspection import report
 
 TIMESTEP_ORDERS = ("falling", "rising")
 def check_timestep_order(order: str) -> None:
@@ -65,17 +65,6 @@ class GenerationState:
         self.trace = []
 
 
-class CallSignature(Protocol):
-    """How the model is called: keyword arguments -> graph inputs, graph outputs -> the model's output (a
-    :class:`~graphpass.passes.capture.CapturedGraph`, or the call recorded in an exported manifest)."""
-
-    input_names: list[str]
-
-    def flatten_call(self, kwargs: dict[str, Any]) -> list[torch.Tensor]: ...
-
-    def unflatten_outputs(self, leaves) -> Any: ...
-
-
 class RuntimeCore(ModelFacade):
     """Drop-in replacement for the optimized model: same keyword call, same outputs, and the model's face
     for the code around it (``config``, ``dtype``, ``device``, ``save_pretrained``: see
@@ -92,8 +81,11 @@ class RuntimeCore(ModelFacade):
     without ``cache_context``) warns once; a generation that leaves its plan warns once and goes on step by
     step; generations that keep ending after one call (timesteps that rise) warn once.
 
-    Subclasses give :meth:`phase_graph` (the :class:`~graphpass.runtime.backends.PhaseProgram` of a phase)
-    and :meth:`_decide`; ``make_runner(program, backend)`` makes each phase's runner once.
+    Args: ``model``, the wrapped model (None for an exported folder); ``signature``, how it is called;
+    ``schedule``; ``cached``, each region path the phases name -> the cache keys of its outputs (what
+    :func:`~graphpass.runtime.cache.frees` frees); ``make_runner(program, backend)``, which makes each phase's
+    :class:`~graphpass.runtime.backends.PhaseRunner` once. Subclasses give :meth:`phase_graph` (the
+    :class:`~graphpass.runtime.backends.PhaseProgram` of a phase), :meth:`_decide` and :meth:`_make_plan`.
     """
 
     #: Set when the model runs split over ranks (:mod:`graphpass.runtime.parallel`); decisions taken from
