@@ -18,6 +18,7 @@ import torch
 import graphpass
 from conftest import first, make_case, run_loop
 from graphpass import PAB, AdaCache, FrozenAdaCache, ScheduleError
+from graphpass.runtime.inspection import _fmt_bytes
 from graphpass.schedules.base import Schedule
 from graphpass.techniques import Technique, register, technique_for
 from graphpass.techniques.base import StaticPlan, tagged_regions
@@ -40,6 +41,8 @@ LAYERS = [
     {"graphpass"},  # the package's __init__: the public API
 ]
 RANK = {part: i for i, layer in enumerate(LAYERS) for part in layer}
+#: Six sampling steps, all inside the PAB window used below.
+TS = [741.0 - 120 * i for i in range(6)]
 
 
 # --- the import graph ------------------------------------------------------------------------------
@@ -244,6 +247,25 @@ def test_a_served_type_cannot_get_a_second_technique():
     assert technique_for(PAB(spatial=2)).name == "PAB"
 
 
+# --- one cache-freeing rule ------------------------------------------------------------------------
+def test_inspect_reports_the_cache_the_runtime_holds():
+    # inspect() simulates the plan with the runtime's freeing rule; the runtime measures what it holds
+    case = make_case("vdt")
+    opt = graphpass.optimize(case.model, PAB(spatial=2, cross=3, window=(100, 800)), example_kwargs=case.kwargs(),
+                             timesteps=TS)
+    kw, held = case.kwargs(), []
+    x = kw["hidden_states"]
+    with torch.no_grad():
+        for t in TS:
+            out = first(opt(**dict(kw, hidden_states=x, timestep=torch.full_like(kw["timestep"], t))))
+            held.append(opt.cache_nbytes)
+            x = x - 0.1 * out[tuple(slice(0, s) for s in x.shape)]  # conftest.step
+    reported = re.findall(r"(\d+): t=\s*[\d.]+ P\d+\s+([\d.]+ (?:B|KiB|MiB|GiB))", opt.inspect())
+    assert [int(i) for i, _ in reported] == list(range(len(TS)))
+    assert [b for _, b in reported] == [_fmt_bytes(h) for h in held]
+    assert len(set(held)) > 2 and held[-1] == 0  # the cache grew, shrank and was emptied
+
+
 # --- the worked example of docs/architecture.md ----------------------------------------------------
 def _doc_module() -> types.ModuleType:
     """The technique module written out in docs/architecture.md, executed as a module of its own."""
@@ -257,7 +279,6 @@ def _doc_module() -> types.ModuleType:
 
 
 EXAMPLE = _doc_module()
-TS = [741.0 - 120 * i for i in range(6)]
 
 
 class BlockResidualReference:

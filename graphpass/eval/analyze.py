@@ -48,6 +48,8 @@ import torch
 
 from ..errors import InputError
 from ..schedules.base import Action, Phase, Plan, RegionRef, Schedule
+from ..techniques import register
+from ..techniques.pab import attention_technique
 from .harness import Workload, save_figure
 
 #: Default fraction of a kind's range of change below which a step counts as stable.
@@ -84,6 +86,9 @@ class RecordAll(Schedule):
 
     def __str__(self) -> str:
         return "RecordAll()"
+
+
+register(attention_technique("RecordAll", RecordAll))
 
 
 @dataclass

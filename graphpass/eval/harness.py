@@ -37,6 +37,8 @@ from ..passes.specialize import specialize_phase
 from ..passes.tag import Region, tag_attention
 from ..runtime.executor import OptimizedModel
 from ..schedules.base import Phase, Schedule
+from ..techniques import register
+from ..techniques.pab import attention_technique
 from ..workloads import check_samplable, vdt_example_kwargs
 from .metrics import psnr, ssim
 
@@ -174,6 +176,9 @@ class ComputeAll(Schedule):
 
     def __str__(self) -> str:
         return "ComputeAll()"
+
+
+register(attention_technique("ComputeAll", ComputeAll))
 
 
 @dataclass

@@ -17,7 +17,7 @@ from ..passes.residuals import find_metric_site
 from ..passes.tag import Region, _pick_video_input
 from ..schedules.adacache import AdaCache, AdaptiveDecider, FrozenAdaCache, StepRecord
 from ..schedules.base import Action, Phase, Plan, Schedule
-from .base import Decision, Export, StaticPlan, StepCall, StepPolicy, Technique
+from .base import Decision, Export, StepCall, StepPolicy, Technique, static_plan
 from .registry import register
 from .residual import SpanTarget, span_phase, span_target, specialize_span
 
@@ -114,5 +114,5 @@ ADACACHE = register(Technique(
 FROZEN_ADACACHE = register(Technique(
     name="FrozenAdaCache", schedules=(FrozenAdaCache,),
     target=lambda captured, regions, schedule: span_target(captured, regions, schedule.cache_unit),
-    specialize=specialize_span, policy=lambda schedule, target, captured: StaticPlan(schedule, target),
+    specialize=specialize_span, policy=static_plan,
     export=Export(freeze=_freeze)))

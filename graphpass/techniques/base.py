@@ -24,6 +24,7 @@ from typing import Any, Callable, Protocol
 
 import torch
 
+from ..errors import ScheduleError
 from ..passes.capture import CapturedGraph
 from ..passes.residuals import BlockSpan, MetricSite
 from ..passes.specialize import PhaseGraph
@@ -151,6 +152,11 @@ class StaticPlan(StepPolicy):
         return Decision(self.schedule.step_phase(regions, position, i, cached), left_plan=plan is not None)
 
 
+def static_plan(schedule: Schedule, target: Target, captured: CapturedGraph) -> StaticPlan:
+    """The ``policy`` of techniques whose schedules plan statically (a :class:`StaticPlan`)."""
+    return StaticPlan(schedule, target)
+
+
 @dataclass(frozen=True)
 class Export:
     """Whether a technique's phases can be exported (ONNX, TensorRT).
@@ -196,7 +202,7 @@ class Technique:
 
     def __post_init__(self):
         if not self.schedules:
-            raise TypeError(f"technique {self.name!r} serves no schedule type: give schedules=(YourSchedule,)")
+            raise ScheduleError(f"technique {self.name!r} serves no schedule type: give schedules=(YourSchedule,)")
 
 
 def tagged_regions(captured: CapturedGraph, regions: list[Region], schedule: Schedule) -> Target:

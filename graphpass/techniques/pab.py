@@ -12,9 +12,9 @@ from __future__ import annotations
 from ..passes.capture import CapturedGraph
 from ..passes.elide import elide_collectives
 from ..passes.specialize import PhaseGraph, specialize_phase
-from ..schedules.base import Phase
+from ..schedules.base import Phase, Schedule
 from ..schedules.pab import PAB
-from .base import StaticPlan, Target, Technique, tagged_regions
+from .base import Target, Technique, static_plan, tagged_regions
 from .registry import register
 
 
@@ -24,6 +24,15 @@ def specialize_attention(captured: CapturedGraph, target: Target, phase: Phase) 
     return specialize_phase(captured, target.regions, phase, passes=(elide_collectives,))
 
 
-PAB_TECHNIQUE = register(Technique(
-    name="PAB", schedules=(PAB,), target=tagged_regions, specialize=specialize_attention,
-    policy=lambda schedule, target, captured: StaticPlan(schedule, target), parallel=True))
+def attention_technique(name: str, *schedules: type[Schedule]) -> Technique:
+    """A technique whose schedules statically plan what each tagged attention region does (PAB, and the
+    evaluation's schedules that compute or store every region). Sequence parallelism drives it.
+
+    >>> register(attention_technique("RecordAll", RecordAll)).schedules
+    (<class 'graphpass.eval.analyze.RecordAll'>,)
+    """
+    return Technique(name=name, schedules=schedules, target=tagged_regions, specialize=specialize_attention,
+                     policy=static_plan, parallel=True)
+
+
+PAB_TECHNIQUE = register(attention_technique("PAB", PAB))
