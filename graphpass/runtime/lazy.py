@@ -111,4 +111,5 @@ class LazyOptimizedModel(ModelFacade):
 #: What an optimized model adds to the model's face: asked before the first call, a clear error.
 _OPTIMIZED_ATTRS = frozenset({"captured", "regions", "schedule", "backend", "state", "current_plan", "phase_graph",
                               "phase_calls", "cache_nbytes", "timestep_arg", "timestep_order", "decisions", "records",
-                              "span", "metric"})
+                              "span", "metric", "metric_reads", "attention_regions", "technique", "target",
+                              "policy", "freeze", "with_schedule"})
