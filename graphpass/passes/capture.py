@@ -306,7 +306,6 @@ class CapturedGraph(CallSignature):
     """
 
     gm: fx.GraphModule
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def cast_exact(name: str, v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
