@@ -41,8 +41,8 @@ def optimize(model: torch.nn.Module, schedule: Schedule | str, *, example_kwargs
         backend: ``"eager"`` (FX graphs) or ``"inductor"`` (torch.compile per phase graph).
         timesteps: the sampler's timesteps, if known: builds the plan and all phase graphs up front.
         reuse_gated: cache ``gate * output`` as the Open-Sora/Latte reference code does, reusing a stale gate,
-            instead of the raw region output with the current step's gate re-applied (the default; see
-            benchmarks/gate_choice.py for the measured difference).
+            instead of the raw region output with the current step's gate re-applied (the default: a reused
+            output then carries the current step's modulation).
         parallel: a :class:`~graphpass.SequenceParallel` to split the frames over the ranks of a
             ``torch.distributed`` process group (DSP; every rank calls ``optimize`` and the model alike). Phases
             that reuse a temporal attention also skip its all-to-alls. See :mod:`graphpass.runtime.parallel`.

@@ -9,9 +9,11 @@ artefacts, :mod:`graphpass.exporters.artefact`).
 
 * ``eager`` runs the FX graph as is.
 * ``inductor`` compiles it with ``torch.compile(fullgraph=True, dynamic=False)`` on its first call. Each phase
-  graph is its own module with its own code, and its inputs (the model's tensors and the cached tensors)
-  never change shape, so a sampling loop compiles every distinct phase once and never recompiles: the
-  schedule's decisions are which graph runs, not Python state the compiled code would guard on.
+  graph is its own module with its own code, and at one input size its inputs (the model's tensors and the
+  cached tensors) never change shape, so a sampling loop compiles every distinct phase once: the schedule's
+  decisions are which graph runs, not Python state the compiled code would guard on. A model optimized with
+  ``dynamic=True`` serves other sizes; each new size compiles each phase once more (kernels stay specialized
+  to their shapes).
   Inputs on CUDA add CUDA graphs (``mode="reduce-overhead"``); their outputs are copied out of the graph's
   memory pool because cached tensors must survive later replays.
 
