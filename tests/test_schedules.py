@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from graphpass import PAB, Action, Phase
+from graphpass import PAB, Action, Phase, schedule_from_json
 from graphpass.schedules.pab import PRESETS
 from conftest import DDIM_50
 
@@ -166,3 +166,22 @@ def test_step_by_step_reuses_as_the_plan(name):
                 cached.add(r.path)
             elif a == Action.COMPUTE:
                 cached.discard(r.path)
+
+
+def test_schedule_subclass_keeps_its_parents_json_name_and_a_taken_name_is_refused():
+    """A subclass that does not name itself must not take over its parent's JSON entry, and a name that is
+    already another class's is refused."""
+    from dataclasses import dataclass
+
+    from graphpass.errors import ScheduleError
+
+    @dataclass
+    class QuietPAB(PAB):  # no type_name of its own
+        pass
+
+    assert QuietPAB(spatial=2).to_json() == PAB(spatial=2).to_json()
+    assert type(schedule_from_json(PAB(spatial=2, window=(100, 800)).to_json())) is PAB
+    with pytest.raises(ScheduleError, match="'PAB' .* already used by graphpass.schedules.pab.PAB"):
+        @dataclass
+        class Impostor(PAB):
+            type_name = "PAB"

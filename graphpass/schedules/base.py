@@ -112,8 +112,15 @@ class Schedule(ABC):
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
-        if cls.type_name:
-            Schedule._registry[cls.type_name] = cls
+        # Only a class that names itself is registered: a subclass inheriting its parent's name must not
+        # take over the parent's JSON entry.
+        name = cls.__dict__.get("type_name", "")
+        if name:
+            known = Schedule._registry.get(name)
+            if known is not None and (known.__module__, known.__qualname__) != (cls.__module__, cls.__qualname__):
+                raise ScheduleError(f"schedule type name {name!r} of {cls.__qualname__} is already used by "
+                                    f"{known.__module__}.{known.__qualname__}; give the class its own type_name")
+            Schedule._registry[name] = cls
 
     # --- decisions -------------------------------------------------------------------------------
     @property
