@@ -21,11 +21,11 @@ Public API::
 """
 from .api import optimize
 from .pipelines import optimize_pipeline
-from .errors import ArtefactError, CaptureError, GraphpassError, InputError, ScheduleError, TaggingError
+from .errors import ArtefactError, CaptureError, GraphpassError, InputError, ParallelError, ScheduleError, TaggingError
 from .exporters import export, load
 from .runtime.cache import CacheStore
 from .runtime.executor import OptimizedModel
-from .runtime.parallel import ParallelError, SequenceParallel
+from .runtime.parallel import SequenceParallel
 from .schedules import PAB, Action, Phase, Plan, Schedule, schedule_from_json
 from .schedules.adacache import AdaCache, FrozenAdaCache, MoReg
 from .version import __version__

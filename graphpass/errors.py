@@ -31,3 +31,7 @@ class SearchError(ScheduleError):
 
 class WeightsError(ArtefactError, ValueError):
     """A shipped weights file is missing, unreadable, or does not match its config."""
+
+
+class ParallelError(GraphpassError):
+    """A model, a process group or a call does not fit sequence-parallel execution."""

@@ -37,12 +37,12 @@ from __future__ import annotations
 import math
 import operator
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.fx as fx
 
-from ..errors import GraphpassError
+from ..errors import GraphpassError, ParallelError  # noqa: F401  (ParallelError: also imported from here)
 from .capture import CapturedGraph, TensorSpec, module_path
 from .elide import META_KEY, WAIT_OP, CollectiveInfo, collective_nodes
 from .flops import node_flops
@@ -51,10 +51,6 @@ from .tag import Region, _pick_video_input
 
 aten = torch.ops.aten
 _C10D = torch.ops._c10d_functional
-
-
-class ParallelError(GraphpassError):
-    """A model, a process group or a call does not fit sequence-parallel execution."""
 
 
 # --- splits and axes -----------------------------------------------------------------------------
@@ -171,6 +167,7 @@ def _reshape_axis(axis: Axis, in_shape, out_shape) -> Axis:
 # An index map says, for each dim of one tensor operand, which output dim it becomes and whether the op
 # mixes values along it (reduction, contraction, normalisation): {in_dim: (out_dim or None, mixed)}.
 IndexMap = dict[int, tuple[int | None, bool]]
+Maps = list[tuple[fx.Node, IndexMap]]
 
 _RESHAPES = RESHAPES
 _IDENTITY = CASTS | COPIES
@@ -188,146 +185,259 @@ def _arg(n: fx.Node, i: int, name: str, default=None):
     return n.kwargs.get(name, default)
 
 
-def _index_maps(n: fx.Node) -> list[tuple[fx.Node, IndexMap]]:
+def _rk(a: fx.Node) -> int:
+    return len(_shape(a))
+
+
+def _out_rank(n: fx.Node) -> int:
+    return len(_shape(n)) if isinstance(n.meta.get("val"), torch.Tensor) else 0
+
+
+def _keep(x: fx.Node, mixed: set[int] = frozenset()) -> IndexMap:
+    """Each dim of ``x`` stays where it is; those in ``mixed`` are mixed."""
+    return {i: (i, i in mixed) for i in range(_rk(x))}
+
+
+# Each function below gives the index maps of one op family (see :data:`RULES`).
+def _elementwise(n: fx.Node) -> Maps:
+    return [(a, _bcast(_rk(a), _out_rank(n))) for a in n.all_input_nodes]
+
+
+def _expand(n: fx.Node) -> Maps:
+    return [(n.args[0], _bcast(_rk(n.args[0]), _out_rank(n)))]
+
+
+def _permute(n: fx.Node) -> Maps:
+    x, perm = n.args[0], [_norm(p, _out_rank(n)) for p in n.args[1]]
+    return [(x, {i: (perm.index(i), False) for i in range(_rk(x))})]
+
+
+def _transpose(n: fx.Node) -> Maps:
+    x = n.args[0]
+    r = _rk(x)
+    a, b = _norm(n.args[1], r), _norm(n.args[2], r)
+    sw = {a: b, b: a}
+    return [(x, {i: (sw.get(i, i), False) for i in range(r)})]
+
+
+def _t(n: fx.Node) -> Maps:
+    x = n.args[0]
+    return [(x, {i: (_rk(x) - 1 - i, False) for i in range(_rk(x))})]
+
+
+def _unsqueeze(n: fx.Node) -> Maps:
+    x, d = n.args[0], _norm(n.args[1], _out_rank(n))
+    return [(x, {i: (i + (i >= d), False) for i in range(_rk(x))})]
+
+
+def _squeeze(n: fx.Node) -> Maps:
+    x = n.args[0]
+    r = _rk(x)
+    dims = n.args[1] if isinstance(n.args[1], (list, tuple)) else [n.args[1]]
+    gone = {_norm(d, r) for d in dims if _shape(x)[_norm(d, r)] == 1}
+    m, j = {}, 0
+    for i in range(r):
+        m[i] = (None, True) if i in gone else (j, False)
+        j += i not in gone
+    return [(x, m)]
+
+
+def _slice(n: fx.Node) -> Maps:
+    x = n.args[0]
+    d = _norm(_arg(n, 1, "dim", 0), _rk(x))
+    return [(x, _keep(x, set() if _shape(x)[d] == _shape(n)[d] else {d}))]
+
+
+def _select(n: fx.Node) -> Maps:
+    x, d = n.args[0], _norm(n.args[1], _rk(n.args[0]))
+    return [(x, {i: ((None, True) if i == d else (i - (i > d), False)) for i in range(_rk(x))})]
+
+
+def _linear(n: fx.Node) -> Maps:
+    x, w, b = n.args[0], n.args[1], _arg(n, 2, "bias")
+    r, o = _rk(x), _out_rank(n)
+    maps = [(x, _keep(x, {r - 1})), (w, {0: (o - 1, False), 1: (None, True)})]
+    return maps + ([(b, {0: (o - 1, False)})] if isinstance(b, fx.Node) else [])
+
+
+def _layer_norm(n: fx.Node) -> Maps:
+    x = n.args[0]
+    r, k = _rk(x), len(n.args[1])
+    return [(x, _keep(x, set(range(r - k, r))))] + [(a, _bcast(_rk(a), _out_rank(n))) for a in n.args[2:4]
+                                                   if isinstance(a, fx.Node)]
+
+
+def _group_norm(n: fx.Node) -> Maps:
+    x = n.args[0]
+    return [(x, _keep(x, set(range(1, _rk(x)))))] + [(a, {0: (1, False)}) for a in n.args[2:4]
+                                                     if isinstance(a, fx.Node)]
+
+
+def _along_dim(n: fx.Node) -> Maps:
+    """softmax-like: mixes along ``args[1]``."""
+    x = n.args[0]
+    return [(x, _keep(x, {_norm(n.args[1], _rk(x))}))]
+
+
+def _reduce(n: fx.Node) -> Maps:
+    x = n.args[0]
+    r = _rk(x)
+    dims, keep = _arg(n, 1, "dim"), bool(_arg(n, 2, "keepdim", False))
+    red = set(range(r)) if dims in (None, []) else {_norm(d, r) for d in dims}
+    m, j = {}, 0
+    for i in range(r):
+        m[i] = ((j if keep else None), True) if i in red else (j, False)
+        j += keep or i not in red
+    return [(x, m)]
+
+
+def _sdpa(n: fx.Node) -> Maps:
+    q, k, v = n.args[:3]
+    mask, o = _arg(n, 3, "attn_mask"), _out_rank(n)
+    maps = [(q, _keep(q, {_rk(q) - 1}))]
+    for a, last in ((k, None), (v, o - 1)):
+        r = _rk(a)
+        m = {i: (i + o - r, False) for i in range(r - 2)}
+        m[r - 2] = (None, True)
+        m[r - 1] = (last, last is None)
+        maps.append((a, m))
+    if isinstance(mask, fx.Node):
+        r = _rk(mask)
+        m = {i: (i + o - r, False) for i in range(r - 1)}
+        m[r - 1] = (None, True)
+        maps.append((mask, m))
+    return maps
+
+
+def _conv_keeps(n: fx.Node) -> set[int]:
+    """Spatial dims of a convolution that map one input element to one output element (kernel 1, stride 1,
+    no padding): a patch embedding with a frame patch of 1 keeps frames independent."""
+    w = n.args[1]
+    kernel = _shape(w)[2:]
+    stride, padding = _arg(n, 3, "stride", [1]), _arg(n, 4, "padding", [0])
+    if isinstance(padding, str):
+        padding = [0] * len(kernel) if padding == "valid" else [1] * len(kernel)
+    stride = list(stride) * (len(kernel) if len(stride) == 1 else 1)
+    padding = list(padding) * (len(kernel) if len(padding) == 1 else 1)
+    return {2 + i for i, (k, s, p) in enumerate(zip(kernel, stride, padding)) if k == 1 and s == 1 and p == 0}
+
+
+def _conv(n: fx.Node) -> Maps:
+    x = n.args[0]
+    keeps = _conv_keeps(n) if n.target != aten.convolution.default else set()
+    maps = [(x, {i: (i, i == 1 or (i > 1 and i not in keeps)) for i in range(_rk(x))})]
+    return maps + [(a, {i: (None, True) for i in range(_rk(a))}) for a in n.all_input_nodes if a is not x]
+
+
+def _embedding(n: fx.Node) -> Maps:
+    w, idx = n.args[0], n.args[1]
+    return [(w, {0: (None, True), 1: (_out_rank(n) - 1, False)}), (idx, _keep(idx))]
+
+
+def _cat(n: fx.Node) -> Maps:
+    d = _norm(_arg(n, 1, "dim", 0), _out_rank(n))
+    return [(a, _keep(a, {d})) for a in n.args[0]]
+
+
+def _matmul(n: fx.Node) -> Maps:
+    a, b, o = n.args[0], n.args[1], _out_rank(n)
+    ra, rb = _rk(a), _rk(b)
+    ma = {i: (i + o - ra, False) for i in range(ra - 2)}
+    ma.update({ra - 2: (o - 2, False), ra - 1: (None, True)})
+    mb = {i: (i + o - rb, False) for i in range(rb - 2)}
+    mb.update({rb - 2: (None, True), rb - 1: (o - 1, False)})
+    return [(a, ma), (b, mb)]
+
+
+def _repeat_interleave(n: fx.Node) -> Maps:
+    x = n.args[0]
+    return [(x, _keep(x, {_norm(_arg(n, 2, "dim"), _rk(x))}))]
+
+
+def _pad(n: fx.Node) -> Maps:
+    x, pad = n.args[0], n.args[1]
+    return [(x, _keep(x, {_rk(x) - 1 - i for i in range(len(pad) // 2)}))]
+
+
+def _plain_einsum(n: fx.Node) -> bool:
+    eq = n.args[0].replace(" ", "")
+    return "." not in eq and "->" in eq
+
+
+def _einsum(n: fx.Node) -> Maps:
+    ins, out = n.args[0].replace(" ", "").split("->")
+    return [(a, {i: ((out.index(ch), False) if ch in out else (None, True)) for i, ch in enumerate(spec)})
+            for spec, a in zip(ins.split(","), n.args[1])]
+
+
+def _is_pointwise(n: fx.Node) -> bool:
+    return isinstance(n.target, torch._ops.OpOverload) and torch.Tag.pointwise in n.target.tags
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One sharding rule: the ops it matches (``ops``, or any op for which ``check`` holds when ``ops`` is
+    empty), an extra ``check`` on the node, and ``maps``: for each tensor operand, where each of its dims goes
+    in the output and whether the op mixes values along it. The builder derives what happens to the sharded
+    axis from that: kept (and followed to its output dim), or an error naming the op if it is mixed.
+
+    Supporting a new op is one entry, e.g. ``Rule("roll", {aten.roll.default}, _roll_maps)``.
+
+        >>> rule_for(node_of_aten_gelu).name
+        'elementwise'
+    """
+
+    name: str
+    ops: frozenset
+    maps: Callable[[fx.Node], Maps]
+    check: Callable[[fx.Node], bool] = lambda n: True
+
+    def matches(self, n: fx.Node) -> bool:
+        return (n.target in self.ops or not self.ops) and self.check(n)
+
+
+_CONVS = frozenset({aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.convolution.default})
+
+#: The per-op sharding rules, first match wins.
+RULES: tuple[Rule, ...] = (
+    Rule("identity", frozenset(_IDENTITY), _elementwise),
+    Rule("elementwise", frozenset(), _elementwise, _is_pointwise),
+    Rule("expand", frozenset({aten.expand.default}), _expand),
+    Rule("permute", frozenset({aten.permute.default}), _permute),
+    Rule("transpose", frozenset({aten.transpose.int}), _transpose),
+    Rule("t", frozenset({aten.t.default}), _t),
+    Rule("unsqueeze", frozenset({aten.unsqueeze.default}), _unsqueeze),
+    Rule("squeeze", frozenset({aten.squeeze.dim, aten.squeeze.dims}), _squeeze),
+    Rule("slice", frozenset({aten.slice.Tensor}), _slice),
+    Rule("select", frozenset({aten.select.int}), _select),
+    Rule("linear", frozenset({aten.linear.default}), _linear),
+    Rule("layer_norm", frozenset({aten.layer_norm.default}), _layer_norm),
+    Rule("group_norm", frozenset({aten.group_norm.default}), _group_norm),
+    Rule("softmax", frozenset({aten.softmax.int, aten._softmax.default, aten._log_softmax.default,
+                               aten.log_softmax.int}), _along_dim),
+    Rule("reduce", frozenset({aten.mean.dim, aten.sum.dim_IntList, aten.amax.default, aten.amin.default}), _reduce),
+    Rule("attention", frozenset({aten.scaled_dot_product_attention.default}), _sdpa),
+    Rule("convolution", _CONVS, _conv),
+    Rule("embedding", frozenset({aten.embedding.default}), _embedding),
+    Rule("cat", frozenset({aten.cat.default}), _cat),
+    Rule("matmul", frozenset({aten.bmm.default, aten.matmul.default, aten.mm.default}), _matmul),
+    Rule("repeat_interleave", frozenset({aten.repeat_interleave.self_int}), _repeat_interleave),
+    Rule("pad", frozenset({aten.constant_pad_nd.default}), _pad),
+    Rule("einsum", frozenset({aten.einsum.default}), _einsum, _plain_einsum),
+)
+
+
+def rule_for(n: fx.Node) -> Rule | None:
+    """The first rule of :data:`RULES` that matches ``n``, or None."""
+    return next((r for r in RULES if r.matches(n)), None)
+
+
+def _index_maps(n: fx.Node) -> Maps:
     """Index maps of the tensor operands of ``n``; raises KeyError for ops without a rule."""
-    t = n.target
-    out_rank = len(_shape(n)) if isinstance(n.meta.get("val"), torch.Tensor) else 0
-    rk = lambda a: len(_shape(a))  # noqa: E731
-    tensors = [a for a in n.all_input_nodes]
-    if t in _IDENTITY or (isinstance(t, torch._ops.OpOverload) and torch.Tag.pointwise in t.tags):
-        return [(a, _bcast(rk(a), out_rank)) for a in tensors]
-    if t == aten.expand.default:
-        x = n.args[0]
-        return [(x, _bcast(rk(x), out_rank))]
-    if t == aten.permute.default:
-        x, perm = n.args[0], [_norm(p, out_rank) for p in n.args[1]]
-        return [(x, {i: (perm.index(i), False) for i in range(rk(x))})]
-    if t == aten.transpose.int:
-        x = n.args[0]
-        r = rk(x)
-        a, b = _norm(n.args[1], r), _norm(n.args[2], r)
-        sw = {a: b, b: a}
-        return [(x, {i: (sw.get(i, i), False) for i in range(r)})]
-    if t == aten.t.default:
-        x = n.args[0]
-        return [(x, {i: (rk(x) - 1 - i, False) for i in range(rk(x))})]
-    if t == aten.unsqueeze.default:
-        x, d = n.args[0], _norm(n.args[1], out_rank)
-        return [(x, {i: (i + (i >= d), False) for i in range(rk(x))})]
-    if t in (aten.squeeze.dim, aten.squeeze.dims):
-        x = n.args[0]
-        r = rk(x)
-        dims = n.args[1] if isinstance(n.args[1], (list, tuple)) else [n.args[1]]
-        gone = {_norm(d, r) for d in dims if _shape(x)[_norm(d, r)] == 1}
-        m, j = {}, 0
-        for i in range(r):
-            if i in gone:
-                m[i] = (None, True)
-            else:
-                m[i] = (j, False)
-                j += 1
-        return [(x, m)]
-    if t == aten.slice.Tensor:
-        x = n.args[0]
-        d = _norm(_arg(n, 1, "dim", 0), rk(x))
-        whole = _shape(x)[d] == _shape(n)[d]
-        return [(x, {i: (i, i == d and not whole) for i in range(rk(x))})]
-    if t == aten.select.int:
-        x, d = n.args[0], _norm(n.args[1], rk(n.args[0]))
-        return [(x, {i: ((None, True) if i == d else (i - (i > d), False)) for i in range(rk(x))})]
-    if t == aten.linear.default:
-        x, w = n.args[0], n.args[1]
-        b = _arg(n, 2, "bias")
-        r = rk(x)
-        maps = [(x, {**{i: (i, False) for i in range(r - 1)}, r - 1: (None, True)}),
-                (w, {0: (out_rank - 1, False), 1: (None, True)})]
-        if isinstance(b, fx.Node):
-            maps.append((b, {0: (out_rank - 1, False)}))
-        return maps
-    if t == aten.layer_norm.default:
-        x = n.args[0]
-        r, k = rk(x), len(n.args[1])
-        maps = [(x, {i: (i, i >= r - k) for i in range(r)})]
-        for a in n.args[2:4]:
-            if isinstance(a, fx.Node):
-                maps.append((a, _bcast(rk(a), out_rank)))
-        return maps
-    if t == aten.group_norm.default:
-        x = n.args[0]
-        maps = [(x, {i: (i, i > 0) for i in range(rk(x))})]
-        for a in n.args[2:4]:
-            if isinstance(a, fx.Node):
-                maps.append((a, {0: (1, False)}))
-        return maps
-    if t in (aten.softmax.int, aten._softmax.default, aten._log_softmax.default, aten.log_softmax.int):
-        x = n.args[0]
-        d = _norm(n.args[1], rk(x))
-        return [(x, {i: (i, i == d) for i in range(rk(x))})]
-    if t in (aten.mean.dim, aten.sum.dim_IntList, aten.amax.default, aten.amin.default):
-        x = n.args[0]
-        r = rk(x)
-        dims = _arg(n, 1, "dim")
-        keep = bool(_arg(n, 2, "keepdim", False))
-        red = set(range(r)) if dims in (None, []) else {_norm(d, r) for d in dims}
-        m, j = {}, 0
-        for i in range(r):
-            if i in red:
-                m[i] = ((j if keep else None), True)
-                j += keep
-            else:
-                m[i] = (j, False)
-                j += 1
-        return [(x, m)]
-    if t == aten.scaled_dot_product_attention.default:
-        q, k, v = n.args[:3]
-        mask = _arg(n, 3, "attn_mask")
-        maps = [(q, {**{i: (i, False) for i in range(rk(q) - 1)}, rk(q) - 1: (None, True)})]
-        for a, last in ((k, None), (v, out_rank - 1)):
-            r = rk(a)
-            m = {i: (i + out_rank - r, False) for i in range(r - 2)}
-            m[r - 2] = (None, True)
-            m[r - 1] = (last, last is None)
-            maps.append((a, m))
-        if isinstance(mask, fx.Node):
-            r = rk(mask)
-            m = {i: (i + out_rank - r, False) for i in range(r - 1)}
-            m[r - 1] = (None, True)
-            maps.append((mask, m))
-        return maps
-    if t in (aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.convolution.default):
-        x = n.args[0]
-        maps = [(x, {i: (i, i > 0) for i in range(rk(x))})]
-        return maps + [(a, {i: (None, True) for i in range(rk(a))}) for a in tensors if a is not x]
-    if t == aten.embedding.default:
-        w, idx = n.args[0], n.args[1]
-        return [(w, {0: (None, True), 1: (out_rank - 1, False)}), (idx, {i: (i, False) for i in range(rk(idx))})]
-    if t == aten.cat.default:
-        d = _norm(_arg(n, 1, "dim", 0), out_rank)
-        return [(a, {i: (i, i == d) for i in range(rk(a))}) for a in n.args[0]]
-    if t in (aten.bmm.default, aten.matmul.default, aten.mm.default):
-        a, b = n.args[0], n.args[1]
-        ra, rb = rk(a), rk(b)
-        ma = {i: (i + out_rank - ra, False) for i in range(ra - 2)}
-        ma.update({ra - 2: (out_rank - 2, False), ra - 1: (None, True)})
-        mb = {i: (i + out_rank - rb, False) for i in range(rb - 2)}
-        mb.update({rb - 2: (None, True), rb - 1: (out_rank - 1, False)})
-        return [(a, ma), (b, mb)]
-    if t == aten.repeat_interleave.self_int:
-        x = n.args[0]
-        d = _norm(_arg(n, 2, "dim"), rk(x))
-        return [(x, {i: (i, i == d) for i in range(rk(x))})]
-    if t == aten.constant_pad_nd.default:
-        x, pad = n.args[0], n.args[1]
-        padded = {rk(x) - 1 - i for i in range(len(pad) // 2)}
-        return [(x, {i: (i, i in padded) for i in range(rk(x))})]
-    if t == aten.einsum.default:
-        eq = n.args[0].replace(" ", "")
-        if "." in eq or "->" not in eq:
-            raise KeyError(t)
-        ins, out = eq.split("->")
-        return [(a, {i: ((out.index(ch), False) if ch in out else (None, True)) for i, ch in enumerate(spec)})
-                for spec, a in zip(ins.split(","), n.args[1])]
-    raise KeyError(t)
+    rule = rule_for(n)
+    if rule is None:
+        raise KeyError(n.target)
+    return rule.maps(n)
 
 
 def _tuple_maps(n: fx.Node) -> tuple[fx.Node, int, bool]:

@@ -38,10 +38,10 @@ import torch
 import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ..errors import GraphpassError, InputError
+from ..errors import GraphpassError, InputError, ParallelError
 from ..passes.capture import CapturedGraph
 from ..passes.elide import COLLECTIVE_OPS, collective_info, collective_nodes
-from ..passes.parallelize import ParallelError, ShardedGraph, parallelize
+from ..passes.parallelize import ShardedGraph, parallelize
 from ..passes.tag import Region
 from ..schedules.base import Phase, Plan, Schedule
 from ..techniques import technique_for
