@@ -129,6 +129,7 @@ class ShardedGraph:
     world_size: int
     keep_sharded: bool
     collectives: list[str] = field(default_factory=list)
+    mode: str = "dsp"
 
 
 def _shape(n) -> tuple[int, ...]:
@@ -201,6 +202,12 @@ def _keep(x: fx.Node, mixed: set[int] = frozenset()) -> IndexMap:
 # Each function below gives the index maps of one op family (see :data:`RULES`).
 def _elementwise(n: fx.Node) -> Maps:
     return [(a, _bcast(_rk(a), _out_rank(n))) for a in n.all_input_nodes]
+
+
+def _first(n: fx.Node) -> Maps:
+    """Ops whose output is their first operand's values (conversions, copies, ``type_as``, whose second
+    operand only gives the dtype)."""
+    return [(n.args[0], _bcast(_rk(n.args[0]), _out_rank(n)))]
 
 
 def _expand(n: fx.Node) -> Maps:
@@ -370,6 +377,14 @@ def _einsum(n: fx.Node) -> Maps:
             for spec, a in zip(ins.split(","), n.args[1])]
 
 
+def _slice_scatter(n: fx.Node) -> Maps:
+    """``out = x`` with ``src`` written into a strided slice of dim ``d``: only ``d`` moves values."""
+    x, src = n.args[0], n.args[1]
+    d = _norm(_arg(n, 2, "dim", 0), _rk(x))
+    whole = _shape(x)[d] == _shape(src)[d]
+    return [(x, _keep(x, set() if whole else {d})), (src, _keep(src, set() if whole else {d}))]
+
+
 def _is_pointwise(n: fx.Node) -> bool:
     return isinstance(n.target, torch._ops.OpOverload) and torch.Tag.pointwise in n.target.tags
 
@@ -400,8 +415,11 @@ _CONVS = frozenset({aten.conv1d.default, aten.conv2d.default, aten.conv3d.defaul
 
 #: The per-op sharding rules, first match wins.
 RULES: tuple[Rule, ...] = (
-    Rule("identity", frozenset(_IDENTITY), _elementwise),
+    Rule("identity", frozenset(_IDENTITY), _first),
     Rule("elementwise", frozenset(), _elementwise, _is_pointwise),
+    Rule("like", frozenset({aten.empty_like.default, aten.zeros_like.default, aten.ones_like.default,
+                            aten.full_like.default}), _elementwise),
+    Rule("slice_scatter", frozenset({aten.slice_scatter.default}), _slice_scatter),
     Rule("expand", frozenset({aten.expand.default}), _expand),
     Rule("permute", frozenset({aten.permute.default}), _permute),
     Rule("transpose", frozenset({aten.transpose.int}), _transpose),
@@ -411,7 +429,7 @@ RULES: tuple[Rule, ...] = (
     Rule("slice", frozenset({aten.slice.Tensor}), _slice),
     Rule("select", frozenset({aten.select.int}), _select),
     Rule("linear", frozenset({aten.linear.default}), _linear),
-    Rule("layer_norm", frozenset({aten.layer_norm.default}), _layer_norm),
+    Rule("layer_norm", frozenset({aten.layer_norm.default, aten.rms_norm.default}), _layer_norm),
     Rule("group_norm", frozenset({aten.group_norm.default}), _group_norm),
     Rule("softmax", frozenset({aten.softmax.int, aten._softmax.default, aten._log_softmax.default,
                                aten.log_softmax.int}), _along_dim),
@@ -452,14 +470,17 @@ def _tuple_maps(n: fx.Node) -> tuple[fx.Node, int, bool]:
 # --- the builder ---------------------------------------------------------------------------------
 class _Builder:
     def __init__(self, captured: CapturedGraph, regions: list[Region], *, rank: int, world_size: int,
-                 group_name: str, video: str, frame_dim: int, keep_sharded: bool):
+                 group_name: str, video: str, frame_dim: int, keep_sharded: bool, mode: str = "dsp"):
         self.src = captured.gm
         self.captured = captured
         self.rank, self.world, self.group = rank, world_size, group_name
         self.video, self.frame_dim, self.keep_sharded = video, frame_dim, keep_sharded
+        self.mode = mode
         vshape = captured.input_specs[captured.input_names.index(video)].shape
         self.frames = Split.even("frames", vshape[frame_dim], world_size)
-        self.temporal = {r.path: r for r in regions if r.kind == "temporal"}
+        # DSP switches the split around temporal regions; Ulysses around each attention op instead.
+        self.temporal = {r.path: r for r in regions if r.kind == "temporal" and mode == "dsp"}
+        self.owner = {n: r.path for r in regions for n in r.nodes}
         self.region_of = {n: r.path for r in self.temporal.values() for n in r.nodes}
         self.exits_of = {e: r.path for r in self.temporal.values() for e in r.exits}
         self.g = fx.Graph()
@@ -671,6 +692,9 @@ class _Builder:
                 new = self.g.create_node("call_function", n.target, fx.node.map_arg(n.args, lambda a: views[a][0]),
                                          fx.node.map_arg(n.kwargs, lambda a: views[a][0]), name=n.name)
                 self._finish(n, new, _REPLICATED)
+            elif self.mode == "ulysses" and n.target == aten.scaled_dot_product_attention.default \
+                    and self._sequence_sharded(n, views):
+                self.ulysses(n, views)
             else:
                 self.indexwise(n, views)
         except _Mixed as e:
@@ -682,6 +706,54 @@ class _Builder:
                 self.exit_nodes[region].append(self.outside[n][0])
             else:
                 self.exit_nodes[region].append(self.env[n])
+
+    # Ulysses -------------------------------------------------------------------------------------
+    @staticmethod
+    def _sequence_sharded(n: fx.Node, views) -> bool:
+        """Whether the keys or values of attention ``n`` are sharded along their sequence dim."""
+        return any(views[a][1].shard is not None and views[a][1].shard.dim == _rk(a) - 2 for a in n.args[1:3])
+
+    def ulysses(self, n: fx.Node, views) -> None:
+        """Attention over a sequence-sharded q, k, v (B, H, S, D): an all-to-all each switches them from the
+        sequence split to a split of the heads (every rank then attends over the whole sequence with its
+        heads), and one after the op switches the output back. Uneven heads (3 on 2 ranks: 2 + 1) are exact:
+        the all-to-alls carry per-rank sizes."""
+        q, k, v = n.args[:3]
+        if any(_rk(a) != 4 for a in (q, k, v)) or len({_shape(a)[1] for a in (q, k, v)}) != 1:
+            raise _Mixed(f"head-split attention needs q, k, v of shape (B, H, S, D) with the same heads, got "
+                         f"{[list(_shape(a)) for a in (q, k, v)]}")
+        heads = Split.even("heads", _shape(q)[1], self.world)
+        region = self.owner.get(n.name, "")
+        views = dict(views)
+        for a in dict.fromkeys((q, k, v)):
+            views[a] = self.to_heads(a, views[a], heads, region)
+        self.indexwise(n, views)
+        st: _State = self.state[n]
+        seq = views[q][1].frames
+        out = self._switch(self.env[n], _shape(n), n.meta["val"].dtype, cut=(seq, self.frames),
+                           join=(st.shard, heads), region=region, role="exit")
+        new_st = _State(shard=seq, split=self.frames, frames=seq)
+        self.expected[out] = _local_shape(_shape(n), new_st, self.rank)
+        self.env[n], self.state[n] = out, new_st
+
+    def to_heads(self, a: fx.Node, view, heads: Split, region: str) -> tuple[fx.Node, _State]:
+        """``a`` (B, H, S, D) with this rank's heads and the whole sequence."""
+        key = (a, "heads")
+        if key in self.entered:
+            return self.entered[key]
+        new, st = view
+        ha = Axis(1, 1, heads.total)
+        if st.shard is None:  # replicated: keep this rank's heads
+            out = self._slice_replicated(new, _shape(a), 1, ha, heads)
+        elif st.shard.dim == 2:
+            out = self._switch(new, _shape(a), a.meta["val"].dtype, cut=(ha, heads), join=(st.shard, st.split),
+                               region=region, role="enter")
+        else:
+            raise _Mixed(f"attention operand {a.name} is sharded on dim {st.shard.dim}, not its sequence dim 2")
+        new_st = _State(shard=ha, split=heads, frames=st.shard)
+        self.expected[out] = _local_shape(_shape(a), new_st, self.rank)
+        self.entered[key] = (out, new_st)
+        return out, new_st
 
     def _finish(self, n: fx.Node, new: fx.Node, st) -> None:
         new.meta = {k: v for k, v in n.meta.items() if k != "val"}
@@ -780,57 +852,95 @@ class _Builder:
         self.g.output(tuple(outs))
 
 
-def _find_frame_dim(captured: CapturedGraph, video: str, regions: list[Region]) -> list[int]:
+def _find_frame_dim(captured: CapturedGraph, video: str, regions: list[Region], mode: str) -> list[int]:
+    """Candidate dims of the video input to shard, best first: DSP needs the frames (the dim whose size is
+    the temporal attention's length); Ulysses can shard any dim that ends up in the attention sequence, so
+    it tries those dims first, then every other dim after the batch."""
     vshape = captured.input_specs[captured.input_names.index(video)].shape
     lengths = {r.attention_shape[-2] for r in regions if r.kind == "temporal" and r.attention_shape}
-    return [d for d in range(1, len(vshape)) if vshape[d] in lengths]
+    frames = [d for d in range(1, len(vshape)) if vshape[d] in lengths]
+    if mode == "dsp":
+        return frames
+    return frames + [d for d in range(1, len(vshape)) if d not in frames]
+
+
+#: Attention kinds DSP serves: none of them attends over frames and tokens at once.
+DSP_KINDS = frozenset({"spatial", "temporal", "cross"})
+MODES = ("auto", "dsp", "ulysses")
+
+
+def choose_mode(mode: str, regions: list[Region]) -> str:
+    """``"dsp"`` or ``"ulysses"`` for a requested mode: ``"auto"`` is DSP for spatial-temporal models (a
+    temporal region and no attention of another kind, such as joint 3D attention), Ulysses otherwise.
+
+        >>> choose_mode("auto", [Region(kind="temporal", ...), Region(kind="spatial", ...)])
+        'dsp'
+        >>> choose_mode("auto", [Region(kind="joint", ...), Region(kind="mlp", ...)])
+        'ulysses'
+    """
+    if mode not in MODES:
+        raise ParallelError(f"unknown sequence-parallel mode {mode!r}; choose one of {', '.join(MODES)}")
+    if mode != "auto":
+        return mode
+    attention = {r.kind for r in regions if r.attention_shape} or {r.kind for r in regions} - {"mlp"}
+    return "dsp" if "temporal" in attention and attention <= DSP_KINDS else "ulysses"
 
 
 def parallelize(captured: CapturedGraph, regions: list[Region], *, rank: int, world_size: int, group_name: str,
                 video_input: str | None = None, frame_dim: int | None = None,
-                keep_sharded: bool = False) -> ShardedGraph:
+                keep_sharded: bool = False, mode: str = "dsp") -> ShardedGraph:
     """The graph rank ``rank`` of ``world_size`` runs (see the module docstring).
 
-    requires: at least one temporal region; at least one frame per rank.
+    ``mode``: ``"dsp"`` (frames split, all-to-alls around temporal regions), ``"ulysses"`` (the sequence
+    split by frames everywhere, all-to-alls between sequence and heads around every attention op that
+    attends over the split), or ``"auto"`` (:func:`choose_mode`).
+
+    requires: DSP: at least one temporal region; at least one frame per rank.
     ensures: every node's shape (fake-tensor propagation) equals the predicted local shape; original nodes
     keep their names (regions still name them); every temporal region's attention sees all frames.
     """
+    mode = choose_mode(mode, regions)
     temporal = [r for r in regions if r.kind == "temporal"]
-    if not temporal:
+    if not temporal and mode == "dsp":
         kinds = ", ".join(sorted({r.kind for r in regions}))
         raise ParallelError(
             f"{captured.model_type} has no temporal attention region (it has: {kinds}). DSP shards frames and "
             f"exchanges them only around temporal attention; a model whose attention spans all frames at once "
-            f"(joint 3D attention) needs head-split (Ulysses) attention instead. If a region is temporal but was "
-            f"tagged otherwise, pass kinds={{'<module path>': 'temporal'}} to graphpass.optimize.")
+            f"(joint 3D attention) needs head-split (Ulysses) attention instead: SequenceParallel(mode='ulysses') "
+            f"or mode='auto'. If a region is temporal but was tagged otherwise, pass "
+            f"kinds={{'<module path>': 'temporal'}} to graphpass.optimize.")
     if world_size < 1 or not 0 <= rank < world_size:
         raise ParallelError(f"rank {rank} is not in a group of {world_size}")
     video = _pick_video_input(captured, video_input)
     vshape = captured.input_specs[captured.input_names.index(video)].shape
-    candidates = [frame_dim] if frame_dim is not None else _find_frame_dim(captured, video, regions)
+    candidates = [frame_dim] if frame_dim is not None else _find_frame_dim(captured, video, regions, mode)
     if not candidates:
         raise ParallelError(f"no dim of video input {video!r} {list(vshape)} matches the temporal attention length "
                             f"{sorted({r.attention_shape[-2] for r in temporal})}; pass SequenceParallel(frame_dim=...)")
-    frame_dim = _norm(candidates[0], len(vshape))
-    if vshape[frame_dim] < world_size:
-        raise ParallelError(f"{vshape[frame_dim]} frames cannot be split over {world_size} ranks (each rank needs at "
-                            f"least one frame); use fewer ranks (at most {vshape[frame_dim]})")
+    candidates = [_norm(c, len(vshape)) for c in candidates]
+    if frame_dim is not None or mode == "dsp":
+        if vshape[candidates[0]] < world_size:
+            raise ParallelError(f"{vshape[candidates[0]]} frames cannot be split over {world_size} ranks (each rank "
+                                f"needs at least one frame); use fewer ranks (at most {vshape[candidates[0]]})")
+    else:
+        candidates = [c for c in candidates if vshape[c] >= world_size] or candidates[:1]
     errors = []
     for cand in candidates:
         b = _Builder(captured, regions, rank=rank, world_size=world_size, group_name=group_name, video=video,
-                     frame_dim=_norm(cand, len(vshape)), keep_sharded=keep_sharded)
+                     frame_dim=cand, keep_sharded=keep_sharded, mode=mode)
         try:
             graph = b.run()
         except ParallelError as e:
-            errors.append(e)
+            errors.append((-len(b.env), e))  # the candidate that got furthest explains best why none fits
             continue
         bad = [name for name, ok in b.frames_at_attention if not ok]
         if bad:
-            errors.append(ParallelError(f"with frames on dim {cand} of {video!r}, temporal attention {bad[0]} does "
-                                        f"not attend over frames; pass SequenceParallel(frame_dim=...)"))
+            errors.append((-len(b.env), ParallelError(f"with frames on dim {cand} of {video!r}, temporal attention "
+                                                      f"{bad[0]} does not attend over frames; pass "
+                                                      f"SequenceParallel(frame_dim=...)")))
             continue
         return _finish(captured, regions, b, graph)
-    raise errors[0]
+    raise min(errors, key=lambda e: e[0])[1]
 
 
 def _finish(captured: CapturedGraph, regions: list[Region], b: _Builder, graph: fx.Graph) -> ShardedGraph:
@@ -861,7 +971,7 @@ def _finish(captured: CapturedGraph, regions: list[Region], b: _Builder, graph: 
                           constants=dict(captured.constants), out_spec=captured.out_spec,
                           model_type=captured.model_type)
     return ShardedGraph(captured=local, regions=local_regions, frames=b.frames, video_input=b.video,
-                        frame_dim=b.frame_dim, rank=b.rank, world_size=b.world, keep_sharded=b.keep_sharded,
+                        frame_dim=b.frame_dim, rank=b.rank, world_size=b.world, keep_sharded=b.keep_sharded, mode=b.mode,
                         collectives=[n.name for n in collective_nodes(gm.graph)])
 
 

@@ -41,7 +41,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from ..errors import GraphpassError, InputError, ParallelError
 from ..passes.capture import CapturedGraph
 from ..passes.elide import COLLECTIVE_OPS, collective_info, collective_nodes
-from ..passes.parallelize import ShardedGraph, parallelize
+from ..passes.parallelize import MODES, ShardedGraph, parallelize
 from ..passes.tag import Region
 from ..schedules.base import Phase, Plan, Schedule
 from ..techniques import technique_for
@@ -56,6 +56,13 @@ class SequenceParallel:
     """Sequence parallelism over frames (DSP) for :func:`graphpass.optimize` (``parallel=``).
 
     Fields:
+        mode: ``"dsp"``: frames split over the ranks, all-to-alls around temporal attention (spatial-temporal
+            models: Latte, VDT, Open-Sora). ``"ulysses"``: the token sequence split over the ranks (by frames)
+            everywhere, and around every attention op over the split sequence an all-to-all each for q, k and
+            v from sequence to heads, and one for the output back (joint 3D attention: CogVideoX, Wan,
+            HunyuanVideo); heads that do not divide by the ranks split unevenly (3 on 2 ranks: 2 + 1), text
+            tokens concatenated into the sequence stay whole on every rank. ``"auto"`` (default): DSP for a
+            model whose attention is only spatial, temporal and cross, Ulysses otherwise.
         group: the ``torch.distributed`` process group to split frames over; ``None`` = the default group
             (``torch.distributed.init_process_group`` must have been called, e.g. under ``torchrun``).
         keep_sharded: ``False``: every rank passes whole inputs and gets whole outputs (the graph takes its
@@ -82,6 +89,7 @@ class SequenceParallel:
         >>> sp = SequenceParallel(keep_sharded=True, world_size=2)
     """
 
+    mode: str = "auto"
     group: Any = None
     keep_sharded: bool = False
     world_size: int | None = None
@@ -357,11 +365,13 @@ def connect(config: SequenceParallel, schedule: Schedule) -> ParallelRuntime:
         err = ParallelError(f"{type(schedule).__name__} is run by the {technique.name} technique, which "
                             f"SequenceParallel does not drive yet; use a PAB schedule with parallel=, or run "
                             f"{type(schedule).__name__} on one process")
+    elif config.mode not in MODES:
+        err = ParallelError(f"SequenceParallel(mode={config.mode!r}) is not a mode; choose one of {', '.join(MODES)}")
     elif config.world_size is not None and config.world_size != rt.world_size:
         err = ParallelError(f"SequenceParallel(world_size={config.world_size}) but the process group has "
                             f"{rt.world_size} ranks; launch {config.world_size} processes (torchrun "
                             f"--nproc_per_node {config.world_size}) or drop world_size=")
-    rt.agree(err, (schedule.to_json(), config.keep_sharded, config.frame_dim, config.check_calls, config.check_inputs,
+    rt.agree(err, (schedule.to_json(), config.mode, config.keep_sharded, config.frame_dim, config.check_calls, config.check_inputs,
                    rt.world_size))
     return rt
 
@@ -373,7 +383,8 @@ def build(model: torch.nn.Module, captured: CapturedGraph, regions: list[Region]
     err, sharded = None, None
     try:
         sharded = parallelize(captured, regions, rank=rt.rank, world_size=rt.world_size, group_name=rt.group_name,
-                              video_input=video_input, frame_dim=config.frame_dim, keep_sharded=config.keep_sharded)
+                              video_input=video_input, frame_dim=config.frame_dim, keep_sharded=config.keep_sharded,
+                              mode=config.mode)
     except GraphpassError as e:
         err = e
     rt.agree(err, (captured.model_type, [(n, str(s)) for n, s in zip(captured.input_names, captured.input_specs)]))

@@ -292,3 +292,111 @@ def rank_death_checks(rank: int, world_size: int, check_calls: bool = True) -> d
 
 def rank_death_checks_unchecked(rank: int, world_size: int) -> dict:
     return rank_death_checks(rank, world_size, check_calls=False)
+
+
+# --- Ulysses on joint-attention models -------------------------------------------------------------
+#: The joint attention modules of each model, written from the model code, for the reference PAB.
+JOINT_MODULES = {
+    "wan": [f"blocks.{i}.attn1" for i in range(2)],
+    "wan-odd": [f"blocks.{i}.attn1" for i in range(2)],
+    "cogvideox": [f"transformer_blocks.{i}.attn1" for i in range(2)],
+    "hunyuan": ["transformer_blocks.0.attn", "single_transformer_blocks.0.attn"],
+}
+JOINT_SCHEDULE = PAB(joint=2, window=(100, 900))
+VDT_ULYSSES_SCHEDULE = PAB(temporal=2, cross=2, window=(100, 900))
+
+
+def _wan_odd():
+    """Wan with 3 heads (not divisible by 2 ranks) and 3 frames of 3x5 tokens (45 tokens: 30 + 15)."""
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(0)
+    model = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=3, attention_head_dim=12,
+                                  in_channels=4, out_channels=4, text_dim=16, freq_dim=16, ffn_dim=72,
+                                  num_layers=2).eval()
+
+    def kwargs():
+        g = torch.Generator().manual_seed(2)
+        return dict(hidden_states=torch.randn(2, 4, 3, 6, 10, generator=g), timestep=torch.full((2,), 999),
+                    encoder_hidden_states=torch.randn(2, 5, 16, generator=g), return_dict=False)
+    return model, kwargs
+
+
+def joint_case(name: str):
+    """(model, kwargs factory) of a tiny joint-attention model."""
+    if name == "wan-odd":
+        return _wan_odd()
+    if name in ("vdt", "cogvideox"):
+        case = make_case(name)
+        return case.model, case.kwargs
+    from zoo import ZOO
+
+    z = ZOO[{"hunyuan": "hunyuan-video"}.get(name, name)]
+    return z.build(), z.kwargs
+
+
+def _per_call_counts(opt, kwargs, timesteps) -> tuple[list, list]:
+    """Outputs and the collectives counted during each call."""
+    kw, x, outs, per_call = dict(kwargs), kwargs["hidden_states"], [], []
+    from conftest import first, step
+
+    with torch.no_grad():
+        for t in timesteps:
+            kw["hidden_states"], kw["timestep"] = x, torch.full_like(kwargs["timestep"], t)
+            with count_collectives() as c:
+                out = opt(**kw)
+            outs.append(first(out))
+            per_call.append(_counts(c))
+            x = step(x, out)
+    return outs, per_call
+
+
+def ulysses_model_checks(rank: int, world_size: int, name: str) -> dict:
+    """One joint-attention model in Ulysses mode: without reuse (above the window) against eager, with PAB
+    against single-process PAB on the eager model; collectives counted per call against the phase graphs."""
+    model, kwargs = joint_case(name)
+    vdt = name == "vdt"
+    schedule = VDT_ULYSSES_SCHEDULE if vdt else JOINT_SCHEDULE
+    modules = REFERENCE_MODULES["vdt"] if vdt else {p: "joint" for p in JOINT_MODULES[name]}
+    ranges = {"temporal": 2, "cross": 2} if vdt else {"joint": 2}
+    eager = run_loop(model, kwargs(), ABOVE)
+    ref = ReferencePAB(model, modules, ranges=ranges, window=schedule.window)
+    try:
+        single_pab = run_loop(ref, kwargs(), TIMESTEPS)
+    finally:
+        ref.restore()
+    opt = graphpass.optimize(model, schedule, example_kwargs=kwargs(), timesteps=TIMESTEPS,
+                             parallel=SequenceParallel(mode="ulysses" if vdt else "auto"))
+    res: dict = {"rank": rank, "mode": opt.sharded.mode, "frames": opt.sharded.frames.sizes}
+    for label, ts, want in (("plain", ABOVE, eager), ("pab", TIMESTEPS, single_pab)):
+        out, per_call = _per_call_counts(opt, kwargs(), ts)
+        res[label] = dict(rel=max(float((o - w).abs().max() / w.abs().max()) for o, w in zip(out, want)),
+                          per_call=per_call)
+    plan = opt.current_plan
+    res["predicted"] = [_counts(_phase_counts(opt, ph)) for ph in plan.phases]
+    res["reused"] = [sorted(ph.reused) for ph in plan.phases]
+    res["attention"] = sorted(r.path for r in opt.regions if r.kind in ("joint", "temporal"))
+    res["heads"] = sorted({_heads_of(opt, n) for n in collective_nodes(opt.captured.gm.graph)} - {None})
+    res["roles"] = [(collective_info(n).region, collective_info(n).role, collective_info(n).kind)
+                    for n in collective_nodes(opt.captured.gm.graph)]
+    res["inspect"] = opt.inspect()
+    run_loop(opt, kwargs(), TIMESTEPS[:1])
+    glob = {k: math.prod(s.shape) for r in opt.global_regions for k, s in zip(r.cache_keys, r.exit_specs)}
+    cache = opt.state().cache
+    res["cache"] = [(k, cache.get(k).numel(), glob[k]) for k in cache.keys()]
+    return res
+
+
+def _phase_counts(opt, ph):
+    out = sp.CollectiveCounts()
+    for _, info in opt.collectives(ph)[0]:
+        out.add(info.kind, info.bytes_sent)
+    return out
+
+
+def _heads_of(opt, node):
+    return None
+
+
+def ulysses_all(rank: int, world_size: int) -> dict:
+    return {name: ulysses_model_checks(rank, world_size, name) for name in ("wan", "wan-odd", "vdt")}
