@@ -83,11 +83,29 @@ class Split:
 @dataclass(frozen=True)
 class Axis:
     """Where a logical axis (frames, tokens) sits in a tensor: dimension ``dim`` has size
-    ``outer * size * inner`` and the axis is its middle factor (``inner`` elements below it)."""
+    ``outer * size * inner`` and the axis is its middle factor (``inner`` elements below it).
+
+    A *segment* (``pre`` or ``post`` > 0) is a sequence with whole, unsplit elements on either side of the
+    axis: text tokens concatenated before (CogVideoX) or after (HunyuanVideo) the video tokens. Its dim has
+    size ``pre + size * inner + post``; every rank holds the ``pre`` and ``post`` elements whole.
+
+        >>> Axis(1, 16, 3, pre=5)        # (B, 5 + 3*16, D): 5 text tokens, then 3 frames of 16 tokens
+    """
 
     dim: int
     inner: int
     size: int
+    pre: int = 0
+    post: int = 0
+
+    @property
+    def segment(self) -> bool:
+        return bool(self.pre or self.post)
+
+    def local_length(self, length: int, split: "Split", rank: int) -> int:
+        """The dim's length on ``rank`` when its global length is ``length``."""
+        middle = length - self.pre - self.post
+        return middle // self.size * split.sizes[rank] + self.pre + self.post
 
 
 @dataclass(frozen=True)
@@ -147,13 +165,20 @@ def _norm(d: int, rank: int) -> int:
 def _local_shape(shape: tuple[int, ...], st: _State, rank: int) -> list[int]:
     out = list(shape)
     if st.shard is not None:
-        a = st.shard
-        out[a.dim] = shape[a.dim] // a.size * st.split.sizes[rank]
+        out[st.shard.dim] = st.shard.local_length(shape[st.shard.dim], st.split, rank)
     return out
 
 
 def _reshape_axis(axis: Axis, in_shape, out_shape) -> Axis:
-    """The axis after a row-major reshape, or _Mixed if the reshape splits it across dims."""
+    """The axis after a row-major reshape, or _Mixed if the reshape splits it across dims. A segment's dim
+    must stay one whole dim (same size, same elements before it)."""
+    if axis.segment:
+        before = math.prod(in_shape[:axis.dim])
+        for d in range(len(out_shape)):
+            if math.prod(out_shape[:d]) == before and out_shape[d] == in_shape[axis.dim]:
+                return replace(axis, dim=d)
+        raise _Mixed(f"the reshape {list(in_shape)} -> {list(out_shape)} reshapes a sequence of whole and split "
+                     f"tokens")
     stride = axis.inner * math.prod(in_shape[axis.dim + 1:])
     suffix = 1
     for d in range(len(out_shape) - 1, -1, -1):
@@ -556,10 +581,17 @@ class _Builder:
         return self.call(aten.reshape.default, joined, local, hint="merge")
 
     def _slice_replicated(self, a_new: fx.Node, a_shape, dim: int, ax: Axis, split: Split) -> fx.Node:
-        key = (a_new, dim, ax.inner, ax.size, split)
+        key = (a_new, dim, ax, split)
         if key in self.sliced:
             return self.sliced[key]
         s, me = split, self.rank
+        if ax.segment:  # whole prefix, this rank's block of the middle, whole suffix
+            lo, n = ax.pre + s.offsets[me] * ax.inner, s.sizes[me] * ax.inner
+            parts = [(0, ax.pre), (lo, lo + n), (a_shape[dim] - ax.post, a_shape[dim])]
+            out = self.call(aten.cat.default, [self.call(aten.slice.Tensor, a_new, dim, b, e, hint="local")
+                                               for b, e in parts if e > b], dim, hint="local")
+            self.sliced[key] = out
+            return out
         ex, (pos,) = self._expanded(a_shape, [(Axis(dim, ax.inner, ax.size), ax.size)])
         x = self.call(aten.reshape.default, a_new, ex, hint="view")
         x = self.call(aten.slice.Tensor, x, pos, s.offsets[me], s.offsets[me] + s.sizes[me], hint="local")
@@ -684,7 +716,9 @@ class _Builder:
             self._finish(n, new, [_REPLICATED] * len(val) if isinstance(val, (list, tuple)) else _REPLICATED)
             return
         try:
-            if n.target in _RESHAPES:
+            if self._along_shard(n, views):
+                self.sequence_op(n, views)
+            elif n.target in _RESHAPES:
                 self.reshape(n, views)
             elif n.target in _TUPLE_SPLITS:
                 self.split(n, views)
@@ -730,11 +764,53 @@ class _Builder:
         self.indexwise(n, views)
         st: _State = self.state[n]
         seq = views[q][1].frames
-        out = self._switch(self.env[n], _shape(n), n.meta["val"].dtype, cut=(seq, self.frames),
-                           join=(st.shard, heads), region=region, role="exit")
+        if seq is None or seq.dim != 2:
+            raise _Mixed("its queries are not split along their sequence while its keys are")
+        dtype = n.meta["val"].dtype
+        switch = lambda x, shape, core: self._switch(x, shape, dtype, cut=(core, self.frames),  # noqa: E731
+                                                     join=(st.shard, heads), region=region, role="exit")
+        gather = lambda x, shape: self._all_gather(x, shape, dtype, st.shard, heads, region)  # noqa: E731
+        out = self._by_segment(self.env[n], _shape(n), seq, switch, gather)
         new_st = _State(shard=seq, split=self.frames, frames=seq)
         self.expected[out] = _local_shape(_shape(n), new_st, self.rank)
         self.env[n], self.state[n] = out, new_st
+
+    def _by_segment(self, x: fx.Node, shape, seq: Axis, middle, ends, local_split: Split | None = None) -> fx.Node:
+        """Apply ``middle(x, global shape, axis)`` to the split part of sequence dim ``seq.dim`` of ``x`` and
+        ``ends(x, global shape)`` to the whole elements before and after it, and concatenate the results.
+        ``local_split``: the middle is split by it in ``x`` (before an all-to-all), else it is whole in ``x``."""
+        core = replace(seq, pre=0, post=0)
+        if not seq.segment:
+            return middle(x, shape, core)
+        d, n_mid = seq.dim, seq.size * seq.inner
+        n_here = n_mid if local_split is None else local_split.sizes[self.rank] * seq.inner
+        pieces, start = [], 0
+        for length, here, fn in ((seq.pre, seq.pre, ends), (n_mid, n_here, middle), (seq.post, seq.post, ends)):
+            if length:
+                piece = self.call(aten.slice.Tensor, x, d, start, start + here, hint="piece")
+                g = list(shape)
+                g[d] = length
+                pieces.append(fn(piece, g) if fn is ends else fn(piece, g, core))
+            start += here
+        return self.call(aten.cat.default, pieces, d, hint="sequence")
+
+    def _all_gather(self, x: fx.Node, shape, dtype, ax: Axis, split: Split, region: str) -> fx.Node:
+        """The whole of dim ``ax.dim`` (global ``shape``) from every rank's block (padded to the largest)."""
+        me, w, d = self.rank, self.world, ax.dim
+        big = max(split.sizes)
+        rest = [s for i, s in enumerate(shape) if i != d]
+        x = self.call(aten.movedim.int, x, d, 0, hint="split_first")
+        x = self.call(aten.constant_pad_nd.default, x, [0, 0] * len(rest) + [0, big - split.sizes[me]], 0.0,
+                      hint="pad")
+        x = self.call(aten.clone.default, x, hint="contiguous")
+        info = CollectiveInfo("all_gather", region, "exit", big * math.prod(rest) * dtype.itemsize * (w - 1))
+        c = self.call(_C10D.all_gather_into_tensor.default, x, w, self.group, hint="all_gather")
+        c.meta[META_KEY] = info
+        self.collectives.append(c)
+        y = self.call(WAIT_OP, c, hint="wait")
+        blocks = [self.call(aten.slice.Tensor, y, 0, i * big, i * big + split.sizes[i], hint="rank") for i in range(w)]
+        y = self.call(aten.cat.default, blocks, 0, hint="whole")
+        return self.call(aten.movedim.int, y, 0, d, hint="split_back")
 
     def to_heads(self, a: fx.Node, view, heads: Split, region: str) -> tuple[fx.Node, _State]:
         """``a`` (B, H, S, D) with this rank's heads and the whole sequence."""
@@ -746,14 +822,107 @@ class _Builder:
         if st.shard is None:  # replicated: keep this rank's heads
             out = self._slice_replicated(new, _shape(a), 1, ha, heads)
         elif st.shard.dim == 2:
-            out = self._switch(new, _shape(a), a.meta["val"].dtype, cut=(ha, heads), join=(st.shard, st.split),
-                               region=region, role="enter")
+            switch = lambda x, shape, core: self._switch(x, shape, a.meta["val"].dtype, cut=(ha, heads),  # noqa
+                                                         join=(core, st.split), region=region, role="enter")
+            mine = lambda x, shape: self._slice_replicated(x, shape, 1, ha, heads)  # noqa: E731
+            out = self._by_segment(new, _shape(a), replace(st.shard, pre=st.shard.pre, post=st.shard.post), switch,
+                                   mine, local_split=st.split)
         else:
             raise _Mixed(f"attention operand {a.name} is sharded on dim {st.shard.dim}, not its sequence dim 2")
         new_st = _State(shard=ha, split=heads, frames=st.shard)
         self.expected[out] = _local_shape(_shape(a), new_st, self.rank)
         self.entered[key] = (out, new_st)
         return out, new_st
+
+    # joining and cutting a sequence of whole and split tokens -------------------------------------
+    @staticmethod
+    def _along_shard(n: fx.Node, views) -> bool:
+        """A cat, slice or split whose dim is the sharded dim of an operand (and that is not a no-op)."""
+        if n.target == aten.cat.default:
+            d = _norm(_arg(n, 1, "dim", 0), len(_shape(n)))
+            return any(views[a][1].shard is not None and views[a][1].shard.dim == d for a in n.args[0])
+        if n.target in (aten.slice.Tensor, aten.split.Tensor, aten.split_with_sizes.default):
+            x = n.args[0]
+            st = views[x][1]
+            d = _norm(_arg(n, 1 if n.target == aten.slice.Tensor else 2, "dim", 0), _rk(x))
+            return st.shard is not None and st.shard.dim == d and not (
+                n.target == aten.slice.Tensor and _shape(n)[d] == _shape(x)[d])
+        return False
+
+    def sequence_op(self, n: fx.Node, views) -> None:
+        if n.target == aten.cat.default:
+            self.cat_segment(n, views)
+        elif n.target == aten.slice.Tensor:
+            x = n.args[0]
+            d = _norm(_arg(n, 1, "dim", 0), _rk(x))
+            start, end = _arg(n, 2, "start"), _arg(n, 3, "end")
+            if _arg(n, 4, "step", 1) != 1:
+                raise _Mixed(f"it takes every {_arg(n, 4, 'step', 1)}th element of the sharded dim")
+            length = _shape(x)[d]
+            start, end = slice(start, end).indices(length)[:2]
+            (lo, hi), st = self._cut(views[x][1], length, start, end)
+            new = self.g.create_node("call_function", aten.slice.Tensor, (views[x][0], d, lo, hi), {}, name=n.name)
+            self._finish(n, new, st)
+        else:
+            x = n.args[0]
+            d = _norm(_arg(n, 2, "dim", 0), _rk(x))
+            length, sizes = _shape(x)[d], [int(v.shape[d]) for v in n.meta["val"]]
+            pieces, start = [], 0
+            for size in sizes:
+                pieces.append(self._cut(views[x][1], length, start, start + size))
+                start += size
+            local = [hi - lo for (lo, hi), _ in pieces]
+            new = self.g.create_node("call_function", aten.split_with_sizes.default, (views[x][0], local, d), {},
+                                     name=n.name)
+            self._finish(n, new, [st for _, st in pieces])
+
+    def _cut(self, st: _State, length: int, start: int, end: int) -> tuple[tuple[int, int], _State]:
+        """Elements ``start:end`` of a sharded dim of global ``length``: (local start, local end) and the
+        piece's state. A piece may be whole elements only (replicated), the split middle with any whole
+        elements around it (a sequence), nothing else.
+
+            >>> b._cut(_State(Axis(1, 4, 3, pre=5), Split("frames", (2, 1)), ...), 17, 0, 5)    # rank 0
+            ((0, 5), _REPLICATED)              # the 5 text tokens
+        """
+        a = st.shard
+        middle = a.size * a.inner
+        if length != a.pre + middle + a.post:
+            raise _Mixed(f"it cuts a dim that holds the sharded {st.split.name} axis {length // middle} times")
+        n_local = st.split.sizes[self.rank] * a.inner
+        shift = middle - n_local  # elements after the middle move this much towards the start locally
+        if end <= a.pre:
+            return (start, end), _REPLICATED
+        if start >= a.pre + middle:
+            return (start - shift, end - shift), _REPLICATED
+        if start <= a.pre and end >= a.pre + middle:
+            piece = replace(a, pre=a.pre - start, post=end - a.pre - middle)
+            frames = piece if st.frames == a else st.frames
+            return (start, end - shift), _State(shard=piece, split=st.split, frames=frames)
+        raise _Mixed(f"it cuts elements {start}:{end} of a dim whose elements {a.pre}:{a.pre + middle} are split "
+                     f"over the ranks (only whole pieces of the split part can be cut)")
+
+    def cat_segment(self, n: fx.Node, views) -> None:
+        """cat along the sharded dim of one operand: the others (whole on every rank) become the segment's
+        whole elements before or after it."""
+        d = _norm(_arg(n, 1, "dim", 0), len(_shape(n)))
+        parts = n.args[0]
+        sharded = [i for i, a in enumerate(parts) if views[a][1].shard is not None]
+        if len(sharded) != 1:
+            raise _Mixed("it concatenates several sharded tensors along the sharded dim")
+        (i,) = sharded
+        st = views[parts[i]][1]
+        a = st.shard
+        if _shape(parts[i])[d] != a.pre + a.size * a.inner + a.post:
+            raise _Mixed("it concatenates along a dim that holds the sharded axis several times")
+        if any(views[b][1].shard is not None for b in parts if b is not parts[i]):
+            raise _Mixed("it concatenates tensors sharded along other dims")
+        pre = sum(_shape(b)[d] for b in parts[:i])
+        post = sum(_shape(b)[d] for b in parts[i + 1:])
+        seg = replace(a, pre=a.pre + pre, post=a.post + post)
+        frames = seg if st.frames == a else st.frames
+        new = self.g.create_node("call_function", aten.cat.default, ([views[b][0] for b in parts], d), {},
+                                 name=n.name)
+        self._finish(n, new, _State(shard=seg, split=st.split, frames=frames))
 
     def _finish(self, n: fx.Node, new: fx.Node, st) -> None:
         new.meta = {k: v for k, v in n.meta.items() if k != "val"}
@@ -783,7 +952,7 @@ class _Builder:
         if st.shard.dim == d:
             raise _Mixed(f"it splits the sharded {st.split.name} dim {d}")
         move = lambda a: None if a is None else (  # noqa: E731
-            None if removed and a.dim == d else Axis(a.dim - (removed and a.dim > d), a.inner, a.size))
+            None if removed and a.dim == d else replace(a, dim=a.dim - (removed and a.dim > d)))
         out = _State(shard=move(st.shard), split=st.split, frames=move(st.frames))
         new = self.g.create_node("call_function", n.target, (new_x, *n.args[1:]), dict(n.kwargs), name=n.name)
         self._finish(n, new, [out] * len(n.meta["val"]))
@@ -805,14 +974,14 @@ class _Builder:
                                  f"{a.name})")
                 if out_shape[od] != _shape(a)[st.shard.dim]:
                     raise _Mixed(f"it resizes the sharded {st.split.name} dim")
-                cand = Axis(od, st.shard.inner, st.shard.size)
+                cand = replace(st.shard, dim=od)
                 if shard is not None and (cand, st.split) != (shard, split):
                     raise _Mixed(f"its operands are sharded along different axes ({shard} vs {cand})")
                 shard, split = cand, st.split
             if frames is None and st.frames is not None:
                 od, _ = m.get(st.frames.dim, (None, True))
                 if od is not None and out_shape[od] == _shape(a)[st.frames.dim]:
-                    frames = Axis(od, st.frames.inner, st.frames.size)
+                    frames = replace(st.frames, dim=od)
         if n.target == aten.scaled_dot_product_attention.default and self.region_of.get(n.name):
             q_frames = views[n.args[0]][1].frames
             self.frames_at_attention.append((n.name, q_frames is not None and q_frames.dim == len(out_shape) - 2))
