@@ -371,6 +371,11 @@ def _cat(n: fx.Node) -> Maps:
     return [(a, _keep(a, {d})) for a in n.args[0]]
 
 
+def _stack(n: fx.Node) -> Maps:
+    d = _norm(_arg(n, 1, "dim", 0), _out_rank(n))
+    return [(a, {i: (i + (i >= d), False) for i in range(_rk(a))}) for a in n.args[0]]
+
+
 def _matmul(n: fx.Node) -> Maps:
     a, b, o = n.args[0], n.args[1], _out_rank(n)
     ra, rb = _rk(a), _rk(b)
@@ -463,6 +468,7 @@ RULES: tuple[Rule, ...] = (
     Rule("convolution", _CONVS, _conv),
     Rule("embedding", frozenset({aten.embedding.default}), _embedding),
     Rule("cat", frozenset({aten.cat.default}), _cat),
+    Rule("stack", frozenset({aten.stack.default}), _stack),
     Rule("matmul", frozenset({aten.bmm.default, aten.matmul.default, aten.mm.default}), _matmul),
     Rule("repeat_interleave", frozenset({aten.repeat_interleave.self_int}), _repeat_interleave),
     Rule("pad", frozenset({aten.constant_pad_nd.default}), _pad),
@@ -528,6 +534,10 @@ class _Builder:
     def fail(self, n: fx.Node, why: str) -> ParallelError:
         path = module_path(n)
         where = f" in {path[-1][0]}" if path else ""
+        if self.mode == "ulysses":
+            return ParallelError(
+                f"cannot shard the token sequence through node {n.name} ({n.target}){where}: {why}. Ulysses "
+                f"sequence parallelism needs every op other than attention to keep tokens independent")
         return ParallelError(
             f"cannot shard frames through node {n.name} ({n.target}){where}: {why}. Sequence parallelism needs "
             f"every op outside temporal attention to keep frames independent; if this op is temporal attention, "

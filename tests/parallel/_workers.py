@@ -8,6 +8,10 @@ dict of measurements that the tests check in the parent process.
 * :func:`rank_death_checks`: rank 1 kills itself mid-generation; rank 0's next call must fail clearly and soon.
 * :func:`ulysses_checks`: a small joint-attention model that splits heads over the ranks with the same
   collective ops (Ulysses): numerics against the unsplit model and the four all-to-alls a reuse removes.
+* :func:`ulysses_all`: ``SequenceParallel`` in Ulysses mode on tiny diffusers Wan (also with 3 heads and
+  45 tokens), CogVideoX (text tokens before the video), HunyuanVideo (text after it, padded text masked)
+  and VDT (forced Ulysses): outputs with and without PAB against single-process runs, collectives counted
+  per call against the phase graphs, what each rank caches.
 """
 from __future__ import annotations
 
@@ -376,7 +380,15 @@ def ulysses_model_checks(rank: int, world_size: int, name: str) -> dict:
     res["predicted"] = [_counts(_phase_counts(opt, ph)) for ph in plan.phases]
     res["reused"] = [sorted(ph.reused) for ph in plan.phases]
     res["attention"] = sorted(r.path for r in opt.regions if r.kind in ("joint", "temporal"))
-    res["heads"] = sorted({_heads_of(opt, n) for n in collective_nodes(opt.captured.gm.graph)} - {None})
+    res["attention_heads"] = sorted({int(n.meta["val"].shape[1]) for n in opt.captured.gm.graph.nodes
+                                     if n.target == torch.ops.aten.scaled_dot_product_attention.default})
+    res["model_heads"] = sorted({int(n.meta["val"].shape[1]) for n in opt.global_captured.gm.graph.nodes
+                                 if n.target == torch.ops.aten.scaled_dot_product_attention.default})
+    res["full_phase"] = [(collective_info(n).kind, collective_info(n).role) for n in
+                         collective_nodes(opt.captured.gm.graph)]
+    every_joint = [ph for ph in plan.distinct() if set(res["attention"]) <= set(ph.reused)]
+    res["all_reused_phase"] = [(collective_info(n).kind, collective_info(n).role, collective_info(n).region)
+                               for ph in every_joint[:1] for n in collective_nodes(opt.phase_graph(ph).gm.graph)]
     res["roles"] = [(collective_info(n).region, collective_info(n).role, collective_info(n).kind)
                     for n in collective_nodes(opt.captured.gm.graph)]
     res["inspect"] = opt.inspect()
@@ -394,9 +406,8 @@ def _phase_counts(opt, ph):
     return out
 
 
-def _heads_of(opt, node):
-    return None
+ULYSSES_MODELS = ("wan", "wan-odd", "cogvideox", "hunyuan", "vdt")
 
 
 def ulysses_all(rank: int, world_size: int) -> dict:
-    return {name: ulysses_model_checks(rank, world_size, name) for name in ("wan", "wan-odd", "vdt")}
+    return {name: ulysses_model_checks(rank, world_size, name) for name in ULYSSES_MODELS}

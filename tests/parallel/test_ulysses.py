@@ -1,0 +1,102 @@
+"""Ulysses sequence parallelism on 2 CPU ranks (gloo) for joint-attention video DiTs, against single-process
+runs: diffusers Wan, CogVideoX and HunyuanVideo (tiny random configs), and VDT forced into Ulysses mode.
+
+All checks run in one spawn of two processes (tests/parallel/_workers.py: ``ulysses_all``), bounded by a
+timeout; the tests read its measurements. Without reuse the outputs are compared with the eager model; with
+PAB with a module-level PAB on the eager model (tests/reference_pab.py). Tolerance: 1e-5 relative to the
+output's largest magnitude (each rank runs the same kernels on a slice of the tokens or heads).
+"""
+from __future__ import annotations
+
+import pytest
+
+from _launch import launch
+from _workers import JOINT_MODULES, ULYSSES_MODELS, ulysses_all
+
+REL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def ranks():
+    return launch(ulysses_all, world_size=2, timeout=420, preload=("_workers",))
+
+
+@pytest.mark.parametrize("name", ULYSSES_MODELS)
+@pytest.mark.parametrize("label", ["plain", "pab"])
+def test_ulysses_outputs_equal_single_process(ranks, name, label):
+    for r in ranks:
+        assert r[name]["mode"] == "ulysses"
+        assert r[name][label]["rel"] <= REL, (name, label, r[name]["rank"], r[name][label]["rel"])
+
+
+def test_uneven_tokens_and_heads_split_exactly(ranks):
+    """wan-odd: 3 frames of 15 tokens (45 tokens: 30 + 15) and 3 heads (2 + 1) on 2 ranks."""
+    for r in ranks:
+        d = r["wan-odd"]
+        assert d["frames"] == (2, 1)
+        assert d["model_heads"] == [3]
+        assert d["attention_heads"] == [(2, 1)[d["rank"]]]  # this rank's heads, attending over all tokens
+
+
+@pytest.mark.parametrize("name", ULYSSES_MODELS)
+def test_every_attention_over_the_split_sequence_gets_its_all_to_alls(ranks, name):
+    """q, k, v enter (sequence -> heads) and the output leaves (heads -> sequence) by all-to-all; the text
+    tokens a joint attention carries (CogVideoX, HunyuanVideo) leave by one all-gather of their heads."""
+    text = name in ("cogvideox", "hunyuan")
+    for r in ranks:
+        d = r[name]
+        per_region: dict = {}
+        for region, role, kind in d["roles"]:
+            per_region.setdefault(region, []).append((kind, role))
+        regions = {k for k in per_region if k}
+        if name == "vdt":
+            assert regions == {p for p in d["attention"] if "temporal" in p}  # spatial attention needs none
+        else:
+            assert regions == set(JOINT_MODULES[name]) == set(d["attention"])
+        for region in regions:
+            want = [("all_to_all", "enter")] * 3 + [("all_to_all", "exit")] + [("all_gather", "exit")] * text
+            assert sorted(per_region[region]) == sorted(want), region
+        assert per_region[""] == [("all_gather", "gather")]  # only the model output is gathered
+
+
+@pytest.mark.parametrize("name", ULYSSES_MODELS)
+def test_collectives_counted_at_run_time_equal_the_plan(ranks, name):
+    for r in ranks:
+        d = r[name]
+        for counted, predicted in zip(d["pab"]["per_call"], d["predicted"]):
+            for kind in ("all_to_all", "all_gather"):
+                assert counted["calls"].get(kind, 0) == predicted["calls"].get(kind, 0)
+                assert counted["bytes"].get(kind, 0) == predicted["bytes"].get(kind, 0)
+            assert counted["calls"]["all_reduce"] == 1  # the per-call agreement, nothing else
+        full = sum(1 for kind, _ in d["full_phase"] if kind == "all_to_all")
+        assert all(c["calls"]["all_to_all"] == full for c in d["plain"]["per_call"])
+        assert sum(c["calls"]["all_to_all"] for c in d["pab"]["per_call"]) < full * len(d["pab"]["per_call"])
+
+
+@pytest.mark.parametrize("name", [n for n in ULYSSES_MODELS if n != "vdt"])
+def test_a_phase_reusing_every_joint_attention_runs_no_all_to_all(ranks, name):
+    for r in ranks:
+        d = r[name]
+        assert d["all_reused_phase"] == [("all_gather", "gather", "")]  # the output gather only
+        reusing = [i for i, reused in enumerate(d["reused"]) if set(d["attention"]) <= set(reused)]
+        assert reusing
+        for i in reusing:
+            assert "all_to_all" not in d["pab"]["per_call"][i]["calls"]
+
+
+@pytest.mark.parametrize("name", ULYSSES_MODELS)
+def test_each_rank_caches_only_its_tokens(ranks, name):
+    """Cached video-token outputs hold this rank's share; cached text-token outputs are whole."""
+    for r in ranks:
+        d = r[name]
+        share = d["frames"][d["rank"]] / sum(d["frames"])
+        assert d["cache"]
+        for key, local, whole in d["cache"]:
+            assert local == whole * share or (local == whole and name in ("cogvideox", "hunyuan")), key
+        assert any(local < whole for _, local, whole in d["cache"])
+
+
+def test_inspect_lists_the_all_to_alls_a_reuse_removes(ranks):
+    text = ranks[0]["cogvideox"]["inspect"]
+    assert "communication per step (rank 0 of 2" in text
+    assert "transformer_blocks.0.attn1, transformer_blocks.1.attn1" in text
