@@ -380,10 +380,13 @@ def ulysses_model_checks(rank: int, world_size: int, name: str) -> dict:
     res["predicted"] = [_counts(_phase_counts(opt, ph)) for ph in plan.phases]
     res["reused"] = [sorted(ph.reused) for ph in plan.phases]
     res["attention"] = sorted(r.path for r in opt.regions if r.kind in ("joint", "temporal"))
+    joint = {n for r in opt.regions if r.kind == "joint" for n in r.nodes}
     res["attention_heads"] = sorted({int(n.meta["val"].shape[1]) for n in opt.captured.gm.graph.nodes
-                                     if n.target == torch.ops.aten.scaled_dot_product_attention.default})
+                                     if n.target == torch.ops.aten.scaled_dot_product_attention.default
+                                     and n.name in joint})
     res["model_heads"] = sorted({int(n.meta["val"].shape[1]) for n in opt.global_captured.gm.graph.nodes
-                                 if n.target == torch.ops.aten.scaled_dot_product_attention.default})
+                                 if n.target == torch.ops.aten.scaled_dot_product_attention.default
+                                 and n.name in joint})
     res["full_phase"] = [(collective_info(n).kind, collective_info(n).role) for n in
                          collective_nodes(opt.captured.gm.graph)]
     every_joint = [ph for ph in plan.distinct() if set(res["attention"]) <= set(ph.reused)]
