@@ -1,9 +1,16 @@
-"""Sequence parallelism (DSP) with and without PAB: communication and wall time per generated video.
+"""Sequence parallelism (DSP, Ulysses) with and without PAB: communication and wall time per generated video.
 
 Run on N ranks (CPU, gloo; one thread per rank)::
 
     torchrun --nproc_per_node 2 benchmarks/parallel.py                    # vdt-s, pab246, 30 steps
     torchrun --nproc_per_node 2 benchmarks/parallel.py --steps 50 --reps 5 --schedule latte
+    torchrun --nproc_per_node 2 benchmarks/parallel.py --model wan        # joint attention: Ulysses
+
+``--model wan`` compares, on a small diffusers Wan (joint 3D attention), one process with and without PAB
+against Ulysses (sequence split by frames, all-to-alls between sequence and heads around every joint
+attention) with and without ``PAB(joint=2)``: a step that reuses a joint attention skips its four
+all-to-alls. Flow-matching Euler sampling from the same noise; the table counts all-to-all and all-gather
+calls per rank and bytes summed over the ranks per video.
 
 Every variant samples one video with the DDIM sampler (batched classifier-free guidance: one model call of
 batch 2 per step) from the same seed:
@@ -31,9 +38,110 @@ import torch
 import torch.distributed as dist
 
 
+def joint_model(frames: int, size: int) -> tuple[torch.nn.Module, dict]:
+    """A small diffusers Wan (joint 3D self-attention; random weights: communication and timings only)."""
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(0)
+    model = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=24,
+                                  in_channels=16, out_channels=16, text_dim=64, freq_dim=64, ffn_dim=192,
+                                  num_layers=4).eval()
+    g = torch.Generator().manual_seed(1)
+    kwargs = dict(hidden_states=torch.randn(2, 16, frames, size, size, generator=g),
+                  timestep=torch.full((2,), 999, dtype=torch.int64),
+                  encoder_hidden_states=torch.randn(2, 16, 64, generator=g), return_dict=False)
+    return model, kwargs
+
+
+def joint_main(args, rank: int, world: int) -> None:
+    """Ulysses vs Ulysses+PAB on a joint-attention model (Wan): communication and seconds per video."""
+    import graphpass
+    from graphpass import PAB, SequenceParallel
+    from graphpass.runtime.parallel import count_collectives
+
+    model, kwargs = joint_model(args.frames, args.size)
+    timesteps = [999.0 * (1 - i / args.steps) for i in range(args.steps)]
+    pab = PAB(joint=args.joint_range, window=(100, 900))
+    never = PAB(joint=args.joint_range, window=(2000.0, 3000.0))
+
+    def sample(opt):  # flow-matching Euler from the same noise
+        kw, x = dict(kwargs), kwargs["hidden_states"]
+        with torch.no_grad():
+            for i, t in enumerate(timesteps):
+                kw["hidden_states"], kw["timestep"] = x, torch.full((2,), int(t), dtype=torch.int64)
+                dt = (t - (timesteps[i + 1] if i + 1 < len(timesteps) else 0.0)) / 1000.0
+                x = x - dt * opt(**kw)[0]
+        return x
+
+    variants = {}
+    if rank == 0:
+        variants["1 process, no reuse"] = graphpass.optimize(model, never, example_kwargs=kwargs, timesteps=timesteps)
+        variants["1 process, PAB"] = graphpass.optimize(model, pab, example_kwargs=kwargs, timesteps=timesteps)
+    for label, sched in (("Ulysses", never), ("Ulysses+PAB", pab)):
+        variants[label] = graphpass.optimize(model, sched, example_kwargs=kwargs, timesteps=timesteps,
+                                             parallel=SequenceParallel(mode="ulysses"))
+    labels = ["1 process, no reuse", "1 process, PAB", "Ulysses", "Ulysses+PAB"]
+    videos, comm, times = {}, {}, {k: [] for k in labels}
+    for label in labels:
+        dist.barrier()
+        if label in variants:
+            with count_collectives() as counts:
+                videos[label] = sample(variants[label])
+            comm[label] = counts
+        dist.barrier()
+    for rep in range(args.reps):
+        for label in labels[rep % 4:] + labels[:rep % 4]:
+            dist.barrier()
+            t0 = time.perf_counter()
+            if label in variants:
+                sample(variants[label])
+            dt = torch.tensor([time.perf_counter() - t0])
+            dist.all_reduce(dt, op=dist.ReduceOp.MAX)
+            times[label].append(float(dt))
+
+    def total(label, kind):  # bytes summed over ranks
+        c = comm.get(label)
+        v = torch.tensor([float(c.bytes[kind]) if c is not None else 0.0])
+        dist.all_reduce(v)
+        return float(v)
+
+    rows = [(label, comm[label].calls["all_to_all"] if label in comm else 0,
+             comm[label].calls["all_gather"] if label in comm else 0, total(label, "all_to_all"),
+             total(label, "all_gather"), statistics.median(times[label])) for label in labels]
+    if rank != 0:
+        return
+    opt = variants["Ulysses+PAB"]
+    joint = [r.path for r in opt.regions if r.kind == "joint"]
+    reused = sum(1 for ph in opt.current_plan.phases for p in ph.reused if p in joint)
+    share = reused / (len(joint) * len(timesteps))
+    base = rows[0][-1]
+    ref = {"Ulysses": videos["1 process, no reuse"], "Ulysses+PAB": videos["1 process, PAB"]}
+    kib = 1024.0
+    tokens = args.frames * (args.size // 2) ** 2
+    print(f"\nWan (4 heads x 24, 4 blocks, random weights), {args.frames} frames of {args.size}x{args.size} latents "
+          f"({tokens} tokens), {pab}, {args.steps} steps, {world} ranks x {args.threads} thread(s), frames "
+          f"{list(opt.sharded.frames.sizes)}, median of {args.reps}")
+    print(f"{'variant':<20} {'a2a/rank':>8} {'ag/rank':>7} {'a2a KiB':>9} {'gather KiB':>10} {'s/video':>8} "
+          f"{'speedup':>7} {'max|d|':>9}")
+    for label, a2a, ag, a2a_b, ag_b, t in rows:
+        d = float((videos[label] - ref[label]).abs().max()) if label in ref else 0.0
+        print(f"{label:<20} {a2a:>8} {ag:>7} {a2a_b / kib:>9.1f} {ag_b / kib:>10.1f} {t:>8.2f} {base / t:>6.2f}x "
+              f"{d:>9.2e}")
+    u, up = rows[2], rows[3]
+    print(f"\nUlysses+PAB vs Ulysses: all-to-all calls {up[1]} vs {u[1]} per rank ({1 - up[1] / u[1]:.0%} fewer), "
+          f"bytes {up[3] / kib:.1f} vs {u[3] / kib:.1f} KiB ({1 - up[3] / u[3]:.0%} less); the plan reuses "
+          f"{share:.0%} of the joint-attention steps")
+    report = opt.inspect().split("\n\n")
+    print("\nUlysses+PAB, from opt.inspect():\n" + next(b for b in report if b.startswith("communication")))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="vdt-s", help="workload: vdt-s (shipped weights) or vdt-tiny")
+    ap.add_argument("--model", default="vdt-s", help="workload: vdt-s (shipped weights), vdt-tiny, or wan (joint "
+                                                     "attention, Ulysses)")
+    ap.add_argument("--frames", type=int, default=4, help="wan: latent frames")
+    ap.add_argument("--size", type=int, default=16, help="wan: latent height and width")
+    ap.add_argument("--joint-range", type=int, default=2, help="wan: PAB broadcast range of joint attention")
     ap.add_argument("--schedule", default="pab246", help="PAB preset: pab246, pab357, latte, open-sora, ...")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--reps", type=int, default=3)
@@ -46,6 +154,10 @@ def main() -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
 
+    if args.model == "wan":
+        joint_main(args, rank, world)
+        dist.destroy_process_group()
+        return
     import graphpass
     from graphpass import PAB, SequenceParallel, workloads
     from graphpass.models.sampler import sample
