@@ -372,10 +372,10 @@ def ulysses_model_checks(rank: int, world_size: int, name: str) -> dict:
     opt = graphpass.optimize(model, schedule, example_kwargs=kwargs(), timesteps=TIMESTEPS,
                              parallel=SequenceParallel(mode="ulysses" if vdt else "auto"))
     res: dict = {"rank": rank, "mode": opt.sharded.mode, "frames": opt.sharded.frames.sizes}
+    outs = {}
     for label, ts, want in (("plain", ABOVE, eager), ("pab", TIMESTEPS, single_pab)):
-        out, per_call = _per_call_counts(opt, kwargs(), ts)
-        res[label] = dict(rel=max(float((o - w).abs().max() / w.abs().max()) for o, w in zip(out, want)),
-                          per_call=per_call)
+        outs[label], per_call = _per_call_counts(opt, kwargs(), ts)
+        res[label] = dict(rel=_rel(outs[label], want), per_call=per_call)
     plan = opt.current_plan
     res["predicted"] = [_counts(_phase_counts(opt, ph)) for ph in plan.phases]
     res["reused"] = [sorted(ph.reused) for ph in plan.phases]
@@ -399,7 +399,30 @@ def ulysses_model_checks(rank: int, world_size: int, name: str) -> dict:
     glob = {k: math.prod(s.shape) for r in opt.global_regions for k, s in zip(r.cache_keys, r.exit_specs)}
     cache = opt.state().cache
     res["cache"] = [(k, cache.get(k).numel(), glob[k]) for k in cache.keys()]
+    if name == "wan":
+        res["diffusers_cp"] = _rel(outs["plain"], _diffusers_ulysses(kwargs))
     return res
+
+
+def _rel(outs, wants) -> float:
+    return max(float((o - w).abs().max() / w.abs().max()) for o, w in zip(outs, wants))
+
+
+def _diffusers_ulysses(kwargs) -> list[torch.Tensor]:
+    """The same loop on a fresh model under diffusers' own context parallelism
+    (``ContextParallelConfig(ulysses_degree=2)``, hooks on the eager model). diffusers 0.42.1 places each rank
+    on ``rank % torch.accelerator.device_count()``, a division by zero without an accelerator; with the count
+    reported as 1 its CPU/gloo path runs unchanged."""
+    from diffusers import ContextParallelConfig
+
+    model, _ = joint_case("wan")
+    count = torch.accelerator.device_count
+    torch.accelerator.device_count = lambda: 1
+    try:
+        model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=dist.get_world_size()))
+    finally:
+        torch.accelerator.device_count = count
+    return run_loop(model, kwargs(), ABOVE)
 
 
 def _phase_counts(opt, ph):

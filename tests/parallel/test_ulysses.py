@@ -100,3 +100,10 @@ def test_inspect_lists_the_all_to_alls_a_reuse_removes(ranks):
     text = ranks[0]["cogvideox"]["inspect"]
     assert "communication per step (rank 0 of 2" in text
     assert "transformer_blocks.0.attn1, transformer_blocks.1.attn1" in text
+
+
+def test_wan_matches_diffusers_context_parallel(ranks):
+    """diffusers' own Ulysses (ContextParallelConfig(ulysses_degree=2), hooks on the eager model) on the same
+    2 ranks gives the same outputs."""
+    for r in ranks:
+        assert r["wan"]["diffusers_cp"] <= REL
