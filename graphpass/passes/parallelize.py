@@ -534,7 +534,7 @@ class _Builder:
     def fail(self, n: fx.Node, why: str) -> ParallelError:
         path = module_path(n)
         where = f" in {path[-1][0]}" if path else ""
-        if self.mode == "ulysses":
+        if self.mode != "dsp":
             return ParallelError(
                 f"cannot shard the token sequence through node {n.name} ({n.target}){where}: {why}. Ulysses "
                 f"sequence parallelism needs every op other than attention to keep tokens independent")
@@ -736,9 +736,13 @@ class _Builder:
                 new = self.g.create_node("call_function", n.target, fx.node.map_arg(n.args, lambda a: views[a][0]),
                                          fx.node.map_arg(n.kwargs, lambda a: views[a][0]), name=n.name)
                 self._finish(n, new, _REPLICATED)
-            elif self.mode == "ulysses" and n.target == aten.scaled_dot_product_attention.default \
+            elif self.mode in ("ulysses", "ring") and n.target == aten.scaled_dot_product_attention.default \
                     and self._sequence_sharded(n, views):
-                self.ulysses(n, views)
+                # Ulysses needs a head per rank; with fewer heads than ranks it falls back to ring.
+                if self.mode == "ring" or _shape(n.args[0])[1] < self.world:
+                    self.ring(n, views)
+                else:
+                    self.ulysses(n, views)
             else:
                 self.indexwise(n, views)
         except _Mixed as e:
@@ -784,6 +788,101 @@ class _Builder:
         new_st = _State(shard=seq, split=self.frames, frames=seq)
         self.expected[out] = _local_shape(_shape(n), new_st, self.rank)
         self.env[n], self.state[n] = out, new_st
+
+    # ring attention --------------------------------------------------------------------------------
+    def ring(self, n: fx.Node, views) -> None:
+        """Attention over sequence-sharded q, k, v without moving queries: each rank's keys and values (its
+        block of the split part) are passed round the ranks, one block per exchange (an all-to-all that
+        sends to the next rank only), and every rank attends its queries to each block as it arrives. The
+        partial results are merged with their log-sum-exp, in rank order, so the result does not depend on
+        the order blocks arrive in. Whole (text) keys and values take part as one more local block."""
+        q, k, v = n.args[:3]
+        mask = _arg(n, 3, "attn_mask")
+        if _arg(n, 4, "dropout_p", 0.0) or _arg(n, 5, "is_causal", False) or _arg(n, 7, "enable_gqa", False):
+            raise _Mixed("ring attention supports attention without dropout, causal masking or grouped heads")
+        (qn, qst), (kn, kst), (vn, vst) = views[q], views[k], views[v]
+        if kst.shard is None or vst.shard != kst.shard or kst.shard.dim != 2:
+            raise _Mixed("ring attention needs keys and values split alike along their sequence dim")
+        region = self.owner.get(n.name, "")
+        seq, split, me, w = kst.shard, kst.split, self.rank, self.world
+        scale = _arg(n, 6, "scale") or 1.0 / math.sqrt(_shape(q)[-1])
+        n_here = split.sizes[me] * seq.inner
+        local_len = seq.local_length(_shape(k)[2], split, me)
+        cut = lambda x, b, e: self.call(aten.slice.Tensor, x, 2, b, e, hint="kv")  # noqa: E731
+        blocks = {me: (cut(kn, seq.pre, seq.pre + n_here), cut(vn, seq.pre, seq.pre + n_here))}
+        held = me  # whose block this rank holds now
+        for j in range(1, w):
+            src = (me - j) % w
+            blocks[src] = self._pass_on(blocks[held], _shape(k), split, seq, held, src, k.meta["val"].dtype, region)
+            held = src
+        mask_cols = lambda b, e: None if mask is None else self.call(  # noqa: E731
+            aten.slice.Tensor, views[mask][0] if _shape(mask)[-2] == 1 else self._mask_rows(mask, views, qst),
+            -1, b, e, hint="mask")
+        parts = []  # (keys, values, global key columns), in the order of the whole sequence
+        if seq.pre:
+            parts.append((cut(kn, 0, seq.pre), cut(vn, 0, seq.pre), (0, seq.pre)))
+        for r in range(w):
+            lo = seq.pre + split.offsets[r] * seq.inner
+            parts.append((*blocks[r], (lo, lo + split.sizes[r] * seq.inner)))
+        if seq.post:
+            total = _shape(k)[2]
+            parts.append((cut(kn, local_len - seq.post, local_len), cut(vn, local_len - seq.post, local_len),
+                          (total - seq.post, total)))
+        boolean = mask is not None and mask.meta["val"].dtype == torch.bool
+        partial = [self._block_attention(qn, kb, vb, mask_cols(*cols), boolean, scale) for kb, vb, cols in parts]
+        top = partial[0][0]
+        for m, _, _ in partial[1:]:
+            top = self.call(aten.maximum.default, top, m, hint="max")
+        num = den = None
+        for m, acc, l in partial:
+            wgt = self.call(aten.exp.default, self.call(aten.sub.Tensor, m, top, hint="shift"), hint="weight")
+            a = self.call(aten.mul.Tensor, acc, wgt, hint="acc")
+            d = self.call(aten.mul.Tensor, l, wgt, hint="sum")
+            num = a if num is None else self.call(aten.add.Tensor, num, a, hint="acc")
+            den = d if den is None else self.call(aten.add.Tensor, den, d, hint="sum")
+        out = self.g.create_node("call_function", aten.div.Tensor, (num, den), {}, name=n.name)
+        self._finish(n, out, _State(shard=qst.shard, split=qst.split, frames=qst.frames))
+
+    def _mask_rows(self, mask: fx.Node, views, qst: _State) -> fx.Node:
+        """A whole mask's query rows cut to this rank's queries."""
+        r = _rk(mask)
+        return self._slice_replicated(views[mask][0], _shape(mask), r - 2, replace(qst.shard, dim=r - 2), qst.split)
+
+    def _pass_on(self, held: tuple[fx.Node, fx.Node], shape, split: Split, seq: Axis, mine: int, src: int, dtype,
+                 region: str) -> tuple[fx.Node, fx.Node]:
+        """Send the (keys, values) block of rank ``mine`` to the next rank and receive rank ``src``'s block from
+        the previous one: one all-to-all whose only non-empty split goes to the next rank."""
+        me, w = self.rank, self.world
+        per_token = shape[0] * shape[1] * shape[3]
+        flat = [self.call(aten.reshape.default, t, [-1], hint="flat") for t in held]
+        buf = self.call(aten.cat.default, flat, 0, hint="send")
+        n_send = 2 * per_token * split.sizes[mine] * seq.inner
+        n_recv = 2 * per_token * split.sizes[src] * seq.inner
+        send = [n_send if r == (me + 1) % w else 0 for r in range(w)]
+        recv = [n_recv if r == (me - 1) % w else 0 for r in range(w)]
+        y = self._a2a(buf, send, recv, CollectiveInfo("all_to_all", region, "ring", n_send * dtype.itemsize))
+        kv = self.call(aten.split.Tensor, y, n_recv // 2, hint="kv")
+        block = [shape[0], shape[1], split.sizes[src] * seq.inner, shape[3]]
+        return tuple(self.call(aten.reshape.default, self.call(operator.getitem, kv, i, hint="kv"), block,
+                               hint="block") for i in range(2))
+
+    def _block_attention(self, q: fx.Node, k: fx.Node, v: fx.Node, mask: fx.Node | None, boolean: bool,
+                         scale: float) -> tuple[fx.Node, fx.Node, fx.Node]:
+        """(row maxima m, unnormalized output sum_j exp(s_ij - m_i) v_j, row sums l) of q against one block."""
+        kt = self.call(aten.transpose.int, k, -2, -1, hint="kt")
+        s = self.call(aten.mul.Tensor, self.call(aten.matmul.default, q, kt, hint="scores"), scale, hint="scores")
+        if mask is not None:
+            if boolean:
+                s = self.call(aten.masked_fill.Scalar, s, self.call(aten.logical_not.default, mask, hint="mask"),
+                              float("-inf"), hint="masked")
+            else:
+                s = self.call(aten.add.Tensor, s, mask, hint="masked")
+        m = self.call(aten.amax.default, s, [-1], True, hint="max")
+        # a row whose keys in this block are all masked: its exp terms are 0, keep the max finite
+        m = self.call(aten.clamp_min.default, m, torch.finfo(torch.float32).min, hint="max")
+        p = self.call(aten.exp.default, self.call(aten.sub.Tensor, s, m, hint="shift"), hint="p")
+        l = self.call(aten.sum.dim_IntList, p, [-1], True, hint="l")
+        return m, self.call(aten.matmul.default, p, v, hint="acc"), l
 
     def _by_segment(self, x: fx.Node, shape, seq: Axis, middle, ends, local_split: Split | None = None) -> fx.Node:
         """Apply ``middle(x, global shape, axis)`` to the split part of sequence dim ``seq.dim`` of ``x`` and
@@ -1045,7 +1144,7 @@ def _find_frame_dim(captured: CapturedGraph, video: str, regions: list[Region], 
 
 #: Attention kinds DSP serves: none of them attends over frames and tokens at once.
 DSP_KINDS = frozenset({"spatial", "temporal", "cross"})
-MODES = ("auto", "dsp", "ulysses")
+MODES = ("auto", "dsp", "ulysses", "ring")
 
 
 def choose_mode(mode: str, regions: list[Region]) -> str:

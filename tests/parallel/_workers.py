@@ -355,9 +355,10 @@ def _per_call_counts(opt, kwargs, timesteps) -> tuple[list, list]:
     return outs, per_call
 
 
-def ulysses_model_checks(rank: int, world_size: int, name: str) -> dict:
-    """One joint-attention model in Ulysses mode: without reuse (above the window) against eager, with PAB
-    against single-process PAB on the eager model; collectives counted per call against the phase graphs."""
+def ulysses_model_checks(rank: int, world_size: int, name: str, mode: str | None = None) -> dict:
+    """One joint-attention model in Ulysses mode (or ``mode``): without reuse (above the window) against
+    eager, with PAB against single-process PAB on the eager model; collectives counted per call against the
+    phase graphs."""
     model, kwargs = joint_case(name)
     vdt = name == "vdt"
     schedule = VDT_ULYSSES_SCHEDULE if vdt else JOINT_SCHEDULE
@@ -370,7 +371,7 @@ def ulysses_model_checks(rank: int, world_size: int, name: str) -> dict:
     finally:
         ref.restore()
     opt = graphpass.optimize(model, schedule, example_kwargs=kwargs(), timesteps=TIMESTEPS,
-                             parallel=SequenceParallel(mode="ulysses" if vdt else "auto"))
+                             parallel=SequenceParallel(mode=mode or ("ulysses" if vdt else "auto")))
     res: dict = {"rank": rank, "mode": opt.sharded.mode, "frames": opt.sharded.frames.sizes}
     outs = {}
     for label, ts, want in (("plain", ABOVE, eager), ("pab", TIMESTEPS, single_pab)):
@@ -399,7 +400,7 @@ def ulysses_model_checks(rank: int, world_size: int, name: str) -> dict:
     glob = {k: math.prod(s.shape) for r in opt.global_regions for k, s in zip(r.cache_keys, r.exit_specs)}
     cache = opt.state().cache
     res["cache"] = [(k, cache.get(k).numel(), glob[k]) for k in cache.keys()]
-    if name == "wan":
+    if name == "wan" and mode is None:
         res["diffusers_cp"] = _rel(outs["plain"], _diffusers_ulysses(kwargs))
     return res
 
@@ -435,5 +436,12 @@ def _phase_counts(opt, ph):
 ULYSSES_MODELS = ("wan", "wan-odd", "cogvideox", "hunyuan", "vdt")
 
 
+RING_MODELS = ("wan-odd", "cogvideox", "hunyuan")
+
+
 def ulysses_all(rank: int, world_size: int) -> dict:
     return {name: ulysses_model_checks(rank, world_size, name) for name in ULYSSES_MODELS}
+
+
+def ring_all(rank: int, world_size: int) -> dict:
+    return {name: ulysses_model_checks(rank, world_size, name, mode="ring") for name in RING_MODELS}
