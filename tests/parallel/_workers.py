@@ -382,12 +382,12 @@ def ulysses_model_checks(rank: int, world_size: int, name: str, mode: str | None
     res["reused"] = [sorted(ph.reused) for ph in plan.phases]
     res["attention"] = sorted(r.path for r in opt.regions if r.kind in ("joint", "temporal"))
     joint = {n for r in opt.regions if r.kind == "joint" for n in r.nodes}
-    res["attention_heads"] = sorted({int(n.meta["val"].shape[1]) for n in opt.captured.gm.graph.nodes
-                                     if n.target == torch.ops.aten.scaled_dot_product_attention.default
-                                     and n.name in joint})
+    attention = [n.name for n in opt.global_captured.gm.graph.nodes
+                 if n.target == torch.ops.aten.scaled_dot_product_attention.default and n.name in joint]
+    local = {n.name: n for n in opt.captured.gm.graph.nodes}  # the attention result keeps its node's name
+    res["attention_heads"] = sorted({int(local[a].meta["val"].shape[1]) for a in attention})
     res["model_heads"] = sorted({int(n.meta["val"].shape[1]) for n in opt.global_captured.gm.graph.nodes
-                                 if n.target == torch.ops.aten.scaled_dot_product_attention.default
-                                 and n.name in joint})
+                                 if n.name in attention})
     res["full_phase"] = [(collective_info(n).kind, collective_info(n).role) for n in
                          collective_nodes(opt.captured.gm.graph)]
     every_joint = [ph for ph in plan.distinct() if set(res["attention"]) <= set(ph.reused)]
