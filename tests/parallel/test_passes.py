@@ -10,7 +10,8 @@ from conftest import make_case
 from graphpass.errors import GraphpassError
 from graphpass.passes.capture import capture
 from graphpass.passes.elide import WAIT_OP, collective_info, collective_nodes, elide_collectives
-from graphpass.passes.parallelize import ParallelError, parallelize
+from graphpass.passes import parallelize as par
+from graphpass.passes.parallelize import ParallelError, choose_mode, parallelize
 from graphpass.passes.specialize import eliminate_dead_code, specialize_phase
 from graphpass.passes.tag import tag_attention
 from graphpass.schedules.base import Action, Phase
@@ -21,7 +22,7 @@ C10D = torch.ops._c10d_functional
 @pytest.fixture(scope="module")
 def captures():
     out = {}
-    for name in ("vdt", "latte"):
+    for name in ("vdt", "latte", "cogvideox"):
         case = make_case(name)
         cap = capture(case.model, case.kwargs())
         out[name] = (cap, tag_attention(cap))
@@ -109,11 +110,75 @@ def test_a_wait_without_its_collective_is_refused():
         elide_collectives(g)
 
 
-def test_joint_attention_model_is_refused():
-    case = make_case("cogvideox")
-    cap = capture(case.model, case.kwargs())
-    with pytest.raises(ParallelError, match="no temporal attention region.*Ulysses"):
-        parallelize(cap, tag_attention(cap), rank=0, world_size=2, group_name="0")
+def test_joint_attention_model_is_refused_by_dsp(captures):
+    cap, regions = captures["cogvideox"]
+    with pytest.raises(ParallelError, match="no temporal attention region.*mode='ulysses'"):
+        parallelize(cap, regions, rank=0, world_size=2, group_name="0", mode="dsp")
+
+
+def test_auto_mode_is_dsp_for_spatial_temporal_models_and_ulysses_for_joint_attention(captures):
+    assert choose_mode("auto", captures["vdt"][1]) == "dsp"
+    assert choose_mode("auto", captures["latte"][1]) == "dsp"
+    assert choose_mode("auto", captures["cogvideox"][1]) == "ulysses"
+    assert choose_mode("ring", captures["vdt"][1]) == "ring"
+    with pytest.raises(ParallelError, match="unknown sequence-parallel mode 'heads'.*auto, dsp, ulysses, ring"):
+        choose_mode("heads", captures["vdt"][1])
+
+
+def _roles(sg) -> dict:
+    out: dict = {}
+    for c in collective_nodes(sg.captured.gm.graph):
+        i = collective_info(c)
+        out.setdefault(i.region, []).append((i.kind, i.role))
+    return out
+
+
+def test_ulysses_graph_exchanges_heads_around_each_joint_attention_and_reuse_elides_them(captures):
+    """CogVideoX (5 text tokens before 3 frames of 16 video tokens): per joint attention, q, k, v switch
+    from sequence to heads (3 all-to-alls), the video tokens switch back (1), the text tokens' heads are
+    all-gathered (1); the text stays whole on every rank. A phase that reuses both joint attentions keeps
+    only the output gather."""
+    cap, regions = captures["cogvideox"]
+    joint = [r.path for r in regions if r.kind == "joint"]
+    structures = []
+    for rank in range(2):
+        sg = parallelize(cap, regions, rank=rank, world_size=2, group_name="0", mode="ulysses")
+        assert (sg.mode, sg.frames.sizes) == ("ulysses", (2, 1))
+        roles = _roles(sg)
+        assert roles.pop("") == [("all_gather", "gather")]
+        assert set(roles) == set(joint)
+        for got in roles.values():
+            assert sorted(got) == sorted([("all_to_all", "enter")] * 3 + [("all_to_all", "exit"),
+                                                                          ("all_gather", "exit")])
+        by_path = {r.path: r for r in sg.regions}
+        text, video = by_path[joint[0]].exit_specs  # (encoder, hidden) outputs of the attention
+        assert text.shape == (2, 5, 16) and video.shape == (2, 16 * (2, 1)[rank], 16)
+        reuse = Phase.of(dict.fromkeys(joint, Action.REUSE))
+        pg = specialize_phase(sg.captured, sg.regions, reuse, passes=(elide_collectives,))
+        assert [collective_info(c).role for c in collective_nodes(pg.gm.graph)] == ["gather"]
+        structures.append([(n.op, str(n.target)) for n in sg.captured.gm.graph.nodes])
+    assert structures[0] == structures[1]  # same ops on every rank: elision decides alike
+
+
+def test_ulysses_falls_back_to_ring_when_heads_are_fewer_than_ranks(captures):
+    """CogVideoX-tiny has 2 heads: on 3 ranks each joint attention passes keys and values round the ring
+    (2 exchanges) instead of splitting heads."""
+    cap, regions = captures["cogvideox"]
+    sg = parallelize(cap, regions, rank=1, world_size=3, group_name="0", mode="ulysses")
+    roles = _roles(sg)
+    roles.pop("")
+    assert roles and all(got == [("all_to_all", "ring")] * 2 for got in roles.values())
+
+
+def test_sharding_rules_are_a_table(captures, monkeypatch):
+    """Without its entry an op is refused with an error that names it; the entry back, it shards again."""
+    cap, regions = captures["vdt"]
+    norm = next(r for r in par.RULES if r.name == "layer_norm")
+    monkeypatch.setattr(par, "RULES", tuple(r for r in par.RULES if r is not norm))
+    with pytest.raises(ParallelError, match=r"layer_norm.*no sharding rule for this op"):
+        parallelize(cap, regions, rank=0, world_size=2, group_name="0")
+    monkeypatch.setattr(par, "RULES", par.RULES + (norm,))
+    assert parallelize(cap, regions, rank=0, world_size=2, group_name="0").frames.sizes == (2, 2)
 
 
 def test_more_ranks_than_frames_is_refused(captures):
