@@ -1,36 +1,54 @@
-"""Dynamic Sequence Parallelism (DSP) as a graph pass: one rank's graph of a captured DiT.
+"""Sequence parallelism as a graph pass: one rank's graph of a captured DiT (DSP, Ulysses, ring).
 
 The model is captured once with the whole video (every rank captures the same graph). This pass rewrites
-that graph into the graph one rank runs when the frames are split across ``world_size`` ranks:
+that graph into the graph one rank runs when the frames are split across ``world_size`` ranks. In every
+mode:
 
 * the video input's frame dimension is cut to this rank's frames (a slice, no communication), unless
   ``keep_sharded`` (then the rank is given its frames);
-* every op that does not mix frames (spatial, cross and MLP regions, norms, embeddings) runs on the local
-  frames; the shape arguments of reshapes are rewritten to local sizes and full-frame constants such as
-  position embeddings are sliced to the rank's frames;
-* around each **temporal** region, an all-to-all switches the sharded dimension from frames to tokens on
-  the way in (every rank then holds all frames of a slice of the token positions, so temporal attention is
-  exact) and a second all-to-all switches it back on the way out;
+* every op that does not mix the split axis runs on the local frames; the shape arguments of reshapes are
+  rewritten to local sizes and whole constants such as position embeddings and rotary tables are sliced to
+  the rank's frames;
 * frame-sharded outputs are all-gathered into whole tensors, unless ``keep_sharded``.
 
+The modes differ in how attention that spans the split axis gets all of it:
+
+* ``"dsp"`` (Dynamic Sequence Parallelism; spatial-temporal models): around each **temporal** region an
+  all-to-all switches the split from frames to tokens on the way in (every rank then holds all frames of
+  a slice of the token positions) and a second one switches it back on the way out.
+* ``"ulysses"`` (joint 3D attention: CogVideoX, Wan, HunyuanVideo): the token sequence is split by frames
+  everywhere; for each attention op whose keys are split along the sequence, an all-to-all each switches
+  q, k and v from a split of the sequence to a split of the heads, and one after the op switches the
+  output back. Text tokens concatenated into the sequence stay whole on every rank (a *segment*, see
+  :class:`Axis`): their heads are sliced locally on the way in and all-gathered on the way out. Heads that
+  do not divide by the ranks are split unevenly (3 on 2 ranks: 2 + 1); with fewer heads than ranks the op
+  falls back to ring attention.
+* ``"ring"``: queries stay put; each rank's keys and values are passed round the ranks (``world_size - 1``
+  exchanges, keys and values in one buffer) and the partial attentions are merged by log-sum-exp.
+
 Collectives are ``torch.ops._c10d_functional`` nodes (``all_to_all_single`` / ``all_gather_into_tensor``
-followed by ``wait_tensor``), so later passes see them: :func:`~graphpass.passes.elide.elide_collectives`
-removes the pair around a temporal region a phase reuses.
+followed by ``wait_tensor``) tagged with the region they serve, so later passes see them:
+:func:`~graphpass.passes.elide.elide_collectives` removes those of a region a phase reuses (DSP: its pair;
+Ulysses: its four all-to-alls and the text all-gather; ring: its exchanges), and caches stay per rank.
 
-Uneven splits are exact: frames are divided as evenly as possible (3 frames on 2 ranks: 2 + 1), tokens
-likewise, and the all-to-alls carry per-rank split sizes, so nothing is padded inside the model (only the
-final all-gather pads to the largest shard and drops the padding again).
+Uneven splits are exact: frames are divided as evenly as possible (3 frames on 2 ranks: 2 + 1), tokens and
+heads likewise, and the all-to-alls carry per-rank split sizes, so nothing is padded inside the model (only
+all-gathers pad to the largest shard and drop the padding again).
 
-How it works: the pass walks the graph once and tracks, for every tensor, where the frame axis sits (its
+How it works: the pass walks the graph once and tracks, for every tensor, where the split axis sits (its
 dimension and the elements of that dimension below it, so merged dims such as ``B*F`` are followed through
-reshapes and permutes). Each op the sharded data reaches must have a rule saying which dims it mixes;
-an op that would mix the sharded axis (attention over frames outside a temporal region, a reshape that
-splits frames) is an error naming the node. The result is checked by propagating fake tensors through the
-local graph and comparing every node's shape with the shape the pass predicted.
+reshapes and permutes). Each op the sharded data reaches must have a rule saying which dims it mixes
+(:data:`RULES`, one entry per op family); an op that would mix the split axis (attention over frames
+outside a temporal region in DSP, a reshape that splits frames) is an error naming the node. The result is
+checked by propagating fake tensors through the local graph and comparing every node's shape with the
+shape the pass predicted.
 
 >>> sg = parallelize(captured, regions, rank=0, world_size=2, group_name="0")
 >>> sg.frames.sizes, len(sg.collectives)          # VDT-tiny: 4 frames, 2 temporal regions + 1 output
 ((2, 2), 5)
+>>> sg = parallelize(cog, cog_regions, rank=0, world_size=2, group_name="0", mode="ulysses")
+>>> sg.frames.sizes, len(sg.collectives)          # CogVideoX-tiny: 3 frames; 2 joint attentions x 5 + 1
+((2, 1), 11)
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Sequence-parallel inference (DSP) on torch.distributed, with communication elided by the graph.
+"""Sequence-parallel inference (DSP, Ulysses, ring) on torch.distributed, with communication elided by the graph.
 
 Every rank runs the same script::
 
@@ -11,9 +11,12 @@ Every rank runs the same script::
 
 Each rank captures the whole model, then :func:`~graphpass.passes.parallelize.parallelize` rewrites the
 graph into that rank's graph: its share of the frames, with an all-to-all before and after every temporal
-attention (DSP). Each phase graph then goes through
-:func:`~graphpass.passes.elide.elide_collectives`: a temporal attention the phase reuses needs neither of
-its all-to-alls, and both disappear from that phase's graph. Caches hold each rank's shard only.
+attention (DSP), or its share of the token sequence with all-to-alls between sequence and heads around
+every joint attention (Ulysses; ring attention passes keys and values round instead), as
+``SequenceParallel(mode=...)`` says (``"auto"``: DSP for spatial-temporal models, Ulysses for joint
+attention). Each phase graph then goes through :func:`~graphpass.passes.elide.elide_collectives`: an
+attention the phase reuses needs none of its collectives, and they disappear from that phase's graph.
+Caches hold each rank's shard only.
 
 Ranks must call the model in lockstep (same timesteps, same number of calls, same input values); with
 ``check_calls`` (the default) each call first checks that, and that every rank's inputs are valid, with one
@@ -53,7 +56,8 @@ __all__ = ["SequenceParallel", "ParallelModel", "ParallelRuntime", "ParallelErro
 
 @dataclass
 class SequenceParallel:
-    """Sequence parallelism over frames (DSP) for :func:`graphpass.optimize` (``parallel=``).
+    """Sequence parallelism over frames (DSP) or tokens (Ulysses, ring) for :func:`graphpass.optimize`
+    (``parallel=``).
 
     Fields:
         mode: ``"dsp"``: frames split over the ranks, all-to-alls around temporal attention (spatial-temporal
@@ -61,7 +65,9 @@ class SequenceParallel:
             everywhere, and around every attention op over the split sequence an all-to-all each for q, k and
             v from sequence to heads, and one for the output back (joint 3D attention: CogVideoX, Wan,
             HunyuanVideo); heads that do not divide by the ranks split unevenly (3 on 2 ranks: 2 + 1), text
-            tokens concatenated into the sequence stay whole on every rank. ``"auto"`` (default): DSP for a
+            tokens concatenated into the sequence stay whole on every rank; with fewer heads than ranks an
+            attention falls back to ring. ``"ring"``: the same split, but each attention keeps its queries and
+            passes keys and values round the ranks (merging by log-sum-exp). ``"auto"`` (default): DSP for a
             model whose attention is only spatial, temporal and cross, Ulysses otherwise.
         group: the ``torch.distributed`` process group to split frames over; ``None`` = the default group
             (``torch.distributed.init_process_group`` must have been called, e.g. under ``torchrun``).
@@ -73,7 +79,8 @@ class SequenceParallel:
         world_size: the number of ranks the caller expects; if set and the group has another size,
             ``optimize`` raises (on every rank). ``None`` accepts any size.
         frame_dim: the video input's frame dimension; ``None`` infers it (the dim whose size equals the
-            sequence length of temporal attention).
+            sequence length of temporal attention; for Ulysses and ring, the first dim after the batch that
+            can be split through the model: the frames of (B, C, F, H, W) or (B, F, C, H, W) latents).
         check_calls: before each call the ranks check, with one all-reduce of 5 numbers (and 2 per input with
             ``check_inputs``), that every rank's inputs are valid and that all ranks are at the same timestep
             and call of the generation. An error on one rank is then raised on all of them (a mismatch would
@@ -86,6 +93,7 @@ class SequenceParallel:
 
     Example:
         >>> sp = SequenceParallel()                      # default group, whole tensors in and out
+        >>> sp = SequenceParallel(mode="ring")           # keys and values round the ranks
         >>> sp = SequenceParallel(keep_sharded=True, world_size=2)
     """
 
