@@ -96,10 +96,16 @@ def test_each_rank_caches_only_its_tokens(ranks, name):
         assert any(local < whole for _, local, whole in d["cache"])
 
 
-def test_inspect_lists_the_all_to_alls_a_reuse_removes(ranks):
+def test_inspect_lists_the_collectives_a_reuse_removes(ranks):
+    """CogVideoX: the phase reusing both joint attentions keeps the output gather and removes, per
+    attention, 3 enter and 1 exit all-to-alls and the text all-gather."""
     text = ranks[0]["cogvideox"]["inspect"]
     assert "communication per step (rank 0 of 2" in text
     assert "transformer_blocks.0.attn1, transformer_blocks.1.attn1" in text
+    lines = [ln for ln in text.splitlines() if "kept: all_gather/gather 1" in ln and "removed: -" not in ln]
+    assert len(lines) == 1, text
+    for part in ("all_to_all/enter 6 ", "all_to_all/exit 2 ", "all_gather/exit 2 "):
+        assert part in lines[0].split("removed:")[1], lines[0]
 
 
 def test_wan_matches_diffusers_context_parallel(ranks):
