@@ -833,9 +833,10 @@ class _Builder:
             src = (me - j) % w
             blocks[src] = self._pass_on(blocks[held], _shape(k), split, seq, held, src, k.meta["val"].dtype, region)
             held = src
+        rows = None if mask is None or _shape(mask)[-2] == 1 or qst.shard is None else \
+            self._mask_rows(mask, views, qst)  # the mask's rows of this rank's queries
         mask_cols = lambda b, e: None if mask is None else self.call(  # noqa: E731
-            aten.slice.Tensor, views[mask][0] if _shape(mask)[-2] == 1 else self._mask_rows(mask, views, qst),
-            -1, b, e, hint="mask")
+            aten.slice.Tensor, views[mask][0] if rows is None else rows, -1, b, e, hint="mask")
         parts = []  # (keys, values, global key columns), in the order of the whole sequence
         if seq.pre:
             parts.append((cut(kn, 0, seq.pre), cut(vn, 0, seq.pre), (0, seq.pre)))
@@ -952,8 +953,7 @@ class _Builder:
             switch = lambda x, shape, core: self._switch(x, shape, a.meta["val"].dtype, cut=(ha, heads),  # noqa
                                                          join=(core, st.split), region=region, role="enter")
             mine = lambda x, shape: self._slice_replicated(x, shape, 1, ha, heads)  # noqa: E731
-            out = self._by_segment(new, _shape(a), replace(st.shard, pre=st.shard.pre, post=st.shard.post), switch,
-                                   mine, local_split=st.split)
+            out = self._by_segment(new, _shape(a), st.shard, switch, mine, local_split=st.split)
         else:
             raise _Mixed(f"attention operand {a.name} is sharded on dim {st.shard.dim}, not its sequence dim 2")
         new_st = _State(shard=ha, split=heads, frames=st.shard)
