@@ -60,7 +60,7 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 
-from ..errors import GraphpassError, ParallelError  # noqa: F401  (ParallelError: also imported from here)
+from ..errors import ParallelError  # also importable from here
 from .capture import CapturedGraph, TensorSpec, module_path
 from .elide import META_KEY, WAIT_OP, CollectiveInfo, collective_nodes
 from .flops import node_flops
@@ -1267,7 +1267,8 @@ def _finish(captured: CapturedGraph, regions: list[Region], b: _Builder, graph: 
                           constants=dict(captured.constants), out_spec=captured.out_spec,
                           model_type=captured.model_type)
     return ShardedGraph(captured=local, regions=local_regions, frames=b.frames, video_input=b.video,
-                        frame_dim=b.frame_dim, rank=b.rank, world_size=b.world, keep_sharded=b.keep_sharded, mode=b.mode,
+                        frame_dim=b.frame_dim, rank=b.rank, world_size=b.world, keep_sharded=b.keep_sharded,
+                        mode=b.mode,
                         collectives=[n.name for n in collective_nodes(gm.graph)])
 
 

@@ -379,7 +379,8 @@ def connect(config: SequenceParallel, schedule: Schedule) -> ParallelRuntime:
         err = ParallelError(f"SequenceParallel(world_size={config.world_size}) but the process group has "
                             f"{rt.world_size} ranks; launch {config.world_size} processes (torchrun "
                             f"--nproc_per_node {config.world_size}) or drop world_size=")
-    rt.agree(err, (schedule.to_json(), config.mode, config.keep_sharded, config.frame_dim, config.check_calls, config.check_inputs,
+    rt.agree(err, (schedule.to_json(), config.mode, config.keep_sharded, config.frame_dim, config.check_calls,
+                   config.check_inputs,
                    rt.world_size))
     return rt
 
