@@ -464,18 +464,20 @@ def count_collectives():
 
 
 def plan_reuse_savings(opt: ParallelModel, plan: Plan | None = None) -> CollectiveCounts:
-    """The all-to-alls a plan skips, from the plan alone: for every step, each temporal region the step
-    reuses skips its enter and exit all-to-alls (their bytes as recorded on the sharded graph)."""
+    """The collectives a plan skips, from the plan alone: for every step, each region the step reuses skips
+    the collectives that serve it (DSP: a temporal region's enter and exit all-to-alls; Ulysses: a joint
+    attention's four all-to-alls and its text all-gather; ring: its exchanges), with their bytes as recorded
+    on the sharded graph."""
     plan = plan or opt.current_plan
-    per_region: dict[str, list[int]] = {}
+    per_region: dict[str, list] = {}
     for n in collective_nodes(opt.captured.gm.graph):
         info = collective_info(n)
         if info.region:
-            per_region.setdefault(info.region, []).append(info.bytes_sent)
+            per_region.setdefault(info.region, []).append(info)
     out = CollectiveCounts()
     for ph in plan.phases:
         for path in ph.reused:
-            for b in per_region.get(path, []):
-                out.add("all_to_all", b)
+            for info in per_region.get(path, []):
+                out.add(info.kind, info.bytes_sent)
     return out
 

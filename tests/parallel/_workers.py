@@ -379,6 +379,7 @@ def ulysses_model_checks(rank: int, world_size: int, name: str, mode: str | None
         res[label] = dict(rel=_rel(outs[label], want), per_call=per_call)
     plan = opt.current_plan
     res["predicted"] = [_counts(_phase_counts(opt, ph)) for ph in plan.phases]
+    res["plan_savings"] = _counts(plan_reuse_savings(opt))
     res["reused"] = [sorted(ph.reused) for ph in plan.phases]
     res["attention"] = sorted(r.path for r in opt.regions if r.kind in ("joint", "temporal"))
     joint = {n for r in opt.regions if r.kind == "joint" for n in r.nodes}
