@@ -8,8 +8,8 @@ Run on N ranks (CPU, gloo; one thread per rank)::
 
 ``--model wan`` compares, on a small diffusers Wan (joint 3D attention), one process with and without PAB
 against Ulysses (sequence split by frames, all-to-alls between sequence and heads around every joint
-attention) with and without ``PAB(joint=2)``: a step that reuses a joint attention skips its four
-all-to-alls. Flow-matching Euler sampling from the same noise; the table counts all-to-all and all-gather
+attention) and ring attention (keys and values passed round the ranks), each with and without
+``PAB(joint=2)``: a step that reuses a joint attention skips its four all-to-alls (ring: its exchanges). Flow-matching Euler sampling from the same noise; the table counts all-to-all and all-gather
 calls per rank and bytes summed over the ranks per video.
 
 Every variant samples one video with the DDIM sampler (batched classifier-free guidance: one model call of
@@ -77,10 +77,11 @@ def joint_main(args, rank: int, world: int) -> None:
     if rank == 0:
         variants["1 process, no reuse"] = graphpass.optimize(model, never, example_kwargs=kwargs, timesteps=timesteps)
         variants["1 process, PAB"] = graphpass.optimize(model, pab, example_kwargs=kwargs, timesteps=timesteps)
-    for label, sched in (("Ulysses", never), ("Ulysses+PAB", pab)):
+    for label, sched, mode in (("Ulysses", never, "ulysses"), ("Ulysses+PAB", pab, "ulysses"),
+                               ("Ring", never, "ring"), ("Ring+PAB", pab, "ring")):
         variants[label] = graphpass.optimize(model, sched, example_kwargs=kwargs, timesteps=timesteps,
-                                             parallel=SequenceParallel(mode="ulysses"))
-    labels = ["1 process, no reuse", "1 process, PAB", "Ulysses", "Ulysses+PAB"]
+                                             parallel=SequenceParallel(mode=mode))
+    labels = ["1 process, no reuse", "1 process, PAB", "Ulysses", "Ulysses+PAB", "Ring", "Ring+PAB"]
     videos, comm, times = {}, {}, {k: [] for k in labels}
     for label in labels:
         dist.barrier()
@@ -90,7 +91,7 @@ def joint_main(args, rank: int, world: int) -> None:
             comm[label] = counts
         dist.barrier()
     for rep in range(args.reps):
-        for label in labels[rep % 4:] + labels[:rep % 4]:
+        for label in labels[rep % len(labels):] + labels[:rep % len(labels)]:
             dist.barrier()
             t0 = time.perf_counter()
             if label in variants:
@@ -115,7 +116,8 @@ def joint_main(args, rank: int, world: int) -> None:
     reused = sum(1 for ph in opt.current_plan.phases for p in ph.reused if p in joint)
     share = reused / (len(joint) * len(timesteps))
     base = rows[0][-1]
-    ref = {"Ulysses": videos["1 process, no reuse"], "Ulysses+PAB": videos["1 process, PAB"]}
+    ref = {"Ulysses": videos["1 process, no reuse"], "Ulysses+PAB": videos["1 process, PAB"],
+           "Ring": videos["1 process, no reuse"], "Ring+PAB": videos["1 process, PAB"]}
     kib = 1024.0
     tokens = args.frames * (args.size // 2) ** 2
     print(f"\nWan (4 heads x 24, 4 blocks, random weights), {args.frames} frames of {args.size}x{args.size} latents "
@@ -127,10 +129,11 @@ def joint_main(args, rank: int, world: int) -> None:
         d = float((videos[label] - ref[label]).abs().max()) if label in ref else 0.0
         print(f"{label:<20} {a2a:>8} {ag:>7} {a2a_b / kib:>9.1f} {ag_b / kib:>10.1f} {t:>8.2f} {base / t:>6.2f}x "
               f"{d:>9.2e}")
-    u, up = rows[2], rows[3]
-    print(f"\nUlysses+PAB vs Ulysses: all-to-all calls {up[1]} vs {u[1]} per rank ({1 - up[1] / u[1]:.0%} fewer), "
-          f"bytes {up[3] / kib:.1f} vs {u[3] / kib:.1f} KiB ({1 - up[3] / u[3]:.0%} less); the plan reuses "
-          f"{share:.0%} of the joint-attention steps")
+    for plain, reuse in ((rows[2], rows[3]), (rows[4], rows[5])):
+        print(f"\n{plain[0]}+PAB vs {plain[0]}: all-to-all calls {reuse[1]} vs {plain[1]} per rank "
+              f"({1 - reuse[1] / plain[1]:.0%} fewer), bytes {reuse[3] / kib:.1f} vs {plain[3] / kib:.1f} KiB "
+              f"({1 - reuse[3] / plain[3]:.0%} less); the plan reuses {share:.0%} of the joint-attention steps", end="")
+    print()
     report = opt.inspect().split("\n\n")
     print("\nUlysses+PAB, from opt.inspect():\n" + next(b for b in report if b.startswith("communication")))
 
