@@ -468,6 +468,9 @@ RULES: tuple[Rule, ...] = (
     Rule("like", frozenset({aten.empty_like.default, aten.zeros_like.default, aten.ones_like.default,
                             aten.full_like.default}), _elementwise),
     Rule("slice_scatter", frozenset({aten.slice_scatter.default}), _slice_scatter),
+    # in-place writes into a view (CogVideoX's rotary: ``query[:, :, text:] = rotated``): the local view
+    # of the local tensor is written the same way
+    Rule("copy_", frozenset({aten.copy_.default}), _elementwise),
     Rule("expand", frozenset({aten.expand.default}), _expand),
     Rule("permute", frozenset({aten.permute.default}), _permute),
     Rule("transpose", frozenset({aten.transpose.int}), _transpose),
@@ -1263,9 +1266,11 @@ def _finish(captured: CapturedGraph, regions: list[Region], b: _Builder, graph: 
                    for e in exits]
         local_regions.append(replace(r, exits=exits, exit_specs=specs_r,
                                      flops=sum(node_flops(by_name[n]) for n in r.nodes)))
-    local = CapturedGraph(gm=gm, input_names=list(captured.input_names), input_specs=specs,
-                          constants=dict(captured.constants), out_spec=captured.out_spec,
-                          model_type=captured.model_type)
+    # Same call as the capture (structured arguments such as CogVideoX's rotary (cos, sin) tuple included);
+    # value checks read whole inputs, which a rank given only its frames does not have.
+    local = replace(captured, gm=gm, input_names=list(captured.input_names), input_specs=specs,
+                    constants=dict(captured.constants), checker=None,
+                    value_checks=[] if b.keep_sharded else list(captured.value_checks))
     return ShardedGraph(captured=local, regions=local_regions, frames=b.frames, video_input=b.video,
                         frame_dim=b.frame_dim, rank=b.rank, world_size=b.world, keep_sharded=b.keep_sharded,
                         mode=b.mode,

@@ -9,8 +9,8 @@ dict of measurements that the tests check in the parent process.
 * :func:`ulysses_checks`: a small joint-attention model that splits heads over the ranks with the same
   collective ops (Ulysses): numerics against the unsplit model and the four all-to-alls a reuse removes.
 * :func:`ulysses_all`: ``SequenceParallel`` in Ulysses mode on tiny diffusers Wan (also with 3 heads and
-  45 tokens), CogVideoX (text tokens before the video), HunyuanVideo (text after it, padded text masked)
-  and VDT (forced Ulysses): outputs with and without PAB against single-process runs, collectives counted
+  45 tokens), CogVideoX (text tokens before the video; also with rotary embeddings written in place into
+  the video part of q and k), HunyuanVideo (text after it, padded text masked) and VDT (forced Ulysses): outputs with and without PAB against single-process runs, collectives counted
   per call against the phase graphs, what each rank caches.
 """
 from __future__ import annotations
@@ -304,6 +304,7 @@ JOINT_MODULES = {
     "wan": [f"blocks.{i}.attn1" for i in range(2)],
     "wan-odd": [f"blocks.{i}.attn1" for i in range(2)],
     "cogvideox": [f"transformer_blocks.{i}.attn1" for i in range(2)],
+    "cogvideox-rope": [f"transformer_blocks.{i}.attn1" for i in range(2)],
     "hunyuan": ["transformer_blocks.0.attn", "single_transformer_blocks.0.attn"],
 }
 JOINT_SCHEDULE = PAB(joint=2, window=(100, 900))
@@ -434,7 +435,9 @@ def _phase_counts(opt, ph):
     return out
 
 
-ULYSSES_MODELS = ("wan", "wan-odd", "cogvideox", "hunyuan", "vdt")
+ULYSSES_MODELS = ("wan", "wan-odd", "cogvideox", "cogvideox-rope", "hunyuan", "vdt")
+#: Models whose joint attention also attends over text tokens (concatenated into the sequence).
+TEXT_MODELS = ("cogvideox", "cogvideox-rope", "hunyuan")
 
 
 RING_MODELS = ("wan-odd", "cogvideox", "hunyuan")

@@ -1,5 +1,6 @@
 """Ulysses sequence parallelism on 2 CPU ranks (gloo) for joint-attention video DiTs, against single-process
-runs: diffusers Wan, CogVideoX and HunyuanVideo (tiny random configs), and VDT forced into Ulysses mode.
+runs: diffusers Wan, CogVideoX (with and without rotary embeddings) and HunyuanVideo (tiny random configs),
+and VDT forced into Ulysses mode.
 
 All checks run in one spawn of two processes (tests/parallel/_workers.py: ``ulysses_all``), bounded by a
 timeout; the tests read its measurements. Without reuse the outputs are compared with the eager model; with
@@ -11,7 +12,7 @@ from __future__ import annotations
 import pytest
 
 from _launch import launch
-from _workers import JOINT_MODULES, ULYSSES_MODELS, ulysses_all
+from _workers import JOINT_MODULES, TEXT_MODELS, ULYSSES_MODELS, ulysses_all
 
 REL = 1e-5
 
@@ -42,7 +43,7 @@ def test_uneven_tokens_and_heads_split_exactly(ranks):
 def test_every_attention_over_the_split_sequence_gets_its_all_to_alls(ranks, name):
     """q, k, v enter (sequence -> heads) and the output leaves (heads -> sequence) by all-to-all; the text
     tokens a joint attention carries (CogVideoX, HunyuanVideo) leave by one all-gather of their heads."""
-    text = name in ("cogvideox", "hunyuan")
+    text = name in TEXT_MODELS
     for r in ranks:
         d = r[name]
         per_region: dict = {}
@@ -98,7 +99,7 @@ def test_each_rank_caches_only_its_tokens(ranks, name):
         share = d["frames"][d["rank"]] / sum(d["frames"])
         assert d["cache"]
         for key, local, whole in d["cache"]:
-            assert local == whole * share or (local == whole and name in ("cogvideox", "hunyuan")), key
+            assert local == whole * share or (local == whole and name in TEXT_MODELS), key
         assert any(local < whole for _, local, whole in d["cache"])
 
 
