@@ -189,8 +189,6 @@ def _communication(opt, plan, phases, ids) -> list[str]:
 def _by_role(nodes: list) -> str:
     """``all_to_all/enter 6 (12.00 KiB), all_gather/gather 1 (4.00 KiB)``: collectives counted by what they
     do (kind and role recorded by the pass that made them)."""
-    from .passes.elide import collective_info
-
     groups: dict[str, list] = {}
     for c in nodes:
         info = collective_info(c)
