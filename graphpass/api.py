@@ -44,8 +44,9 @@ def optimize(model: torch.nn.Module, schedule: Schedule | str, *, example_kwargs
             instead of the raw region output with the current step's gate re-applied (the default: a reused
             output then carries the current step's modulation).
         parallel: a :class:`~graphpass.SequenceParallel` to split the frames over the ranks of a
-            ``torch.distributed`` process group (DSP; every rank calls ``optimize`` and the model alike). Phases
-            that reuse a temporal attention also skip its all-to-alls. See :mod:`graphpass.runtime.parallel`.
+            ``torch.distributed`` process group (DSP, or Ulysses/ring for joint attention; every rank calls
+            ``optimize`` and the model alike). Phases that reuse an attention also skip its collectives. See
+            :mod:`graphpass.runtime.parallel`.
         dynamic: keep the frame, height and width dimensions (and a conditioning sequence's length) free
             where the model allows, so one optimized model serves other video sizes; the dimensions the model
             fixes stay static and a call that changes them gets an ``InputError``. Each new shape is checked
