@@ -29,6 +29,7 @@ from ..errors import ArtefactError, GraphpassError, InputError
 from ..schedules.base import Action, Plan
 from .manifest import (MANIFEST_FORMAT, WEIGHTS_FILE, cache_tensor_name, dtype_name, reuse_flag_name, tensor_entry,
                        user_output_name, versions, write_manifest)
+from .onnx_rewrites import rewrite_for_onnx
 
 if TYPE_CHECKING:
     import onnx
@@ -82,6 +83,8 @@ def to_onnx(module: torch.nn.Module, args: Sequence[torch.Tensor], input_names: 
     """Export ``module(*args)`` with the dynamo exporter and return the in-memory model (weights inline)."""
     require_onnx()
     module.eval()
+    if isinstance(module, torch.fx.GraphModule):  # ops whose ONNX lowering is wrong or does not run
+        module, _ = rewrite_for_onnx(module)
     with warnings.catch_warnings(), redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         logging.getLogger("torch.onnx").setLevel(logging.ERROR)
