@@ -8,13 +8,14 @@ core (backends that run phase graphs in process, eager and Inductor, are :mod:`g
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from ..errors import ArtefactError
 from .artefact import ArtefactModel, load
 from .destination import check_destination, staged
 from .onnx_export import export_onnx, plan_for_export
 from .tensorrt import TensorRTConfig, export_tensorrt, require_tensorrt
+from .verify import require_onnxruntime, verification_inputs, verify_export
 
 if TYPE_CHECKING:
     from ..runtime.executor import OptimizedModel
@@ -24,7 +25,8 @@ FORMATS = ("onnx", "tensorrt")
 
 def export(opt: "OptimizedModel", folder: str | Path, format: str = "onnx", *,
            timesteps: Sequence[float] | None = None, single_file: bool = False, opset: int | None = None,
-           tensorrt: TensorRTConfig | None = None, overwrite: bool = False) -> Path:
+           tensorrt: TensorRTConfig | None = None, overwrite: bool = False, verify: bool = True,
+           example_kwargs: dict[str, Any] | None = None) -> Path:
     """Save the phases of ``opt``'s plan to ``folder`` for deployment; load them with :func:`graphpass.load`.
 
     Layouts (``format="onnx"``):
@@ -52,6 +54,13 @@ def export(opt: "OptimizedModel", folder: str | Path, format: str = "onnx", *,
         >>> graphpass.export(opt, "out/vdt-onnx")                   # again: ArtefactError, pass overwrite=True
         >>> graphpass.export(opt, "out/vdt-onnx", overwrite=True)   # replaced once the new one is complete
 
+    Before the folder is written, every exported phase runs once under ONNX Runtime and its outputs are
+    compared with the phase graph's eager outputs (:mod:`graphpass.exporters.verify`): NaN/inf where eager is
+    finite, or a difference beyond the tolerance, raises :class:`~graphpass.errors.ArtefactError` naming the
+    phase and the output, so a lowering that computes something else never yields a folder.
+
+        >>> graphpass.export(opt, "out/vdt-onnx", example_kwargs=kw)   # checked on the call you capture with
+
     Args:
         opt: the optimized model; its plan (``opt.plan(timesteps)``) fixes which phases exist.
         folder: output folder (created, with its parents).
@@ -60,6 +69,8 @@ def export(opt: "OptimizedModel", folder: str | Path, format: str = "onnx", *,
         opset: ONNX opset (default: the exporter's).
         tensorrt: engine options for ``format="tensorrt"``.
         overwrite: replace an earlier graphpass export in ``folder``.
+        verify: run each exported phase once under ONNX Runtime against its eager graph (needs onnxruntime).
+        example_kwargs: the call ``verify`` runs (default: seeded inputs of the captured shapes and dtypes).
 
     Returns the folder.
     """
@@ -76,11 +87,16 @@ def export(opt: "OptimizedModel", folder: str | Path, format: str = "onnx", *,
                             f"{first.module!r}), which graphpass fixes at the example's and checks per call; an "
                             f"exported artefact cannot check them. Export a model whose call does not branch on "
                             f"values, or serve it with graphpass.optimize")
-    plan_for_export(opt, timesteps)  # an empty or missing plan is refused before the folder is touched
+    plan = plan_for_export(opt, timesteps)  # an empty or missing plan is refused before the folder is touched
     if format == "tensorrt":
         require_tensorrt()
+    if verify:  # before the export: a missing runtime or a bad call costs nothing
+        require_onnxruntime()
+        inputs = verification_inputs(opt, example_kwargs)
     with staged(folder, overwrite) as tmp:
-        export_onnx(opt, tmp, timesteps=timesteps, single_file=single_file, opset=opset)
+        manifest = export_onnx(opt, tmp, timesteps=timesteps, single_file=single_file, opset=opset)
+        if verify:
+            verify_export(opt, tmp, manifest, plan, inputs)
         if format == "tensorrt":
             export_tensorrt(tmp, tensorrt or TensorRTConfig())
     return Path(folder)

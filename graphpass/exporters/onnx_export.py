@@ -29,7 +29,7 @@ from ..errors import ArtefactError, GraphpassError, InputError
 from ..schedules.base import Action, Plan
 from .manifest import (MANIFEST_FORMAT, WEIGHTS_FILE, cache_tensor_name, dtype_name, reuse_flag_name, tensor_entry,
                        user_output_name, versions, write_manifest)
-from .onnx_rewrites import rewrite_for_onnx
+from .onnx_rewrites import rewrite_for_onnx, unlowered_op_error
 
 if TYPE_CHECKING:
     import onnx
@@ -94,6 +94,7 @@ def to_onnx(module: torch.nn.Module, args: Sequence[torch.Tensor], input_names: 
                                      external_data=False)
         except Exception as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            first = unlowered_op_error(module, e) or first  # name the op and its module when one does not lower
             raise ArtefactError(f"torch.onnx.export failed on {type(module).__name__}: {first}") from e
     proto = prog.model_proto
     _strip_node_metadata(proto.graph)

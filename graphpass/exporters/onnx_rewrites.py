@@ -27,6 +27,7 @@ The rules, and the model code that needs them:
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Callable
 
@@ -178,8 +179,10 @@ def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     return fx.GraphModule(gm, graph)
 
 
-def apply_rewrites(gm: fx.GraphModule, rules: tuple[Rewrite, ...] = RULES) -> dict[str, int]:
-    """Apply ``rules`` to ``gm`` in place (one pass per rule, in order); returns how often each fired."""
+def apply_rewrites(gm: fx.GraphModule, rules: tuple[Rewrite, ...] | None = None) -> dict[str, int]:
+    """Apply ``rules`` (default: :data:`RULES`, read at the call) to ``gm`` in place, one pass per rule in
+    order; returns how often each fired."""
+    rules = RULES if rules is None else rules
     fired = {r.name: 0 for r in rules}
     for rule in rules:
         for node in list(gm.graph.nodes):
@@ -199,3 +202,52 @@ def rewrite_for_onnx(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[str, int]
     """
     out = copy_graph_module(gm)
     return out, apply_rewrites(out)
+
+
+# --- ops that do not lower -------------------------------------------------------------------------
+_NO_LOWERING = re.compile(r"No ONNX function found for <OpOverload\(op='([\w.]+)', overload='(\w+)'\)>\.?"
+                          r"(?: Failure message: ([^\n]*))?")
+
+
+def _is_complex(a) -> bool:
+    v = _val(a)
+    return v is not None and v.is_complex()
+
+
+def _where(node: fx.Node) -> str:
+    """``module path (Type)`` of a node, from the capture's module stack; ``top level`` outside any module."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return "the top level of the model"
+    path, t = list(stack.values())[-1]
+    tname = t if isinstance(t, str) else t.__qualname__
+    return f"module {path or '<root>'} ({tname.rsplit('.', 1)[-1]})"
+
+
+def unlowered_op_error(gm: torch.nn.Module, e: BaseException) -> str | None:
+    """If exporting ``gm`` failed because an op has no ONNX lowering, a message naming the op, the module that
+    calls it and what to do; else None. Reads the exporter's dispatch error from ``e``'s cause chain.
+
+    >>> unlowered_op_error(gm, err)
+    "aten.linalg_qr.default has no ONNX lowering (called in module motion_encoder (WanAnimateMotionEncoder)); ..."
+    """
+    chain, c = [], e
+    while c is not None and len(chain) < 8:
+        chain.append(str(c))
+        c = c.__cause__ or c.__context__
+    found = next((m for m in (_NO_LOWERING.search(s) for s in chain) if m), None)
+    if found is None:
+        return None
+    op, overload, reason = found.group(1), found.group(2), (found.group(3) or "").strip()
+    complex_input = "complex" in reason
+    target = f"{op}.{overload}"
+    graph_nodes = gm.graph.nodes if isinstance(gm, fx.GraphModule) else ()
+    nodes = [n for n in graph_nodes if n.op == "call_function" and str(n.target) == target
+             and (not complex_input or any(_is_complex(a) for a in n.args))]
+    where = f" (called in {_where(nodes[0])})" if nodes else ""
+    if complex_input:
+        return (f"{target} on a complex tensor has no ONNX lowering{where}: ONNX has no complex tensors. Export a "
+                f"model whose rotary embeddings use real cos/sin tables, or serve it with graphpass.optimize "
+                f"(eager or inductor)")
+    return (f"{target} has no ONNX lowering{where}. Export a model without this op (or with the op replaced by "
+            f"one ONNX has), or serve it with graphpass.optimize (eager or inductor)")
