@@ -49,6 +49,7 @@ that joins it to the skip connection.
 from __future__ import annotations
 
 import contextlib
+import operator
 import re
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -318,6 +319,11 @@ def _skip_step(n: fx.Node, win: Window | None) -> list[tuple[fx.Node, Window | N
             w = (w[0], w[1] + win[1], w[1] + win[2])
         full = (0, _shape(n.args[0])[w[0]])
         return [(n.args[0], None if w[1:] == full else w)]
+    if t == operator.getitem and _split_piece(n) is not None:  # Helios: history, x = torch.split(x, [h, n], 1)
+        src, (dim, start, stop) = _split_piece(n)
+        if win is not None and win[0] != dim:
+            return []
+        return [(src, (dim, start + win[1], start + win[2]) if win is not None else (dim, start, stop))]
     if t == aten.cat.default:
         parts = list(n.args[0])
         if win is None:
@@ -332,6 +338,43 @@ def _skip_step(n: fx.Node, win: Window | None) -> list[tuple[fx.Node, Window | N
                 return [(p, None if (win[1], win[2]) == (off, off + size) else (dim, win[1] - off, win[2] - off))]
             off += size
     return []
+
+
+def _split_piece(n: fx.Node) -> tuple[fx.Node, Window] | None:
+    """``torch.split(x, sizes, dim)[i]`` as ``(x, window of x)``; None for any other node.
+    E.g. piece 1 of ``split_with_sizes(x, [5, 40], 1)`` is ``(x, (1, 5, 45))``."""
+    src = n.args[0]
+    if not (isinstance(src, fx.Node) and src.op == "call_function"
+            and src.target in (aten.split_with_sizes.default, aten.split.Tensor)):
+        return None
+    x, shape = src.args[0], _shape(src.args[0])
+    dim = _int(src.args[2] if len(src.args) > 2 else 0) % len(shape)
+    size = shape[dim]
+    if src.target == aten.split.Tensor:
+        step = _int(src.args[1])
+        sizes = [min(step, size - i) for i in range(0, size, step)]
+    else:
+        sizes = [_int(v) for v in src.args[1]]
+    i = int(n.args[1])
+    start = sum(sizes[:i])
+    return x, (dim, start, start + sizes[i])
+
+
+def _tiles(windows: list[Window], size: int) -> bool:
+    """Whether slices of one axis cover ``[0, size)`` exactly once (HunyuanVideo-I2V's token replace
+    ``cat([x[:, :n], x[:, n:] + f])``, Helios's ``cat([history, x + f])`` after a split).
+
+    >>> _tiles([(1, 0, 5), (1, 5, 45)], 45), _tiles([(1, 0, 5), (1, 4, 45)], 45)
+    (True, False)
+    """
+    if len({w[0] for w in windows}) != 1:
+        return False
+    end = 0
+    for _, start, stop in sorted(set(windows), key=lambda w: w[1]):
+        if start != end:
+            return False
+        end = stop
+    return end == size
 
 
 def _skip_sources(start: fx.Node, stop: Callable[[fx.Node], bool]) -> list[tuple[fx.Node, Window | None]]:
@@ -351,11 +394,21 @@ def _skip_sources(start: fx.Node, stop: Callable[[fx.Node], bool]) -> list[tuple
     return found
 
 
-def _stream_input(block: str, out: fx.Node, inside: set[fx.Node]) -> fx.Node:
+def _stream_input(block: str, out: fx.Node, inside: set[fx.Node], shared: set[fx.Node] = frozenset()) -> fx.Node:
     """The hidden state entering ``block`` that its output ``out`` carries on: the outside node of ``out``'s
-    shape its skip connection reaches whole."""
+    shape its skip connection reaches whole, or in slices that tile it (a block that re-assembles its tokens
+    with ``torch.cat``). A node that several blocks read (``shared``: Cosmos adds ``extra_pos_emb`` to the
+    hidden state in every block) is a per-block input, not the hidden state, when another candidate exists."""
     srcs = _skip_sources(out, lambda n: n not in inside)
     cands = list({n: None for n, w in srcs if w is None and _shape(n) == _shape(out)})
+    if not cands:
+        windows: dict[fx.Node, list[Window]] = {}
+        for n, w in srcs:
+            if w is not None and _shape(n) == _shape(out):
+                windows.setdefault(n, []).append(w)
+        cands = [n for n, ws in windows.items() if _tiles(ws, _shape(n)[ws[0][0]])]
+    if len(cands) > 1 and [c for c in cands if c not in shared]:
+        cands = [c for c in cands if c not in shared]
     if len(cands) != 1:
         sliced = [n.name for n, w in srcs if w is not None]
         why = f"; it reads only a slice of {sliced}" if sliced else ""
@@ -459,6 +512,15 @@ def _chain_blocks(regions: Sequence[Region], name_order: dict[str, int], model_t
     return [b for b in blocks if b.count(".") == depth]
 
 
+def _value_inputs(n: fx.Node, h_ins: set[fx.Node]) -> list[fx.Node]:
+    """The inputs whose values ``n`` reads, as far as the span is concerned: Cosmos's
+    ``time_proj(t).type_as(hidden_states)`` takes only the dtype of the hidden state entering the chain, so its
+    timestep embedding is no part of the blocks' span."""
+    if n.op == "call_function" and n.target == aten.type_as.default and n.args[1] in h_ins:
+        return [n.args[0]] if isinstance(n.args[0], fx.Node) else []
+    return list(n.all_input_nodes)
+
+
 def find_block_span(captured: CapturedGraph, regions: Sequence[Region]) -> BlockSpan:
     """The chain of transformer blocks of ``captured`` (see the module docstring)."""
     gm = captured.gm
@@ -473,6 +535,12 @@ def find_block_span(captured: CapturedGraph, regions: Sequence[Region]) -> Block
         inside = set(members[b])
         exits_of[b] = [n for n in members[b] if any(u not in inside and u in live for u in n.users)]
 
+    readers: dict[fx.Node, int] = {}  # outside nodes -> how many blocks read them
+    for b in paths:
+        inside = set(members[b])
+        for a in {a for n in members[b] for a in n.all_input_nodes if a not in inside}:
+            readers[a] = readers.get(a, 0) + 1
+    shared = {a for a, k in readers.items() if k > 1}
     last = paths[-1]
     # the streams leaving the chain: the largest (the video tokens) first
     outs = sorted(exits_of[last], key=lambda n: (-_numel(n), order[n]))
@@ -483,7 +551,7 @@ def find_block_span(captured: CapturedGraph, regions: Sequence[Region]) -> Block
     active = list(tracks)
     for k in range(len(paths) - 1, -1, -1):
         b = paths[k]
-        xs = [_stream_input(b, t.out, set(members[b])) for t in active]
+        xs = [_stream_input(b, t.out, set(members[b]), shared) for t in active]
         if len(set(xs)) != len(xs):
             raise TaggingError(f"block {b} returns {len(xs)} hidden states ({[t.out.name for t in active]}) carried "
                                f"on from the same input; residual caching needs one input per hidden state")
@@ -510,7 +578,7 @@ def find_block_span(captured: CapturedGraph, regions: Sequence[Region]) -> Block
     # The span: nodes depending on a stream input that feed a stream output.
     after: set[fx.Node] = set(h_ins)
     for n in gm.graph.nodes:
-        if any(a in after for a in n.all_input_nodes):
+        if any(a in after for a in _value_inputs(n, set(h_ins))):
             after.add(n)
     before: set[fx.Node] = set(h_outs)
     bases, writers = in_place_writers(gm.graph)
