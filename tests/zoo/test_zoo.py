@@ -85,13 +85,6 @@ ADACACHE_UNSUPPORTED: dict[str, str] = {
     # the decoder block restarts from a clone of the patch embeddings
     "motif-video": r"hidden state clone does not come from block single_transformer_blocks\.0",
     "motif-video-i2v": r"hidden state clone does not come from block single_transformer_blocks\.0",
-    # blocks whose skip connection passes through something other than adds, casts, re-layouts and slices
-    "cosmos": r"cannot find the hidden state entering block transformer_blocks\.1",
-    "helios": r"cannot find the hidden state entering block blocks\.1",
-    # the condition mask's frames are read back after the blocks
-    "cosmos2-video2world": r"values computed inside the blocks are used after them",
-    # token_replace: each block's output re-assembles the first frame's tokens with torch.cat
-    "hunyuan-video-i2v": r"cannot find the hidden state entering block transformer_blocks\.0",
     # the control stream runs its own chain of vace_blocks whose hints feed the main blocks
     "wan-vace": r"does not come from block vace_blocks\.1",
 }
