@@ -557,6 +557,13 @@ def find_block_span(captured: CapturedGraph, regions: Sequence[Region]) -> Block
                                f"on from the same input; residual caching needs one input per hidden state")
         pairs = sorted(zip(xs, (t.out for t in active)), key=lambda p: (-_numel(p[1]), order[p[1]]))
         block_streams[b] = [(x.name, o.name) for x, o in pairs]
+        if k > 0 and not all(_skip_sources(x, lambda n: n in set(exits_of[paths[k - 1]])) for x in xs):
+            # the chain starts here: the earlier blocks feed it other inputs (Kandinsky's text blocks, WanVACE's
+            # control blocks) and run on every step
+            for t, x in zip(active, xs):
+                t.entry = x
+            paths = paths[k:]
+            break
         following = []
         for t, x in zip(active, xs):
             found = x if k == 0 else _previous_exit(b, x, paths[k - 1], set(exits_of[paths[k - 1]]))

@@ -3,12 +3,18 @@ the 20-step loop, and the comparison helpers."""
 from __future__ import annotations
 
 import functools
+import inspect
+import sys
+from pathlib import Path
 
 import torch
 
 from graphpass.passes.capture import capture
 from graphpass.passes.tag import tag_attention
 from zoo import ZOO, ZooCase
+
+sys.path.insert(0, str(Path(__file__).parent.parent / "adacache"))
+from adacache_helpers import BlockResidualReuse  # noqa: E402
 
 STEPS = [float(t) for t in range(981, 0, -50)]  # 20 falling timesteps
 RTOL = 1e-5
@@ -70,7 +76,11 @@ def attention_kinds(case: ZooCase) -> dict[str, str]:
 
 def top_blocks(model: torch.nn.Module, case: ZooCase) -> list[str]:
     """The model's transformer blocks, read from its module tree: entries of its top-level module lists that
-    hold an attention module of ``case.kinds``, in the order one eager call runs them."""
+    hold an attention module of ``case.kinds``, in the order one eager call runs them; or, for a model whose
+    earlier blocks only feed the chain other inputs, the chain's blocks written in the case
+    (``extra["residual_blocks"]``, with the reason read from the source)."""
+    if "residual_blocks" in case.extra:
+        return list(case.extra["residual_blocks"][0])
     lists = {name for name, m in model.named_children() if isinstance(m, torch.nn.ModuleList)}
     wanted = {".".join(p.split(".")[:2]) for p, (k, _) in case.kinds.items() if k in ATTENTION_KINDS
               and p.split(".")[0] in lists}
@@ -105,3 +115,24 @@ def run_pab(name: str, steps=STEPS):
     finally:
         ref.restore()
     return opt, got, ref, want
+
+
+class ChainResidualReuse(BlockResidualReuse):
+    """:class:`BlockResidualReuse` for blocks that may return ``None`` in place of a hidden state (Kandinsky 6's
+    visual blocks return ``(visual, audio)``, audio ``None`` for a video-only call): a ``None`` output has no
+    residual and stays ``None`` on reuse steps."""
+
+    def _wrap(self, path, forward):
+        signature = inspect.signature(forward)
+
+        def wrapped(*args, **kwargs):
+            inputs = list(signature.bind(*args, **kwargs).arguments.values())
+            if self.reuse:
+                outs = tuple(None if r is None else x + r for x, r in zip(inputs, self.cache[path]))
+                return outs if len(outs) > 1 else outs[0]
+            out = forward(*args, **kwargs)
+            outs = out if isinstance(out, tuple) else (out,)
+            self.cache[path] = tuple(None if o is None else o - x for o, x in zip(outs, inputs))
+            return out
+
+        return wrapped

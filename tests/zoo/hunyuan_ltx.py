@@ -649,6 +649,15 @@ _SANA_NOTES = (
 
 # ------------------------------------------------------------------------------------------------ cases
 
+_K5_CHAIN = {"residual_blocks": (
+    ["visual_transformer_blocks.0", "visual_transformer_blocks.1"],
+    "the text blocks run their own chain on the text tokens first; the visual blocks read their output as "
+    "cross-attention context only, so the cached chain is the visual blocks and the text blocks run every step")}
+_K6_CHAIN = {"residual_blocks": (
+    ["visual_transformer_blocks.0", "visual_transformer_blocks.1"],
+    "the audio/text blocks run their own chain first; the visual blocks read their output as context only, so "
+    "the cached chain is the visual blocks and the audio/text blocks run every step")}
+
 CASES: list[ZooCase] = [
     ZooCase("hunyuan-video", "HunyuanVideoTransformer3DModel", _hunyuan_video(), _hunyuan_video_kwargs(True),
             _hv_kinds("context_embedder.token_refiner.refiner_blocks", 1, 1, 1),
@@ -684,17 +693,22 @@ CASES: list[ZooCase] = [
             # text tokens): the graph cannot show the kind, graphpass asks for it and is told
             extra={"kinds_override": {"transformer_blocks.*.attn1": "joint"}}),
     ZooCase("kandinsky5", "Kandinsky5Transformer3DModel", _kandinsky5, _kandinsky5_kwargs, _K5_KINDS,
-            notes=_K5_NOTES),
+            notes=_K5_NOTES, extra=dict(_K5_CHAIN, adacache_rtol=(
+                1e-4, "eager itself turns a 2e-7 relative change of its input into 6e-5 over the 10-step loop "
+                      "(measured); graphpass and the per-block reference differ by <= 2.5e-7 per step until a "
+                      "compute step amplifies it (5.6e-5 at step 9)"))),
     ZooCase("kandinsky6", "Kandinsky6Transformer3DModel", _kandinsky6(), _kandinsky6_kwargs(True),
             _k6_kinds(True), notes="Text-to-video+audio with the released flags (ca_rope, cross_gates, "
-                                   "fix_modulation). " + _K6_NOTES),
+                                   "fix_modulation). " + _K6_NOTES, extra=_K6_CHAIN),
     ZooCase("kandinsky6-video", "Kandinsky6Transformer3DModel", _kandinsky6(), _kandinsky6_kwargs(False),
-            _k6_kinds(False), notes="Video only (audio_hidden_states=None; sample_audio=False). " + _K6_NOTES),
+            _k6_kinds(False), notes="Video only (audio_hidden_states=None; sample_audio=False). " + _K6_NOTES,
+            extra=_K6_CHAIN),
     ZooCase("kandinsky6-i2v", "Kandinsky6Transformer3DModel", _kandinsky6(token_types=2),
             _kandinsky6_kwargs(True, image=True), _k6_kinds(True),
             notes="Image-to-video+audio: the clean reference latent is an extra tail frame (F+1 frames) whose "
                   "rotary temporal index repeats 0 (visual_rope_pos is a tuple of int64 tensors) and whose tokens "
-                  "get visual_token_type_embeddings (visual_token_type_ids (B, F+1)). " + _K6_NOTES),
+                  "get visual_token_type_embeddings (visual_token_type_ids (B, F+1)). " + _K6_NOTES,
+            extra=_K6_CHAIN),
     ZooCase("kandinsky6-sr", "Kandinsky6SRTransformer3DModel", _kandinsky6_sr, _kandinsky6_sr_kwargs, _K6SR_KINDS,
             unsupported=r"(?i)flex.?attention|scaled_dot_product_attention",
             notes="Unsupported: its only attention is flex_attention with a per-call data-dependent BlockMask, not "

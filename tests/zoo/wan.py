@@ -628,8 +628,13 @@ def _motif(image: bool = False) -> ZooCase:
     notes = MOTIF_NOTES + (" I2V: image embeddings projected and prepended to the text tokens; the text mask "
                            "is extended with ones for them (image_embed_seq_len int threaded to every block)."
                            if image else "")
+    chain = {"residual_blocks": (
+        ["single_transformer_blocks.1"],
+        "the decoder block restarts its video stream from hidden_states.clone() of the patch embeddings and reads "
+        "the encoder blocks' output as its second stream: the cached chain is the decoder block, the encoder "
+        "blocks run every step")}
     return ZooCase(name, "MotifVideoTransformer3DModel", lambda: _seeded(MotifVideoTransformer3DModel, **config),
-                   kwargs, _motif_kinds(image), notes=notes)
+                   kwargs, _motif_kinds(image), notes=notes, extra=chain)
 
 
 CASES: list[ZooCase] = [
