@@ -24,10 +24,17 @@ Finding the span (structure, not names):
 * a block output's *stream input* is the outside node of its shape that it reaches through the skip
   connection: adds, casts (Wan's ``(h.float() + f.float() * gate).type_as(h)``), re-layouts, and slices of a
   concatenation that select one of its parts (HunyuanVideo's single block ``cat([video, text]) + f(...)``
-  sliced back into video and text reaches the video input alone); chaining backwards from the last block
-  gives each stream's input ``h_in`` at the first block. Streams that the model concatenates between blocks
+  sliced back into video and text reaches the video input alone); reached whole, or in slices that tile it
+  (HunyuanVideo-I2V's token replace ``cat([x[:, :n], x[:, n:] + f])``, Helios's ``cat([history, x + f])``
+  after ``torch.split``). An outside node that several blocks read (Cosmos adds ``extra_pos_emb`` in every
+  block) is a per-block input, not the hidden state. Chaining backwards from the last block gives each
+  stream's input ``h_in`` at the first block of the chain. Streams that the model concatenates between blocks
   (two-stream blocks feeding single-stream blocks over ``cat([text, video])``) enter the chain as one
   :class:`Concat` of their inputs;
+* the chain starts at the first block whose hidden state does not come from the block before: earlier blocks
+  that only feed it other inputs (Kandinsky's text blocks, read as cross-attention context; Motif-Video's
+  encoder blocks, whose decoder restarts from a clone of the patch embeddings) stay outside and run every
+  step;
 * ``h_out`` is the last block's output, followed through re-layout ops until it has ``h_in``'s shape again
   (Latte's temporal blocks work on ``(B*tokens, F, D)``, its spatial ones on ``(B*F, tokens, D)``).
 
