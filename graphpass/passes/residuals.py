@@ -444,13 +444,11 @@ def _joining_cat(x: fx.Node) -> fx.Node | None:
 def _previous_exit(block: str, x: fx.Node, prev: str, exits: set[fx.Node]) -> fx.Node | tuple[int, list[fx.Node]]:
     """The output of block ``prev`` that becomes ``block``'s hidden state ``x`` (through re-layouts, casts
     and adds between the two blocks), or ``(dim, outputs)`` when ``x`` concatenates several outputs of
-    ``prev`` along ``dim``, each whole (text and video tokens joined before single-stream blocks)."""
+    ``prev`` along ``dim``, each whole (text and video tokens joined before single-stream blocks). The caller
+    has checked that ``x`` reaches some output of ``prev`` (else the chain starts at ``block``)."""
     hits = _skip_sources(x, lambda n: n in exits)
     if len(hits) == 1 and hits[0][1] is None:
         return hits[0][0]
-    if not hits:
-        raise TaggingError(f"block {block}'s hidden state {x.name} does not come from block {prev} through "
-                           f"re-layouts, casts and adds only; residual caching needs the blocks to form one chain")
     cat = _joining_cat(x)
     if cat is not None:
         parts = [_skip_sources(p, lambda n: n in exits) for p in cat.args[0]]
@@ -564,7 +562,8 @@ def find_block_span(captured: CapturedGraph, regions: Sequence[Region]) -> Block
                                f"on from the same input; residual caching needs one input per hidden state")
         pairs = sorted(zip(xs, (t.out for t in active)), key=lambda p: (-_numel(p[1]), order[p[1]]))
         block_streams[b] = [(x.name, o.name) for x, o in pairs]
-        if k > 0 and not all(_skip_sources(x, lambda n: n in set(exits_of[paths[k - 1]])) for x in xs):
+        prev_exits = set(exits_of[paths[k - 1]]) if k > 0 else set()
+        if k > 0 and not all(_skip_sources(x, lambda n: n in prev_exits) for x in xs):
             # the chain starts here: the earlier blocks feed it other inputs (Kandinsky's text blocks, WanVACE's
             # control blocks) and run on every step
             for t, x in zip(active, xs):
@@ -573,7 +572,7 @@ def find_block_span(captured: CapturedGraph, regions: Sequence[Region]) -> Block
             break
         following = []
         for t, x in zip(active, xs):
-            found = x if k == 0 else _previous_exit(b, x, paths[k - 1], set(exits_of[paths[k - 1]]))
+            found = x if k == 0 else _previous_exit(b, x, paths[k - 1], prev_exits)
             if isinstance(found, fx.Node) and k == 0:
                 t.entry = found
             elif isinstance(found, fx.Node):
