@@ -11,7 +11,7 @@ otherwise give a folder that loads and runs and returns wrong numbers, NaN inclu
 
 Inputs: the ``example_kwargs`` given to :func:`graphpass.export` (the capture's own call is the natural
 choice), else seeded ones: floating inputs and cached tensors drawn from N(0, 1), integer and boolean inputs
-zeros (indices and masks stay valid). The same tensors go to both runs.
+ones (masks keep every token, indices stay valid). The same tensors go to both runs.
 """
 from __future__ import annotations
 
@@ -43,9 +43,12 @@ def require_onnxruntime() -> None:
 
 
 def _seeded(shape, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
+    """N(0, 1) for floating tensors; ones for integer and boolean ones: a mask of ones keeps every token (a mask
+    of zeros would mask whole rows, whose softmax PyTorch and ONNX Runtime resolve differently) and an index of
+    one is valid wherever indices are."""
     if dtype.is_floating_point:
         return torch.randn(shape, generator=gen).to(dtype)
-    return torch.zeros(shape, dtype=dtype)
+    return torch.ones(shape, dtype=dtype)
 
 
 def verification_inputs(opt: "OptimizedModel", example_kwargs: dict[str, Any] | None) -> list[torch.Tensor]:
