@@ -13,21 +13,21 @@ that does not raises :class:`~graphpass.errors.ArtefactError` saying which step 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import numpy as np
 import torch
 import torch.utils._pytree as pytree
 
-from ..errors import ArtefactError, InputError
+from ..errors import ArtefactError
 from ..passes.capture import ArgStructure, CallSignature, TensorSpec
 from ..runtime.backends import PhaseRunner
 from ..runtime.executor import RuntimeCore
-from ..schedules.base import Action, Phase, Plan, schedule_from_json
+from ..schedules.base import Phase, Plan, schedule_from_json
 from ..techniques import Decision, StepCall
-from .manifest import cache_tensor_name, dtype_of, phases_of, regions_of, read_manifest, reuse_flag_name
+from .manifest import dtype_of, phases_of, regions_of, read_manifest
+from .ort_runner import OrtOptions, ort_runner_factory
 from .tensorrt import trt_runner_factory
 
 LOAD_BACKENDS = ("onnxruntime", "tensorrt")
@@ -138,87 +138,10 @@ def _short(ts: Sequence[float]) -> str:
     return f"[{s}{', ...' if len(ts) > 4 else ''}] ({len(ts)} steps)"
 
 
-# --- ONNX Runtime ---------------------------------------------------------------------------------
-def _require_onnxruntime():
-    try:
-        import onnxruntime
-    except ImportError:
-        raise ArtefactError("loading with backend='onnxruntime' needs the onnxruntime package: "
-                            "pip install onnxruntime (or 'graphpass[onnx]')") from None
-    return onnxruntime
-
-
-class OrtPhaseRunner:
-    """Runs one phase with an ONNX Runtime session: feeds the model's inputs and the cached tensors by
-    name, returns the phase's outputs as torch tensors on the inputs' device.
-
-    For the single-file layout, ``flags``/``zeros`` complete the feed: every region's reuse boolean, and
-    zeros for the cached tensors this phase does not read (their branch is not taken).
-    """
-
-    def __init__(self, session, input_names: list[str], output_names: list[str],
-                 flags: dict[str, bool] | None = None, zeros: dict[str, torch.Tensor] | None = None):
-        self.session = session
-        self.input_names = input_names
-        self.output_names = output_names
-        wanted = {i.name for i in session.get_inputs()}
-        self._feed_const = {reuse_flag_name(p): np.array(v, dtype=np.bool_) for p, v in (flags or {}).items()}
-        self._feed_const.update({n: z.numpy() for n, z in (zeros or {}).items()})
-        self._keep = [n in wanted for n in input_names]
-
-    def __call__(self, *args: torch.Tensor) -> list[torch.Tensor]:
-        if len(args) != len(self.input_names):
-            raise InputError(f"phase expects {len(self.input_names)} inputs, got {len(args)}")
-        device = args[0].device if args else torch.device("cpu")
-        feed = dict(self._feed_const)
-        for name, keep, a in zip(self.input_names, self._keep, args):
-            if keep:
-                feed[name] = a.detach().cpu().contiguous().numpy()
-        outs = self.session.run(self.output_names, feed)
-        return [torch.from_numpy(o).to(device) for o in outs]
-
-
-def ort_runner_factory(folder: Path, manifest: dict[str, Any], providers: Sequence[str] | None = None,
-                       threads: int | None = None) -> Callable[[PhaseSpec, str], Callable]:
-    """A ``make_runner(spec, backend)`` for the executor that builds ONNX Runtime sessions (one per file,
-    shared by the phases of a single-file export)."""
-    ort = _require_onnxruntime()
-    sessions: dict[str, Any] = {}
-    user_out = [e["name"] for e in manifest["user_outputs"]]
-    in_names = [e["name"] for e in manifest["inputs"]]
-    single = manifest.get("single_file")
-
-    def session(file: str):
-        if file not in sessions:
-            so = ort.SessionOptions()
-            if threads:
-                so.intra_op_num_threads = threads
-                so.inter_op_num_threads = 1
-            so.log_severity_level = 3
-            sessions[file] = ort.InferenceSession(str(folder / file), so,
-                                                  providers=list(providers or ["CPUExecutionProvider"]))
-        return sessions[file]
-
-    def make(spec: PhaseSpec, backend: str) -> Callable:
-        sess = session(spec.file)
-        if single is None:
-            return OrtPhaseRunner(sess, in_names + [cache_tensor_name(k) for k in spec.cache_inputs],
-                                  user_out + [cache_tensor_name(k) for k in spec.cache_outputs])
-        specs = {e["name"]: e for e in single["inputs"]}
-        flags = {p: spec.phase.action(p) == Action.REUSE for p in single["switch_regions"]}
-        zeros = {cache_tensor_name(k): torch.zeros(specs[cache_tensor_name(k)]["shape"],
-                                                   dtype=dtype_of(specs[cache_tensor_name(k)]["dtype"]))
-                 for k in single["cache_keys"] if k not in spec.cache_inputs}
-        return OrtPhaseRunner(sess, in_names + [cache_tensor_name(k) for k in spec.cache_inputs],
-                              user_out + [cache_tensor_name(k, output=True) for k in spec.cache_outputs],
-                              flags=flags, zeros=zeros)
-
-    return make
-
-
 # --- load -----------------------------------------------------------------------------------------
 def load(folder: str | Path, backend: str | None = None, *, providers: Sequence[str] | None = None,
-         threads: int | None = None, verify: bool = True) -> ArtefactModel:
+         threads: int | None = None, verify: bool = True, warmup: bool = True,
+         ort_options: OrtOptions | None = None) -> ArtefactModel:
     """Load an exported folder as a runnable model.
 
     Args:
@@ -230,6 +153,11 @@ def load(folder: str | Path, backend: str | None = None, *, providers: Sequence[
         verify: check the sha256 of every file against the manifest (on by default; the manifest's own
             sha256, its file names and its plan are checked always, see
             :func:`~graphpass.exporters.manifest.read_manifest`).
+        warmup: build every phase's session and run it once on zeros now (ONNX Runtime), so that the first
+            generation runs at the steady-state speed instead of paying session creation per phase.
+        ort_options: how ONNX Runtime sessions are built (:class:`~graphpass.exporters.ort_runner.OrtOptions`;
+            default: one shared copy of the weights, one shared arena, IO binding); ``providers`` and
+            ``threads`` fill its fields of the same name.
 
     Raises :class:`~graphpass.errors.ArtefactError` for another graphpass version, an edited manifest, a
     file name outside the folder, a modified or missing file, an unknown backend or a missing runtime.
@@ -243,14 +171,27 @@ def load(folder: str | Path, backend: str | None = None, *, providers: Sequence[
         backend = "tensorrt" if manifest.get("format") == "tensorrt" else "onnxruntime"
     try:
         if backend == "onnxruntime":
-            make = ort_runner_factory(folder, manifest, providers=providers, threads=threads)
+            make = ort_runner_factory(folder, manifest, _ort_options(ort_options, providers, threads))
         else:
             if manifest["format"] != "tensorrt":
                 raise ArtefactError(f"{folder} holds no TensorRT engines (format {manifest['format']!r}); export "
                                     f"with graphpass.export(opt, folder, format='tensorrt') or load with "
                                     f"backend='onnxruntime'")
             make = trt_runner_factory(folder, manifest)
-        return ArtefactModel(folder, manifest, backend, make)
+        model = ArtefactModel(folder, manifest, backend, make)
+        if warmup and backend == "onnxruntime":
+            make.warm_up(model.specs)
+        return model
     except (KeyError, TypeError, ValueError) as e:
         raise ArtefactError(f"{folder / 'manifest.json'} is incomplete or malformed ({type(e).__name__}: {e}); "
                             f"re-export the model with graphpass.export") from e
+
+
+def _ort_options(options: OrtOptions | None, providers: Sequence[str] | None, threads: int | None) -> OrtOptions:
+    """``options`` with ``providers``/``threads`` filled in when given."""
+    options = options or OrtOptions()
+    if providers is not None:
+        options = replace(options, providers=tuple(providers))
+    if threads is not None:
+        options = replace(options, threads=threads)
+    return options
