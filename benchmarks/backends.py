@@ -6,15 +6,28 @@ video with the DDIM sampler (batched classifier-free guidance: one model call of
 * ``nn.Module``            the model itself;
 * ``eager``                graphpass's phase graphs run as FX graphs;
 * ``inductor``             one ``torch.compile`` per phase graph (compile time = first call of each phase);
-* ``onnxruntime``          the per-phase ONNX export (``graphpass.export``) run by :func:`graphpass.load`;
+* ``onnxruntime``          the per-phase ONNX export (``graphpass.export``) run by :func:`graphpass.load`
+                           (its default :class:`~graphpass.exporters.ort_runner.OrtOptions`: one shared copy
+                           of the weights, one shared arena, IO binding);
+* ``onnxruntime unshared`` the same folder with ONNX Runtime's own session defaults
+                           (``OrtOptions.unshared()``: weights, packed weights and arena per session), PAB only;
 * ``onnxruntime 1-file``   the single-file export (ONNX ``If`` per reusable region), PAB only.
 
 "baseline" is a schedule whose window no timestep enters: its plan is the compute-all phase at every step.
 Each variant's sampling loop runs ``--reps`` times, variants in a rotating order per repetition (load changes
-on a shared machine hit them alike; one warm-up loop each first); the table gives the median per-step time,
-the speedup against the ``nn.Module`` baseline, the max |difference| of the video against the eager variant of
-the same schedule, and the compile/export seconds per phase. Then the exported folders' sizes: weights stored once in
-``weights.bin`` against what a weights file per phase would hold.
+on a shared machine hit them alike; one warm-up loop each first); the table gives the median per-step wall
+time and CPU time (``time.process_time``: with one thread it is the compute a step costs, which other
+processes on a shared machine inflate far less than wall time), the speedups (wall; CPU) against the
+``nn.Module`` baseline, the max |difference| of the video against the eager variant of the same schedule,
+and the compile/export seconds per phase.
+
+Then, per variant, a fresh subprocess (so that variants do not share allocator state or imports) measures
+what a user pays once: the load time (model + ``graphpass.optimize`` for the in-process backends,
+``graphpass.load`` of the exported folder, warm-up included, for ONNX Runtime), the first generation's per-step
+wall time, and the **peak RSS added** by loading + one generation: the process's peak resident set
+(``VmHWM`` of ``/proc/self/status``, reset through ``/proc/self/clear_refs`` after the imports and before the
+load) minus its resident set just before the load. Then the exported folders' sizes: weights stored once
+in ``weights.bin`` against what a weights file per phase would hold.
 
     python benchmarks/backends.py                       # vdt-s, pab246, 30 steps, 1 thread
     python benchmarks/backends.py --steps 50 --reps 5 --threads 2
@@ -23,7 +36,11 @@ the same schedule, and the compile/export seconds per phase. Then the exported f
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -82,6 +99,69 @@ def fmt_bytes(n: float) -> str:
     return f"{n:.0f} B"
 
 
+def sampling_inputs(name: str) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """The class labels and video shape every variant samples (from the config: no weights are loaded)."""
+    from graphpass.models import CONFIGS
+
+    cfg = CONFIGS[name]
+    labels = torch.randint(1, cfg.vocab_size, (1, cfg.cond_len), generator=torch.Generator().manual_seed(0))
+    return labels, (cfg.num_frames, cfg.in_channels, cfg.image_size, cfg.image_size)
+
+
+def ort_options(preset: str, threads: int):
+    from graphpass.exporters.ort_runner import OrtOptions
+
+    return (OrtOptions.unshared if preset == "unshared" else OrtOptions)(threads=threads)
+
+
+# --- one variant in a fresh process: load time, first generation, peak RSS ----------------------------
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def measure_once(spec: dict) -> dict:
+    """In this (fresh) process: load the variant ``spec`` describes, sample once; return load seconds, the
+    first generation's ms/step and the peak RSS added by both (bytes)."""
+    import graphpass
+    import onnxruntime  # noqa: F401  (imported before the baseline RSS, like torch: not the variant's cost)
+    from graphpass import PAB
+
+    torch.set_num_threads(spec["threads"])
+    labels, shape = sampling_inputs(spec["model"])
+    before = _status_bytes("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM (the peak RSS) to the current RSS
+    t0 = time.perf_counter()
+    if spec["folder"]:
+        model = graphpass.load(spec["folder"], ort_options=ort_options(spec["ort"], spec["threads"]))
+    else:
+        from graphpass.workloads import example_call
+
+        model, kw, timesteps = example_call(spec["model"], batch=2, num_steps=spec["steps"])
+        if spec["backend"] != "nn.Module":
+            sched = PAB.preset(spec["schedule"]) if spec["schedule"] != "baseline" else PAB(spatial=2, window=(-2., -1.))
+            model = graphpass.optimize(model, sched, example_kwargs=kw, timesteps=timesteps, backend=spec["backend"])
+    load_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    sampler_fn(model, labels, shape, spec["steps"])()
+    first = (time.perf_counter() - t0) / spec["steps"]
+    return {"load_s": load_s, "first_ms": first * 1e3, "peak_bytes": _status_bytes("VmHWM") - before}
+
+
+def measure_in_subprocess(spec: dict) -> dict:
+    cmd = [sys.executable, __file__, "--measure", json.dumps(spec)]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]),
+                                                       os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        raise RuntimeError(f"measuring {spec['schedule']}/{spec['backend']} failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def main(argv=None) -> None:
     import graphpass
     from graphpass import PAB
@@ -97,7 +177,11 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default=None, help="keep the exported folders here (default: a temporary folder)")
     ap.add_argument("--warm-cache", action="store_true", help="let Inductor reuse its on-disk caches (default: "
                     "cold compiles, so the compile column is what a fresh machine pays)")
+    ap.add_argument("--measure", default=None, help=argparse.SUPPRESS)  # child mode: one variant, JSON out
     args = ap.parse_args(argv)
+    if args.measure:
+        print(json.dumps(measure_once(json.loads(args.measure))))
+        return
     torch.set_num_threads(args.threads)
     torch._dynamo.reset()
     if not args.warm_cache:
@@ -109,71 +193,91 @@ def main(argv=None) -> None:
 
     name = pick_model(args.model)
     model, kw, timesteps = example_call(name, batch=2, num_steps=args.steps)
-    cfg = model.config
-    shape = tuple(kw["hidden_states"].shape[1:])
-    labels = torch.randint(1, cfg.vocab_size, (1, cfg.cond_len), generator=torch.Generator().manual_seed(0))
+    labels, shape = sampling_inputs(name)
     out_root = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="graphpass-bench-"))
     schedules = {"baseline": PAB(spatial=2, window=(-2.0, -1.0)),  # no timestep inside: never reuses
                  args.schedule: PAB.preset(args.schedule)}
 
-    variants: dict[tuple[str, str], dict] = {}  # (schedule, backend) -> {"run", "setup", "video"}
-    variants[("baseline", "nn.Module")] = {"run": sampler_fn(model, labels, shape, args.steps), "setup": []}
+    variants: dict[tuple[str, str], dict] = {}  # (schedule, backend) -> {"run", "setup", "video", "child"}
+    child = {"model": name, "steps": args.steps, "threads": args.threads, "folder": None, "ort": "default"}
+    variants[("baseline", "nn.Module")] = {"run": sampler_fn(model, labels, shape, args.steps), "setup": [],
+                                           "child": child | {"schedule": "baseline", "backend": "nn.Module"}}
     for sname, sched in schedules.items():
         eager = graphpass.optimize(model, sched, example_kwargs=kw, timesteps=timesteps)
         phases = len(eager.current_plan.distinct())
         print(f"{sname}: {phases} distinct phases over {args.steps} steps")
         variants[(sname, "eager")] = {"run": sampler_fn(eager, labels, shape, args.steps), "setup": [],
-                                      "phases": phases}
+                                      "phases": phases, "child": child | {"schedule": sname, "backend": "eager"}}
         if not args.no_inductor:
             ind = graphpass.optimize(model, sched, example_kwargs=kw, timesteps=timesteps, backend="inductor")
             run = sampler_fn(ind, labels, shape, args.steps)
             video, firsts = timed_first_loop(ind, run)
-            variants[(sname, "inductor")] = {"run": run, "setup": firsts, "phases": phases, "video": video}
-        layouts = [("onnxruntime", False)] + ([("onnxruntime 1-file", True)] if sname != "baseline" else [])
-        for label, single in layouts:
+            variants[(sname, "inductor")] = {"run": run, "setup": firsts, "phases": phases, "video": video,
+                                             "child": child | {"schedule": sname, "backend": "inductor"}}
+        layouts = [("onnxruntime", False, "default")]
+        if sname != "baseline":
+            layouts += [("onnxruntime unshared", False, "unshared"), ("onnxruntime 1-file", True, "default")]
+        for label, single, preset in layouts:
             folder = out_root / f"{sname}{'-single' if single else ''}"
-            graphpass.export(eager, folder, single_file=single, overwrite=True)
+            if preset == "default":  # the unshared row loads the folder the default row exported
+                graphpass.export(eager, folder, single_file=single, overwrite=True)
             m = graphpass.exporters.manifest.read_manifest(folder)
             secs = ([m["single_file"]["export_seconds"]] if single else [e["export_seconds"] for e in m["phases"]])
-            loaded = graphpass.load(folder, threads=args.threads)
+            loaded = graphpass.load(folder, ort_options=ort_options(preset, args.threads))
             variants[(sname, label)] = {"run": sampler_fn(loaded, labels, shape, args.steps), "setup": secs,
-                                        "phases": phases, "folder": folder, "manifest": m}
+                                        "phases": phases, "folder": folder, "manifest": m,
+                                        "child": child | {"schedule": sname, "backend": label, "folder": str(folder),
+                                                          "ort": preset}}
 
     keys = list(variants)
-    for k in keys:  # warm-up: ONNX Runtime sessions are created on a phase's first call
+    for k in keys:  # warm-up loop of every variant (Inductor's was its timed first loop)
         if "video" not in variants[k]:
             variants[k]["video"] = variants[k]["run"]()
-    times: dict = {k: [] for k in keys}
+    wall: dict = {k: [] for k in keys}
+    cpu: dict = {k: [] for k in keys}
     for rep in range(args.reps):
         order = keys[rep % len(keys):] + keys[:rep % len(keys)]
         for k in order:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             video = variants[k]["run"]()
-            times[k].append((time.perf_counter() - t0) / args.steps)
+            wall[k].append((time.perf_counter() - t0) / args.steps)
+            cpu[k].append((time.process_time() - c0) / args.steps)
             variants[k]["video"] = video
+    for k in keys:  # after the timed loops: the children's CPU time would skew them
+        variants[k]["once"] = measure_in_subprocess(variants[k]["child"])
 
-    base = statistics.median(times[("baseline", "nn.Module")])
+    report(variants, wall, cpu, name, args)
+
+
+def report(variants: dict, wall: dict, cpu: dict, name: str, args) -> None:
+    keys = list(variants)
+    base_w = statistics.median(wall[("baseline", "nn.Module")])
+    base_c = statistics.median(cpu[("baseline", "nn.Module")])
     print(f"\n{name}, {args.steps} DDIM steps (batch 2 per call), {args.threads} thread(s), median of {args.reps}; "
           f"torch {torch.__version__}")
-    head = (f"{'schedule':<10} {'backend':<20} {'phases':>6} {'ms/step':>9} {'speedup':>8} {'max|diff|':>10} "
-            f"{'setup s/phase (mean / max)':>28}")
+    head = (f"{'schedule':<9} {'backend':<21} {'phases':>6} {'ms/step':>8} {'cpu ms':>7} {'speedup':>13} "
+            f"{'max|diff|':>9} {'load s':>6} {'1st gen':>8} {'peak RSS':>9} {'setup s/phase':>20}")
     print(head)
     print("-" * len(head))
     for k in keys:
         sname, backend = k
-        v = variants[k]
+        v, once = variants[k], variants[k]["once"]
         ref = variants.get((sname, "eager"), variants[("baseline", "nn.Module")])["video"]
         diff = float((v["video"] - ref).abs().max())
-        ms = statistics.median(times[k]) * 1e3
+        w, c = statistics.median(wall[k]), statistics.median(cpu[k])
         setup = v["setup"]
         setup_s = f"{statistics.mean(setup):.2f} / {max(setup):.2f}" if setup else "-"
-        kind = {"inductor": " compile", "onnxruntime": " export", "onnxruntime 1-file": " export"}.get(backend, "")
-        print(f"{sname:<10} {backend:<20} {v.get('phases', 1):>6} {ms:>9.2f} {base * 1e3 / ms:>7.2f}x {diff:>10.2e} "
-              f"{setup_s + kind:>28}")
+        kind = {"inductor": " comp"}.get(backend, " exp" if setup else "")
+        print(f"{sname:<9} {backend:<21} {v.get('phases', 1):>6} {w * 1e3:>8.1f} {c * 1e3:>7.1f} "
+              f"{base_w / w:>5.2f}x;{base_c / c:>5.2f}x {diff:>9.1e} {once['load_s']:>6.2f} {once['first_ms']:>8.1f} "
+              f"{once['peak_bytes'] / 2**20:>5.0f} MiB {setup_s + kind:>20}")
+    print("ms/step, cpu ms: steady state (median over reps); 1st gen: ms/step of the first generation in a fresh "
+          "process after load (warm-up included in load s); peak RSS: added by load + first generation")
+    check_deployment(variants, wall, cpu, args.schedule)
 
     print("\nexported folders (ONNX, weights deduplicated into one weights.bin):")
     for k in keys:
-        if "folder" not in variants[k]:
+        if "folder" not in variants[k] or k[1] == "onnxruntime unshared":
             continue
         v = variants[k]
         w = v["manifest"]["weights"]
@@ -182,7 +286,22 @@ def main(argv=None) -> None:
               f"{fmt_bytes(onnx_files)}, weights.bin {fmt_bytes(w['stored_bytes'])}; a weights file per phase "
               f"would hold {fmt_bytes(w['referenced_bytes'])}, folder {fmt_bytes(onnx_files + w['referenced_bytes'])})")
     if not args.out:
-        print(f"(exports written under {out_root}; pass --out to keep them somewhere else)")
+        print(f"(exports written under {variants[keys[-1]]['folder'].parent}; pass --out to keep them elsewhere)")
+
+
+def check_deployment(variants: dict, wall: dict, cpu: dict, schedule: str) -> None:
+    """The default artefact against what PAB promises: its speedup under ONNX Runtime should be at least the
+    no-reuse artefact's times the eager PAB speedup (within 10%), at most 1.25x the no-reuse peak memory."""
+    ort, ort0 = (schedule, "onnxruntime"), ("baseline", "onnxruntime")
+    print("\ndefault artefact (per phase, shared weights) against the no-reuse artefact:")
+    for label, t in (("wall", wall), ("cpu", cpu)):
+        med = {k: statistics.median(v) for k, v in t.items()}
+        eager_x = med[("baseline", "nn.Module")] / med[(schedule, "eager")]
+        ort_x = med[ort0] / med[ort]
+        print(f"  {label:<4}: PAB speedup under ONNX Runtime {ort_x:.2f}x, eager PAB speedup {eager_x:.2f}x; "
+              f"ratio {ort_x / eager_x:.2f} (>= 0.90 wanted)")
+    peak = variants[ort]["once"]["peak_bytes"] / variants[ort0]["once"]["peak_bytes"]
+    print(f"  peak RSS: {peak:.2f}x the no-reuse artefact's (<= 1.25 wanted)")
 
 
 if __name__ == "__main__":

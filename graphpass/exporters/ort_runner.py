@@ -12,8 +12,8 @@ so that they share what can be shared:
   (``session.disable_prepacking``), since a pre-packed copy would be a second, per-session copy
   (ONNX Runtime's ``PrepackedWeightsContainer``, which would share those, is not in its Python API);
 * scratch memory: one CPU arena registered on the ONNX Runtime environment
-  (``create_and_register_allocator``) and used by every session (``session.use_env_allocators``), so the
-  phases, which run one at a time, reuse the same blocks;
+  (``create_and_register_allocator``) and used by every session (``session.use_env_allocators``), tensor
+  by tensor (no per-session memory pattern), so the phases, which run one at a time, reuse the same blocks;
 * phase calls: inputs and outputs are bound to torch tensors' memory (IO binding), so the cached tensors
   a phase stores are the tensors the next phase reads, with no copy in between.
 
@@ -48,6 +48,9 @@ class OrtOptions:
         copy per session); off by default when weights are shared.
     arena: ``"shared"`` (one CPU arena for all sessions of the process), ``"per-session"`` (ONNX
         Runtime's default: one arena each) or ``"none"`` (plain malloc/free).
+    memory_pattern: let each session pre-plan its scratch memory as one block per input shape (ONNX
+        Runtime's default). Off by default: phases plan blocks of different sizes, and one arena keeps a
+        block of each size, while tensor-by-tensor allocation reuses the same blocks across phases.
     io_binding: bind inputs/outputs to torch tensors' memory instead of passing numpy arrays.
     threads: intra-op threads per session (``None``: ONNX Runtime's choice).
     providers: execution providers (default CPU).
@@ -56,9 +59,17 @@ class OrtOptions:
     share_weights: bool = True
     prepacking: bool = False
     arena: str = "shared"
+    memory_pattern: bool = False
     io_binding: bool = True
     threads: int | None = None
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
+
+    @classmethod
+    def unshared(cls, **kw) -> "OrtOptions":
+        """ONNX Runtime's own defaults: every session with its own weights, packed weights, arena and memory
+        pattern, fed numpy arrays (what sessions built without these options hold; for comparison)."""
+        return cls(**{"share_weights": False, "prepacking": True, "arena": "per-session", "memory_pattern": True,
+                      "io_binding": False, **kw})
 
     def __post_init__(self):
         if self.arena not in ARENAS:
@@ -199,6 +210,7 @@ class OrtSessions:
             so.intra_op_num_threads = o.threads
             so.inter_op_num_threads = 1
         so.enable_cpu_mem_arena = o.arena != "none"
+        so.enable_mem_pattern = o.memory_pattern
         if o.arena == "shared":
             so.add_session_config_entry("session.use_env_allocators", "1")
         if not o.prepacking:
