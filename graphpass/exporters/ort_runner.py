@@ -8,9 +8,13 @@ so that they share what can be shared:
 
 * weights: ``weights.bin`` is mapped once (copy-on-write ``numpy.memmap``: the pages are the OS file
   cache's, never written back) and every distinct tensor in it becomes one ``OrtValue``, handed to every
-  session that names it with ``SessionOptions.add_initializer``; kernels are told not to pre-pack
-  (``session.disable_prepacking``), since a pre-packed copy would be a second, per-session copy
-  (ONNX Runtime's ``PrepackedWeightsContainer``, which would share those, is not in its Python API);
+  session that names it with ``SessionOptions.add_initializer``. Two things would still give a session
+  a private copy, and are turned off: kernels that pre-pack constant weights (``session.disable_prepacking``;
+  ONNX Runtime's ``PrepackedWeightsContainer``, which would share the packed copies, is not in its Python
+  API), and the layout optimizations of level ``ORT_ENABLE_ALL`` (NCHWc), which rewrite Conv weights into
+  new tensors: sessions optimize at ``ORT_ENABLE_EXTENDED`` (every fusion, no layout change). The tests
+  check it by changing the shared buffer in memory and comparing with sessions that read the changed
+  file;
 * scratch memory: one CPU arena registered on the ONNX Runtime environment
   (``create_and_register_allocator``) and used by every session (``session.use_env_allocators``), tensor
   by tensor (no per-session memory pattern), so the phases, which run one at a time, reuse the same blocks;
@@ -216,6 +220,8 @@ class OrtSessions:
         if not o.prepacking:
             so.add_session_config_entry("session.disable_prepacking", "1")
         if self.weights is not None:
+            # ORT_ENABLE_ALL's layout pass (NCHWc) copies Conv weights into new tensors, one per session
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
             self.weights.add_to(so, self.folder / file)
         return so
 
