@@ -78,8 +78,12 @@ def export(opt: "OptimizedModel", folder: str | Path, format: str = "onnx", *,
         raise ArtefactError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
     if format == "onnx" and tensorrt is not None:
         raise ArtefactError("tensorrt= options apply to format='tensorrt' only")
-    if format == "tensorrt" and single_file:
-        raise ArtefactError("format='tensorrt' builds one engine per phase; single_file=True is for ONNX only")
+    if format == "tensorrt":
+        tensorrt = tensorrt or TensorRTConfig()
+        if single_file and tensorrt.layout == "per-phase":
+            raise ArtefactError("single_file=True asks for one engine, TensorRTConfig(layout='per-phase') for one per "
+                                "phase; drop one of them (the TensorRT layout is chosen by TensorRTConfig.layout)")
+        single_file = tensorrt.layout == "single-file"
     check_destination(folder, overwrite)  # before the (slow) export: a refused folder costs nothing
     if opt.captured.value_checks:  # the phase files cannot check them: a changed value would run silently
         first = opt.captured.value_checks[0]
@@ -98,7 +102,7 @@ def export(opt: "OptimizedModel", folder: str | Path, format: str = "onnx", *,
         if verify:
             verify_export(opt, tmp, manifest, plan, inputs)
         if format == "tensorrt":
-            export_tensorrt(tmp, tensorrt or TensorRTConfig())
+            export_tensorrt(tmp, tensorrt)
     return Path(folder)
 
 

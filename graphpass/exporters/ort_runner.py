@@ -36,8 +36,7 @@ import numpy as np
 import torch
 
 from ..errors import ArtefactError, InputError
-from ..schedules.base import Action
-from .manifest import WEIGHTS_FILE, cache_tensor_name, dtype_of, reuse_flag_name
+from .manifest import WEIGHTS_FILE, cache_tensor_name, dtype_of, single_file_consts
 
 ARENAS = ("shared", "per-session", "none")
 
@@ -338,10 +337,7 @@ class OrtRunnerFactory:
             outs = self._user_out + [cache_tensor_name(k) for k in spec.cache_outputs]
             return OrtPhaseRunner(sess, inputs, output_specs(list(self._entries.values()), outs),
                                   io_binding=io_binding)
-        consts = {reuse_flag_name(p): torch.tensor(spec.phase.action(p) == Action.REUSE)
-                  for p in self._single["switch_regions"]}
-        consts.update({cache_tensor_name(k): self._zeros(cache_tensor_name(k))
-                       for k in self._single["cache_keys"] if k not in spec.cache_inputs})
+        consts = single_file_consts(self._single, spec.phase, spec.cache_inputs)
         outs = self._user_out + [cache_tensor_name(k, output=True) for k in spec.cache_outputs]
         return OrtPhaseRunner(sess, inputs, output_specs(list(self._entries.values()), outs), consts=consts,
                               io_binding=io_binding)
