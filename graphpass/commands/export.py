@@ -66,5 +66,9 @@ def run(args) -> int:
     total = sum((Path(folder) / f).stat().st_size for f in m["files"])
     print(f"weights stored once: {_fmt_bytes(w['stored_bytes'])} in {w['file']} (the phase files reference "
           f"{_fmt_bytes(w['referenced_bytes'])} in total); folder {_fmt_bytes(total)}")
+    if trt is not None:  # what the engines hold on the device (one engine for every phase by default)
+        from ..exporters.tensorrt import engine_plan
+
+        print(engine_plan(Path(folder), m, trt).describe(trt.precision))
     print(f"run it with: graphpass.load({str(folder)!r})")
     return 0

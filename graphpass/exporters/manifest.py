@@ -63,21 +63,31 @@ def reuse_flag_name(path: str) -> str:
     return f"reuse.{path}"
 
 
-def single_file_consts(single: dict[str, Any], phase: Phase, cache_inputs: list[str]) -> dict[str, torch.Tensor]:
+def single_file_consts(single: dict[str, Any], phase: Phase, cache_inputs: list[str],
+                       zeros: dict[tuple, torch.Tensor] | None = None,
+                       device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
     """Inputs of the single-file graph that the runtime fills for ``phase`` itself: each ``reuse.<path>`` flag
     (true where the phase reuses the region) and zeros for the cached tensors the phase does not read (the
-    branch that reads them is not taken).
+    branch that reads them is not taken, so they are never read).
 
-        >>> c = single_file_consts(manifest["single_file"], store_phase, [])
+    ``zeros`` (``(shape, dtype) -> tensor``) is shared by the caller across phases: one zero tensor per
+    shape serves every unread cache input of every phase, instead of one per input and phase.
+
+        >>> c = single_file_consts(manifest["single_file"], store_phase, [], zeros={})
         >>> c["reuse.blocks.0.spatial_attn"], c["cache.blocks.0.spatial_attn.0"].abs().sum()
         (tensor(False), tensor(0.))
     """
+    zeros = {} if zeros is None else zeros
     specs = {e["name"]: e for e in single["inputs"]}
-    consts = {reuse_flag_name(p): torch.tensor(phase.action(p) == Action.REUSE) for p in single["switch_regions"]}
+    consts = {reuse_flag_name(p): torch.tensor(phase.action(p) == Action.REUSE, device=device)
+              for p in single["switch_regions"]}
     for k in single["cache_keys"]:
         if k not in cache_inputs:
             e = specs[cache_tensor_name(k)]
-            consts[e["name"]] = torch.zeros(e["shape"], dtype=dtype_of(e["dtype"]))
+            key = (tuple(e["shape"]), e["dtype"])
+            if key not in zeros:
+                zeros[key] = torch.zeros(e["shape"], dtype=dtype_of(e["dtype"]), device=device)
+            consts[e["name"]] = zeros[key]
     return consts
 
 

@@ -323,6 +323,7 @@ class OrtRunnerFactory:
         if self._single:
             self._entries.update({x["name"]: x for x in self._single["inputs"] + self._single["outputs"]})
         self._runners: dict[int, OrtPhaseRunner] = {}
+        self._unread: dict[tuple, torch.Tensor] = {}  # zeros for unread cache inputs, shared by all phases
 
     def __call__(self, spec, backend: str) -> OrtPhaseRunner:
         if spec.id not in self._runners:
@@ -337,7 +338,7 @@ class OrtRunnerFactory:
             outs = self._user_out + [cache_tensor_name(k) for k in spec.cache_outputs]
             return OrtPhaseRunner(sess, inputs, output_specs(list(self._entries.values()), outs),
                                   io_binding=io_binding)
-        consts = single_file_consts(self._single, spec.phase, spec.cache_inputs)
+        consts = single_file_consts(self._single, spec.phase, spec.cache_inputs, zeros=self._unread)
         outs = self._user_out + [cache_tensor_name(k, output=True) for k in spec.cache_outputs]
         return OrtPhaseRunner(sess, inputs, output_specs(list(self._entries.values()), outs), consts=consts,
                               io_binding=io_binding)

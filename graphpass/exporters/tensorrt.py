@@ -272,6 +272,7 @@ def trt_runner_factory(folder: Path, manifest: dict[str, Any]) -> Callable:
     stripped = manifest.get("tensorrt", {}).get("strip_weights", False)
     single = manifest.get("single_file")
     loaded: dict[str, tuple[Any, Any]] = {}  # engine file -> (engine, execution context)
+    unread: dict[tuple, torch.Tensor] = {}  # zeros on the device for unread cache inputs, shared by all phases
 
     def engine_and_context(spec) -> tuple[Any, Any]:
         if spec.engine in loaded:
@@ -301,6 +302,7 @@ def trt_runner_factory(folder: Path, manifest: dict[str, Any]) -> Callable:
                                   user_out + [cache_tensor_name(k) for k in spec.cache_outputs])
         return TrtPhaseRunner(trt, engine, context, inputs,
                               user_out + [cache_tensor_name(k, output=True) for k in spec.cache_outputs],
-                              consts=single_file_consts(single, spec.phase, spec.cache_inputs))
+                              consts=single_file_consts(single, spec.phase, spec.cache_inputs, zeros=unread,
+                                                        device=torch.device("cuda", torch.cuda.current_device())))
 
     return make
