@@ -36,12 +36,25 @@ def export(opt: "OptimizedModel", folder: str | Path, format: str = "onnx", *,
     * ``single_file=True``: ``model.onnx``, one graph where every reusable region is an ONNX ``If`` on a
       boolean input ``reuse.<path>``; one file and one session serve every phase.
 
-    Why per phase is the default: on vdt-s under pab246 (benchmarks/backends.py, CPU) ONNX Runtime runs the
-    per-phase files as fast or faster (98 vs 104 ms/step) and, weights being shared, the folders differ only
-    by graph files (6.0 vs 5.4 MiB); per-phase graphs also have no control flow, which TensorRT builds from.
+    Why per phase is the default (``benchmarks/backends.py`` on vdt-s, pab246, 30 steps, 1 thread, CPU
+    time per step, peak RSS added by load + one generation; ONNX Runtime sessions as :func:`graphpass.load`
+    builds them: one shared copy of the weights, one shared arena, IO binding)::
 
-    ``format="tensorrt"`` writes the per-phase ONNX files and builds one engine per phase from them
-    (``phase_<i>.engine``; options in :class:`TensorRTConfig`); it needs an NVIDIA GPU and the ``tensorrt``
+        layout                    ms/step   PAB speedup vs no-reuse ORT   peak RSS
+        no reuse (1 phase)          60.5                          1.00x     58 MiB
+        per phase (6 files)         46.3                          1.31x     86 MiB
+        single file (If)            47.2                          1.28x     76 MiB
+        per phase, ORT defaults     44.7                          1.35x    334 MiB   (a copy and an arena per session)
+
+    Both layouts hold every weight once in memory, so for a large model they cost the same; per phase is
+    a few percent faster (graphs without control flow) and exports for any plan, single file holds one
+    session instead of one per phase (about 2.5 MiB each here) and is what TensorRT builds from. The
+    folders differ only by graph files (6.2 vs 5.6 MiB, weights.bin 5.3 MiB either way).
+
+    ``format="tensorrt"`` writes the single-file ONNX export and builds one engine from it
+    (``model.engine``): TensorRT cannot share weights between engines, so one engine with conditionals is
+    what holds the weights once on the device (``TensorRTConfig(layout="per-phase")`` builds one engine per
+    phase instead; see :mod:`graphpass.exporters.tensorrt`). It needs an NVIDIA GPU and the ``tensorrt``
     package. Every folder has a ``manifest.json`` (versions, schedule, plan, per-phase inputs/outputs, sha256
     of every file and of the manifest itself).
 
@@ -65,7 +78,7 @@ def export(opt: "OptimizedModel", folder: str | Path, format: str = "onnx", *,
         opt: the optimized model; its plan (``opt.plan(timesteps)``) fixes which phases exist.
         folder: output folder (created, with its parents).
         timesteps: the sampler's timesteps, if ``opt.plan`` was not called.
-        single_file: the single-graph layout above (ONNX only).
+        single_file: the single-graph layout above (for TensorRT the layout is ``TensorRTConfig.layout``).
         opset: ONNX opset (default: the exporter's).
         tensorrt: engine options for ``format="tensorrt"``.
         overwrite: replace an earlier graphpass export in ``folder``.
