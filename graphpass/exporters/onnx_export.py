@@ -123,15 +123,15 @@ def _strip_node_metadata(graph) -> None:
 
 
 # --- shared weights ------------------------------------------------------------------------------
-def _graph_tensors(graph) -> list:
+def graph_tensors(graph) -> list:
     """Initializers of ``graph`` and of every subgraph (If/Loop branches)."""
     out = list(graph.initializer)
     for node in graph.node:
         for attr in node.attribute:
             if attr.HasField("g"):
-                out.extend(_graph_tensors(attr.g))
+                out.extend(graph_tensors(attr.g))
             for g in attr.graphs:
-                out.extend(_graph_tensors(g))
+                out.extend(graph_tensors(g))
     return out
 
 
@@ -156,7 +156,7 @@ class SharedWeights:
 
         import onnx
 
-        for t in _graph_tensors(model.graph):
+        for t in graph_tensors(model.graph):
             if t.data_location == onnx.TensorProto.EXTERNAL:
                 continue
             raw = t.raw_data if t.HasField("raw_data") else numpy_helper.to_array(t).tobytes()

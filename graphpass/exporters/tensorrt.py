@@ -34,6 +34,7 @@ import torch
 
 from ..errors import ArtefactError, InputError
 from .manifest import cache_tensor_name, read_manifest, single_file_consts, write_manifest
+from .onnx_export import graph_tensors
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 TRT_LAYOUTS = ("single-file", "per-phase")
@@ -150,11 +151,9 @@ def initializer_bytes(onnx_path: Path) -> int:
     inline or in ``weights.bin`` (read without loading the weights)."""
     import onnx
 
-    from .onnx_export import _graph_tensors
-
     proto = onnx.load(str(onnx_path), load_external_data=False)
     total = 0
-    for t in _graph_tensors(proto.graph):
+    for t in graph_tensors(proto.graph):
         if t.data_location == onnx.TensorProto.EXTERNAL:
             total += int({e.key: e.value for e in t.external_data}["length"])
         else:
