@@ -41,11 +41,12 @@ def export(opt: "OptimizedModel", folder: str | Path, format: str = "onnx", *,
     builds them: one shared copy of the weights, one shared arena, IO binding)::
 
         layout                    ms/step   PAB speedup vs no-reuse ORT   peak RSS
-        no reuse (1 phase)          60.5                          1.00x     58 MiB
-        per phase (6 files)         46.3                          1.31x     86 MiB
-        single file (If)            47.2                          1.28x     76 MiB
-        per phase, ORT defaults     44.7                          1.35x    334 MiB   (a copy and an arena per session)
+        no reuse (1 phase)          57.8                          1.00x     59 MiB
+        per phase (6 files)         44.2                          1.31x     85 MiB
+        single file (If)            47.6                          1.21x     76 MiB
+        per phase, ORT defaults     44.8                          1.29x    333 MiB   (a copy and an arena per session)
 
+    (eager PAB speedup in the same run: 1.41x.)
     Both layouts hold every weight once in memory, so for a large model they cost the same; per phase is
     a few percent faster (graphs without control flow) and exports for any plan, single file holds one
     session instead of one per phase (about 2.5 MiB each here) and is what TensorRT builds from. The

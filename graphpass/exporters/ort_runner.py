@@ -3,8 +3,8 @@
 An exported folder holds one ONNX file per phase (or one file for every phase), all reading one
 ``weights.bin``. Left to itself, ONNX Runtime gives every session its own copy of every weight (read
 from ``weights.bin``, then packed again for its MatMul kernels) and its own memory arena, so memory
-grows with the number of phases (vdt-s under pab246, 6 phases: 334 MiB of peak RSS added by load + one
-generation, against 86 MiB with the sharing below and 58 MiB for the one-phase no-reuse export;
+grows with the number of phases (vdt-s under pab246, 6 phases: 333 MiB of peak RSS added by load + one
+generation, against 85 MiB with the sharing below and 59 MiB for the one-phase no-reuse export;
 ``benchmarks/backends.py``). :class:`OrtSessions` builds the sessions of one folder
 so that they share what can be shared:
 
