@@ -22,7 +22,8 @@ import torch
 
 from ..errors import ArtefactError
 from ..schedules.base import Plan
-from .artefact import PhaseSpec, ort_runner_factory
+from .artefact import PhaseSpec
+from .ort_runner import ort_runner_factory
 
 if TYPE_CHECKING:
     from ..runtime.executor import OptimizedModel
