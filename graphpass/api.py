@@ -8,7 +8,8 @@ import torch
 
 from .errors import InputError
 from .passes.capture import capture
-from .passes.tag import include_gates, tag_attention
+from .passes.hoist import Hoisting, per_step_inputs
+from .passes.tag import _pick_video_input, include_gates, tag_attention
 from .runtime import parallel as sp
 from .runtime.backends import BACKENDS
 from .runtime.executor import OptimizedModel, check_timestep_order
@@ -22,7 +23,8 @@ def optimize(model: torch.nn.Module, schedule: Schedule | str, *, example_kwargs
              timestep_arg: str = "timestep", video_input: str | None = None, kinds: dict[str, str] | None = None,
              backend: str = "eager", timesteps: Sequence[float] | None = None,
              reuse_gated: bool = False, parallel: sp.SequenceParallel | None = None,
-             dynamic: bool = False, timestep_order: str = "falling") -> OptimizedModel | LazyOptimizedModel:
+             dynamic: bool = False, timestep_order: str = "falling", hoist: bool = True,
+             step_inputs: Sequence[str] = ()) -> OptimizedModel | LazyOptimizedModel:
     """Compile ``model`` for ``schedule``.
 
     Args:
@@ -55,6 +57,13 @@ def optimize(model: torch.nn.Module, schedule: Schedule | str, *, example_kwargs
             measures at the example's frame layout only (its plain metric serves any size).
         timestep_order: ``"falling"`` (DDPM/DDIM, flow matching from 1000 down) or ``"rising"`` (samplers
             whose timesteps grow over a generation): a generation starts when the timestep turns back.
+        hoist: compute what no step changes (text K/V projections, caption embedding, mask preprocessing,
+            rotary tables) once per generation and cache context instead of at every step (lossless; see
+            :mod:`graphpass.passes.hoist`). On wherever it saves FLOPs; ``inspect()`` lists the values.
+            Not with ``parallel``.
+        step_inputs: arguments besides the latent (``video_input``) and the timestep that change from step to
+            step (e.g. a guidance tensor a sampler varies), so hoisting treats them as per-step. An argument
+            that changes unannounced is still safe: its hoisted values are recomputed.
 
     Returns an :class:`~graphpass.OptimizedModel` called exactly like ``model`` (with ``example_kwargs``), or
     a :class:`~graphpass.runtime.lazy.LazyOptimizedModel` that becomes one on its first call.
@@ -71,7 +80,8 @@ def optimize(model: torch.nn.Module, schedule: Schedule | str, *, example_kwargs
         if parallel is not None:
             raise InputError("parallel= needs example_kwargs: every rank must capture the same call up front")
         options = dict(timestep_arg=timestep_arg, video_input=video_input, kinds=kinds, backend=backend,
-                       timesteps=timesteps, reuse_gated=reuse_gated, dynamic=dynamic, timestep_order=timestep_order)
+                       timesteps=timesteps, reuse_gated=reuse_gated, dynamic=dynamic, timestep_order=timestep_order,
+                       hoist=hoist, step_inputs=step_inputs)
         return LazyOptimizedModel(model, lambda kwargs: optimize(model, schedule, example_kwargs=kwargs, **options))
     if timestep_arg not in example_kwargs:
         raise InputError(f"example_kwargs has no {timestep_arg!r}: graphpass reads the timestep of every call to pick "
@@ -98,6 +108,9 @@ def optimize(model: torch.nn.Module, schedule: Schedule | str, *, example_kwargs
     else:
         opt = OptimizedModel(model, captured, regions, schedule, timestep_arg=timestep_arg, backend=backend,
                              timestep_order=timestep_order)
+        if hoist:
+            per_step = per_step_inputs(captured, _pick_video_input(captured, video_input), timestep_arg, step_inputs)
+            opt.hoisting = Hoisting.of(captured, per_step)
     if timesteps is not None:
         opt.plan(timesteps)
     return opt

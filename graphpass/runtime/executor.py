@@ -22,6 +22,7 @@ import torch
 
 from ..errors import InputError, ScheduleError
 from ..passes.capture import CallSignature, CapturedGraph
+from ..passes.hoist import HoistedValues, Hoisting
 from ..passes.residuals import BlockSpan, MetricSite
 from ..passes.specialize import PhaseGraph
 from ..passes.tag import Region
@@ -55,6 +56,7 @@ class GenerationState:
     off_plan: bool = False  # a call of this generation left the plan: the rest goes step by step
     single_call_generations: int = 0  # generations in a row that ended after one call (rising timesteps?)
     warned: set[str] = field(default_factory=set)  # warnings given once per context
+    hoisted: HoistedValues = field(default_factory=HoistedValues)  # step-invariant values of the generation
 
     def reset(self) -> None:
         self.counter = 0
@@ -62,6 +64,7 @@ class GenerationState:
         self.shapes = None
         self.off_plan = False
         self.cache.clear()
+        self.hoisted.clear()
         self.trace = []
 
 
@@ -112,6 +115,8 @@ class RuntimeCore(ModelFacade):
         self._context_info: dict[str, Any] = {}  # cache_context's keyword arguments (step_index...)
         self._plan: Plan | None = None
         self.phase_calls: dict[Phase, int] = {}
+        #: step-invariant hoisting (:mod:`graphpass.passes.hoist`): set by :func:`graphpass.optimize`
+        self.hoisting: Hoisting | None = None
 
     # --- what subclasses give --------------------------------------------------------------------
     def phase_graph(self, phase: Phase) -> PhaseProgram:
@@ -245,13 +250,17 @@ class RuntimeCore(ModelFacade):
         program = self.phase_graph(phase)
         runner = self._runners.get(phase)
         if runner is None:
-            runner = self._runners[phase] = self._make_runner(program, self.backend)
+            runnable = program if self.hoisting is None else self.hoisting.step_graph(program)
+            runner = self._runners[phase] = self._make_runner(runnable, self.backend)
         with torch.no_grad():  # inference only: cached tensors must not hold autograd graphs
-            outs = runner(*flat, *(st.cache.get(k) for k in program.cache_inputs))
+            hoisted = () if self.hoisting is None else self.hoisting.inputs(st.hoisted, flat, phase)
+            outs = runner(*flat, *(st.cache.get(k) for k in program.cache_inputs), *hoisted)
         n = program.num_user_outputs
         for key, value in zip(program.cache_outputs, outs[n:]):
             st.cache.put(key, value)
         self._free(st, phase, decision)
+        if decision.on_plan and st.counter + 1 >= len(self._plan):
+            st.hoisted.clear()  # the plan's last step: no later call of this generation reads them
         st.trace.append((t, phase))
         st.counter += 1
         st.last_t = t

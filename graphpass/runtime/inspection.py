@@ -9,6 +9,7 @@ import torch.fx as fx
 from ..passes.capture import CapturedGraph
 from ..passes.elide import collective_info, collective_nodes
 from ..passes.flops import graph_flops
+from ..passes.hoist import Hoisting
 from ..passes.specialize import PhaseGraph
 from ..passes.tag import Region
 from ..schedules.base import Action, Phase, Plan, Schedule
@@ -24,6 +25,7 @@ class Inspected(Protocol):
     schedule: Schedule
     current_plan: Plan | None
     parallel: Any
+    hoisting: Hoisting | None
 
     def contexts(self) -> dict[str, Any]: ...
 
@@ -106,6 +108,7 @@ def report(opt: Inspected, folder: str | None = None, timesteps: Sequence[float]
     n = len(plan)
     lines.append(f"  plan FLOP share {total / (n * full):.1%} -> ideal speedup {n * full / total:.2f}x over {n} steps")
     lines += _communication(opt, plan, phases, ids)
+    lines += _hoisted(opt, plan, phases, ids)
 
     lines += ["", "plan (step: timestep -> phase, cache held after the step):"]
     held = 0
@@ -196,6 +199,30 @@ def _by_role(nodes: list) -> str:
         groups.setdefault(key, []).append(c)
     return ", ".join(f"{k} {len(v)} ({_fmt_bytes(sum(map(_collective_bytes, v)))})" for k, v in groups.items()) \
         or "-"
+
+
+def _hoisted(opt, plan, phases, ids) -> list[str]:
+    """What hoisting computes once per generation and cache context, and the FLOPs it takes off each step."""
+    if opt.hoisting is None:
+        return ["", "hoisted: nothing (hoist=False, parallel=, or no step-invariant value costs FLOPs)"]
+    values = opt.hoisting.values_info()
+    held = sum(v.nbytes for v in values.values())
+    lines = ["", f"hoisted ({len(values)} step-invariant values, computed once per generation and cache context; "
+                 f"prologue {_fmt_flops(opt.hoisting.prologue_flops)}FLOP, holds {_fmt_bytes(held)} per context):",
+             f"  {'value':<16} {'shape':<18} {'FLOP':>9}  from"]
+    for v in values.values():
+        lines.append(f"  {v.name:<16} {'x'.join(map(str, v.shape)):<18} {_fmt_flops(v.flops):>9}  {v.source}")
+    saved = 0
+    row = []
+    for ph in phases:
+        pg = opt.phase_graph(ph)
+        cut = opt.hoisting.step_graph(pg).saved_flops
+        saved += cut * sum(1 for p in plan.phases if p == ph)
+        row.append(f"P{ids[ph]} {_fmt_flops(cut)} ({cut / max(pg.flops, 1):.1%})")
+    lines.append("  saved per step: " + ", ".join(row))
+    lines.append(f"  plan: {_fmt_flops(saved)}FLOP saved per generation and context, for one prologue run of "
+                 f"{_fmt_flops(opt.hoisting.prologue_flops)}FLOP")
+    return lines
 
 
 def _kind_counts(opt, ph: Phase, action: Action) -> str:
