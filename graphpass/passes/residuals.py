@@ -900,3 +900,317 @@ def specialize_residual_phase(captured: CapturedGraph, span: BlockSpan, phase: P
     gm = fx.GraphModule(captured.gm, graph, class_name="ResidualPhaseGraph")
     return PhaseGraph(phase=phase, gm=gm, cache_inputs=cache_inputs, cache_outputs=cache_outputs,
                       num_user_outputs=n_user, flops=graph_flops(gm))
+
+
+# --- step caches that look before they leap: First Block Cache, TeaCache, MagCache calibration --------------
+#: What a probe reads before the call decides (see :class:`ProbeSite`).
+PROBES = ("none", "head", "modulated", "ratio")
+#: Which part of a call a step-cache phase graph runs (see :class:`StepCachePhase`).
+PARTS = ("whole", "probe", "rest")
+
+
+@dataclass(frozen=True)
+class StepCachePhase(Phase):
+    """A phase of a step cache whose decision may depend on the current call.
+
+    ``actions`` names the block span as in :class:`~graphpass.schedules.adacache.ResidualPhase` (STORE,
+    REUSE or absent). Besides:
+
+    keep_head: a reuse step still runs the first block and adds the residual of the *other* blocks to its
+        output (First Block Cache: ``h_out = head(h_in) + R_tail``, ``R_tail = h_out - head(h_in)`` stored on
+        compute steps); otherwise the whole chain is one add (``h_out = h_in + R``).
+    probe: what the call reports about itself (:data:`PROBES`): ``"head"`` the first block's residual
+        ``r0``; ``"modulated"`` the first block's timestep-modulated input ``m``; ``"ratio"`` MagCache's
+        residual-norm ratio to the previous stored residual; ``"none"``.
+    measure: the probe also compares its value with the cached reference (:func:`relative_l1`, or the norm
+        ratio for ``"ratio"``) and returns that statistic.
+    part: ``"whole"`` the full call; ``"probe"`` only what the probe needs (embeddings, the first block or
+        its modulation), returning the statistic, the probed value and every value the rest of the call
+        reads; ``"rest"`` the remainder, reading those values instead of recomputing them. A decided call
+        runs ``probe``, reads one number on the host, then ``rest`` with the chosen action.
+
+    >>> StepCachePhase(Phase.of({"blocks.0..blocks.1": Action.REUSE}).actions, keep_head=True, part="rest").label()
+    'reuse 1, head kept, rest'
+    """
+
+    keep_head: bool = False
+    probe: str = "none"
+    measure: bool = False
+    part: str = "whole"
+
+    def label(self) -> str:
+        base = "probe" if self.part == "probe" else super().label()
+        extra = [x for x, on in (("head kept", self.keep_head and self.part != "probe"),
+                                 (f"{self.probe} probe", self.probe != "none" and self.part == "whole"),
+                                 ("rest", self.part == "rest")) if on]
+        return ", ".join([base, *extra])
+
+
+@dataclass
+class ProbeSite:
+    """Where a step cache looks before deciding.
+
+    kind: ``"head"`` (the first block's residual on the first stream, ``head out - head in``), ``"modulated"``
+        (the node ``node``: the first block's input after its timestep modulation, i.e. what its first
+        attention reads of the video tokens) or ``"ratio"`` (the span's residual itself).
+    node: for ``"modulated"``, the node holding ``m``.
+    head: per stream of the span, the first block's (input, output) node names.
+    spec: shape and dtype of the probed value.
+    """
+
+    kind: str
+    node: str | None
+    head: list[tuple[str, str]]
+    spec: TensorSpec
+
+    #: cache keys: the probed value of this call, the reference it is compared with, the statistic
+    value_key = "probe:value"
+    reference_key = "probe:reference"
+    stats_key = "probe:stats"
+
+    @property
+    def roots(self) -> list[str]:
+        """Nodes whose computation the probe part of a call holds (with everything they depend on)."""
+        return [self.node] if self.kind == "modulated" else [o for _, o in self.head]
+
+
+def find_probe_site(captured: CapturedGraph, span: BlockSpan, regions: Sequence[Region], kind: str) -> ProbeSite:
+    """Resolve a probe on the chain of blocks.
+
+    ``"head"``: the first block's stream outputs must have the layout of the chain's outputs (its residual
+    is added to them). ``"modulated"``: among the values the first attention/MLP region of the first block
+    reads from outside it, the one shaped like the video tokens that is not the stream itself (Wan's
+    ``norm1(h) * (1 + scale) + shift``, CogVideoX's ``norm1(h, text, temb)[0]``).
+
+    >>> find_probe_site(cap, span, regions, "modulated").node     # tiny Wan: block 0's modulated norm
+    'type_as_1'
+    """
+    if kind not in PROBES or kind == "none":
+        raise GraphpassError(f"unknown probe {kind!r}; one of {PROBES[1:]}")
+    by_name = {n.name: n for n in captured.gm.graph.nodes}
+    head = span.block_streams[span.blocks[0]]
+    for (x, o), (_, out) in zip(head, span.streams):
+        if kind == "head" and _shape(by_name[o]) != _shape(by_name[out]):
+            raise ScheduleError(f"the first block {span.blocks[0]} of {captured.model_type} returns its hidden state "
+                                f"as {_shape(by_name[o])} but the chain ends in {_shape(by_name[out])}: a cache that "
+                                f"keeps the first block (First Block Cache) needs both in one layout; use a "
+                                f"whole-chain cache (MagCache, TeaCache, AdaCache) for this model")
+    if kind != "modulated":
+        node = by_name[span.output]
+        return ProbeSite(kind, None, head, TensorSpec(_shape(node), _val(node).dtype))
+    first = next((r for r in regions if block_of(r.path) == span.blocks[0]), None)
+    inside = set(first.nodes) if first else set()
+    entry = set(input_names(span.input))
+    found = {a for n in (by_name[m] for m in inside) for a in n.all_input_nodes if a.name not in inside
+             and a.op == "call_function" and a.name not in entry and _shape(a) == span.spec.shape}
+    if len(found) != 1:
+        raise TaggingError(f"cannot find the timestep-modulated input of {span.blocks[0]} of {captured.model_type}: "
+                           f"its first region {first.path if first else None} reads "
+                           f"{sorted(a.name for a in found) or 'no value'} shaped like the video tokens "
+                           f"{span.spec.shape}; TeaCache needs exactly one")
+    (node,) = found
+    return ProbeSite(kind, node.name, head, TensorSpec(_shape(node), _val(node).dtype))
+
+
+def relative_l1(now: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """``mean|now - ref| / mean|ref|`` over every element (the whole batch) as a 0-d tensor, in the values'
+    dtype: the distance of First Block Cache (first block's residual to the last computed one) and TeaCache
+    (modulated input to the previous call's).
+
+    >>> relative_l1(torch.tensor([1.0, 3.0]), torch.tensor([2.0, 2.0]))
+    tensor(0.5000)
+    """
+    return (now - ref).abs().mean() / ref.abs().mean()
+
+
+def norm_ratio(now: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
+    """MagCache's magnitude ratio of a residual to the previous one: the mean over batch and tokens of
+    ``||now||_2 / (||prev||_2 + 1e-8)``, norms over the last (channel) axis, in float32.
+
+    >>> norm_ratio(torch.full((1, 2, 4), 2.0), torch.ones(1, 2, 4))
+    tensor(2.0000)
+    """
+    return (torch.linalg.norm(now.float(), dim=-1) / (torch.linalg.norm(prev.float(), dim=-1) + 1e-8)).mean()
+
+
+def probe_prefix(gm: fx.GraphModule, roots: Sequence[str]) -> set[str]:
+    """Names of the nodes the ``roots`` depend on (placeholders and in-place writes into memory they read,
+    made before they read it, included): what the probe part of a call computes."""
+    bases, writers = in_place_writers(gm.graph)
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    by_name = {n.name: n for n in gm.graph.nodes}
+    seen: set[fx.Node] = set()
+    todo = [by_name[r] for r in roots]
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        todo.extend(n.all_input_nodes)
+        for a in [n, *n.all_input_nodes]:
+            for b in bases[a]:
+                todo.extend(w for w in writers.get(b, ()) if order[w] < order[n])
+    return {n.name for n in seen}
+
+
+def _split(src: fx.GraphModule, span: BlockSpan, site: ProbeSite) -> tuple[set[str], list[str]]:
+    """(the nodes the probe part computes and the rest of the call does not, the tensors it hands over).
+
+    The cut is :func:`probe_prefix` less its non-tensor values (sizes, tuples of results): a rest graph
+    recomputes those from what it is handed, since only tensors travel through the cache. Handed over are the
+    cut's tensors that a node outside the cut reads, the streams' entries and the first block's outputs (the
+    bases of a rest graph's residual adds), in graph order."""
+    prefix = probe_prefix(src, site.roots)
+    cut = {n.name for n in src.graph.nodes if n.name in prefix and n.op != "placeholder"
+           and isinstance(_val(n), torch.Tensor)}
+    extra = set(_handed_over(span, site, cut))
+    boundary = [n.name for n in src.graph.nodes if n.name in cut and (
+        n.name in extra or any(u.name not in cut for u in n.users))]
+    return cut, boundary
+
+
+def boundary_key(name: str) -> str:
+    """Cache key under which the probe part hands node ``name``'s value to the rest of the call."""
+    return f"probe:boundary:{name}"
+
+
+class _GraphBuilder:
+    """A copy of a captured graph with helpers to add cache inputs (after the last input, in call order) and
+    cache outputs."""
+
+    def __init__(self, gm: fx.GraphModule):
+        self.graph, self.by_name, self.outs = copy_graph(gm)
+        self.last_input = [n for n in self.graph.nodes if n.op == "placeholder"][-1]
+        self.cache_inputs: list[str] = []
+        self.stored: list[tuple[str, fx.Node]] = []
+
+    def cache_input(self, key: str, like: fx.Node | torch.Tensor) -> fx.Node:
+        with self.graph.inserting_after(self.last_input):
+            ph = self.graph.placeholder(cache_input_name(key))
+        ph.meta["val"] = _val(like) if isinstance(like, fx.Node) else like
+        ph.meta["graphpass_cache_key"] = key
+        self.last_input = ph
+        self.cache_inputs.append(key)
+        return ph
+
+    def finish(self, src: fx.GraphModule, phase: Phase, user_outputs: list, class_name: str) -> PhaseGraph:
+        self.graph.output(tuple(user_outputs) + tuple(n for _, n in self.stored))
+        eliminate_dead_code(self.graph)
+        self.graph.lint()
+        gm = fx.GraphModule(src, self.graph, class_name=class_name)
+        return PhaseGraph(phase=phase, gm=gm, cache_inputs=list(self.cache_inputs),
+                          cache_outputs=[k for k, _ in self.stored], num_user_outputs=len(user_outputs),
+                          flops=graph_flops(gm))
+
+
+def _probe_value(b: _GraphBuilder, site: ProbeSite) -> fx.Node:
+    if site.kind == "modulated":
+        return b.by_name[site.node]
+    x, o = site.head[0]
+    return inline(b.graph, _sub, [b.by_name[o], b.by_name[x]])
+
+
+def specialize_step_phase(captured: CapturedGraph, span: BlockSpan, phase: StepCachePhase,
+                          site: ProbeSite | None = None) -> PhaseGraph:
+    """The graph of one :class:`StepCachePhase` (cache keys: the span's residual keys, the site's
+    ``value_key``/``reference_key``/``stats_key`` and :func:`boundary_key` of each value handed from the probe
+    part to the rest).
+
+    * ``part="whole"``: the captured graph with the span STOREd (returns ``h_out - base`` per stream),
+      REUSEd (``h_out = base + cached``) or computed, where ``base`` is the chain's input or, with
+      ``keep_head``, the first block's output; with a ``"head"``/``"modulated"`` probe it also returns the
+      probed value, with ``"ratio"`` and ``measure`` the :func:`norm_ratio` of the stored residual to the
+      cached one.
+    * ``part="probe"``: the nodes the probe depends on (:func:`probe_prefix`), returning the statistic
+      (:func:`relative_l1` of the value to the cached reference), the value, then every computed value the
+      rest of the call reads.
+    * ``part="rest"``: the whole graph of the same action without the probe's nodes, which it reads as cache
+      inputs instead.
+
+    Running ``probe`` then ``rest`` gives the outputs of ``whole`` (the same ops on the same values).
+    """
+    if phase.probe not in PROBES or phase.part not in PARTS:
+        raise GraphpassError(f"step-cache phase probe={phase.probe!r} part={phase.part!r}: probe one of {PROBES}, "
+                             f"part one of {PARTS}")
+    unknown = {p for p, _ in phase.actions} - {span.path}
+    if unknown:
+        raise GraphpassError(f"step-cache phase names {sorted(unknown)}; it may only name the block span {span.path}")
+    if phase.probe != "none" and site is None:
+        raise GraphpassError(f"phase with a {phase.probe!r} probe needs its ProbeSite")
+    src = captured.gm
+    if phase.part == "probe":
+        return _probe_graph(captured, span, phase, site)
+    b = _GraphBuilder(src)
+    action = phase.action(span.path)
+    outs = b.outs
+    bases = [o for _, o in site.head] if phase.keep_head and site is not None else None
+    if phase.keep_head and bases is None:
+        bases = [o for _, o in span.block_streams[span.blocks[0]]]
+    for s, ((x, o), key) in enumerate(zip(span.streams, span.residual_keys)):
+        h_out = b.by_name[o]
+        base = b.by_name[bases[s]] if bases else _entry_value(b.graph, b.by_name, x, before=h_out)
+        if action == Action.REUSE:
+            new = inline(b.graph, _add, [base, b.cache_input(key, h_out)], before=h_out)
+            h_out.replace_all_uses_with(new)
+            outs = [fx.node.map_arg(a, lambda n, h_out=h_out, new=new: new if n is h_out else n) for a in outs]
+        elif action == Action.STORE:
+            b.stored.append((key, inline(b.graph, _sub, [h_out, base])))
+    if phase.part == "whole" and phase.probe in ("head", "modulated"):
+        b.stored.append((site.value_key, _probe_value(b, site)))
+    if phase.probe == "ratio" and phase.measure:
+        if action != Action.STORE or len(b.stored) < 1:
+            raise GraphpassError("the 'ratio' probe measures the residual a STORE step returns")
+        now = b.stored[0][1]
+        b.stored.append((site.stats_key, inline(b.graph, norm_ratio, [now, b.cache_input(span.residual_keys[0], now)])))
+    if phase.part == "rest":
+        _cut_prefix(b, src, span, site)
+    pg = b.finish(src, phase, outs, "StepCachePhaseGraph")
+    if action == Action.REUSE:  # ensures: nothing of the skipped blocks runs
+        skipped = span.blocks[1:] if phase.keep_head else span.blocks
+        alive = {n.name for n in pg.gm.graph.nodes}
+        left = [m.name for blk in skipped for m in _block_nodes(src, blk) if m.name in alive]
+        if left:
+            raise GraphpassError(f"reuse graph still runs nodes of the skipped blocks {left[:3]}")
+    return pg
+
+
+def _probe_graph(captured: CapturedGraph, span: BlockSpan, phase: StepCachePhase, site: ProbeSite) -> PhaseGraph:
+    src = captured.gm
+    prefix = probe_prefix(src, site.roots)
+    _, boundary = _split(src, span, site)
+    b = _GraphBuilder(src)
+    value = _probe_value(b, site)
+    if phase.measure:
+        ref = b.cache_input(site.reference_key, value)
+        b.stored.append((site.stats_key, inline(b.graph, relative_l1, [value, ref])))
+    b.stored.append((site.value_key, value))
+    b.stored.extend((boundary_key(n), b.by_name[n]) for n in boundary)
+    copied = set(b.by_name.values())
+    keep = {b.by_name[n] for n in prefix} | {n for n in b.graph.nodes if n not in copied}  # + the probe's own
+    for n in reversed(list(b.graph.nodes)):
+        if n.op != "placeholder" and n not in keep:
+            b.graph.erase_node(n)
+    return b.finish(src, phase, [], "ProbeGraph")
+
+
+def _handed_over(span: BlockSpan, site: ProbeSite, prefix: set[str]) -> list[str]:
+    """Prefix values a rest graph reads besides those the captured graph reads: the streams' entries and the
+    first block's outputs (the bases of the residual adds)."""
+    names = [n for x, _ in span.streams for n in input_names(x)] + [o for _, o in site.head]
+    return [n for n in names if n in prefix]
+
+
+def _cut_prefix(b: _GraphBuilder, src: fx.GraphModule, span: BlockSpan, site: ProbeSite) -> None:
+    """Replace the probe's nodes in ``b`` by cache inputs holding their values (handed over by the probe
+    graph) and delete them."""
+    cut, boundary = _split(src, span, site)
+    in_cut = {b.by_name[n] for n in cut}
+    for name in boundary:
+        node = b.by_name[name]
+        ph = b.cache_input(boundary_key(name), node)
+        node.replace_all_uses_with(ph, delete_user_cb=lambda u: u not in in_cut)
+    for n in reversed(list(b.graph.nodes)):
+        if n in in_cut:
+            if n.users:  # requires: the probe hands over every value of the cut read after it
+                raise GraphpassError(f"rest graph reads {n.name} of the probe's part, which is not handed over")
+            b.graph.erase_node(n)
