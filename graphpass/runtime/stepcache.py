@@ -138,6 +138,11 @@ class StepCacheModel(OptimizedModel):
         self._timesteps: list[float] | None = None
         self._call: dict[str, Any] = {}
 
+    @property
+    def adaptive(self) -> bool:
+        """Whether calls decide at run time (no fixed plan to export: freeze a run's decisions instead)."""
+        return self.schedule.decides_per_call or self.schedule.probe == "ratio"
+
     # --- graphs ----------------------------------------------------------------------------------
     def _step_phase(self, action: Action, part: str = "whole", measure: bool = False) -> StepCachePhase:
         acts = Phase.of({self.span.path: action}).actions

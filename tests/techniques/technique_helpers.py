@@ -8,13 +8,19 @@ one call carries cond and uncond samples (batch 2); with ``cfg="separate"`` they
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
+import inspect
 from typing import Callable, Sequence
 
 import diffusers
 import torch
 
 from conftest import make_case
+from graphpass.passes.capture import capture
+from graphpass.passes.tag import tag_attention
+from graphpass.runtime.stepcache import StepCacheModel
 
 torch.set_num_threads(1)
 
@@ -93,3 +99,113 @@ def hooked(model, apply: Callable, config, leader: str):
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max())
+
+
+class _Probed(Exception):
+    """Raised by the reference's pre-hook on the first attention: carries its video-token input."""
+
+    def __init__(self, value):
+        self.value = value
+
+
+class TeaCacheReference:
+    """TeaCache as published (ali-vilab/TeaCache), on a diffusers transformer's blocks, per cache context.
+
+    Each call first runs block 0 up to its first attention and takes that attention's ``hidden_states``
+    input: the timestep-modulated input ``m`` (Wan: ``norm1(h) * (1 + scale) + shift``; CogVideoX:
+    ``norm1(h, text, temb)[0]``). Calls 0 and ``num_steps - 1`` compute and set ``acc = 0``; otherwise
+    ``acc += poly(mean|m - m_prev| / mean|m_prev|)`` (numpy-style float64 polynomial, highest power first)
+    and the call reuses iff ``acc < threshold``, else computes and sets ``acc = 0``. ``m_prev`` follows every
+    call. A reuse returns ``h_in + R`` from block 0 (text tokens unchanged) and the other blocks pass their
+    inputs through; a computed call keeps ``R = h_out - h_in`` at the last block.
+    """
+
+    def __init__(self, model, coefficients, threshold, num_steps):
+        self.coefficients, self.threshold, self.n = list(coefficients), threshold, num_steps
+        self.state: dict[str, dict] = {}
+        self.context = None
+        self.decisions: dict[str, list[str]] = {}
+        blocks = list(model.blocks if hasattr(model, "blocks") else model.transformer_blocks)
+        self.attn = blocks[0].attn1
+        for i, block in enumerate(blocks):
+            block.forward = self._wrap(block.forward, i == 0, i == len(blocks) - 1)
+        model.cache_context = self.cache_context
+
+    @contextlib.contextmanager
+    def cache_context(self, name):
+        self.context = name
+        try:
+            yield
+        finally:
+            self.context = None
+
+    def _probe(self, forward, args, kwargs):
+        def grab(module, a, k):
+            raise _Probed(a[0] if a else k["hidden_states"])
+
+        handle = self.attn.register_forward_pre_hook(grab, with_kwargs=True)
+        try:
+            forward(*args, **kwargs)
+        except _Probed as p:
+            return p.value
+        finally:
+            handle.remove()
+        raise AssertionError("block 0 never called its first attention")
+
+    def _decide(self, st, m) -> bool:
+        i = st["cnt"]
+        if i == 0 or i == self.n - 1:
+            st["acc"], reuse = 0.0, False
+        else:
+            d = ((m - st["m_prev"]).abs().mean() / st["m_prev"].abs().mean()).item()
+            y = 0.0
+            for c in self.coefficients:
+                y = y * d + c
+            st["acc"] += y
+            reuse = st["acc"] < self.threshold
+            if not reuse:
+                st["acc"] = 0.0
+        st["m_prev"] = m
+        st["cnt"] = (i + 1) % self.n
+        return reuse
+
+    def _wrap(self, forward, head, tail):
+        signature = inspect.signature(forward)
+
+        def wrapped(*args, **kwargs):
+            bound = signature.bind(*args, **kwargs).arguments
+            h, text = bound["hidden_states"], bound.get("encoder_hidden_states")
+            two = "Cog" in type(forward.__self__).__name__  # CogVideoX blocks return (video, text)
+            st = self.state.setdefault(self.context, {"cnt": 0, "acc": 0.0})
+            if head:
+                st["reuse"] = self._decide(st, self._probe(forward, args, kwargs))
+                st["h_in"] = h
+                self.decisions.setdefault(self.context, []).append("R" if st["reuse"] else "C")
+                if st["reuse"]:
+                    out = h + st["R"]
+                    return (out, text) if two else out
+            if st["reuse"]:
+                return (h, text) if two else h
+            out = forward(*args, **kwargs)
+            if tail:
+                st["R"] = (out[0] if two else out) - st["h_in"]
+            return out
+
+        return wrapped
+
+
+@functools.lru_cache(maxsize=None)
+def captured(name: str, batch: int):
+    """(model, one call's keyword arguments at ``batch``, capture, tagged regions) of a tiny model, captured
+    once per test session. Do not modify the model: graphs read its parameters."""
+    model, kw = MODELS[name]()
+    kw = {k: (v[:batch] if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+    cap = capture(model, kw)
+    return model, kw, cap, tag_attention(cap)
+
+
+def compiled(name: str, schedule, cfg: str = "batched") -> StepCacheModel:
+    """What ``graphpass.optimize(model, schedule, example_kwargs=...)`` returns, on the session's capture for
+    the calls of ``denoise(..., cfg=cfg)`` (batch 2 for batched guidance, 1 for separate calls)."""
+    model, _, cap, regions = captured(name, 2 if cfg == "batched" else 1)
+    return StepCacheModel(model, cap, regions, schedule)
