@@ -1028,7 +1028,7 @@ def norm_ratio(now: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
     ``||now||_2 / (||prev||_2 + 1e-8)``, norms over the last (channel) axis, in float32.
 
     >>> norm_ratio(torch.full((1, 2, 4), 2.0), torch.ones(1, 2, 4))
-    tensor(2.0000)
+    tensor(2.)
     """
     return (torch.linalg.norm(now.float(), dim=-1) / (torch.linalg.norm(prev.float(), dim=-1) + 1e-8)).mean()
 

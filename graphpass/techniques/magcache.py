@@ -19,8 +19,8 @@ and the same plan exports to ONNX. Calibration computes every call and measures 
 the ratios are read once, at the end (``opt.calibration()``).
 
 >>> m = MagCache(mag_ratios=[1.0, 1.0, 0.99, 0.97, 0.9, 0.8], num_inference_steps=6, retention_ratio=0.2)
->>> m.decisions
-'CCRRCC'
+>>> m.decisions   # call 0 retained; 1-3 reuse (err 0, 0.01, 0.05); 4 would be a 4th reuse in a row (K=3)
+'CRRRCC'
 >>> schedule_from_json(m.to_json()) == m
 True
 """
@@ -70,8 +70,8 @@ def resample(ratios: Sequence[float], length: int) -> list[float]:
     """A ratio table resampled to ``length`` entries by nearest index, exactly as diffusers does (float32
     positions, rounding halves to even; one entry keeps the last).
 
-    >>> resample([1.0, 2.0, 3.0], 5)
-    [1.0, 2.0, 2.0, 2.0, 3.0]
+    >>> resample([1.0, 2.0, 3.0], 5)       # positions 0, 0.5, 1, 1.5, 2: halves go to the even index
+    [1.0, 1.0, 2.0, 3.0, 3.0]
     """
     src = torch.tensor([float(r) for r in ratios])
     if length == 1:
