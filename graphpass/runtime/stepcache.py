@@ -168,6 +168,19 @@ class StepCacheModel(OptimizedModel):
             self.phase_graph(ph)
         return Plan(self._timesteps, [self._step_phase(Action.STORE)] * len(self._timesteps))
 
+    def preview_plan(self, timesteps: Sequence[float] | torch.Tensor, **kwargs) -> Plan:
+        """As :meth:`OptimizedModel.preview_plan` for a static schedule. For one that decides per call: the
+        phases a context's last generation over these timesteps ran (decided calls show their rest graph),
+        else every call computing."""
+        if not self.adaptive:
+            return super().preview_plan(timesteps, **kwargs)
+        ts = (timesteps.detach().cpu().flatten().tolist() if isinstance(timesteps, torch.Tensor)
+              else [float(t) for t in timesteps])
+        for st in self._contexts.values():
+            if [t for t, _ in st.trace] == ts:
+                return Plan(ts, [ph for _, ph in st.trace])
+        return Plan(ts, [self._step_phase(Action.STORE)] * len(ts))
+
     def _possible_phases(self) -> list[StepCachePhase]:
         if self.schedule.probe == "ratio":
             return [self._step_phase(Action.STORE), self._step_phase(Action.STORE, measure=True)]
