@@ -979,8 +979,9 @@ def find_probe_site(captured: CapturedGraph, span: BlockSpan, regions: Sequence[
 
     ``"head"``: the first block's stream outputs must have the layout of the chain's outputs (its residual
     is added to them). ``"modulated"``: among the values the first attention/MLP region of the first block
-    reads from outside it, the one shaped like the video tokens that is not the stream itself (Wan's
-    ``norm1(h) * (1 + scale) + shift``, CogVideoX's ``norm1(h, text, temb)[0]``).
+    reads from outside it, the one holding as many elements as the video tokens (followed back through
+    re-layouts) that is not the stream itself (Wan's ``norm1(h) * (1 + scale) + shift``, CogVideoX's
+    ``norm1(h, text, temb)[0]``, VDT's modulated norm before its reshape to frames).
 
     >>> find_probe_site(cap, span, regions, "modulated").node     # tiny Wan: block 0's modulated norm
     'type_as_1'
@@ -1001,8 +1002,11 @@ def find_probe_site(captured: CapturedGraph, span: BlockSpan, regions: Sequence[
     first = next((r for r in regions if block_of(r.path) == span.blocks[0]), None)
     inside = set(first.nodes) if first else set()
     entry = set(input_names(span.input))
-    found = {a for n in (by_name[m] for m in inside) for a in n.all_input_nodes if a.name not in inside
-             and a.op == "call_function" and a.name not in entry and _shape(a) == span.spec.shape}
+    numel = _numel(by_name[span.output])
+    found = {_before_layout(a) for n in (by_name[m] for m in inside) for a in n.all_input_nodes
+             if a.name not in inside and a.op == "call_function" and isinstance(_val(a), torch.Tensor)
+             and _numel(a) == numel}
+    found = {a for a in found if a.name not in entry}
     if len(found) != 1:
         raise TaggingError(f"cannot find the timestep-modulated input of {span.blocks[0]} of {captured.model_type}: "
                            f"its first region {first.path if first else None} reads "
@@ -1010,6 +1014,14 @@ def find_probe_site(captured: CapturedGraph, span: BlockSpan, regions: Sequence[
                            f"{span.spec.shape}; TeaCache needs exactly one")
     (node,) = found
     return ProbeSite(kind, node.name, head, TensorSpec(_shape(node), _val(node).dtype))
+
+
+def _before_layout(node: fx.Node) -> fx.Node:
+    """``node`` followed back through re-layouts (views, reshapes, permutes) to the op that computed it:
+    VDT's attention reads its modulated input reshaped to ``(B*F, tokens, D)``."""
+    while node.op == "call_function" and node.target in _LAYOUT and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    return node
 
 
 def relative_l1(now: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
