@@ -8,7 +8,7 @@ variants on the same inputs:
 * ``hook``       diffusers' hook (``apply_first_block_cache``, ``apply_mag_cache``); TeaCache has no diffusers
   hook: the row uses the module-level Python implementation of the published algorithm that the tests
   check graphpass against (``tests/techniques/technique_helpers.TeaCacheReference``);
-* ``graphpass``  ``graphpass.optimize`` with the same config (eager phase graphs).
+* ``graphpass``  ``graphpass.optimize`` with the same config (eager phase graphs, or ``--backend inductor``).
 
 "s/gen" is the median over ``--reps`` generations of the seconds of one whole generation (variants
 interleaved, order rotating, so load on a shared machine hits all alike); "computed" counts the calls that
@@ -18,6 +18,7 @@ all steps, relative to the largest prediction. MagCache's ratios come from graph
 
     python benchmarks/techniques.py                   # 20 steps, 3 reps, 1 thread
     python benchmarks/techniques.py --steps 30 --reps 5 --layers 6
+    python benchmarks/techniques.py --backend inductor --only FBC     # phase graphs compiled by inductor
 """
 from __future__ import annotations
 
@@ -112,6 +113,8 @@ def main():
     p.add_argument("--head-dim", type=int, default=32)
     p.add_argument("--frames", type=int, default=5)
     p.add_argument("--size", type=int, default=16)
+    p.add_argument("--backend", default="eager", help="graphpass backend: eager (FX graphs) or inductor")
+    p.add_argument("--only", nargs="*", default=None, help="techniques to run, e.g. FBC MagCache")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     model, kwargs = build(args)
@@ -123,12 +126,15 @@ def main():
     ratios = cal.calibration("cond_uncond")
 
     print(f"Wan {args.layers} layers, dim {args.heads * args.head_dim}, latent (1, 16, {args.frames}, {args.size}, "
-          f"{args.size}) batched CFG, {args.steps} steps, {args.threads} thread(s), median of {args.reps}")
+          f"{args.size}) batched CFG, {args.steps} steps, {args.threads} thread(s), median of {args.reps}, "
+          f"graphpass backend {args.backend}")
     print("| technique | config | baseline s/gen | hook s/gen | graphpass s/gen | graphpass vs hook | computed "
           "(hook / graphpass) | max rel diff | graphpass reads |")
     print("|---|---|---|---|---|---|---|---|---|")
     for label, config, schedule, hooked, computed in hook_variants(model, args.steps, ratios):
-        opt = graphpass.optimize(model, schedule, example_kwargs=kwargs)
+        if args.only and label not in args.only:
+            continue
+        opt = graphpass.optimize(model, schedule, example_kwargs=kwargs, backend=args.backend)
         variants = {"baseline": model, "hook": hooked, "graphpass": opt}
         secs = {k: [] for k in variants}
         outs = {}
