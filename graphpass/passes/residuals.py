@@ -924,6 +924,9 @@ class StepCachePhase(Phase):
         residual-norm ratio to the previous stored residual; ``"none"``.
     measure: the probe also compares its value with the cached reference (:func:`relative_l1`, or the norm
         ratio for ``"ratio"``) and returns that statistic.
+    first_stream: only the first hidden state (the video tokens) carries a residual; the others leave the
+        chain of a reuse step as they entered it (MagCache returns the text tokens unchanged) and nothing is
+        stored for them.
     part: ``"whole"`` the full call; ``"probe"`` only what the probe needs (embeddings, the first block or
         its modulation), returning the statistic, the probed value and every value the rest of the call
         reads; ``"rest"`` the remainder, reading those values instead of recomputing them. A decided call
@@ -934,6 +937,7 @@ class StepCachePhase(Phase):
     """
 
     keep_head: bool = False
+    first_stream: bool = False
     probe: str = "none"
     measure: bool = False
     part: str = "whole"
@@ -1161,6 +1165,11 @@ def specialize_step_phase(captured: CapturedGraph, span: BlockSpan, phase: StepC
     for s, ((x, o), key) in enumerate(zip(span.streams, span.residual_keys)):
         h_out = b.by_name[o]
         base = b.by_name[bases[s]] if bases else _entry_value(b.graph, b.by_name, x, before=h_out)
+        if s and phase.first_stream:
+            if action == Action.REUSE:  # this stream leaves the skipped chain unchanged
+                h_out.replace_all_uses_with(base)
+                outs = [fx.node.map_arg(a, lambda n, h_out=h_out, base=base: base if n is h_out else n) for a in outs]
+            continue
         if action == Action.REUSE:
             new = inline(b.graph, _add, [base, b.cache_input(key, h_out)], before=h_out)
             h_out.replace_all_uses_with(new)

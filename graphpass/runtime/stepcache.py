@@ -21,19 +21,20 @@ schedule (MagCache's table, a frozen run) reads nothing at all and runs like PAB
 """
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar, Sequence
 
 import torch
 
-from ..errors import InputError
+from ..errors import InputError, ScheduleError
 from ..passes.capture import CapturedGraph
 from ..passes.residuals import (ProbeSite, StepCachePhase, find_block_span, find_probe_site,
                                 specialize_step_phase)
 from ..passes.specialize import PhaseGraph
 from ..passes.tag import Region
-from ..schedules.adacache import ResidualSchedule
+from ..schedules.adacache import ResidualSchedule, _decisions
 from ..schedules.base import Action, Phase, Plan, RegionRef
 from .executor import GenerationState, OptimizedModel
 
@@ -78,12 +79,15 @@ class StepCacheSchedule(ResidualSchedule):
     """Base of the whole-chain step caches run by :class:`StepCacheModel`.
 
     Class attributes a technique sets: ``keep_head`` (a reuse keeps the first block: First Block Cache),
+    ``first_stream`` (only the video tokens carry a residual; other hidden states pass a reuse unchanged:
+    MagCache),
     ``reference`` (``"computed"``: the probe compares with the value of the last computed call;
     ``"previous"``: with the previous call's). Per instance: :attr:`probe` and, for schedules that decide
     per call, :meth:`policy`.
     """
 
     keep_head: ClassVar[bool] = False
+    first_stream: ClassVar[bool] = False
     reference: ClassVar[str] = "computed"
 
     @property
@@ -110,6 +114,45 @@ class StepCacheSchedule(ResidualSchedule):
         return self.decides_per_call
 
 
+@dataclass
+class FrozenStepCache(StepCacheSchedule):
+    """Base of a step cache's static form: one ``"C"`` (compute; keep the residual when a reuse follows) or
+    ``"R"`` (reuse) per model call of a generation, the first ``"C"``; calls past the end compute. No probe,
+    no host read; exports to ONNX. Subclasses set ``type_name`` and the technique's class attributes.
+
+    Fields:
+        decisions: e.g. ``opt.decisions()`` of an adaptive run.
+    """
+
+    decisions: str = "C"
+
+    def __post_init__(self):
+        self.decisions = _decisions(self.decisions)
+
+    def reuses(self, region: RegionRef, t: float, counter: int) -> bool:
+        return counter < len(self.decisions) and self.decisions[counter] == "R"
+
+    def may_reuse_next(self, region: RegionRef, t: float, counter: int) -> bool:
+        return self.reuses(region, t, counter + 1)
+
+    def freeze(self, decisions) -> "FrozenStepCache":
+        return type(self)(decisions)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"decisions": self.decisions}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "FrozenStepCache":
+        unknown = set(d) - {"decisions"}
+        if unknown:
+            raise ScheduleError(f"{cls.type_name} JSON has unknown fields {sorted(unknown)}; known: ['decisions']")
+        return cls(**d)
+
+    def __str__(self) -> str:
+        return (f"{type(self).__name__}({self.decisions}: {self.decisions.count('C')}/{len(self.decisions)} "
+                f"computed)")
+
+
 class StepCacheModel(OptimizedModel):
     """Drop-in replacement running a :class:`StepCacheSchedule`. Besides the core's API:
 
@@ -124,7 +167,10 @@ class StepCacheModel(OptimizedModel):
                  schedule: StepCacheSchedule, *, timestep_arg: str = "timestep", backend: str = "eager",
                  timestep_order: str = "falling"):
         span = find_block_span(captured, regions)
-        super().__init__(model, captured, [span.region], schedule, timestep_arg=timestep_arg, backend=backend,
+        region = span.region
+        if schedule.first_stream:  # one cached residual: the video tokens'
+            region = dataclasses.replace(region, exits=region.exits[:1], exit_specs=region.exit_specs[:1])
+        super().__init__(model, captured, [region], schedule, timestep_arg=timestep_arg, backend=backend,
                          timestep_order=timestep_order)
         self.span = span
         self.attention_regions = regions
@@ -146,13 +192,13 @@ class StepCacheModel(OptimizedModel):
     # --- graphs ----------------------------------------------------------------------------------
     def _step_phase(self, action: Action, part: str = "whole", measure: bool = False) -> StepCachePhase:
         acts = Phase.of({self.span.path: action}).actions
-        return StepCachePhase(acts, keep_head=self.schedule.keep_head, probe=self.schedule.probe, measure=measure,
-                              part=part)
+        return StepCachePhase(acts, keep_head=self.schedule.keep_head, first_stream=self.schedule.first_stream,
+                              probe=self.schedule.probe, measure=measure, part=part)
 
     def phase_graph(self, phase: Phase) -> PhaseGraph:
         if phase not in self._phase_graphs:
             sp = phase if isinstance(phase, StepCachePhase) else StepCachePhase(
-                phase.actions, keep_head=self.schedule.keep_head)
+                phase.actions, keep_head=self.schedule.keep_head, first_stream=self.schedule.first_stream)
             self._phase_graphs[phase] = specialize_step_phase(self.captured, self.span, sp, self.site)
         return self._phase_graphs[phase]
 
@@ -218,7 +264,7 @@ class StepCacheModel(OptimizedModel):
         if i == 0:
             self._policies[self._context] = self.schedule.policy(self._num_steps())
         policy = self._policies[self._context]
-        ready = self.site.reference_key in st.cache and all(k in st.cache for k in self.span.residual_keys)
+        ready = self.site.reference_key in st.cache and all(k in st.cache for k in self.regions[0].cache_keys)
         if policy.forced(i) or not ready:
             return self._step_phase(Action.STORE)
         probe_phase = StepCachePhase(probe=probe, measure=True, part="probe")

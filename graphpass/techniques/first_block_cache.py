@@ -27,8 +27,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from ..errors import ScheduleError
-from ..runtime.stepcache import StepCacheSchedule, StepPolicy
-from ..schedules.adacache import _decisions
+from ..runtime.stepcache import FrozenStepCache, StepCacheSchedule, StepPolicy
 from ..schedules.base import RegionRef, schedule_from_json  # noqa: F401 (doctest)
 
 #: Published thresholds: diffusers' default, and ParaAttention's FLUX/HunyuanVideo setting (about 2x there).
@@ -123,7 +122,7 @@ class FirstBlockCachePolicy(StepPolicy):
 
 
 @dataclass
-class FrozenFirstBlockCache(StepCacheSchedule):
+class FrozenFirstBlockCache(FrozenStepCache):
     """First Block Cache with fixed decisions: ``"C"`` computes every block (and keeps the other blocks'
     residual when a reuse follows), ``"R"`` runs the first block and adds that residual. No probe, no host
     read; exports to ONNX like :class:`~graphpass.FrozenAdaCache`. Calls past the end compute.
@@ -137,30 +136,3 @@ class FrozenFirstBlockCache(StepCacheSchedule):
 
     type_name: ClassVar[str] = "FirstBlockCacheFrozen"
     keep_head: ClassVar[bool] = True
-
-    decisions: str = "C"
-
-    def __post_init__(self):
-        self.decisions = _decisions(self.decisions)
-
-    def reuses(self, region: RegionRef, t: float, counter: int) -> bool:
-        return counter < len(self.decisions) and self.decisions[counter] == "R"
-
-    def may_reuse_next(self, region: RegionRef, t: float, counter: int) -> bool:
-        return self.reuses(region, t, counter + 1)
-
-    def freeze(self, decisions) -> "FrozenFirstBlockCache":
-        return FrozenFirstBlockCache(decisions)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"decisions": self.decisions}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "FrozenFirstBlockCache":
-        unknown = set(d) - {"decisions"}
-        if unknown:
-            raise ScheduleError(f"FirstBlockCacheFrozen JSON has unknown fields {sorted(unknown)}")
-        return cls(**d)
-
-    def __str__(self) -> str:
-        return f"FrozenFirstBlockCache({self.decisions}: {self.decisions.count('C')}/{len(self.decisions)} computed)"

@@ -34,8 +34,7 @@ import numpy as np
 import torch
 
 from ..errors import ScheduleError
-from ..runtime.stepcache import StepCacheSchedule
-from ..schedules.adacache import FrozenAdaCache
+from ..runtime.stepcache import FrozenStepCache, StepCacheSchedule
 from ..schedules.base import RegionRef, schedule_from_json  # noqa: F401 (doctest)
 from .first_block_cache import check_threshold
 
@@ -127,6 +126,7 @@ class MagCache(StepCacheSchedule):
     """
 
     type_name: ClassVar[str] = "MagCache"
+    first_stream: ClassVar[bool] = True
 
     threshold: float = 0.06
     max_skip_steps: int = 3
@@ -180,10 +180,10 @@ class MagCache(StepCacheSchedule):
     def may_reuse_next(self, region: RegionRef, t: float, counter: int) -> bool:
         return self.reuses(region, t, counter + 1)
 
-    def freeze(self, decisions: str | None = None) -> FrozenAdaCache:
-        """The decisions as a :class:`~graphpass.FrozenAdaCache` (the same graphs: a reuse adds the chain's
-        residual), e.g. to export or to replay on another runtime."""
-        return FrozenAdaCache(decisions or self.decisions)
+    def freeze(self, decisions: str | None = None) -> "FrozenMagCache":
+        """The decisions (by default the table's) as a :class:`FrozenMagCache`. MagCache's own plan is
+        already static and exports as it is; the frozen form replays any decisions."""
+        return FrozenMagCache(decisions or self.decisions)
 
     # --- construction ----------------------------------------------------------------------------
     @classmethod
@@ -215,3 +215,19 @@ class MagCache(StepCacheSchedule):
             return f"MagCache(calibrate, {self.num_inference_steps} steps)"
         return (f"MagCache(threshold={self.threshold:g}, K={self.max_skip_steps}, retention={self.retention_ratio:g}; "
                 f"{self.decisions})")
+
+
+@dataclass
+class FrozenMagCache(FrozenStepCache):
+    """MagCache with fixed decisions (``"C"``/``"R"`` per call): a reuse adds the video tokens' cached
+    residual to the chain's input and passes the other hidden states through, as :class:`MagCache` does.
+
+    Fields:
+        decisions: one ``"C"`` or ``"R"`` per model call of a generation; the first must be ``"C"``.
+
+    >>> schedule_from_json(FrozenMagCache("CCRRC").to_json())
+    FrozenMagCache(decisions='CCRRC')
+    """
+
+    type_name: ClassVar[str] = "MagCacheFrozen"
+    first_stream: ClassVar[bool] = True

@@ -21,7 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "pipelines"))
 from tiny_pipelines import cogvideox, wan  # noqa: E402  (the pipeline tests' tiny pipelines)
 
 STEPS = 10
-PIPES = {"wan": wan, "cogvideox": cogvideox}
+#: cogvideox-rope: CogVideoX with rotary embeddings (written in place into the attention's q/k inside the blocks).
+PIPES = {"wan": wan, "cogvideox": cogvideox, "cogvideox-rope": lambda: cogvideox(rope=True)}
 
 
 def _record_hook_decisions(transformer, leader: str) -> dict[str, list[str]]:
@@ -55,8 +56,8 @@ def _schedules():
     }
 
 
-@pytest.mark.parametrize("technique", ["fbc", "magcache", "teacache"])
-@pytest.mark.parametrize("pipe", ["wan", "cogvideox"])
+@pytest.mark.parametrize("technique, pipe", [(t, p) for t in ("fbc", "magcache", "teacache") for p in ("wan", "cogvideox")]
+                         + [("fbc", "cogvideox-rope"), ("magcache", "cogvideox-rope")])
 def test_pipeline_equals_hook(pipe, technique):
     schedule, apply_reference = _schedules()[technique]
     ref_case = PIPES[pipe]()

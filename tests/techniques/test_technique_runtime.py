@@ -10,7 +10,7 @@ import graphpass
 from diffusers.hooks.mag_cache import nearest_interp
 from graphpass import FrozenAdaCache, ScheduleError, schedule_from_json
 from graphpass.techniques.first_block_cache import FirstBlockCache, FrozenFirstBlockCache
-from graphpass.techniques.magcache import HUNYUAN_720P_MAG_RATIOS, MagCache, resample
+from graphpass.techniques.magcache import HUNYUAN_720P_MAG_RATIOS, FrozenMagCache, MagCache, resample
 from graphpass.techniques.teacache import COEFFICIENTS, TeaCache
 from technique_helpers import TIMESTEPS, captured, compiled, denoise, rel_err
 
@@ -73,8 +73,9 @@ def test_host_reads_one_per_decided_call(monkeypatch, schedule):
         assert isinstance(schedule, FirstBlockCache) or per_call[-1] == 0
 
 
-@pytest.mark.parametrize("schedule", [FirstBlockCache(0.1), TeaCache(threshold=0.15, num_inference_steps=N)],
-                         ids=["fbc", "teacache"])
+@pytest.mark.parametrize("schedule", [FirstBlockCache(0.1), TeaCache(threshold=0.15, num_inference_steps=N),
+                                      MagCache(mag_ratios=[1.0] * 6 + [0.98] * 6, num_inference_steps=N)],
+                         ids=["fbc", "teacache", "magcache"])
 def test_frozen_form_replays_and_exports_to_onnx(tmp_path, schedule):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
@@ -82,7 +83,8 @@ def test_frozen_form_replays_and_exports_to_onnx(tmp_path, schedule):
     opt = compiled("wan", schedule)
     adaptive = denoise(opt, kw)
     frozen = opt.freeze("cond_uncond")
-    assert isinstance(frozen, FrozenFirstBlockCache if isinstance(schedule, FirstBlockCache) else FrozenAdaCache)
+    assert isinstance(frozen, {FirstBlockCache: FrozenFirstBlockCache, TeaCache: FrozenAdaCache,
+                               MagCache: FrozenMagCache}[type(schedule)])
     replay = graphpass.optimize(model, frozen, example_kwargs=kw, timesteps=TIMESTEPS)
     replayed = denoise(replay, kw)
     assert replay.decisions("cond_uncond") == opt.decisions("cond_uncond") == frozen.decisions
@@ -100,7 +102,7 @@ def test_adaptive_model_refuses_export_and_says_freeze(tmp_path):
 
 
 @pytest.mark.parametrize("schedule", [
-    FirstBlockCache(0.07), FirstBlockCache.preset("paraattention"), FrozenFirstBlockCache("CCRRC"),
+    FirstBlockCache(0.07), FirstBlockCache.preset("paraattention"), FrozenFirstBlockCache("CCRRC"), FrozenMagCache("CRC"),
     MagCache.preset("hunyuanvideo-720p", num_inference_steps=30), MagCache(calibrate=True, num_inference_steps=7),
     TeaCache.preset("hunyuanvideo"), TeaCache(threshold=0.2, coefficients=[2.0, 0.5], num_inference_steps=9)])
 def test_json_round_trip(schedule):
