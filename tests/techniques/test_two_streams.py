@@ -1,5 +1,5 @@
-"""MagCache and First Block Cache on a model whose text tokens leave the chain of blocks and are read after it
-(two CogVideoX blocks; the output layer normalizes text and video tokens together): diffusers' MagCache
+"""MagCache and First Block Cache on a model whose text tokens leave the chain of blocks and change its output
+(two CogVideoX blocks; the output adds a projection of the mean text token to every video token): diffusers' MagCache
 returns the text tokens a reuse step gets unchanged, its First Block Cache adds a text residual; graphpass
 does the same, within 1e-5 relative over a 12-step loop, with the same calls skipped."""
 from __future__ import annotations
@@ -26,6 +26,17 @@ from test_multistream import TwoStreamDiT, _two_stream_kwargs  # noqa: E402  (th
 N = len(TIMESTEPS)
 
 
+class TextReadingDiT(TwoStreamDiT):
+    """:class:`TwoStreamDiT` whose output depends on the text tokens leaving the blocks."""
+
+    def forward(self, hidden_states, encoder_hidden_states, timestep):
+        h, e = self.proj_in(hidden_states), self.text_in(encoder_hidden_states)
+        temb = self.time_embedding(self.time_proj(timestep))
+        for block in self.transformer_blocks:
+            h, e = block(h, e, temb)
+        return (self.proj_out(self.norm_out(h) + e.mean(1, keepdim=True)),)
+
+
 def _loop(model, kw, leader=None, context="cond_uncond"):
     """Outputs of a loop feeding ``x - 0.1 * out`` back; with ``leader``, also the hook's per-call decisions."""
     hook = model.transformer_blocks[0]._diffusers_hook.get_hook(leader) if leader else None
@@ -50,7 +61,7 @@ def _maybe_context(model, name):
 
 
 def _check(schedule, apply, config, leader):
-    model, kw = TwoStreamDiT(), _two_stream_kwargs()
+    model, kw = TextReadingDiT(), _two_stream_kwargs()
     cap = capture(model, kw)
     opt = StepCacheModel(model, cap, tag_attention(cap), schedule)
     assert len(opt.span.streams) == 2  # video and text tokens leave the chain
