@@ -188,7 +188,9 @@ class MagCache(StepCacheSchedule):
     # --- construction ----------------------------------------------------------------------------
     @classmethod
     def preset(cls, name: str, **overrides) -> "MagCache":
-        """Published ratios and settings: ``"flux"`` (diffusers' defaults), ``"flux-fast"``,
+        """Published ratios and settings (Ma et al., "MagCache: Fast Video Generation with Magnitude-Aware
+        Cache", arXiv 2506.09045; tables from diffusers' ``FLUX_MAG_RATIOS`` and Zehong-Ma/MagCache @8715292):
+        ``"flux"`` (diffusers' defaults), ``"flux-fast"``,
         ``"hunyuanvideo-720p"``, ``"hunyuanvideo-544p"``, ``"hunyuanvideo-720p-slow"``; keyword overrides
         replace fields (e.g. ``num_inference_steps=30`` resamples the table)."""
         if name.lower() not in PRESETS:

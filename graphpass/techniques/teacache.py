@@ -132,7 +132,9 @@ class TeaCache(StepCacheSchedule):
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "TeaCache":
-        """A model's published polynomial and threshold (:data:`COEFFICIENTS`); overrides replace fields."""
+        """A model's published polynomial and threshold (:data:`COEFFICIENTS`; from ali-vilab/TeaCache @7c10efc,
+        Liu et al., "Timestep Embedding Tells: It's Time to Cache for Video Diffusion Model", arXiv
+        2411.19108); overrides replace fields, e.g. ``TeaCache.preset("hunyuanvideo", threshold=0.15)``."""
         if name.lower() not in COEFFICIENTS:
             raise ScheduleError(f"unknown TeaCache preset {name!r}; known: {', '.join(COEFFICIENTS)}")
         coefs, thr = COEFFICIENTS[name.lower()]
