@@ -1,4 +1,4 @@
-"""Helpers of the technique tests: tiny diffusers Wan and CogVideoX transformers (2 layers), a denoising loop
+"""Shared pieces of the technique tests: tiny diffusers Wan and CogVideoX transformers (2 layers), a denoising loop
 called as a diffusers pipeline calls its transformer, and diffusers' own hooks with their per-call decisions.
 
 The loop: ``with model.cache_context(name): eps = model(hidden_states=x, timestep=t, encoder_hidden_states=c,
@@ -197,7 +197,7 @@ class TeaCacheReference:
 @functools.lru_cache(maxsize=None)
 def captured(name: str, batch: int):
     """(model, one call's keyword arguments at ``batch``, capture, tagged regions) of a tiny model, captured
-    once per test session. Do not modify the model: graphs read its parameters."""
+    once per pytest process. Do not modify the model: graphs read its parameters."""
     model, kw = MODELS[name]()
     kw = {k: (v[:batch] if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
     cap = capture(model, kw)
@@ -205,7 +205,7 @@ def captured(name: str, batch: int):
 
 
 def compiled(name: str, schedule, cfg: str = "batched") -> StepCacheModel:
-    """What ``graphpass.optimize(model, schedule, example_kwargs=...)`` returns, on the session's capture for
+    """What ``graphpass.optimize(model, schedule, example_kwargs=...)`` returns, on the shared capture for
     the calls of ``denoise(..., cfg=cfg)`` (batch 2 for batched guidance, 1 for separate calls)."""
     model, _, cap, regions = captured(name, 2 if cfg == "batched" else 1)
     return StepCacheModel(model, cap, regions, schedule)
