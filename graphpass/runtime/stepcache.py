@@ -100,6 +100,11 @@ class StepCacheSchedule(ResidualSchedule):
     def decides_per_call(self) -> bool:
         return self.probe in ("head", "modulated")
 
+    def steps_per_generation(self) -> int | None:
+        """Calls per generation and cache context the config itself gives (None: known from the plan or the
+        pipeline only)."""
+        return None
+
     def policy(self, num_steps: int | None) -> StepPolicy:
         raise NotImplementedError(f"{type(self).__name__} decides from its table, not per call")
 
@@ -248,7 +253,7 @@ class StepCacheModel(OptimizedModel):
         if self._timesteps is not None:
             return len(self._timesteps)
         n = self._context_info.get("num_inference_steps")
-        return int(n) if n else getattr(self.schedule, "num_inference_steps", None)
+        return int(n) if n else self.schedule.steps_per_generation()
 
     def _phase_for(self, st: GenerationState, t: float) -> Phase:
         probe = self.schedule.probe

@@ -169,6 +169,9 @@ class MagCache(StepCacheSchedule):
         self.decisions = "C" * self.num_inference_steps if self.calibrate else magcache_decisions(
             table, self.threshold, self.max_skip_steps, self.retention_ratio, self.num_inference_steps)
 
+    def steps_per_generation(self) -> int | None:
+        return self.num_inference_steps
+
     @property
     def probe(self) -> str:
         return "ratio" if self.calibrate else "none"

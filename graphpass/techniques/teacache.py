@@ -114,6 +114,9 @@ class TeaCache(StepCacheSchedule):
         if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
             raise ScheduleError(f"TeaCache num_inference_steps={n!r} must be an integer >= 1 or None")
 
+    def steps_per_generation(self) -> int | None:
+        return self.num_inference_steps
+
     @property
     def probe(self) -> str:
         return "modulated"
