@@ -19,6 +19,11 @@ all steps, relative to the largest prediction. MagCache's ratios come from graph
     python benchmarks/techniques.py                   # 20 steps, 3 reps, 1 thread
     python benchmarks/techniques.py --steps 30 --reps 5 --layers 6
     python benchmarks/techniques.py --backend inductor --only FBC     # phase graphs compiled by inductor
+
+Measured (2 shared CPU cores under other jobs' load, so absolute seconds drift between rows; compare within a
+row): with eager phase graphs graphpass runs at 0.92-1.04x the hooks' speed (the same calls skipped, outputs
+bit-identical: max diff 0); with ``--backend inductor`` at 1.00-1.31x (max relative diff <= 3e-6), the hooks
+running on the eager model. FBC and TeaCache read one value per decided call (19 and 18 of 20), MagCache none.
 """
 from __future__ import annotations
 
