@@ -128,7 +128,7 @@ def main():
 
     cal = graphpass.optimize(model, MagCache(calibrate=True, num_inference_steps=args.steps), example_kwargs=kwargs)
     generation(cal, kwargs, timesteps)
-    ratios = cal.calibration("cond_uncond")
+    ratios = cal.records("cond_uncond")
 
     print(f"Wan {args.layers} layers, dim {args.heads * args.head_dim}, latent (1, 16, {args.frames}, {args.size}, "
           f"{args.size}) batched CFG, {args.steps} steps, {args.threads} thread(s), median of {args.reps}, "

@@ -15,6 +15,9 @@ Public API::
   scheduler
 * schedules: :class:`PAB` (``PAB.preset("latte")``, ``"pab246"``...), :func:`schedule_from_json`
 * step caches: :class:`AdaCache` (``AdaCache.preset("slow")``, with :class:`MoReg`), :class:`FrozenAdaCache` (a run's decisions replayed)
+* whole-chain step caches: :class:`FirstBlockCache`, :class:`MagCache` (``MagCache.preset("hunyuanvideo-720p")``),
+  :class:`TeaCache` (``TeaCache.preset("hunyuanvideo")``); frozen forms :class:`FrozenFirstBlockCache`,
+  :class:`FrozenMagCache` (TeaCache freezes to :class:`FrozenAdaCache`)
 * sequence parallelism: ``optimize(..., parallel=SequenceParallel())`` splits frames over torch.distributed ranks (DSP)
 * deployment: :func:`export` (per-phase ONNX files or TensorRT engines + manifest) and :func:`load`
 * errors: :class:`GraphpassError` and subclasses in :mod:`graphpass.errors`
@@ -28,11 +31,15 @@ from .runtime.executor import OptimizedModel
 from .runtime.parallel import SequenceParallel
 from .schedules import PAB, Action, Phase, Plan, Schedule, schedule_from_json
 from .schedules.adacache import AdaCache, FrozenAdaCache, MoReg
+from .techniques.first_block_cache import FirstBlockCache, FrozenFirstBlockCache
+from .techniques.magcache import FrozenMagCache, MagCache
+from .techniques.teacache import TeaCache
 from .version import __version__
 
 __all__ = [
     "optimize", "optimize_pipeline", "OptimizedModel", "CacheStore",
-    "PAB", "AdaCache", "MoReg", "FrozenAdaCache", "Schedule", "Phase", "Plan", "Action", "schedule_from_json",
+    "PAB", "AdaCache", "MoReg", "FrozenAdaCache", "FirstBlockCache", "FrozenFirstBlockCache",
+    "MagCache", "FrozenMagCache", "TeaCache", "Schedule", "Phase", "Plan", "Action", "schedule_from_json",
     "SequenceParallel", "export", "load",
     "GraphpassError", "CaptureError", "TaggingError", "ScheduleError", "InputError", "ArtefactError", "ParallelError",
     "__version__",

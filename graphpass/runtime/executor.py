@@ -27,7 +27,7 @@ from ..passes.residuals import BlockSpan, MetricSite
 from ..passes.specialize import PhaseGraph
 from ..passes.tag import Region
 from ..schedules.base import Phase, Plan, Schedule, progress_position
-from ..techniques import Decision, StepCall, technique_for
+from ..techniques import Decision, Probe, StepCall, technique_for
 from .backends import PhaseProgram, PhaseRunner, make_runner
 from .cache import CacheStore, frees
 from .facade import ModelFacade
@@ -88,7 +88,9 @@ class RuntimeCore(ModelFacade):
     ``schedule``; ``cached``, each region path the phases name -> the cache keys of its outputs (what
     :func:`~graphpass.runtime.cache.frees` frees); ``make_runner(program, backend)``, which makes each phase's
     :class:`~graphpass.runtime.backends.PhaseRunner` once. Subclasses give :meth:`phase_graph` (the
-    :class:`~graphpass.runtime.backends.PhaseProgram` of a phase), :meth:`_decide` and :meth:`_make_plan`.
+    :class:`~graphpass.runtime.backends.PhaseProgram` of a phase), :meth:`_decide` and :meth:`_make_plan`;
+    a subclass whose decisions read the call itself also gives :meth:`_complete` (the phase after a probe) and
+    :meth:`_finish` (what the next call keeps).
     """
 
     #: Set when the model runs split over ranks (:mod:`graphpass.runtime.parallel`); decisions taken from
@@ -123,9 +125,17 @@ class RuntimeCore(ModelFacade):
         """The program of ``phase`` (built on first use)."""
         raise NotImplementedError
 
-    def _decide(self, call: StepCall) -> Decision:
-        """The phase of ``call``."""
+    def _decide(self, call: StepCall) -> Decision | Probe:
+        """The phase of ``call``, or a :class:`~graphpass.techniques.Probe` to run before deciding."""
         raise NotImplementedError
+
+    def _complete(self, call: StepCall) -> Decision:
+        """The phase finishing ``call`` after the :class:`~graphpass.techniques.Probe` :meth:`_decide` asked
+        for ran."""
+        raise NotImplementedError
+
+    def _finish(self, call: StepCall, phase: Phase) -> None:
+        """After ``call`` ran ``phase`` and its cache outputs were stored (nothing more by default)."""
 
     def _make_plan(self, timesteps: list[float], positions: list[float]) -> Plan:
         """The plan over ``timesteps`` (``positions``: what the schedule's windows read at each step)."""
@@ -238,15 +248,32 @@ class RuntimeCore(ModelFacade):
                 f"batch them in one call); to start a new generation at the same timestep call opt.reset()",
                 stacklevel=3)
         st.shapes = shapes
-        decision = self._decide(StepCall(counter=st.counter, timestep=t, context=self._context, shapes=shapes,
-                                         cache=st.cache, plan=self._plan, off_plan=st.off_plan,
-                                         position=lambda: self._position(st, t)))
+        call = StepCall(counter=st.counter, timestep=t, context=self._context, shapes=shapes, cache=st.cache,
+                        plan=self._plan, off_plan=st.off_plan, position=lambda: self._position(st, t),
+                        info=dict(self._context_info))
+        decision = self._decide(call)
+        if isinstance(decision, Probe):  # the decision reads part of this call: run it, then ask again
+            self._run(decision.phase, flat, st)
+            decision = self._complete(call)
         if not decision.on_plan:
             st.off_plan = decision.left_plan
             if decision.left_plan and "plan" not in st.warned:
                 st.warned.add("plan")
                 self._warn_left_plan(st, t)
         phase = decision.phase
+        outs = self._run(phase, flat, st)
+        self._free(st, phase, decision)
+        if decision.on_plan and st.counter + 1 >= len(self._plan):
+            st.hoisted.clear()  # the plan's last step: no later call of this generation reads them
+        self._finish(call, phase)
+        st.trace.append((t, phase))
+        st.counter += 1
+        st.last_t = t
+        return self.signature.unflatten_outputs(outs)
+
+    def _run(self, phase: Phase, flat: list, st: GenerationState) -> list:
+        """Run ``phase``'s runner on the call's inputs and the cached tensors it reads; store its cache
+        outputs; return its model outputs (none for a probe)."""
         program = self.phase_graph(phase)
         runner = self._runners.get(phase)
         if runner is None:
@@ -258,14 +285,8 @@ class RuntimeCore(ModelFacade):
         n = program.num_user_outputs
         for key, value in zip(program.cache_outputs, outs[n:]):
             st.cache.put(key, value)
-        self._free(st, phase, decision)
-        if decision.on_plan and st.counter + 1 >= len(self._plan):
-            st.hoisted.clear()  # the plan's last step: no later call of this generation reads them
-        st.trace.append((t, phase))
-        st.counter += 1
-        st.last_t = t
         self.phase_calls[phase] = self.phase_calls.get(phase, 0) + 1
-        return self.signature.unflatten_outputs(outs[:n])
+        return list(outs[:n])
 
     def _free(self, st: GenerationState, phase: Phase, decision: Decision) -> None:
         """Free what no later step reads (:func:`~graphpass.runtime.cache.frees`); on the plan the next step's
@@ -386,8 +407,14 @@ class OptimizedModel(RuntimeCore):
             self._phase_graphs[phase] = self.technique.specialize(self.captured, self.target, phase)
         return self._phase_graphs[phase]
 
-    def _decide(self, call: StepCall) -> Decision:
+    def _decide(self, call: StepCall) -> Decision | Probe:
         return self.policy.decide(call)
+
+    def _complete(self, call: StepCall) -> Decision:
+        return self.policy.complete(call)
+
+    def _finish(self, call: StepCall, phase: Phase) -> None:
+        self.policy.finish(call, phase)
 
     def _make_plan(self, timesteps: list[float], positions: list[float]) -> Plan:
         return self.policy.plan(timesteps, positions)

@@ -61,6 +61,8 @@ class CacheView(Protocol):
 
     def drop(self, key: str) -> None: ...
 
+    def keys(self) -> list[str]: ...
+
     def __contains__(self, key: str) -> bool: ...
 
 
@@ -77,6 +79,8 @@ class StepCall:
     off_plan: an earlier call of this generation left the plan.
     position: what a schedule's windows read for this call (its timestep, or its place in the trajectory for
         schedules that need it); a function, since only a call off the plan needs it and it may raise.
+    info: what the pipeline said of the loop in ``opt.cache_context(name, **info)`` (``num_inference_steps``,
+        ``step_index``...); empty otherwise.
     """
 
     counter: int
@@ -87,6 +91,7 @@ class StepCall:
     plan: Plan | None
     off_plan: bool
     position: Callable[[], float]
+    info: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -101,6 +106,22 @@ class Decision:
     phase: Phase
     on_plan: bool = False
     left_plan: bool = False
+
+
+@dataclass(frozen=True)
+class Probe:
+    """A policy's answer that needs part of the call run first: a decision taken from the current call.
+
+    phase: the phase graph that runs first (e.g. the embeddings and the first block); it returns no model
+        output, only cache outputs, which the runtime stores in the call's cache. The runtime then asks the
+        policy's :meth:`StepPolicy.complete` for the :class:`Decision` whose phase finishes the call, reading
+        what the probe left (First Block Cache: one host read of the first block's change).
+
+    >>> policy.decide(call)                 # e.g. Probe(phase=StepCachePhase(..., part='probe'))
+    >>> policy.complete(call).phase.label() # after the probe ran: 'reuse 1, head kept, rest'
+    """
+
+    phase: Phase
 
 
 class StepPolicy(ABC):
@@ -125,8 +146,18 @@ class StepPolicy(ABC):
         return plan.distinct()
 
     @abstractmethod
-    def decide(self, call: StepCall) -> Decision:
-        """The phase of ``call``."""
+    def decide(self, call: StepCall) -> Decision | Probe:
+        """The phase of ``call``, or a :class:`Probe` to run first when the decision reads the call itself."""
+
+    def complete(self, call: StepCall) -> Decision:
+        """The phase finishing ``call`` after the :class:`Probe` that :meth:`decide` returned ran (its cache
+        outputs are in ``call.cache``). Policies that never probe keep this default."""
+        raise ScheduleError(f"{type(self).__name__}.decide returned a Probe but the policy does not define "
+                            f"complete(call), which picks the phase finishing the call from the probe's outputs")
+
+    def finish(self, call: StepCall, phase: Phase) -> None:
+        """After ``call`` ran ``phase`` and its cache outputs were stored: keep what the next call compares
+        with, drop what only this call needed (a probe's hand-over values). Default: nothing to do."""
 
     def records(self, context: str) -> list[Any]:
         """What the policy measured and decided in ``context``'s generation (empty for static policies)."""

@@ -12,7 +12,7 @@ There is no warm-up, no forced last step and no skip limit (diffusers' semantics
 
 In graphpass a decided call runs a *probe* graph (embeddings, the first block and ``d``), reads ``d`` once
 on the host, then the rest of the call (the other blocks, or one add per stream); see
-:mod:`graphpass.runtime.stepcache`. Batched classifier-free guidance decides once for the batch (as the
+:mod:`graphpass.techniques.stepcache`. Batched classifier-free guidance decides once for the batch (as the
 hook does); separate cond/uncond calls decide in their own ``opt.cache_context``.
 
 >>> FirstBlockCache.preset("paraattention").threshold
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from ..errors import ScheduleError
-from ..runtime.stepcache import FrozenStepCache, StepCacheSchedule, StepPolicy
+from .stepcache import FrozenStepCache, ProbePolicy, StepCacheSchedule, StepRule, adaptive_refusal, step_cache_technique
 from ..schedules.base import RegionRef, schedule_from_json  # noqa: F401 (doctest)
 
 #: Published thresholds: diffusers' default, and ParaAttention's FLUX/HunyuanVideo setting (about 2x there).
@@ -73,8 +73,8 @@ class FirstBlockCache(StepCacheSchedule):
     def probe(self) -> str:
         return "head"
 
-    def policy(self, num_steps: int | None) -> "FirstBlockCachePolicy":
-        return FirstBlockCachePolicy(self.threshold)
+    def rule(self, num_steps: int | None) -> "FirstBlockCacheRule":
+        return FirstBlockCacheRule(self.threshold)
 
     def freeze(self, decisions) -> "FrozenFirstBlockCache":
         """A static schedule replaying ``decisions`` (``"CCRC..."``), e.g. ``opt.decisions()``."""
@@ -101,11 +101,11 @@ class FirstBlockCache(StepCacheSchedule):
         return f"FirstBlockCache(threshold={self.threshold:g})"
 
 
-class FirstBlockCachePolicy(StepPolicy):
+class FirstBlockCacheRule(StepRule):
     """The rule of one context: reuse iff ``d <= threshold`` (the call computes when no reference exists,
     which the runtime knows: the policy forces nothing).
 
-    >>> p = FirstBlockCachePolicy(0.05)
+    >>> p = FirstBlockCacheRule(0.05)
     >>> p.decide(1, 0.04), p.decide(2, 0.06)
     (True, False)
     """
@@ -136,3 +136,8 @@ class FrozenFirstBlockCache(FrozenStepCache):
 
     type_name: ClassVar[str] = "FirstBlockCacheFrozen"
     keep_head: ClassVar[bool] = True
+
+
+FIRST_BLOCK_CACHE = step_cache_technique("FirstBlockCache", FirstBlockCache, ProbePolicy,
+                                         refusal=adaptive_refusal("FirstBlockCache"))
+FROZEN_FIRST_BLOCK_CACHE = step_cache_technique("FrozenFirstBlockCache", FrozenFirstBlockCache)

@@ -16,7 +16,7 @@ accumulators are float32, as diffusers' tensors are. A table of another length i
 
 In graphpass the decisions are known before sampling: the plan is static (no host read at all, like PAB)
 and the same plan exports to ONNX. Calibration computes every call and measures the ratio inside the graph;
-the ratios are read once, at the end (``opt.calibration()``).
+the ratios are read once, at the end (``opt.records()``).
 
 >>> m = MagCache(mag_ratios=[1.0, 1.0, 0.99, 0.97, 0.9, 0.8], num_inference_steps=6, retention_ratio=0.2)
 >>> m.decisions   # call 0 retained; 1-3 reuse (err 0, 0.01, 0.05); 4 would be a 4th reuse in a row (K=3)
@@ -34,7 +34,9 @@ import numpy as np
 import torch
 
 from ..errors import ScheduleError
-from ..runtime.stepcache import FrozenStepCache, StepCacheSchedule
+from ..passes.capture import CapturedGraph
+from .base import StaticPlan, StepPolicy
+from .stepcache import CalibrationPolicy, FrozenStepCache, StepCacheSchedule, StepCacheTarget, step_cache_technique
 from ..schedules.base import RegionRef, schedule_from_json  # noqa: F401 (doctest)
 from .first_block_cache import check_threshold
 
@@ -117,11 +119,11 @@ class MagCache(StepCacheSchedule):
             (default 28).
         mag_ratios: the model's magnitude ratios, one per call starting with 1.0 (see :data:`PRESETS`, or
             calibrate); required unless ``calibrate``.
-        calibrate: compute every call and measure the ratios (``opt.calibration()`` after a generation).
+        calibrate: compute every call and measure the ratios (``opt.records()`` after a generation).
 
     Example:
         >>> cal = graphpass.optimize(model, MagCache(calibrate=True, num_inference_steps=20), example_kwargs=kw)
-        >>> sample(cal); ratios = cal.calibration()
+        >>> sample(cal); ratios = cal.records()
         >>> opt = graphpass.optimize(model, MagCache(mag_ratios=ratios, num_inference_steps=20), example_kwargs=kw)
     """
 
@@ -153,7 +155,7 @@ class MagCache(StepCacheSchedule):
             if not self.calibrate:
                 raise ScheduleError("MagCache needs mag_ratios (the model's magnitude ratios): use a preset "
                                     f"(MagCache.preset(...): {', '.join(PRESETS)}), or calibrate once with "
-                                    "MagCache(calibrate=True, num_inference_steps=N) and pass opt.calibration()")
+                                    "MagCache(calibrate=True, num_inference_steps=N) and pass opt.records()")
             self.decisions = "C" * self.num_inference_steps
             return
         ratios = self.mag_ratios.tolist() if isinstance(self.mag_ratios, torch.Tensor) else self.mag_ratios
@@ -161,7 +163,7 @@ class MagCache(StepCacheSchedule):
             ratios = [float(g) for g in ratios]
         except (TypeError, ValueError):
             raise ScheduleError(f"MagCache mag_ratios={self.mag_ratios!r}: give a list of numbers, one per "
-                                f"call, e.g. opt.calibration() of a calibrating run") from None
+                                f"call, e.g. opt.records() of a calibrating run") from None
         if not ratios or any(not math.isfinite(g) or g <= 0 for g in ratios):
             raise ScheduleError(f"MagCache mag_ratios must be finite ratios > 0, one per call (got {ratios[:4]}...)")
         self.mag_ratios = ratios
@@ -236,3 +238,13 @@ class FrozenMagCache(FrozenStepCache):
 
     type_name: ClassVar[str] = "MagCacheFrozen"
     first_stream: ClassVar[bool] = True
+
+
+def magcache_policy(schedule: MagCache, target: StepCacheTarget, captured: CapturedGraph) -> StepPolicy:
+    """A calibrating MagCache measures every call (:class:`~graphpass.techniques.stepcache.CalibrationPolicy`);
+    otherwise its table is a static plan (no host read; it exports)."""
+    return CalibrationPolicy(schedule, target, captured) if schedule.calibrate else StaticPlan(schedule, target)
+
+
+MAGCACHE = step_cache_technique("MagCache", MagCache, magcache_policy)
+FROZEN_MAGCACHE = step_cache_technique("FrozenMagCache", FrozenMagCache)

@@ -13,7 +13,7 @@ is evaluated in float64 on the host and is not clamped (some fits go negative). 
 the whole chain of blocks, kept from the last computed call (``h_out = h_in + R``).
 
 In graphpass a decided call runs a probe graph (embeddings and the first block's modulation, returning the
-distance), reads it once on the host, then the rest of the call; see :mod:`graphpass.runtime.stepcache`.
+distance), reads it once on the host, then the rest of the call; see :mod:`graphpass.techniques.stepcache`.
 
 >>> t = TeaCache.preset("cogvideox-5b")
 >>> round(t.rescale(0.1), 6)
@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Sequence
 
 from ..errors import ScheduleError
-from ..runtime.stepcache import StepCacheSchedule, StepPolicy
+from .stepcache import ProbePolicy, StepCacheSchedule, StepRule, adaptive_refusal, step_cache_technique
 from ..schedules.adacache import FrozenAdaCache
 from ..schedules.base import schedule_from_json  # noqa: F401 (doctest)
 from .first_block_cache import check_threshold
@@ -125,8 +125,8 @@ class TeaCache(StepCacheSchedule):
         """The fitted polynomial at a relative L1 distance."""
         return polyval(self.coefficients, distance)
 
-    def policy(self, num_steps: int | None) -> "TeaCachePolicy":
-        return TeaCachePolicy(self, num_steps or self.num_inference_steps)
+    def rule(self, num_steps: int | None) -> "TeaCacheRule":
+        return TeaCacheRule(self, num_steps or self.num_inference_steps)
 
     def freeze(self, decisions: str) -> FrozenAdaCache:
         """The decisions as a :class:`~graphpass.FrozenAdaCache` (the same graphs: a reuse adds the chain's
@@ -159,10 +159,10 @@ class TeaCache(StepCacheSchedule):
         return f"TeaCache(threshold={self.threshold:g}, degree {len(self.coefficients) - 1})"
 
 
-class TeaCachePolicy(StepPolicy):
+class TeaCacheRule(StepRule):
     """The rule of one context (see the module docstring).
 
-    >>> p = TeaCachePolicy(TeaCache(threshold=0.3), num_steps=5)
+    >>> p = TeaCacheRule(TeaCache(threshold=0.3), num_steps=5)
     >>> p.forced(0), p.decide(1, 0.1), p.decide(2, 0.15), p.decide(3, 0.1), p.forced(4)
     (True, True, True, False, True)
     """
@@ -185,3 +185,6 @@ class TeaCachePolicy(StepPolicy):
             return True
         self.acc = 0.0
         return False
+
+
+TEACACHE = step_cache_technique("TeaCache", TeaCache, ProbePolicy, refusal=adaptive_refusal("TeaCache"))

@@ -20,7 +20,7 @@ import torch
 from conftest import make_case
 from graphpass.passes.capture import capture
 from graphpass.passes.tag import tag_attention
-from graphpass.runtime.stepcache import StepCacheModel
+from graphpass.runtime.executor import OptimizedModel
 
 torch.set_num_threads(1)
 
@@ -204,8 +204,8 @@ def captured(name: str, batch: int):
     return model, kw, cap, tag_attention(cap)
 
 
-def compiled(name: str, schedule, cfg: str = "batched") -> StepCacheModel:
+def compiled(name: str, schedule, cfg: str = "batched") -> OptimizedModel:
     """What ``graphpass.optimize(model, schedule, example_kwargs=...)`` returns, on the shared capture for
     the calls of ``denoise(..., cfg=cfg)`` (batch 2 for batched guidance, 1 for separate calls)."""
     model, _, cap, regions = captured(name, 2 if cfg == "batched" else 1)
-    return StepCacheModel(model, cap, regions, schedule)
+    return OptimizedModel(model, cap, regions, schedule)

@@ -61,7 +61,7 @@ def test_magcache_calibration_and_generation_equal_diffusers_hook(name):
     expected_ratios = _diffusers_calibration(model, kw)
     cal = compiled(name, MagCache(calibrate=True, num_inference_steps=N))
     denoise(cal, kw, cfg="batched")
-    ratios = cal.calibration("cond_uncond")
+    ratios = cal.records("cond_uncond")
     assert len(ratios) == len(expected_ratios) == N
     assert ratios == pytest.approx(expected_ratios, rel=1e-5)
     assert cal.decisions("cond_uncond") == "C" * N and cal.metric_reads == 0

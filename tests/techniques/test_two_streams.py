@@ -15,7 +15,7 @@ from diffusers.hooks import FirstBlockCacheConfig, MagCacheConfig, apply_first_b
 
 from graphpass.passes.capture import capture
 from graphpass.passes.tag import tag_attention
-from graphpass.runtime.stepcache import StepCacheModel
+from graphpass.runtime.executor import OptimizedModel
 from graphpass.techniques.first_block_cache import FirstBlockCache
 from graphpass.techniques.magcache import FLUX_MAG_RATIOS, MagCache
 from technique_helpers import TIMESTEPS, rel_err
@@ -57,13 +57,13 @@ def _loop(model, kw, leader=None, context="cond_uncond"):
 
 def _maybe_context(model, name):
     """graphpass's cache context; the plain module has none (the loop sets the hook's context itself)."""
-    return model.cache_context(name) if isinstance(model, StepCacheModel) else contextlib.nullcontext()
+    return model.cache_context(name) if isinstance(model, OptimizedModel) else contextlib.nullcontext()
 
 
 def _check(schedule, apply, config, leader):
     model, kw = TextReadingDiT(), _two_stream_kwargs()
     cap = capture(model, kw)
-    opt = StepCacheModel(model, cap, tag_attention(cap), schedule)
+    opt = OptimizedModel(model, cap, tag_attention(cap), schedule)
     assert len(opt.span.streams) == 2  # video and text tokens leave the chain
     hooked = copy.deepcopy(model)
     apply(hooked, config)
