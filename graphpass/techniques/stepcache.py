@@ -192,10 +192,12 @@ def step_cache_target(captured: CapturedGraph, regions: list[Region], schedule: 
 
 def specialize_step(captured: CapturedGraph, target: StepCacheTarget, phase: Phase) -> PhaseGraph:
     """One phase graph of a step cache: a plain phase of a static plan gets the target's ``keep_head`` and
-    ``first_stream``; a :class:`~graphpass.passes.residuals.StepCachePhase` says them itself."""
-    if not isinstance(phase, StepCachePhase):
-        phase = StepCachePhase(phase.actions, keep_head=target.keep_head, first_stream=target.first_stream)
-    return specialize_step_phase(captured, target.span, phase, target.site)
+    ``first_stream``; a :class:`~graphpass.passes.residuals.StepCachePhase` says them itself. The graph
+    keeps the phase it was asked for (the runtime and hoisting find graphs by it)."""
+    if isinstance(phase, StepCachePhase):
+        return specialize_step_phase(captured, target.span, phase, target.site)
+    full = StepCachePhase(phase.actions, keep_head=target.keep_head, first_stream=target.first_stream)
+    return dataclasses.replace(specialize_step_phase(captured, target.span, full, target.site), phase=phase)
 
 
 def step_phase(target: StepCacheTarget, probe: str, action: Action, part: str = "whole",
