@@ -255,7 +255,7 @@ def specialize_taylor_phase(captured: CapturedGraph, modules: Sequence[TaylorMod
             if m.inactive:
                 with graph.inserting_before(node):
                     new = graph.call_function(aten.zeros.default, (list(spec.shape),),
-                                              {"dtype": spec.dtype, "device": node.meta["val"].device})
+                                              {"dtype": spec.dtype, "device": _device(captured)})
                 new.meta["val"] = node.meta["val"]
             else:
                 fs = []
@@ -285,6 +285,13 @@ def specialize_taylor_phase(captured: CapturedGraph, modules: Sequence[TaylorMod
     gm = fx.GraphModule(captured.gm, graph, class_name="TaylorPhaseGraph")
     return PhaseGraph(phase=phase, gm=gm, cache_inputs=cache_inputs, cache_outputs=[k for k, _ in stored],
                       num_user_outputs=n_user, flops=graph_flops(gm))
+
+
+def _device(captured: CapturedGraph) -> torch.device:
+    """Where the model's weights live (the capture's value metadata may sit on the meta device)."""
+    for t in (*captured.gm.parameters(), *captured.gm.buffers()):
+        return t.device
+    return torch.device("cpu")
 
 
 def _difference(now, prev, gap):
