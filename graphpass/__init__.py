@@ -18,6 +18,7 @@ Public API::
 * whole-chain step caches: :class:`FirstBlockCache`, :class:`MagCache` (``MagCache.preset("hunyuanvideo-720p")``),
   :class:`TeaCache` (``TeaCache.preset("hunyuanvideo")``); frozen forms :class:`FrozenFirstBlockCache`,
   :class:`FrozenMagCache` (TeaCache freezes to :class:`FrozenAdaCache`)
+* techniques: :class:`TaylorSeer` (diffusers' TaylorSeerCacheConfig, compiled), :class:`EasyCache` and :class:`FrozenEasyCache`
 * sequence parallelism: ``optimize(..., parallel=SequenceParallel())`` splits frames over torch.distributed ranks (DSP)
 * deployment: :func:`export` (per-phase ONNX files or TensorRT engines + manifest) and :func:`load`
 * errors: :class:`GraphpassError` and subclasses in :mod:`graphpass.errors`
@@ -34,12 +35,15 @@ from .schedules.adacache import AdaCache, FrozenAdaCache, MoReg
 from .techniques.first_block_cache import FirstBlockCache, FrozenFirstBlockCache
 from .techniques.magcache import FrozenMagCache, MagCache
 from .techniques.teacache import TeaCache
+from .techniques.easycache import EasyCache, FrozenEasyCache
+from .techniques.taylorseer import TaylorSeer
 from .version import __version__
 
 __all__ = [
     "optimize", "optimize_pipeline", "OptimizedModel", "CacheStore",
     "PAB", "AdaCache", "MoReg", "FrozenAdaCache", "FirstBlockCache", "FrozenFirstBlockCache",
-    "MagCache", "FrozenMagCache", "TeaCache", "Schedule", "Phase", "Plan", "Action", "schedule_from_json",
+    "MagCache", "FrozenMagCache", "TeaCache", "TaylorSeer", "EasyCache",
+    "FrozenEasyCache", "Schedule", "Phase", "Plan", "Action", "schedule_from_json",
     "SequenceParallel", "export", "load",
     "GraphpassError", "CaptureError", "TaggingError", "ScheduleError", "InputError", "ArtefactError", "ParallelError",
     "__version__",

@@ -34,7 +34,6 @@ graphpass.errors.ScheduleError: TaylorSeer cache_interval=0 must be an integer >
 """
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Sequence
