@@ -12,10 +12,18 @@ video of the same seed (:mod:`graphpass.eval.metrics`), and for the VDT physics 
   ``searched-<file stem>`` each).
 * ``adacache-slow``, ``adacache-fast``, ``adacache-fast-moreg``: AdaCache with the published 30-step codebooks
   (and MoReg), when :mod:`graphpass.schedules.adacache` is present.
-* ``diffusers-pab``, ``diffusers-fbc``: diffusers' own cache hooks (``transformer.enable_cache``) with
-  Pyramid Attention Broadcast (same ranges and window as the model's preset) and First Block Cache
-  (threshold 0.05), for diffusers models. A method that does not apply to the model gets a row with its
-  ``status`` saying why.
+* ``taylorseer``, ``taylorseer-order2``: :class:`~graphpass.TaylorSeer` on the tagged attention regions (the
+  "regions" preset: diffusers' defaults, interval 5 from call 3, first order; and second order);
+  ``easycache``, ``easycache-0.1``, ``easycache-0.2``: :class:`~graphpass.EasyCache` at Wan2.1's threshold
+  0.05 and a sweep, its 10 forced steps of 50 scaled to the run's length (:func:`technique_variants`).
+* ``diffusers-pab``, ``diffusers-fbc``, ``diffusers-magcache``, ``diffusers-taylorseer``,
+  ``diffusers-fastercache``: diffusers' own cache hooks (``transformer.enable_cache``) for diffusers models:
+  Pyramid Attention Broadcast (same ranges and window as the model's preset), First Block Cache (threshold
+  0.05), MagCache (diffusers' defaults: threshold 0.06, 3 skips, retention 0.2; magnitude ratios from
+  diffusers' own calibration run of seed 0, :func:`~graphpass.eval.coefficients.diffusers_mag_ratios`),
+  TaylorSeer (the config of the ``taylorseer`` row, naming the same modules: equal outputs, so the rows
+  compare speed alone) and FasterCache (diffusers' documented CogVideoX example settings). A method that does
+  not apply to the model gets a row with its ``status`` saying why.
 
 Figures per method: seconds per video (fastest seed; wall time and process CPU time, the steadier figure on a
 shared machine), speedup over the baseline, ideal FLOP speedup (FLOPs
@@ -41,7 +49,10 @@ import torch
 
 from ..errors import InputError
 from ..schedules.adacache import AdaCache, MoReg
+from ..schedules.base import Schedule
 from ..schedules.pab import PAB
+from ..techniques.easycache import EasyCache
+from ..techniques.taylorseer import TaylorSeer
 from .harness import Baseline, ComputeAll, Measurement, Workload, save_figure
 
 #: The published PAB preset that fits each model family (VDT blocks are spatial -> temporal -> cross -> MLP
@@ -66,6 +77,26 @@ def _adacache_variants(num_steps: int) -> dict[str, Any]:
             "adacache-fast-moreg": AdaCache.preset("fast", moreg=MoReg.for_steps(num_steps))}
 
 
+#: diffusers' cache hooks with a bench row (``diffusers-<kind>``).
+DIFFUSERS_HOOKS = ("pab", "fbc", "magcache", "taylorseer", "fastercache")
+
+
+def technique_variants(num_steps: int) -> dict[str, Schedule]:
+    """The rows of the techniques at their presets and a threshold sweep. EasyCache's warm-up is Wan2.1's 10
+    forced steps of 50, scaled to ``num_steps``.
+
+    >>> sorted(technique_variants(30))
+    ['easycache', 'easycache-0.1', 'easycache-0.2', 'taylorseer', 'taylorseer-order2']
+    >>> technique_variants(30)["easycache"].warmup_steps
+    6
+    """
+    warm = max(2, round(num_steps * 10 / 50))
+    return {"taylorseer": TaylorSeer.preset("regions"), "taylorseer-order2": TaylorSeer.preset("regions", max_order=2),
+            "easycache": EasyCache.preset("wan2.1", warmup_steps=warm),
+            "easycache-0.1": EasyCache.preset("wan2.1", threshold=0.1, warmup_steps=warm),
+            "easycache-0.2": EasyCache.preset("wan2.1", threshold=0.2, warmup_steps=warm)}
+
+
 def searched_methods(schedule_paths: str | Path | Sequence[str | Path] | None) -> dict[str, Path]:
     """Method name per searched schedule file: ``searched`` for one file, ``searched-<file stem>`` for several."""
     if schedule_paths is None:
@@ -82,16 +113,32 @@ def available_methods(workload: Workload,
     names = ["baseline", "graphpass-noreuse", *PAB_PRESETS, f"pab-{model_preset(workload)}"]
     names += list(searched_methods(schedule_paths))
     names += list(_adacache_variants(workload.num_steps))
+    names += list(technique_variants(workload.num_steps))
     if workload.family == "diffusers":
-        names += ["diffusers-pab", "diffusers-fbc"]
+        names += [f"diffusers-{k}" for k in DIFFUSERS_HOOKS]
     return list(dict.fromkeys(names))
 
 
 def _diffusers_config(kind: str, workload: Workload, adapter_ref: dict):
-    from diffusers import FirstBlockCacheConfig, PyramidAttentionBroadcastConfig
+    from diffusers import (FasterCacheConfig, FirstBlockCacheConfig, MagCacheConfig,
+                           PyramidAttentionBroadcastConfig)
 
+    from .coefficients import diffusers_mag_ratios
+
+    if kind not in DIFFUSERS_HOOKS:
+        raise _NotApplicable(f"n/a: no diffusers hook {kind!r}; known: {', '.join(DIFFUSERS_HOOKS)}")
     if kind == "fbc":
         return FirstBlockCacheConfig(threshold=0.05)
+    if kind == "magcache":
+        return MagCacheConfig(num_inference_steps=workload.num_steps, mag_ratios=diffusers_mag_ratios(workload))
+    if kind == "taylorseer":
+        return technique_variants(workload.num_steps)["taylorseer"].to_diffusers(workload.regions)
+    if kind == "fastercache":  # diffusers' documented example (CogVideoX)
+        return FasterCacheConfig(spatial_attention_block_skip_range=2, spatial_attention_timestep_skip_range=(-1, 681),
+                                 current_timestep_callback=lambda: adapter_ref["adapter"].current_timestep,
+                                 attention_weight_callback=lambda _: 0.3, unconditional_batch_skip_range=5,
+                                 unconditional_batch_timestep_skip_range=(-1, 781),
+                                 tensor_format=workload._layout)
     p = PAB.preset(model_preset(workload))
     win = lambda k: tuple(int(v) for v in p.window_of(k))  # noqa: E731
     kw = {}
@@ -192,12 +239,14 @@ def bench(workload: Workload, seeds: Sequence[int] = (0, 1), methods: Sequence[s
     seeds = [int(s) for s in seeds]
     known = available_methods(workload, schedule_path)
     methods = list(methods) if methods else known
-    unknown = [m for m in methods if m not in known and not m.startswith(("adacache", "diffusers-"))]
+    unknown = [m for m in methods if m not in known and not m.startswith(("adacache", "diffusers-"))
+               and m not in technique_variants(workload.num_steps)]
     if unknown:
         raise InputError(f"unknown bench method(s) {unknown} for {workload.name}; available: {', '.join(known)}"
                          + ("" if schedule_path else " (give a searched schedule file for 'searched')"))
     baseline = workload.baseline(seeds, progress=progress)
     ada = _adacache_variants(workload.num_steps)
+    techs = technique_variants(workload.num_steps)
     searched = searched_methods(schedule_path)
     result = BenchResult(workload.name, seeds, workload.num_steps, torch.get_num_threads())
     for method in tqdm(methods, desc=f"{workload.name} bench", disable=not progress):
@@ -222,6 +271,8 @@ def bench(workload: Workload, seeds: Sequence[int] = (0, 1), methods: Sequence[s
                 if method not in ada:
                     raise _NotApplicable("n/a: graphpass.schedules.adacache is not available")
                 sched = ada[method]
+            elif method in techs:
+                sched = techs[method]
             elif method == "graphpass-noreuse":
                 sched = ComputeAll()
             elif method in searched:
@@ -268,6 +319,12 @@ class _NotApplicable(Exception):
 def _diffusers_schedule(kind: str, workload: Workload) -> str:
     if kind == "fbc":
         return "FirstBlockCacheConfig(threshold=0.05)"
+    if kind == "magcache":
+        return "MagCacheConfig(threshold=0.06, max_skip_steps=3, retention_ratio=0.2; ratios calibrated on seed 0)"
+    if kind == "taylorseer":
+        return f"TaylorSeerCacheConfig as {technique_variants(workload.num_steps)['taylorseer']}"
+    if kind == "fastercache":
+        return "FasterCacheConfig(spatial range 2 in (-1, 681), uncond range 5 in (-1, 781), weight 0.3)"
     return f"PyramidAttentionBroadcastConfig as {PAB.preset(model_preset(workload))}"
 
 
@@ -320,4 +377,4 @@ def plot_bench(result: BenchResult, path: str | Path, speed: str = "wall") -> Pa
 
 
 __all__ = ["bench", "BenchResult", "available_methods", "searched_methods", "model_preset", "plot_bench",
-           "pareto_front", "MODEL_PRESETS"]
+           "pareto_front", "technique_variants", "MODEL_PRESETS", "DIFFUSERS_HOOKS"]

@@ -46,7 +46,7 @@ from ..passes.specialize import PhaseGraph
 from ..passes.tag import Region
 from ..passes.taylor import GAP_KEY, TaylorModule, TaylorPhase, specialize_taylor_phase, taylor_modules
 from ..runtime.executor import GenerationState, OptimizedModel
-from ..schedules.base import Phase, Plan, RegionRef, Schedule, schedule_from_json  # noqa: F401 (doctest)
+from ..schedules.base import KINDS, Phase, Plan, RegionRef, Schedule, schedule_from_json  # noqa: F401 (doctest)
 
 #: diffusers' default identifiers (``taylorseer_cache.py``): attention modules of the block lists.
 DEFAULT_CACHE_IDENTIFIERS = ("^blocks.*attn", "^transformer_blocks.*attn", "^single_transformer_blocks.*attn",
@@ -62,11 +62,13 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 
 #: Published settings. "diffusers": the defaults of diffusers' TaylorSeerCacheConfig (the paper's N=5
 #: interval, first order). "attention": the same on attention modules named attn1/attn2 (which diffusers'
-#: default patterns miss). "lite": diffusers' lite mode. "flux": interval 6, first order, warm-up 3 as in the
+#: default patterns miss). "regions": the same on the attention regions graphpass tags from the graph's
+#: structure, whatever the modules are named (VDT's spatial_attn...). "lite": diffusers' lite mode. "flux": interval 6, first order, warm-up 3 as in the
 #: official FLUX code (whose first refresh is at step 8; under diffusers' rule it is step 4).
 PRESETS: dict[str, dict[str, Any]] = {
     "diffusers": {},
     "attention": {"cache_identifiers": list(ATTENTION_IDENTIFIERS)},
+    "regions": {"cache_kinds": ["spatial", "temporal", "cross", "joint"]},
     "lite": {"use_lite_mode": True},
     "flux": {"cache_interval": 6, "disable_cache_before_step": 3, "max_order": 1},
 }
@@ -115,6 +117,9 @@ class TaylorSeer(Schedule):
             predicted too, so they need not run); a module matching both lists is skipped.
         use_lite_mode: diffusers' lite variant: extrapolate ``proj_out`` and zero every block (overrides the
             identifiers).
+        cache_kinds: graphpass's addition: extrapolate the attention regions tagged with these kinds
+            (``"spatial"``, ``"temporal"``, ``"cross"``, ``"joint"``, ``"mlp"``...), found from the graph's
+            structure, in place of ``cache_identifiers``; :meth:`to_diffusers` names their modules.
 
     Example:
         >>> opt = graphpass.optimize(model, TaylorSeer.preset("attention"), example_kwargs=kw)
@@ -131,6 +136,7 @@ class TaylorSeer(Schedule):
     cache_identifiers: list[str] | None = None
     skip_predict_identifiers: list[str] | None = None
     use_lite_mode: bool = False
+    cache_kinds: list[str] | None = None
 
     def __post_init__(self):
         for name, lo in (("cache_interval", 1), ("disable_cache_before_step", 1), ("max_order", 0)):
@@ -144,6 +150,13 @@ class TaylorSeer(Schedule):
         self.taylor_factors_dtype = _dtype_name(self.taylor_factors_dtype)
         self.cache_identifiers = _patterns("cache_identifiers", self.cache_identifiers)
         self.skip_predict_identifiers = _patterns("skip_predict_identifiers", self.skip_predict_identifiers)
+        if self.cache_kinds is not None:
+            bad = [k for k in self.cache_kinds] if isinstance(self.cache_kinds, str) else [
+                k for k in self.cache_kinds if k not in KINDS]
+            if bad or not self.cache_kinds:
+                raise ScheduleError(f"TaylorSeer cache_kinds={self.cache_kinds!r}: give a list of region kinds from "
+                                    f"{', '.join(KINDS)}, e.g. ['spatial', 'temporal', 'cross']")
+            self.cache_kinds = list(self.cache_kinds)
         if not isinstance(self.use_lite_mode, bool):
             raise ScheduleError(f"TaylorSeer use_lite_mode={self.use_lite_mode!r} must be True or False")
 
@@ -163,11 +176,24 @@ class TaylorSeer(Schedule):
     def kinds(self) -> set[str]:
         return set()  # acts on modules picked by name, whatever their kind
 
-    def patterns(self) -> tuple[list[str], list[str]]:
-        """(patterns of extrapolated modules, patterns of zeroed modules), resolved as diffusers does."""
+    def patterns(self, regions: Sequence[RegionRef] = ()) -> tuple[list[str], list[str]]:
+        """(patterns of extrapolated modules, patterns of zeroed modules), resolved as diffusers does;
+        ``cache_kinds`` picks the paths of the tagged ``regions`` of those kinds.
+
+        >>> TaylorSeer(cache_kinds=["temporal"]).patterns([Region("blocks.0.temporal_attn", "", "temporal", [],
+        ...                                                      [], [], 0, "")])
+        (['blocks\\.0\\.temporal_attn'], [])
+        """
         if self.use_lite_mode:
             return list(LITE_CACHE_IDENTIFIERS), list(LITE_SKIP_IDENTIFIERS)
-        return list(self.cache_identifiers or DEFAULT_CACHE_IDENTIFIERS), list(self.skip_predict_identifiers or [])
+        skip = list(self.skip_predict_identifiers or [])
+        if self.cache_kinds is not None:
+            picked = [re.escape(r.path) for r in regions if r.kind in self.cache_kinds]
+            if not picked:
+                raise ScheduleError(f"TaylorSeer cache_kinds={self.cache_kinds} but the model has no region of those "
+                                    f"kinds (it has: {', '.join(sorted({r.kind for r in regions})) or 'none'})")
+            return picked, skip
+        return list(self.cache_identifiers or DEFAULT_CACHE_IDENTIFIERS), skip
 
     @property
     def factors_dtype(self) -> torch.dtype | None:
@@ -193,20 +219,22 @@ class TaylorSeer(Schedule):
                    taylor_factors_dtype=config.taylor_factors_dtype, cache_identifiers=config.cache_identifiers,
                    skip_predict_identifiers=config.skip_predict_identifiers, use_lite_mode=config.use_lite_mode)
 
-    def to_diffusers(self):
-        """The equivalent diffusers ``TaylorSeerCacheConfig`` (for ``transformer.enable_cache``)."""
+    def to_diffusers(self, regions: Sequence[RegionRef] = ()):
+        """The equivalent diffusers ``TaylorSeerCacheConfig`` (for ``transformer.enable_cache``); with
+        ``cache_kinds``, the tagged ``regions`` (``opt.attention_regions``) name the modules."""
         from diffusers import TaylorSeerCacheConfig
 
+        ids = self.cache_identifiers if self.cache_kinds is None else self.patterns(regions)[0]
         return TaylorSeerCacheConfig(cache_interval=self.cache_interval,
                                      disable_cache_before_step=self.disable_cache_before_step,
                                      disable_cache_after_step=self.disable_cache_after_step, max_order=self.max_order,
                                      taylor_factors_dtype=self.factors_dtype,
                                      skip_predict_identifiers=self.skip_predict_identifiers,
-                                     cache_identifiers=self.cache_identifiers, use_lite_mode=self.use_lite_mode)
+                                     cache_identifiers=ids, use_lite_mode=self.use_lite_mode)
 
     _FIELDS: ClassVar[tuple[str, ...]] = ("cache_interval", "disable_cache_before_step", "disable_cache_after_step",
                                           "max_order", "taylor_factors_dtype", "cache_identifiers",
-                                          "skip_predict_identifiers", "use_lite_mode")
+                                          "skip_predict_identifiers", "use_lite_mode", "cache_kinds")
 
     def to_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self._FIELDS}
@@ -220,8 +248,8 @@ class TaylorSeer(Schedule):
 
     def __str__(self) -> str:
         after = "" if self.disable_cache_after_step is None else f", until {self.disable_cache_after_step}"
-        mods = "lite" if self.use_lite_mode else ("default modules" if self.cache_identifiers is None else
-                                                  f"{len(self.cache_identifiers)} pattern(s)")
+        mods = ("lite" if self.use_lite_mode else f"{'/'.join(self.cache_kinds)} regions" if self.cache_kinds else
+                "default modules" if self.cache_identifiers is None else f"{len(self.cache_identifiers)} pattern(s)")
         return (f"TaylorSeer(every {self.cache_interval}, from {self.disable_cache_before_step}{after}, order "
                 f"{self.max_order}, {self.taylor_factors_dtype or 'output dtype'}, {mods})")
 
@@ -272,7 +300,7 @@ class TaylorSeerModel(OptimizedModel):
     def __init__(self, model: torch.nn.Module, captured: CapturedGraph, regions: list[Region],
                  schedule: TaylorSeer, *, timestep_arg: str = "timestep", backend: str = "eager",
                  timestep_order: str = "falling"):
-        active, inactive = schedule.patterns()
+        active, inactive = schedule.patterns(regions)
         self_modules = taylor_modules(captured, [n for n, _ in model.named_modules()], active, inactive)
         super().__init__(model, captured, [], schedule, timestep_arg=timestep_arg, backend=backend,
                          timestep_order=timestep_order)
