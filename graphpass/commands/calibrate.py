@@ -1,5 +1,14 @@
-"""``graphpass calibrate``: tune AdaCache codebook thresholds for a model from a few baseline runs
-(the logic is :mod:`graphpass.eval.calibrate`; this module parses arguments and prints).
+"""``graphpass calibrate``: measure the per-model constants of the step caches that need them (the logic is
+in :mod:`graphpass.eval.calibrate` and :mod:`graphpass.eval.coefficients`; this module parses and prints).
+
+``--method adacache`` (default) tunes AdaCache codebook thresholds; ``--method teacache`` fits TeaCache's
+rescaling polynomial for a model without published coefficients; ``--method magcache`` measures MagCache's
+magnitude ratios (usable as diffusers' ``MagCacheConfig(mag_ratios=...)``)::
+
+    graphpass calibrate --method teacache --model out/wan-folder --steps 30 --seeds 0 1 --out teacache.json
+    graphpass calibrate --method magcache --model latte-tiny --steps 28 --seeds 0 --out magcache.json
+
+AdaCache:
 
 The published thresholds were tuned by hand per model ("1-2 h per model"); this does it by measurement:
 
@@ -19,19 +28,33 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import GraphpassError
+import json
+from pathlib import Path
+
+from ..errors import GraphpassError, InputError
 from ..eval.calibrate import calibrate
+from ..eval.coefficients import fit_teacache, magcache_ratios
+from ..eval.harness import Workload
 from ..workloads import example_call
 from .checks import non_negative_int, output_file, positive_int
 
 
+#: What ``--method`` calibrates, and the file written by default.
+METHODS = ("adacache", "teacache", "magcache")
+DEFAULT_OUT = {"adacache": "schedule.json", "teacache": "teacache.json", "magcache": "magcache.json"}
+
+
 def add_parser(sub) -> None:
-    p = sub.add_parser("calibrate", help="tune AdaCache thresholds for a model on a few seeds and write the schedule")
-    p.add_argument("--model", default="vdt-s", help="VDT model name (vdt-s uses the shipped weights)")
+    p = sub.add_parser("calibrate", help="measure per-model constants: AdaCache thresholds (writes the schedule), "
+                       "TeaCache polynomial coefficients, MagCache magnitude ratios")
+    p.add_argument("--method", choices=METHODS, default="adacache", help="what to calibrate (default adacache)")
+    p.add_argument("--model", default="vdt-s", help="model name (vdt-s uses the shipped weights); teacache and "
+                   "magcache also take a diffusers model folder (save_pretrained)")
     p.add_argument("--steps", type=positive_int, default=30, help="DDIM sampling steps")
     p.add_argument("--seeds", type=non_negative_int, nargs="+", default=[0, 1, 2], help="seeds (each one video and label)")
-    target = p.add_mutually_exclusive_group(required=True)
-    target.add_argument("--target-speedup", type=float, help="reach this speedup in steps computed")
+    p.add_argument("--degree", type=positive_int, default=4, help="teacache: degree of the polynomial (published 4)")
+    target = p.add_mutually_exclusive_group()
+    target.add_argument("--target-speedup", type=float, help="adacache: reach this speedup in steps computed")
     target.add_argument("--target-psnr", type=float, help="keep this mean PSNR (dB) against the baseline")
     p.add_argument("--codebook", default="fast", help="codebook whose steps are kept: fast, slow, 100-step")
     p.add_argument("--moreg", action="store_true", help="use MoReg (its normaliser is calibrated too)")
@@ -41,13 +64,20 @@ def add_parser(sub) -> None:
     p.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance scale")
     p.add_argument("--iters", type=non_negative_int, default=8, help="bisection runs after the two bracketing runs")
     p.add_argument("--threads", type=non_negative_int, default=None, help="torch CPU threads")
-    p.add_argument("--out", type=output_file, default="schedule.json", help="schedule JSON to write")
+    p.add_argument("--out", type=output_file, default=None, help="JSON to write (default: schedule.json for adacache, "
+                   "<method>.json otherwise)")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
+    args.out = args.out or DEFAULT_OUT[args.method]
+    if args.method != "adacache":
+        return run_coefficients(args)
+    if args.target_speedup is None and args.target_psnr is None:
+        raise InputError("calibrate --method adacache needs a target: --target-speedup X (steps computed) or "
+                         "--target-psnr DB (mean PSNR against the baseline)")
     if not args.model.startswith("vdt-"):
         raise GraphpassError(f"calibrate samples with the VDT sampler; --model must be a VDT model (vdt-s, vdt-tiny), "
                              f"got {args.model!r}")
@@ -67,4 +97,25 @@ def run(args) -> int:
           f"PSNR {', '.join(f'{p:.2f}' for p in c.psnr)} dB (mean {c.mean_psnr:.2f}); "
           f"SSIM {', '.join(f'{s:.4f}' for s in c.ssim)}")
     print(f"wrote {args.out}")
+    return 0
+
+
+def run_coefficients(args) -> int:
+    """TeaCache coefficients or MagCache ratios of ``args.model``, printed and written as JSON."""
+    wl = Workload.from_name(args.model, num_steps=args.steps, weights=None)
+    if args.method == "teacache":
+        fit = fit_teacache(wl, args.seeds, degree=args.degree)
+        result = {"model": wl.name, "steps": wl.num_steps, "seeds": list(args.seeds), **fit.to_dict()}
+        print(f"{wl.name}: TeaCache polynomial of degree {fit.degree} fitted on {len(fit.input_changes)} step pairs "
+              f"({len(args.seeds)} seed(s) x {wl.num_steps} steps), input = relative L1 change of node {fit.probe} "
+              f"(the first block's timestep-modulated input); rms error {fit.rms_error:.3g}")
+        print(f"coefficients (highest power first): {fit.coefficients}")
+    else:
+        ratios = magcache_ratios(wl, args.seeds[0])
+        result = {"model": wl.name, "method": "magcache", "num_inference_steps": wl.num_steps, "seed": args.seeds[0],
+                  "mag_ratios": ratios}
+        print(f"{wl.name}: MagCache magnitude ratios over {wl.num_steps} steps (seed {args.seeds[0]}): {ratios}")
+    out = Path(args.out)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {out}")
     return 0
