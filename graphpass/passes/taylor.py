@@ -12,8 +12,9 @@ ones return zeros on predict steps. Two kinds of phase graph:
   stored in the factors' dtype. ``d`` (steps since the previous update) is a graph *input* (a 0-d float32
   tensor, cache key :data:`GAP_KEY`), so one graph serves every gap;
 * **predict**: every active module's outputs are replaced by ``sum_k F[k] * g**k / k!`` (``g``: steps since
-  the last update, the same graph input) and every inactive module's outputs by zeros; dead-code
-  elimination then drops the modules, and everything only they needed.
+  the last update, the same graph input) and every inactive module's outputs by zeros of the shape the last
+  update recorded (it stores a one-element, zero-stride tensor of that shape); dead-code elimination then
+  drops the modules, and everything only they needed.
 
 A module's *outputs* are the values of its nodes read outside it, less the values it only passes through
 (``temb.float()`` of a ``temb`` that is already float32 is the caller's tensor, not a result). Each output is
@@ -75,6 +76,10 @@ class TaylorModule:
     def factor_key(self, exit_index: int, order: int) -> str:
         """Cache key of one factor, e.g. ``blocks.0.attn1:0:F1``."""
         return f"{self.path}:{exit_index}:F{order}"
+
+    def shape_key(self, exit_index: int) -> str:
+        """Cache key of an inactive module's recorded output shape (a zero-stride tensor of that shape)."""
+        return f"{self.path}:{exit_index}:shape"
 
     def factor_keys(self, orders: int) -> list[str]:
         """Keys of factors ``0..orders-1`` of every output (inactive modules keep none)."""
@@ -237,7 +242,8 @@ def specialize_taylor_phase(captured: CapturedGraph, modules: Sequence[TaylorMod
         for i, (e, spec) in enumerate(zip(m.exits, m.specs)):
             node = by_name[e]
             if phase.mode == "update":
-                if m.inactive:
+                if m.inactive:  # record the shape, as diffusers' hook does: a zero-stride tensor of it
+                    stored.append((m.shape_key(i), _shape_carrier(graph, node, _device(captured))))
                     continue
                 if written_through(node, ignore=inside):  # factor of the value the module produced
                     node = _clone_before_first_user(graph, node, set(node.users) - inside)
@@ -253,9 +259,10 @@ def specialize_taylor_phase(captured: CapturedGraph, modules: Sequence[TaylorMod
                     stored.append((m.factor_key(i, k), _cast(graph, r, factors_dtype)))
                 continue
             if m.inactive:
+                last = _placeholder(graph, last, m.shape_key(i), node.meta["val"])
+                cache_inputs.append(m.shape_key(i))
                 with graph.inserting_before(node):
-                    new = graph.call_function(aten.zeros.default, (list(spec.shape),),
-                                              {"dtype": spec.dtype, "device": _device(captured)})
+                    new = graph.call_function(aten.zeros_like.default, (last,), {"dtype": spec.dtype})
                 new.meta["val"] = node.meta["val"]
             else:
                 fs = []
@@ -285,6 +292,23 @@ def specialize_taylor_phase(captured: CapturedGraph, modules: Sequence[TaylorMod
     gm = fx.GraphModule(captured.gm, graph, class_name="TaylorPhaseGraph")
     return PhaseGraph(phase=phase, gm=gm, cache_inputs=cache_inputs, cache_outputs=[k for k, _ in stored],
                       num_user_outputs=n_user, flops=graph_flops(gm))
+
+
+def _shape_carrier(graph: fx.Graph, node: fx.Node, device: torch.device) -> fx.Node:
+    """``zeros(()).expand(node.shape)`` built from ``sym_size`` of ``node`` at run time: a tensor of the call's
+    output shape (the batch, and with ``dynamic=True`` frames and resolution, follow the call) holding one
+    element. Appended to the graph."""
+    val = node.meta["val"]
+    sizes = []
+    for d, size in enumerate(val.shape):
+        sz = graph.call_function(aten.sym_size.int, (node, d))
+        sz.meta["val"] = size
+        sizes.append(sz)
+    zero = graph.call_function(aten.zeros.default, ([],), {"dtype": val.dtype, "device": device})
+    zero.meta["val"] = torch.empty((), dtype=val.dtype)
+    carrier = graph.call_function(aten.expand.default, (zero, sizes))
+    carrier.meta["val"] = val
+    return carrier
 
 
 def _device(captured: CapturedGraph) -> torch.device:
