@@ -142,12 +142,13 @@ def _passes_through(n: fx.Node, inside: set[fx.Node]) -> bool:
 
 
 def module_outputs(gm: fx.GraphModule, path: str) -> tuple[list[fx.Node], list[fx.Node]]:
-    """(nodes of module ``path``, the nodes holding its outputs): values read outside it, less pass-throughs.
-    Size computations belong to no module."""
+    """(nodes of module ``path``, the nodes holding its outputs): tensors read outside it, less pass-throughs.
+    Size computations belong to no module; multi-output ops (``unbind``, ``split``) belong to it like any op."""
     nodes = [n for n in gm.graph.nodes if any(p == path for p, _ in module_path(n))
-             and isinstance(n.meta.get("val"), torch.Tensor)]
+             and not isinstance(n.meta.get("val"), (int, torch.SymInt))]
     inside = set(nodes)
-    exits = [n for n in nodes if any(u not in inside for u in n.users) and not _passes_through(n, inside)]
+    exits = [n for n in nodes if isinstance(n.meta.get("val"), torch.Tensor)
+             and any(u not in inside for u in n.users) and not _passes_through(n, inside)]
     return nodes, exits
 
 

@@ -39,10 +39,11 @@ from typing import Any, ClassVar, Sequence
 import torch
 
 from ..errors import ScheduleError
-from ..passes.capture import CapturedGraph
+from ..passes.capture import CapturedGraph, TensorSpec
+from ..passes.flops import graph_flops
 from ..passes.specialize import PhaseGraph
 from ..passes.tag import Region, _pick_video_input
-from ..passes.transform_rate import KEYS, TransformPhase, accumulate, model_io, specialize_transform_phase
+from ..passes.transform_rate import KEYS, MODEL_REGION, TransformPhase, accumulate, model_io, specialize_transform_phase
 from ..runtime.executor import GenerationState, OptimizedModel
 from ..schedules.base import Phase, Plan, RegionRef, Schedule, schedule_from_json  # noqa: F401 (doctest)
 
@@ -219,6 +220,16 @@ class EasyCachePolicy:
         return d
 
 
+def _model_region(captured: CapturedGraph, out_index: int) -> Region:
+    """The whole model as the one region a reuse call skips (for reports)."""
+    nodes = [n for n in captured.gm.graph.nodes if n.op == "call_function"]
+    exit_ = [n for n in captured.gm.graph.nodes if n.op == "output"][0].args[0][out_index]
+    v = exit_.meta["val"]
+    return Region(path=MODEL_REGION, module_type=captured.model_type, kind="other", nodes=[n.name for n in nodes],
+                  exits=[exit_.name], exit_specs=[TensorSpec(tuple(int(s) for s in v.shape), v.dtype)],
+                  flops=graph_flops(captured.gm), reason="the whole model: a reuse call returns x + (v - x)")
+
+
 class EasyCacheModel(OptimizedModel):
     """The runtime of :class:`EasyCache` and :class:`FrozenEasyCache`: the core executor with whole-model
     phase graphs. Besides the core's API: ``decisions(context)`` (``"C"``/``"R"`` per call),
@@ -227,9 +238,9 @@ class EasyCacheModel(OptimizedModel):
     def __init__(self, model: torch.nn.Module, captured: CapturedGraph, regions: list[Region], schedule: Schedule,
                  *, timestep_arg: str = "timestep", backend: str = "eager", timestep_order: str = "falling"):
         video = _pick_video_input(captured, None)
-        model_io(captured, video)  # refuses a model whose output is not shaped like its latent
-        super().__init__(model, captured, [], schedule, timestep_arg=timestep_arg, backend=backend,
-                         timestep_order=timestep_order)
+        _, out = model_io(captured, video)  # refuses a model whose output is not shaped like its latent
+        super().__init__(model, captured, [_model_region(captured, out)], schedule, timestep_arg=timestep_arg,
+                         backend=backend, timestep_order=timestep_order)
         self.video_input = video
         self.attention_regions = regions
         self._x_index = captured.input_names.index(video)

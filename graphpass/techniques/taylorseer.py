@@ -42,6 +42,7 @@ import torch
 
 from ..errors import ScheduleError
 from ..passes.capture import CapturedGraph
+from ..passes.flops import node_flops
 from ..passes.specialize import PhaseGraph
 from ..passes.tag import Region
 from ..passes.taylor import GAP_KEY, TaylorModule, TaylorPhase, specialize_taylor_phase, taylor_modules
@@ -292,6 +293,15 @@ class TaylorSeerPolicy:
         return s
 
 
+def _as_region(m: TaylorModule, tagged: Region | None, captured: CapturedGraph) -> Region:
+    """A picked module as the region reports show (kind from the tagging where it is a tagged region)."""
+    by_name = {n.name: n for n in captured.gm.graph.nodes}
+    return Region(path=m.path, module_type=tagged.module_type if tagged else "module",
+                  kind=tagged.kind if tagged else "other", nodes=m.nodes, exits=m.exits, exit_specs=m.specs,
+                  flops=sum(node_flops(by_name[n]) for n in m.nodes),
+                  reason="zeroed on predict calls" if m.inactive else "extrapolated on predict calls")
+
+
 class TaylorSeerModel(OptimizedModel):
     """The runtime of :class:`TaylorSeer`: the core executor with TaylorSeer's phase graphs and a
     :class:`TaylorSeerPolicy` per cache context. Besides the core's API: ``modules`` (the picked modules and
@@ -301,10 +311,11 @@ class TaylorSeerModel(OptimizedModel):
                  schedule: TaylorSeer, *, timestep_arg: str = "timestep", backend: str = "eager",
                  timestep_order: str = "falling"):
         active, inactive = schedule.patterns(regions)
-        self_modules = taylor_modules(captured, [n for n, _ in model.named_modules()], active, inactive)
-        super().__init__(model, captured, [], schedule, timestep_arg=timestep_arg, backend=backend,
-                         timestep_order=timestep_order)
-        self.modules: list[TaylorModule] = self_modules
+        modules = taylor_modules(captured, [n for n, _ in model.named_modules()], active, inactive)
+        tagged = {r.path: r for r in regions}
+        super().__init__(model, captured, [_as_region(m, tagged.get(m.path), captured) for m in modules], schedule,
+                         timestep_arg=timestep_arg, backend=backend, timestep_order=timestep_order)
+        self.modules: list[TaylorModule] = modules
         self.attention_regions = regions
         self._policies: dict[str, TaylorSeerPolicy] = {}
         self.metric_reads = 0
