@@ -53,6 +53,7 @@ from ..schedules.base import Schedule
 from ..schedules.pab import PAB
 from ..techniques.easycache import EasyCache
 from ..techniques.taylorseer import TaylorSeer
+from .coefficients import diffusers_mag_ratios
 from .harness import Baseline, ComputeAll, Measurement, Workload, save_figure
 
 #: The published PAB preset that fits each model family (VDT blocks are spatial -> temporal -> cross -> MLP
@@ -122,8 +123,6 @@ def available_methods(workload: Workload,
 def _diffusers_config(kind: str, workload: Workload, adapter_ref: dict):
     from diffusers import (FasterCacheConfig, FirstBlockCacheConfig, MagCacheConfig,
                            PyramidAttentionBroadcastConfig)
-
-    from .coefficients import diffusers_mag_ratios
 
     if kind not in DIFFUSERS_HOOKS:
         raise _NotApplicable(f"n/a: no diffusers hook {kind!r}; known: {', '.join(DIFFUSERS_HOOKS)}")
