@@ -191,6 +191,14 @@ def _cache_specs(opt: "OptimizedModel") -> dict[str, Any]:
     return {k: s for r in opt.regions for k, s in zip(r.cache_keys, r.exit_specs)}
 
 
+def _cache_args(pg, device: torch.device) -> list[torch.Tensor]:
+    """Example tensors of a phase graph's cache inputs, in order, from its placeholders (every phase graph
+    states the shape and dtype of what it reads, whichever pass built it)."""
+    vals = {n.meta["graphpass_cache_key"]: n.meta["val"] for n in pg.gm.graph.nodes
+            if n.op == "placeholder" and "graphpass_cache_key" in n.meta}
+    return [torch.zeros(tuple(vals[k].shape), dtype=vals[k].dtype, device=device) for k in pg.cache_inputs]
+
+
 def _device_of(opt: "OptimizedModel") -> torch.device:
     for p in opt.captured.gm.parameters():
         return p.device
@@ -292,8 +300,7 @@ def export_onnx(opt: "OptimizedModel", folder: str | Path, *, timesteps: Sequenc
             for entry, ph in zip(manifest["phases"], plan.distinct()):
                 t0 = time.perf_counter()
                 pg = opt.phase_graph(ph)
-                args = inputs + [torch.zeros(cache_specs[k].shape, dtype=cache_specs[k].dtype, device=device)
-                                 for k in pg.cache_inputs]
+                args = inputs + _cache_args(pg, device)
                 in_names = list(opt.captured.input_names) + [cache_tensor_name(k) for k in pg.cache_inputs]
                 out_names = user_names + [cache_tensor_name(k) for k in pg.cache_outputs]
                 proto = to_onnx(pg.gm, args, in_names, out_names, opset)

@@ -97,8 +97,22 @@ def _rate(v, v_prev, x, x_prev):
     return (v - v_prev).abs().mean() / (x - x_prev).abs().mean()
 
 
-def specialize_transform_phase(captured: CapturedGraph, video_input: str, phase: TransformPhase) -> PhaseGraph:
-    """The graph of one EasyCache phase (see the module docstring)."""
+def specialize_frozen_phase(captured: CapturedGraph, video_input: str, phase: Phase, delta_key: str) -> PhaseGraph:
+    """The graph of a plain phase of a frozen schedule over the whole model (region :data:`MODEL_REGION`, whose
+    one cache key ``delta_key`` holds ``D``): REUSE -> ``x + D``; STORE -> the model, emitting ``D``; COMPUTE
+    -> the model alone. These are the phases the core's static plans (and exported artefacts) use."""
+    action = phase.action(MODEL_REGION)
+    mode = "reuse" if action == Action.REUSE else "compute"
+    graph = specialize_transform_phase(captured, video_input, TransformPhase.of(mode, stats=False),
+                                       delta_key=delta_key, store_delta=action == Action.STORE)
+    graph.phase = phase
+    return graph
+
+
+def specialize_transform_phase(captured: CapturedGraph, video_input: str, phase: TransformPhase, *,
+                               delta_key: str = KEYS["delta"], store_delta: bool = True) -> PhaseGraph:
+    """The graph of one EasyCache phase (see the module docstring); ``delta_key``: the cache key of ``D``;
+    ``store_delta`` False: a computed call emits no ``D`` (nothing reuses it)."""
     if phase.mode not in ("compute", "reuse"):
         raise GraphpassError(f"unknown EasyCache phase mode {phase.mode!r}; 'compute' or 'reuse'")
     x0, out_index = model_io(captured, video_input)
@@ -120,10 +134,10 @@ def specialize_transform_phase(captured: CapturedGraph, video_input: str, phase:
     v = outs[out_index]
     stored: list[tuple[str, fx.Node]] = []
     if phase.mode == "reuse":
-        d = cache_input(KEYS["delta"], v)
+        d = cache_input(delta_key, v)
         outs[out_index] = inline(graph, _add_cast, [x, d])
-    else:
-        stored.append((KEYS["delta"], inline(graph, _delta, [v, x])))
+    elif store_delta:
+        stored.append((delta_key, inline(graph, _delta, [v, x])))
     if phase.stats:
         x_copy = inline(graph, torch.clone, [x])
         stored.append((KEYS["x"], x_copy))

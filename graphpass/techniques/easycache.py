@@ -43,9 +43,10 @@ from ..passes.capture import CapturedGraph, TensorSpec
 from ..passes.flops import graph_flops
 from ..passes.specialize import PhaseGraph
 from ..passes.tag import Region, _pick_video_input
-from ..passes.transform_rate import KEYS, MODEL_REGION, TransformPhase, accumulate, model_io, specialize_transform_phase
+from ..passes.transform_rate import (KEYS, MODEL_REGION, TransformPhase, accumulate, model_io, specialize_frozen_phase,
+                                     specialize_transform_phase)
 from ..runtime.executor import GenerationState, OptimizedModel
-from ..schedules.base import Phase, Plan, RegionRef, Schedule, schedule_from_json  # noqa: F401 (doctest)
+from ..schedules.base import Action, Phase, Plan, RegionRef, Schedule, schedule_from_json  # noqa: F401 (doctest)
 
 #: Published settings of the reference code: threshold, forced first calls, forced last calls.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -256,26 +257,29 @@ class EasyCacheModel(OptimizedModel):
 
     def phase_graph(self, phase: Phase) -> PhaseGraph:
         if phase not in self._phase_graphs:
-            self._phase_graphs[phase] = specialize_transform_phase(self.captured, self.video_input, phase)
+            if isinstance(phase, TransformPhase):
+                pg = specialize_transform_phase(self.captured, self.video_input, phase)
+            else:  # a frozen schedule's static plan: the core's phases, exported like any static schedule
+                pg = specialize_frozen_phase(self.captured, self.video_input, phase, self.regions[0].cache_keys[0])
+            self._phase_graphs[phase] = pg
         return self._phase_graphs[phase]
 
-    def _phases(self) -> list[TransformPhase]:
-        if not self.adaptive:
-            return [TransformPhase.of("compute", stats=False), TransformPhase.of("reuse", stats=False)]
+    def _adaptive_phases(self) -> list[TransformPhase]:
         return [TransformPhase.of("compute"), TransformPhase.of("compute", rate=True), TransformPhase.of("reuse")]
 
     def plan(self, timesteps: Sequence[float] | torch.Tensor, **kwargs) -> Plan:
-        """Record the number of calls per generation and build every phase graph. A frozen schedule's plan is
-        its decisions; an adaptive one's is known only after running (each call computes until decided)."""
+        """A frozen schedule: the core's static plan (its decisions). An adaptive one: record the number of
+        calls per generation and build its phase graphs; the plan shown is every call computing (the real
+        decisions depend on the video: ``opt.decisions()``)."""
+        if not self.adaptive:
+            return super().plan(timesteps, **kwargs)
         if isinstance(timesteps, torch.Tensor):
             timesteps = timesteps.detach().cpu().flatten().tolist()
         ts = [float(t) for t in timesteps]
         self._check_order(ts)
         self._num_steps = len(ts)
-        compute, reuse = self._phases()[0], self._phases()[-1]
-        reuses = [not self.adaptive and self.schedule.reuses(None, t, i) for i, t in enumerate(ts)]
-        self._plan = Plan(ts, [reuse if r else compute for r in reuses])
-        for ph in self._phases():
+        self._plan = Plan(ts, [self._adaptive_phases()[0]] * len(ts))
+        for ph in self._adaptive_phases():
             self.phase_graph(ph)
         return self._plan
 
@@ -291,9 +295,9 @@ class EasyCacheModel(OptimizedModel):
         return int(info) if info else self._num_steps
 
     def _phase_for(self, st: GenerationState, t: float) -> Phase:
-        i = st.counter
         if not self.adaptive:
-            return self._phases()[-1 if self.schedule.reuses(None, t, i) else 0]
+            return super()._phase_for(st, t)
+        i = st.counter
         ctx = self._context
         if i == 0:
             self._policies[ctx] = EasyCachePolicy(self.schedule, self._num_calls())
@@ -315,7 +319,7 @@ class EasyCacheModel(OptimizedModel):
 
     def decisions(self, context: str | None = None) -> str:
         """``"C"`` (computed) or ``"R"`` (reused ``x + D``) per call of the context's last generation."""
-        return "".join("R" if ph.mode == "reuse" else "C" for _, ph in self.state(context).trace)
+        return "".join("R" if ph.action(MODEL_REGION) == Action.REUSE else "C" for _, ph in self.state(context).trace)
 
     def freeze(self, context: str | None = None) -> FrozenEasyCache:
         """The last generation's decisions as a static :class:`FrozenEasyCache`."""
