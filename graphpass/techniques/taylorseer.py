@@ -15,6 +15,8 @@ graphpass compiles the same thing: one update graph per number of factors held a
 number of factors (:mod:`graphpass.passes.taylor`); the gap is a graph input, so no graph is rebuilt per
 distance. The decisions depend on the call counter alone: no value is read back from the device, ever
 (``opt.metric_reads`` stays 0), and the whole plan is known up front, so the schedule is its own frozen form.
+Its phase graphs export to ONNX one by one (the gap is one more input); ``graphpass.export`` artefacts do not
+carry that input yet.
 All modules of one call follow one counter: diffusers' per-module counters agree because every picked module
 runs once per call (graphpass refuses identifiers that pick nested modules, which would break that).
 
