@@ -152,6 +152,19 @@ def module_outputs(gm: fx.GraphModule, path: str) -> tuple[list[fx.Node], list[f
     return nodes, exits
 
 
+def graph_module_names(gm: fx.GraphModule) -> list[str]:
+    """The names of the modules whose calls the captured graph records (``nn_module_stack``), in graph order:
+    the modules identifiers can pick (one that computes nothing records no node).
+
+    >>> graph_module_names(captured.gm)[:3]       # e.g. ['patch_embedding', 'blocks.0', 'blocks.0.norm1']
+    """
+    names: dict[str, None] = {}
+    for n in gm.graph.nodes:
+        for path, _ in module_path(n):
+            names.setdefault(path, None)
+    return list(names)
+
+
 def taylor_modules(captured: CapturedGraph, names: Iterable[str], active: Sequence[str],
                    inactive: Sequence[str]) -> list[TaylorModule]:
     """The modules of ``names`` (the model's ``named_modules()`` names) that the patterns pick, in graph

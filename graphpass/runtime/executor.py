@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -250,7 +250,7 @@ class RuntimeCore(ModelFacade):
         st.shapes = shapes
         call = StepCall(counter=st.counter, timestep=t, context=self._context, shapes=shapes, cache=st.cache,
                         plan=self._plan, off_plan=st.off_plan, position=lambda: self._position(st, t),
-                        info=dict(self._context_info))
+                        info=dict(self._context_info), inputs=flat)
         decision = self._decide(call)
         if isinstance(decision, Probe):  # the decision reads part of this call: run it, then ask again
             self._run(decision.phase, flat, st)
@@ -261,7 +261,7 @@ class RuntimeCore(ModelFacade):
                 st.warned.add("plan")
                 self._warn_left_plan(st, t)
         phase = decision.phase
-        outs = self._run(phase, flat, st)
+        outs = self._run(phase, flat, st, decision.feeds)
         self._free(st, phase, decision)
         if decision.on_plan and st.counter + 1 >= len(self._plan):
             st.hoisted.clear()  # the plan's last step: no later call of this generation reads them
@@ -271,9 +271,10 @@ class RuntimeCore(ModelFacade):
         st.last_t = t
         return self.signature.unflatten_outputs(outs)
 
-    def _run(self, phase: Phase, flat: list, st: GenerationState) -> list:
-        """Run ``phase``'s runner on the call's inputs and the cached tensors it reads; store its cache
-        outputs; return its model outputs (none for a probe)."""
+    def _run(self, phase: Phase, flat: list, st: GenerationState, feeds: Mapping[str, torch.Tensor] = {}) -> list:
+        """Run ``phase``'s runner on the call's inputs and the cached tensors it reads (a cache input named in
+        ``feeds``, the decision's per-call values, is read from it instead); store its cache outputs; return
+        its model outputs (none for a probe)."""
         program = self.phase_graph(phase)
         runner = self._runners.get(phase)
         if runner is None:
@@ -281,7 +282,8 @@ class RuntimeCore(ModelFacade):
             runner = self._runners[phase] = self._make_runner(runnable, self.backend)
         with torch.no_grad():  # inference only: cached tensors must not hold autograd graphs
             hoisted = () if self.hoisting is None else self.hoisting.inputs(st.hoisted, flat, phase)
-            outs = runner(*flat, *(st.cache.get(k) for k in program.cache_inputs), *hoisted)
+            outs = runner(*flat, *(feeds[k] if k in feeds else st.cache.get(k) for k in program.cache_inputs),
+                          *hoisted)
         n = program.num_user_outputs
         for key, value in zip(program.cache_outputs, outs[n:]):
             st.cache.put(key, value)

@@ -7,7 +7,7 @@ docs/architecture.md).
 from .base import (Decision, Export, Probe, StaticPlan, StepCall, StepPolicy, Target, Technique, static_plan,
                    tagged_regions)
 from .registry import register, technique_for, techniques
-from . import adacache, first_block_cache, magcache, pab, teacache  # noqa: F401,E402 (the built-in techniques register on import)
+from . import adacache, easycache, first_block_cache, magcache, pab, taylorseer, teacache  # noqa: F401,E402 (the built-in techniques register on import)
 
 __all__ = ["Technique", "Target", "StepPolicy", "StaticPlan", "StepCall", "Decision", "Probe", "Export", "tagged_regions",
            "static_plan", "register", "technique_for", "techniques"]

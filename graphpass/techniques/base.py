@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import torch
 
@@ -81,6 +81,9 @@ class StepCall:
         schedules that need it); a function, since only a call off the plan needs it and it may raise.
     info: what the pipeline said of the loop in ``opt.cache_context(name, **info)`` (``num_inference_steps``,
         ``step_index``...); empty otherwise.
+    inputs: the call's graph inputs, in the capture's order (``captured.input_names``), for a policy that
+        decides from the call's own values (EasyCache reads the latent); a policy only reads them (no host
+        read unless it counts one in ``metric_reads``).
     """
 
     counter: int
@@ -92,6 +95,7 @@ class StepCall:
     off_plan: bool
     position: Callable[[], float]
     info: dict[str, Any] = field(default_factory=dict)
+    inputs: Sequence[torch.Tensor] = ()
 
 
 @dataclass(frozen=True)
@@ -101,11 +105,17 @@ class Decision:
     phase: what every region of the target does at this call.
     on_plan: the call follows the plan, so the runtime frees a cached tensor after its last planned reuse.
     left_plan: a plan exists and this call is not on it (the runtime warns once and goes on step by step).
+    feeds: per-call inputs of the phase graph, by the name of its cache input: a value the policy computes
+        for this call alone (TaylorSeer's step gap, a 0-d tensor), given to the graph in place of a cached
+        tensor of that name and never stored. One graph then serves every value (no graph per gap).
+
+    >>> Decision(phase, feeds={"taylorseer:gap": torch.tensor(2.0)})   # the graph reads the gap as an input
     """
 
     phase: Phase
     on_plan: bool = False
     left_plan: bool = False
+    feeds: Mapping[str, torch.Tensor] = field(default_factory=dict, compare=False)
 
 
 @dataclass(frozen=True)

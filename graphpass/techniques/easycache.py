@@ -45,8 +45,9 @@ from ..passes.specialize import PhaseGraph
 from ..passes.tag import Region, _pick_video_input
 from ..passes.transform_rate import (KEYS, MODEL_REGION, TransformPhase, accumulate, model_io, specialize_frozen_phase,
                                      specialize_transform_phase)
-from ..runtime.executor import GenerationState, OptimizedModel
-from ..schedules.base import Action, Phase, Plan, RegionRef, Schedule, schedule_from_json  # noqa: F401 (doctest)
+from ..schedules.base import Phase, Plan, RegionRef, Schedule, schedule_from_json  # noqa: F401 (doctest)
+from .base import Decision, Export, StepCall, StepPolicy, Target, Technique, static_plan
+from .registry import register
 
 #: Published settings of the reference code: threshold, forced first calls, forced last calls.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -59,9 +60,6 @@ PRESETS: dict[str, dict[str, Any]] = {
 class _EasyCacheBase(Schedule):
     def kinds(self) -> set[str]:
         return set()  # reuses the whole model's output
-
-    def runtime_class(self):
-        return EasyCacheModel
 
 
 @dataclass
@@ -231,96 +229,96 @@ def _model_region(captured: CapturedGraph, out_index: int) -> Region:
                   flops=graph_flops(captured.gm), reason="the whole model: a reuse call returns x + (v - x)")
 
 
-class EasyCacheModel(OptimizedModel):
-    """The runtime of :class:`EasyCache` and :class:`FrozenEasyCache`: the core executor with whole-model
-    phase graphs. Besides the core's API: ``decisions(context)`` (``"C"``/``"R"`` per call),
-    ``metric_reads`` (host reads so far: one per call that tested the error) and ``freeze(context)``."""
+@dataclass
+class EasyCacheTarget(Target):
+    """EasyCache's :class:`~graphpass.techniques.base.Target`: the whole model as one region
+    (:data:`~graphpass.passes.transform_rate.MODEL_REGION`), and the latent input ``video_input`` (at
+    ``x_index`` among the graph inputs) whose change the rule reads."""
 
-    def __init__(self, model: torch.nn.Module, captured: CapturedGraph, regions: list[Region], schedule: Schedule,
-                 *, timestep_arg: str = "timestep", backend: str = "eager", timestep_order: str = "falling"):
-        video = _pick_video_input(captured, None)
-        _, out = model_io(captured, video)  # refuses a model whose output is not shaped like its latent
-        super().__init__(model, captured, [_model_region(captured, out)], schedule, timestep_arg=timestep_arg,
-                         backend=backend, timestep_order=timestep_order)
-        self.video_input = video
-        self.attention_regions = regions
-        self._x_index = captured.input_names.index(video)
-        self._num_steps: int | None = None
-        self._policies: dict[str, EasyCachePolicy] = {}
-        self._errors: dict[str, Any] = {}
-        self._call_kwargs: dict[str, Any] = {}
-        self.metric_reads = 0
+    video_input: str = ""
+    x_index: int = 0
 
-    @property
-    def adaptive(self) -> bool:
-        return isinstance(self.schedule, EasyCache)
 
-    def phase_graph(self, phase: Phase) -> PhaseGraph:
-        if phase not in self._phase_graphs:
-            if isinstance(phase, TransformPhase):
-                pg = specialize_transform_phase(self.captured, self.video_input, phase)
-            else:  # a frozen schedule's static plan: the core's phases, exported like any static schedule
-                pg = specialize_frozen_phase(self.captured, self.video_input, phase, self.regions[0].cache_keys[0])
-            self._phase_graphs[phase] = pg
-        return self._phase_graphs[phase]
+def easycache_target(captured: CapturedGraph, regions: list[Region], schedule: Schedule) -> EasyCacheTarget:
+    """The whole model of ``captured``; raises when its output is not shaped like its latent input."""
+    video = _pick_video_input(captured, None)
+    _, out = model_io(captured, video)
+    return EasyCacheTarget(regions=[_model_region(captured, out)], attention_regions=list(regions),
+                           video_input=video, x_index=captured.input_names.index(video))
 
-    def _adaptive_phases(self) -> list[TransformPhase]:
-        return [TransformPhase.of("compute"), TransformPhase.of("compute", rate=True), TransformPhase.of("reuse")]
 
-    def plan(self, timesteps: Sequence[float] | torch.Tensor, **kwargs) -> Plan:
-        """A frozen schedule: the core's static plan (its decisions). An adaptive one: record the number of
-        calls per generation and build its phase graphs; the plan shown is every call computing (the real
-        decisions depend on the video: ``opt.decisions()``)."""
-        if not self.adaptive:
-            return super().plan(timesteps, **kwargs)
-        if isinstance(timesteps, torch.Tensor):
-            timesteps = timesteps.detach().cpu().flatten().tolist()
-        ts = [float(t) for t in timesteps]
-        self._check_order(ts)
-        self._num_steps = len(ts)
-        self._plan = Plan(ts, [self._adaptive_phases()[0]] * len(ts))
-        for ph in self._adaptive_phases():
-            self.phase_graph(ph)
-        return self._plan
+def specialize_easycache(captured: CapturedGraph, target: EasyCacheTarget, phase: Phase) -> PhaseGraph:
+    """One phase graph over the whole model: EasyCache's own phases (:class:`TransformPhase`: reuse ``x + D``,
+    or compute and emit ``D`` and the statistics), or a frozen schedule's plain phases (the core's static
+    plan, which exports)."""
+    if isinstance(phase, TransformPhase):
+        return specialize_transform_phase(captured, target.video_input, phase)
+    return specialize_frozen_phase(captured, target.video_input, phase, target.regions[0].cache_keys[0])
 
-    def forward(self, *args, **kwargs):
-        self._call_kwargs = kwargs  # the decision reads this call's latent
-        try:
-            return super().forward(*args, **kwargs)
-        finally:
-            self._call_kwargs = {}
 
-    def _num_calls(self) -> int | None:
-        info = self._context_info.get("num_inference_steps")
-        return int(info) if info else self._num_steps
+#: Every phase an adaptive EasyCache may pick: compute (first), compute and measure the rate, reuse.
+ADAPTIVE_PHASES = (TransformPhase.of("compute"), TransformPhase.of("compute", rate=True), TransformPhase.of("reuse"))
 
-    def _phase_for(self, st: GenerationState, t: float) -> Phase:
-        if not self.adaptive:
-            return super()._phase_for(st, t)
-        i = st.counter
-        ctx = self._context
+
+class EasyCacheSteps(StepPolicy):
+    """EasyCache's step policy: an :class:`EasyCachePolicy` and the accumulated error ``E`` per cache context.
+    A call that tests the error reads the call's latent (:attr:`~graphpass.techniques.StepCall.inputs`) and
+    the statistics the last computed call left in the cache, and reads back ONE value, ``E < threshold``
+    (``metric_reads``).
+
+    >>> opt.policy.records("default")     # [] ; opt.decisions() -> e.g. 'CCCCCCCCCCRRCRRC...'
+    """
+
+    adaptive = True
+
+    def __init__(self, schedule: EasyCache, target: EasyCacheTarget, captured: CapturedGraph):
+        super().__init__(schedule, target)
+        self.num_steps: int | None = None
+        self.rules: dict[str, EasyCachePolicy] = {}
+        self.errors: dict[str, Any] = {}
+
+    def plan(self, timesteps: list[float], positions: list[float]) -> Plan:
+        """Before running, every call computes (the real decisions depend on the video: ``opt.decisions()``)."""
+        return Plan(list(timesteps), [ADAPTIVE_PHASES[0]] * len(timesteps))
+
+    def adopt(self, plan: Plan) -> list[Phase]:
+        """Generations have ``len(plan)`` calls (the last ones compute); every phase a call may pick is built."""
+        self.num_steps = len(plan)
+        return list(ADAPTIVE_PHASES)
+
+    def decide(self, call: StepCall) -> Decision:
+        i, ctx, c = call.counter, call.context, call.cache
         if i == 0:
-            self._policies[ctx] = EasyCachePolicy(self.schedule, self._num_calls())
-            self._errors[ctx] = 0
-        pol = self._policies[ctx]
+            n = call.info.get("num_inference_steps")  # the pipeline's count, else the plan's
+            self.rules[ctx] = EasyCachePolicy(self.schedule, int(n) if n else self.num_steps)
+            self.errors[ctx] = 0
+        rule = self.rules[ctx]
         below = None
-        if pol.forced(i):
-            self._errors[ctx] = 0
-        elif pol.tests(i, have_rate=KEYS["rate"] in st.cache):
-            x = self.captured.flatten_call(self._call_kwargs)[self._x_index]
-            c = st.cache
-            err = accumulate(self._errors[ctx], c.get(KEYS["rate"]), x, c.get(KEYS["x"]), c.get(KEYS["v_norm"]))
+        if rule.forced(i):
+            self.errors[ctx] = 0
+        elif rule.tests(i, have_rate=KEYS["rate"] in c):
+            x = call.inputs[self.target.x_index]
+            err = accumulate(self.errors[ctx], c.get(KEYS["rate"]), x, c.get(KEYS["x"]), c.get(KEYS["v_norm"]))
             below = bool(err < self.schedule.threshold)  # the one host read of this call
             self.metric_reads += 1
-            self._errors[ctx] = err if below else 0
-        if pol.decide(below) == "R":
-            return TransformPhase.of("reuse")
-        return TransformPhase.of("compute", rate=KEYS["v"] in st.cache)
+            self.errors[ctx] = err if below else 0
+        if rule.decide(below) == "R":
+            return Decision(TransformPhase.of("reuse"))
+        return Decision(TransformPhase.of("compute", rate=KEYS["v"] in c))
 
-    def decisions(self, context: str | None = None) -> str:
-        """``"C"`` (computed) or ``"R"`` (reused ``x + D``) per call of the context's last generation."""
-        return "".join("R" if ph.action(MODEL_REGION) == Action.REUSE else "C" for _, ph in self.state(context).trace)
 
-    def freeze(self, context: str | None = None) -> FrozenEasyCache:
-        """The last generation's decisions as a static :class:`FrozenEasyCache`."""
-        return FrozenEasyCache(self.decisions(context))
+def _freeze(schedule: Schedule, decisions: str) -> FrozenEasyCache:
+    return FrozenEasyCache(decisions)
+
+
+EASYCACHE = register(Technique(
+    name="EasyCache", schedules=(EasyCache,), target=easycache_target, specialize=specialize_easycache,
+    policy=EasyCacheSteps,
+    export=Export(refusal="EasyCache decides reuse at run time from the latent's change, so no fixed set of "
+                          "phases exists to export; export a run's decisions as a static schedule instead: "
+                          "graphpass.optimize(model, opt.freeze(), ...) (a FrozenEasyCache)",
+                  freeze=_freeze)))
+
+FROZEN_EASYCACHE = register(Technique(
+    name="FrozenEasyCache", schedules=(FrozenEasyCache,), target=easycache_target,
+    specialize=specialize_easycache, policy=static_plan, export=Export(freeze=_freeze)))

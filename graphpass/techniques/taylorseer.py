@@ -47,9 +47,11 @@ from ..passes.capture import CapturedGraph
 from ..passes.flops import node_flops
 from ..passes.specialize import PhaseGraph
 from ..passes.tag import Region
-from ..passes.taylor import GAP_KEY, TaylorModule, TaylorPhase, specialize_taylor_phase, taylor_modules
-from ..runtime.executor import GenerationState, OptimizedModel
-from ..schedules.base import KINDS, Phase, Plan, RegionRef, Schedule, schedule_from_json  # noqa: F401 (doctest)
+from ..passes.taylor import (GAP_KEY, TaylorModule, TaylorPhase, graph_module_names, specialize_taylor_phase,
+                             taylor_modules)
+from ..schedules.base import KINDS, Plan, RegionRef, Schedule, schedule_from_json  # noqa: F401 (doctest)
+from .base import Decision, Export, StepCall, StepPolicy, Target, Technique
+from .registry import register
 
 #: diffusers' default identifiers (``taylorseer_cache.py``): attention modules of the block lists.
 DEFAULT_CACHE_IDENTIFIERS = ("^blocks.*attn", "^transformer_blocks.*attn", "^single_transformer_blocks.*attn",
@@ -202,9 +204,6 @@ class TaylorSeer(Schedule):
     def factors_dtype(self) -> torch.dtype | None:
         return None if self.taylor_factors_dtype is None else DTYPES[self.taylor_factors_dtype]
 
-    def runtime_class(self):
-        return TaylorSeerModel
-
     # --- construction ----------------------------------------------------------------------------
     @classmethod
     def preset(cls, name: str, **overrides) -> "TaylorSeer":
@@ -304,57 +303,79 @@ def _as_region(m: TaylorModule, tagged: Region | None, captured: CapturedGraph) 
                   reason="zeroed on predict calls" if m.inactive else "extrapolated on predict calls")
 
 
-class TaylorSeerModel(OptimizedModel):
-    """The runtime of :class:`TaylorSeer`: the core executor with TaylorSeer's phase graphs and a
-    :class:`TaylorSeerPolicy` per cache context. Besides the core's API: ``modules`` (the picked modules and
-    their outputs), ``decisions(context)`` (``"C"``/``"P"`` per call) and ``metric_reads`` (always 0)."""
+@dataclass
+class TaylorTarget(Target):
+    """TaylorSeer's :class:`~graphpass.techniques.base.Target`: the picked ``modules`` (their outputs are
+    extrapolated, or zeroed), shown as ``regions``; ``max_order`` and ``factors_dtype`` shape the phase graphs."""
 
-    def __init__(self, model: torch.nn.Module, captured: CapturedGraph, regions: list[Region],
-                 schedule: TaylorSeer, *, timestep_arg: str = "timestep", backend: str = "eager",
-                 timestep_order: str = "falling"):
-        active, inactive = schedule.patterns(regions)
-        modules = taylor_modules(captured, [n for n, _ in model.named_modules()], active, inactive)
-        tagged = {r.path: r for r in regions}
-        super().__init__(model, captured, [_as_region(m, tagged.get(m.path), captured) for m in modules], schedule,
-                         timestep_arg=timestep_arg, backend=backend, timestep_order=timestep_order)
-        self.modules: list[TaylorModule] = modules
-        self.attention_regions = regions
-        self._policies: dict[str, TaylorSeerPolicy] = {}
-        self.metric_reads = 0
+    modules: list[TaylorModule] = field(default_factory=list)
+    max_order: int = 1
+    factors_dtype: torch.dtype | None = None
 
-    def phase_graph(self, phase: Phase) -> PhaseGraph:
-        if phase not in self._phase_graphs:
-            self._phase_graphs[phase] = specialize_taylor_phase(
-                self.captured, self.modules, phase, max_order=self.schedule.max_order,
-                factors_dtype=self.schedule.factors_dtype)
-        return self._phase_graphs[phase]
 
-    def _phase(self, s: TaylorStep) -> TaylorPhase:
+def taylor_target(captured: CapturedGraph, regions: list[Region], schedule: TaylorSeer) -> TaylorTarget:
+    """The modules ``schedule`` picks in ``captured`` (by name, or by the tagged ``regions``' kinds); raises
+    when it picks none, or nested ones."""
+    active, inactive = schedule.patterns(regions)
+    modules = taylor_modules(captured, graph_module_names(captured.gm), active, inactive)
+    tagged = {r.path: r for r in regions}
+    return TaylorTarget(regions=[_as_region(m, tagged.get(m.path), captured) for m in modules],
+                        attention_regions=list(regions), modules=modules, max_order=schedule.max_order,
+                        factors_dtype=schedule.factors_dtype)
+
+
+def specialize_taylor(captured: CapturedGraph, target: TaylorTarget, phase: TaylorPhase) -> PhaseGraph:
+    """One TaylorSeer phase graph (update or predict) of ``target``'s modules."""
+    return specialize_taylor_phase(captured, target.modules, phase, max_order=target.max_order,
+                                   factors_dtype=target.factors_dtype)
+
+
+def _graph_device(captured: CapturedGraph) -> torch.device:
+    """Where the captured model's weights live (the step gap is fed there, so no graph input crosses devices)."""
+    for t in (*captured.gm.parameters(), *captured.gm.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+class TaylorSeerSteps(StepPolicy):
+    """TaylorSeer's step policy: a :class:`TaylorSeerPolicy` per cache context, and the step gap handed to
+    each phase graph as a per-call input (:attr:`~graphpass.techniques.Decision.feeds`), so one predict graph
+    serves every gap. Decisions depend on the call counter alone: no host read, ever.
+
+    >>> opt.policy.decide(call).feeds        # call 4 of diffusers' defaults: {'taylorseer:gap': tensor(2.)}
+    """
+
+    def __init__(self, schedule: TaylorSeer, target: TaylorTarget, captured: CapturedGraph):
+        super().__init__(schedule, target)
+        self.device = _graph_device(captured)
+        self.rules: dict[str, TaylorSeerPolicy] = {}
+        self._gaps: dict[int, torch.Tensor] = {}  # one tensor per gap value, made once on the device
+
+    def phase(self, s: TaylorStep) -> TaylorPhase:
         make = TaylorPhase.update if s.mode == "update" else TaylorPhase.predict
-        return make(self.modules, s.orders)
+        return make(self.target.modules, s.orders)
 
-    def plan(self, timesteps: Sequence[float] | torch.Tensor, **kwargs) -> Plan:
-        """The phases of a generation over ``timesteps`` (they depend on the call count alone); builds their
-        graphs up front."""
-        if isinstance(timesteps, torch.Tensor):
-            timesteps = timesteps.detach().cpu().flatten().tolist()
-        ts = [float(t) for t in timesteps]
-        self._check_order(ts)
-        policy = TaylorSeerPolicy(self.schedule)
-        self._plan = Plan(ts, [self._phase(policy.step(i)) for i in range(len(ts))])
-        for ph in self._plan.distinct():
-            self.phase_graph(ph)
-        return self._plan
+    def plan(self, timesteps: list[float], positions: list[float]) -> Plan:
+        """The phases of a generation over ``timesteps``: they depend on the call count alone."""
+        rule = TaylorSeerPolicy(self.schedule)
+        return Plan(list(timesteps), [self.phase(rule.step(i)) for i in range(len(timesteps))])
 
-    def _phase_for(self, st: GenerationState, t: float) -> Phase:
-        if st.counter == 0:
-            self._policies[self._context] = TaylorSeerPolicy(self.schedule)
-        s = self._policies[self._context].step(st.counter)
-        if s.gap is not None:
-            st.cache.put(GAP_KEY, torch.tensor(float(s.gap), dtype=torch.float32, device=self.device))
-        return self._phase(s)
+    def gap(self, calls: int) -> torch.Tensor:
+        """The gap ``calls`` as the 0-d float32 graph input."""
+        if calls not in self._gaps:
+            self._gaps[calls] = torch.tensor(float(calls), dtype=torch.float32, device=self.device)
+        return self._gaps[calls]
 
-    def decisions(self, context: str | None = None) -> str:
-        """``"C"`` (computed, factors refreshed) or ``"P"`` (predicted) per call of the context's generation."""
-        return "".join("P" if ph.mode == "predict" else "C"
-                       for _, ph in self.state(context).trace)
+    def decide(self, call: StepCall) -> Decision:
+        if call.counter == 0:
+            self.rules[call.context] = TaylorSeerPolicy(self.schedule)
+        s = self.rules[call.context].step(call.counter)
+        return Decision(self.phase(s), feeds={} if s.gap is None else {GAP_KEY: self.gap(s.gap)})
+
+
+TAYLORSEER = register(Technique(
+    name="TaylorSeer", schedules=(TaylorSeer,), target=taylor_target, specialize=specialize_taylor,
+    policy=TaylorSeerSteps,
+    export=Export(refusal="TaylorSeer's predict graphs read the step gap as a per-call input, which exported "
+                          "artefacts do not carry yet; run it with graphpass.optimize(model, TaylorSeer(...)), or "
+                          "export its phase graphs one by one with torch.onnx (the gap is one more input)")))
