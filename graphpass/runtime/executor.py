@@ -75,7 +75,8 @@ class RuntimeCore(ModelFacade):
 
     Each call reads its timestep, advances the generation counter, picks the phase (:meth:`_decide`: from
     the plan when one was made with :meth:`plan`, else step by step), runs that phase's runner with the
-    cached tensors it needs, stores what later steps read and frees what they do not.
+    cached tensors it needs (or the per-call values the decision feeds in their place:
+    :attr:`~graphpass.techniques.Decision.feeds`), stores what later steps read and frees what they do not.
     A call whose timestep is above the previous one (below it with ``timestep_order="rising"``), or whose
     input shapes differ from the previous call's (a new batch size, or with ``dynamic=True`` another frame
     count or resolution), starts a new generation (counter 0, empty cache).
