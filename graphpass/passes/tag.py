@@ -70,6 +70,9 @@ class Region:
     reason: str
     block: int | None = None
     attention_shape: tuple[int, ...] | None = None  # query shape of the first attention op
+    #: how the attention is computed: ``"sdpa"``, ``"softmax"`` (matrix products around a softmax) or
+    #: ``"linear"`` (kernel feature maps, no softmax); ``None`` for MLP regions
+    form: str | None = None
 
     @property
     def cache_keys(self) -> list[str]:
@@ -524,6 +527,7 @@ def find_attention_regions(captured: CapturedGraph, *, video_input: str | None =
         if core.form != "sdpa":
             reason += f"; {core.form} attention written with matrix products"
         region = _make_region(gm, path, mtype, kind, reason, core.query_shape)
+        region.form = core.form
         regions.append(region)
     return regions
 

@@ -62,8 +62,8 @@ def test_motif_cross_attention_in_single_stream_blocks_is_cross(tagged):
 
 def test_sana_linear_attention_is_found_without_sdpa(tagged):
     r = tagged["sana_video"]["transformer_blocks.0.attn1"]
-    assert r.extra["form"] == "linear" and r.kind == "joint" and r.attention_shape[-2] == 48
-    assert tagged["sana_video"]["transformer_blocks.0.attn2"].extra["form"] == "sdpa"
+    assert r.form == "linear" and r.kind == "joint" and r.attention_shape[-2] == 48
+    assert tagged["sana_video"]["transformer_blocks.0.attn2"].form == "sdpa"
 
 
 @pytest.mark.parametrize("name", list(PRESETS))

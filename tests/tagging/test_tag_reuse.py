@@ -82,7 +82,7 @@ def test_hand_written_attention_kinds(hand_capture):
     assert not any(n.target == aten.scaled_dot_product_attention.default for n in cap.gm.graph.nodes)
     regions = {r.path: r for r in tag_attention(cap)}
     assert {p: r.kind for p, r in regions.items()} == {p: k for p, (k, _) in HAND_KINDS.items()}
-    forms = {p: r.extra.get("form") for p, r in regions.items() if r.kind != "mlp"}
+    forms = {p: r.form for p, r in regions.items() if r.kind != "mlp"}
     assert forms["blocks.0.spatial_attn"] == forms["blocks.0.temporal_attn"] == forms["refiner"] == "softmax"
     assert forms["blocks.0.linear_attn"] == forms["blocks.1.linear_attn"] == "linear"
     # the bmm attention reads (B*16*heads, 3, d) tensors; its layout is recovered as (B*16, heads, 3, d)
