@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Sequence
 
 from ..errors import ScheduleError
-from .base import Action, Phase, Plan, RegionRef, Schedule, schedule_from_json  # noqa: F401 (doctest)
+from .base import Action, Phase, Plan, RegionRef, Schedule, parse_decisions, schedule_from_json  # noqa: F401 (doctest)
 
 #: Published codebooks (distance upper bound -> steps until the next compute).
 CODEBOOKS: dict[str, dict[float, int]] = {
@@ -329,20 +329,6 @@ class AdaCache(ResidualSchedule):
         return f"AdaCache({cb}; first {self.always_compute_first}, last {self.always_compute_last}{extra})"
 
 
-def _decisions(decisions) -> str:
-    if isinstance(decisions, str):
-        text = decisions.upper()
-    else:
-        try:
-            text = "".join(("C" if d else "R") if isinstance(d, bool) else str(d).upper() for d in decisions)
-        except TypeError:
-            text = None
-    if not text or set(text) - {"C", "R"}:
-        raise ScheduleError(f"decisions={decisions!r}: give one 'C' (compute) or 'R' (reuse) per step, e.g. 'CCRRC'")
-    if text[0] != "C":
-        raise ScheduleError(f"decisions={text!r} start with a reuse; the first step has nothing cached and must "
-                            f"compute ('C')")
-    return text
 
 
 @dataclass
@@ -364,7 +350,7 @@ class FrozenAdaCache(ResidualSchedule):
     cache_unit: str = "residual"
 
     def __post_init__(self):
-        self.decisions = _decisions(self.decisions)
+        self.decisions = parse_decisions(self.decisions)
         self.cache_unit = self._check_unit(self.cache_unit)
 
     @property

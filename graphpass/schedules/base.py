@@ -237,3 +237,25 @@ def _read_schedule_file(p: Path) -> str:
                             f"or `graphpass search`") from None
     except OSError as e:
         raise ScheduleError(f"cannot read schedule file {p} ({e.strerror}); check the path and its permissions") from None
+
+
+def parse_decisions(decisions) -> str:
+    """A replayed run's decisions as text: one ``"C"`` (compute) or ``"R"`` (reuse) per model call, from a string
+    or a sequence of booleans (True: compute) or letters; the first must compute (nothing is cached yet).
+
+    >>> parse_decisions("ccr"), parse_decisions([True, False])
+    ('CCR', 'CR')
+    """
+    if isinstance(decisions, str):
+        text = decisions.upper()
+    else:
+        try:
+            text = "".join(("C" if d else "R") if isinstance(d, bool) else str(d).upper() for d in decisions)
+        except TypeError:
+            text = None
+    if not text or set(text) - {"C", "R"}:
+        raise ScheduleError(f"decisions={decisions!r}: give one 'C' (compute) or 'R' (reuse) per call, e.g. 'CCRRC'")
+    if text[0] != "C":
+        raise ScheduleError(f"decisions={text!r} start with a reuse; the first call has nothing cached and must "
+                            f"compute ('C')")
+    return text

@@ -36,8 +36,6 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Sequence
 
-import torch
-
 from ..errors import ScheduleError
 from ..passes.capture import CapturedGraph, TensorSpec
 from ..passes.flops import graph_flops
@@ -45,7 +43,7 @@ from ..passes.specialize import PhaseGraph
 from ..passes.tag import Region, _pick_video_input
 from ..passes.transform_rate import (KEYS, MODEL_REGION, TransformPhase, accumulate, model_io, specialize_frozen_phase,
                                      specialize_transform_phase)
-from ..schedules.base import Phase, Plan, RegionRef, Schedule, schedule_from_json  # noqa: F401 (doctest)
+from ..schedules.base import Phase, Plan, RegionRef, Schedule, parse_decisions, schedule_from_json  # noqa: F401 (doctest)
 from .base import Decision, Export, StepCall, StepPolicy, Target, Technique, static_plan
 from .registry import register
 
@@ -131,19 +129,6 @@ class EasyCache(_EasyCacheBase):
         return f"EasyCache(tau {self.threshold:g}; first {self.warmup_steps}, last {self.always_compute_last})"
 
 
-def _decisions(decisions) -> str:
-    if isinstance(decisions, str):
-        text = decisions.upper()
-    else:
-        try:
-            text = "".join(("C" if d else "R") if isinstance(d, bool) else str(d).upper() for d in decisions)
-        except TypeError:
-            text = None
-    if not text or set(text) - {"C", "R"}:
-        raise ScheduleError(f"decisions={decisions!r}: give one 'C' (compute) or 'R' (reuse) per call, e.g. 'CCRRC'")
-    if text[0] != "C":
-        raise ScheduleError(f"decisions={text!r} start with a reuse; the first call has nothing cached: start with 'C'")
-    return text
 
 
 @dataclass
@@ -160,7 +145,7 @@ class FrozenEasyCache(_EasyCacheBase):
     decisions: str = "C"
 
     def __post_init__(self):
-        self.decisions = _decisions(self.decisions)
+        self.decisions = parse_decisions(self.decisions)
 
     def reuses(self, region: RegionRef, t: float, counter: int) -> bool:
         return counter < len(self.decisions) and self.decisions[counter] == "R"

@@ -37,8 +37,8 @@ from ..passes.residuals import ProbeSite, StepCachePhase, boundary_key, find_blo
     specialize_step_phase
 from ..passes.specialize import PhaseGraph
 from ..passes.tag import Region
-from ..schedules.adacache import ResidualSchedule, _decisions
-from ..schedules.base import Action, Phase, Plan, RegionRef, Schedule
+from ..schedules.adacache import ResidualSchedule
+from ..schedules.base import Action, Phase, Plan, RegionRef, Schedule, parse_decisions
 from .base import Decision, Export, Probe, StepCall, StepPolicy, Technique, static_plan
 from .registry import register
 from .residual import SpanTarget
@@ -131,7 +131,7 @@ class FrozenStepCache(StepCacheSchedule):
     decisions: str = "C"
 
     def __post_init__(self):
-        self.decisions = _decisions(self.decisions)
+        self.decisions = parse_decisions(self.decisions)
 
     def reuses(self, region: RegionRef, t: float, counter: int) -> bool:
         return counter < len(self.decisions) and self.decisions[counter] == "R"
