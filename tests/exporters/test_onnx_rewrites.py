@@ -19,7 +19,7 @@ import graphpass
 from graphpass import PAB, ArtefactError
 from graphpass.exporters import onnx_rewrites
 from graphpass.exporters.onnx_export import to_onnx
-from graphpass.exporters.onnx_rewrites import apply_rewrites, copy_graph_module, rewrite_for_onnx
+from graphpass.exporters.onnx_rewrites import copy_graph_module, rewrite_for_onnx
 from conftest import first, make_case, run_loop
 
 ort = pytest.importorskip("onnxruntime")

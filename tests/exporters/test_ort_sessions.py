@@ -18,40 +18,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 import graphpass
-from graphpass import PAB, ArtefactError
+from graphpass import ArtefactError
 from graphpass.exporters.ort_runner import OrtOptions
-from conftest import make_case, run_loop
+from conftest import run_loop
+from _exported import ATOL, STEPS, Exported, max_diff
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
-ATOL = 1e-4
-STEPS = [741.0 - 120 * i for i in range(6)]
-SCHEDULE = PAB(spatial=2, cross=2, window=(100, 800))
-
-
-def max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
-    assert len(a) == len(b)
-    return max(float((x - y).abs().max()) for x, y in zip(a, b))
-
-
-class Exported:
-    def __init__(self, folder: Path):
-        self.case = make_case("vdt")
-        self.kw = self.case.kwargs()
-        self.opt = graphpass.optimize(self.case.model, SCHEDULE, example_kwargs=self.kw, timesteps=STEPS)
-        self.eager = run_loop(self.opt, self.kw, STEPS)
-        self.folder = graphpass.export(self.opt, folder)
-        self.manifest = graphpass.exporters.manifest.read_manifest(folder)
-
-
 @pytest.fixture(scope="module")
 def vdt(tmp_path_factory) -> Exported:
-    return Exported(tmp_path_factory.mktemp("vdt_sessions") / "export")
+    return Exported("vdt", tmp_path_factory.mktemp("vdt_sessions") / "export")
 
 
 def external_spans(folder: Path, file: str, float32_only: bool = False) -> dict[str, tuple[int, int]]:
