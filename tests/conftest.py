@@ -12,6 +12,7 @@ output is returned (``first(out)``: the tensor of a diffusers ``return_dict=Fals
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import pytest
@@ -179,3 +180,27 @@ def cogvideox_tiny() -> tuple[torch.nn.Module, Callable[[], dict[str, Any]]]:
     """diffusers CogVideoXTransformer3DModel: hidden_states (2, 3, 4, 8, 8), int64 timestep, text (2, 5, 16)."""
     c = make_case("cogvideox")
     return c.model, c.kwargs
+
+
+#: Directories whose test modules share captures through a process-wide cache (``functools.lru_cache`` in
+#: their helpers): all their tests go to one xdist worker, so each capture is made once.
+_SHARED_CAPTURE_DIRS = ("techniques", "adacache")
+
+
+def _xdist_group(item: pytest.Item) -> str:
+    """The xdist group of a test (run with ``--dist loadgroup``): zoo tests by model case, since each zoo capture
+    is cached per process and costs seconds; tests of a shared-capture directory by directory; every other test
+    by module, so module- and session-scoped fixtures (captures, exports) are built once, not once per worker."""
+    path = item.path.relative_to(Path(__file__).parent)
+    params = getattr(item, "callspec", None)
+    if path.parts[0] == "zoo" and params is not None and "name" in params.params:
+        return f"zoo:{params.params['name']}"
+    if path.parts[0] in _SHARED_CAPTURE_DIRS:
+        return path.parts[0]
+    return str(path)
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the marks into the node ids
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(_xdist_group(item)))

@@ -180,7 +180,8 @@ def test_onnx_export_of_a_pab_plan_matches(name, tmp_path):
     steps = STEPS[:4]
     opt = _pab_plan(name, steps)
     want = loop(case, opt, case.kwargs(), steps)
-    folder = graphpass.export(opt, tmp_path / "artefact", format="onnx", example_kwargs=case.kwargs())
+    # verify=False: this test runs the loaded artefact against eager itself, over more steps than export's check
+    folder = graphpass.export(opt, tmp_path / "artefact", format="onnx", verify=False)
     runner = graphpass.load(folder, backend="onnxruntime")
     got = loop(case, runner, case.kwargs(), steps)
     assert max(float((a - b).abs().max()) for a, b in zip(got, want)) <= 1e-4
