@@ -68,6 +68,14 @@ def captured(name: str):
     return model, cap, tag_attention(cap, video_input=case.video_input, kinds=case.extra.get("kinds_override"))
 
 
+@functools.lru_cache(maxsize=None)
+def eager_loop(name: str, steps: tuple[float, ...]) -> tuple[torch.Tensor, ...]:
+    """The eager model's outputs over :func:`loop` at ``steps``, computed once per session: several tests compare
+    with the same run (callers must not modify the tensors)."""
+    model, _, _ = captured(name)
+    return tuple(loop(ZOO[name], model, ZOO[name].kwargs(), steps))
+
+
 def attention_kinds(case: ZooCase) -> dict[str, str]:
     return {p: k for p, (k, _) in case.kinds.items() if k in ATTENTION_KINDS}
 
