@@ -16,6 +16,12 @@ video of the same seed (:mod:`graphpass.eval.metrics`), and for the VDT physics 
   "regions" preset: diffusers' defaults, interval 5 from call 3, first order; and second order);
   ``easycache``, ``easycache-0.1``, ``easycache-0.2``: :class:`~graphpass.EasyCache` at Wan2.1's threshold
   0.05 and a sweep, its 10 forced steps of 50 scaled to the run's length (:func:`technique_variants`).
+* ``fbc``, ``fbc-0.1``, ``fbc-0.2``: :class:`~graphpass.FirstBlockCache` at diffusers' threshold 0.05 and a
+  sweep; ``magcache``, ``magcache-0.12``, ``magcache-0.24``: :class:`~graphpass.MagCache` at diffusers' settings
+  (threshold 0.06, 3 skips, retention 0.2) and a threshold sweep; ``teacache``, ``teacache-0.2``,
+  ``teacache-0.4``: :class:`~graphpass.TeaCache` at thresholds 0.1 (the published "slow"), 0.2 ("fast") and 0.4.
+  MagCache's ratios and TeaCache's polynomial are the model's own, measured by
+  :mod:`graphpass.eval.coefficients` on one seed that is not benched (:func:`calibration_seed`).
 * ``diffusers-pab``, ``diffusers-fbc``, ``diffusers-magcache``, ``diffusers-taylorseer``,
   ``diffusers-fastercache``: diffusers' own cache hooks (``transformer.enable_cache``) for diffusers models:
   Pyramid Attention Broadcast (same ranges and window as the model's preset), First Block Cache (threshold
@@ -47,13 +53,16 @@ from typing import Any, Sequence
 
 import torch
 
-from ..errors import InputError
+from ..errors import GraphpassError, InputError
 from ..schedules.adacache import AdaCache, MoReg
 from ..schedules.base import Schedule
 from ..schedules.pab import PAB
 from ..techniques.easycache import EasyCache
+from ..techniques.first_block_cache import FirstBlockCache
+from ..techniques.magcache import MagCache
 from ..techniques.taylorseer import TaylorSeer
-from .coefficients import diffusers_mag_ratios
+from ..techniques.teacache import TeaCache
+from .coefficients import diffusers_mag_ratios, fit_teacache, magcache_ratios
 from .harness import Baseline, ComputeAll, Measurement, Workload, save_figure
 
 #: The published PAB preset that fits each model family (VDT blocks are spatial -> temporal -> cross -> MLP
@@ -98,6 +107,40 @@ def technique_variants(num_steps: int) -> dict[str, Schedule]:
             "easycache-0.2": EasyCache.preset("wan2.1", threshold=0.2, warmup_steps=warm)}
 
 
+#: Rows of the techniques that need the model's own constants (:func:`calibrated_variants`), and their thresholds.
+CALIBRATED = {"fbc": 0.05, "fbc-0.1": 0.1, "fbc-0.2": 0.2,
+              "magcache": 0.06, "magcache-0.12": 0.12, "magcache-0.24": 0.24,
+              "teacache": 0.1, "teacache-0.2": 0.2, "teacache-0.4": 0.4}
+
+
+def calibration_seed(seeds: Sequence[int]) -> int:
+    """The seed whose run measures MagCache's ratios and TeaCache's polynomial: one past the benched seeds, so
+    no row is judged on the video it was calibrated on.
+
+    >>> calibration_seed([0, 1, 2])
+    3
+    """
+    return max(int(s) for s in seeds) + 1
+
+
+def calibrated_variants(workload: Workload, methods: Sequence[str], seed: int) -> dict[str, Schedule]:
+    """The schedules of the :data:`CALIBRATED` rows among ``methods``. MagCache's magnitude ratios and TeaCache's
+    rescaling polynomial are measured on ``seed`` (one full run each, only when a row of that technique is
+    asked for); MagCache keeps diffusers' other settings (3 skips, retention 0.2)."""
+    wanted = [m for m in methods if m in CALIBRATED]
+    out: dict[str, Schedule] = {m: FirstBlockCache(CALIBRATED[m]) for m in wanted if m.startswith("fbc")}
+    if any(m.startswith("magcache") for m in wanted):
+        ratios = magcache_ratios(workload, seed)
+        out.update({m: MagCache(threshold=CALIBRATED[m], mag_ratios=ratios, num_inference_steps=workload.num_steps)
+                    for m in wanted if m.startswith("magcache")})
+    if any(m.startswith("teacache") for m in wanted):
+        coefficients = fit_teacache(workload, [seed]).coefficients
+        out.update({m: TeaCache(threshold=CALIBRATED[m], coefficients=coefficients,
+                                num_inference_steps=workload.num_steps)
+                    for m in wanted if m.startswith("teacache")})
+    return out
+
+
 def searched_methods(schedule_paths: str | Path | Sequence[str | Path] | None) -> dict[str, Path]:
     """Method name per searched schedule file: ``searched`` for one file, ``searched-<file stem>`` for several."""
     if schedule_paths is None:
@@ -115,6 +158,7 @@ def available_methods(workload: Workload,
     names += list(searched_methods(schedule_paths))
     names += list(_adacache_variants(workload.num_steps))
     names += list(technique_variants(workload.num_steps))
+    names += list(CALIBRATED)
     if workload.family == "diffusers":
         names += [f"diffusers-{k}" for k in DIFFUSERS_HOOKS]
     return list(dict.fromkeys(names))
@@ -239,13 +283,20 @@ def bench(workload: Workload, seeds: Sequence[int] = (0, 1), methods: Sequence[s
     known = available_methods(workload, schedule_path)
     methods = list(methods) if methods else known
     unknown = [m for m in methods if m not in known and not m.startswith(("adacache", "diffusers-"))
-               and m not in technique_variants(workload.num_steps)]
+               and m not in technique_variants(workload.num_steps) and m not in CALIBRATED]
     if unknown:
         raise InputError(f"unknown bench method(s) {unknown} for {workload.name}; available: {', '.join(known)}"
                          + ("" if schedule_path else " (give a searched schedule file for 'searched')"))
     baseline = workload.baseline(seeds, progress=progress)
     ada = _adacache_variants(workload.num_steps)
     techs = technique_variants(workload.num_steps)
+    unmeasured: dict[str, str] = {}  # rows whose calibration failed (e.g. no block chain), and why
+    for technique in ("fbc", "magcache", "teacache"):
+        rows = [m for m in methods if m in CALIBRATED and m.startswith(technique)]
+        try:
+            techs.update(calibrated_variants(workload, rows, calibration_seed(seeds)))
+        except GraphpassError as e:
+            unmeasured.update({m: f"n/a: {e}" for m in rows})
     searched = searched_methods(schedule_path)
     result = BenchResult(workload.name, seeds, workload.num_steps, torch.get_num_threads())
     for method in tqdm(methods, desc=f"{workload.name} bench", disable=not progress):
@@ -270,6 +321,8 @@ def bench(workload: Workload, seeds: Sequence[int] = (0, 1), methods: Sequence[s
                 if method not in ada:
                     raise _NotApplicable("n/a: graphpass.schedules.adacache is not available")
                 sched = ada[method]
+            elif method in unmeasured:
+                raise _NotApplicable(unmeasured[method])
             elif method in techs:
                 sched = techs[method]
             elif method == "graphpass-noreuse":

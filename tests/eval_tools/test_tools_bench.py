@@ -14,7 +14,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from graphpass import PAB
 from graphpass.cli import main
 from graphpass.eval import harness
-from graphpass.eval.bench import FIELDS, available_methods, bench, pareto_front, plot_bench
+from graphpass.eval import bench as bench_module
+from graphpass.eval.bench import CALIBRATED, FIELDS, available_methods, bench, pareto_front, plot_bench
 from graphpass.eval.harness import ComputeAll, Workload
 from graphpass.errors import InputError
 
@@ -117,6 +118,7 @@ def test_vdt_bench_has_every_method_and_field(vdt_result, tmp_path):
     wl, methods, res, clock = vdt_result
     assert {"baseline", "graphpass-noreuse", "pab246", "pab357", "pab579", "pab-open-sora"} <= set(methods)
     assert not any(m.startswith("diffusers-") for m in methods)  # hooks apply to diffusers models only
+    assert all(res.row(m)["status"] == "ok" for m in CALIBRATED)  # FBC, MagCache, TeaCache and their sweeps
     check_rows(res, methods, wl, clock)
     noreuse = res.row("graphpass-noreuse")
     assert noreuse["ideal_speedup"] == 1.0 and noreuse["cache_peak_bytes"] == 0
@@ -210,3 +212,20 @@ def test_commands_write_their_files(tmp_path):
     rows = json.loads((tmp_path / "b" / "bench.json").read_text())["rows"]
     assert [r["method"] for r in rows] == ["baseline", "searched"] and rows[1]["status"] == "ok"
     assert rows[1]["psnr"] == pytest.approx(sched["measured"]["psnr"], abs=1e-6)  # same schedule, same videos
+
+
+def test_magcache_and_teacache_rows_are_calibrated_on_a_seed_the_bench_does_not_judge(monkeypatch):
+    """The rows' constants come from a run of a seed outside the benched ones, once per technique."""
+    wl = vdt_workload(6)  # TeaCache's degree-4 fit needs 5 step pairs
+    calls = []
+    for name in ("magcache_ratios", "fit_teacache"):
+        real = getattr(bench_module, name)
+
+        def spy(workload, seed, *a, _real=real, _name=name, **k):
+            calls.append((_name, seed))
+            return _real(workload, seed, *a, **k)
+
+        monkeypatch.setattr(bench_module, name, spy)
+    res = bench(wl, [0, 1], ["baseline", "magcache", "magcache-0.12", "teacache", "teacache-0.4"], progress=False)
+    assert sorted(calls) == [("fit_teacache", [2]), ("magcache_ratios", 2)]
+    assert all(r["status"] == "ok" for r in res.rows)
