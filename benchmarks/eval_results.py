@@ -86,6 +86,24 @@ def main(argv=None) -> int:
     return 0
 
 
+#: Quality floors (mean PSNR to the baseline, dB) at which the report names the fastest method.
+FLOORS = (30.0, 25.0)
+
+
+def best_lines(table) -> list[str]:
+    """One line per quality floor: the fastest method (CPU time, and by FLOPs) whose mean PSNR reaches it."""
+    lines = ["| PSNR at least | fastest (CPU time) | CPU speedup | PSNR | fastest (FLOPs) | ideal speedup | PSNR |",
+             "|---:|---|---:|---:|---|---:|---:|"]
+    for floor in FLOORS:
+        cpu, ideal = table.best_at(floor, "cpu_speedup"), table.best_at(floor, "ideal_speedup")
+        if cpu is None:
+            lines.append(f"| {floor:g} dB | none | | | none | | |")
+            continue
+        lines.append(f"| {floor:g} dB | {cpu['method']} | {cpu['cpu_speedup']:.2f}x | {cpu['psnr']:.2f} | "
+                     f"{ideal['method']} | {ideal['ideal_speedup']:.2f}x | {ideal['psnr']:.2f} |")
+    return ["Fastest method at each quality floor (mean PSNR over the bench seeds):", "", *lines]
+
+
 def write_markdown(out, args, wl, analysis, searches, table, common, minutes) -> None:
     import os
 
@@ -112,6 +130,7 @@ def write_markdown(out, args, wl, analysis, searches, table, common, minutes) ->
               f"![speedup vs PSNR]({rel}/bench/bench.png)", "",
               "Plot: CPU-time speedup (filled) and ideal FLOP speedup (hollow) against PSNR; dashed: the Pareto "
               "front of the CPU-time speedups.", "",
+              *best_lines(table), "",
               "## Searched schedules against the presets at equal PSNR", "",
               "| preset | preset PSNR (search seeds) | preset ideal | searched schedule | searched PSNR "
               "(search seeds) | searched ideal | evaluated |", "|---|---:|---:|---|---:|---:|---:|"]

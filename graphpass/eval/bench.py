@@ -240,6 +240,24 @@ class BenchResult:
         path.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
         return path
 
+    def best_at(self, min_psnr: float, speed: str = "cpu_speedup") -> dict[str, Any] | None:
+        """The fastest measured method (by ``speed``: ``"cpu_speedup"``, ``"speedup"`` or ``"ideal_speedup"``)
+        whose mean PSNR is at least ``min_psnr`` dB (a lossless method's is inf); None when no method reaches it.
+        The baseline row (no PSNR: it is the reference) does not compete.
+
+        >>> r = BenchResult("m", [0], 10, 1, rows=[
+        ...     {"method": "a", "status": "ok", "psnr": 31.0, "cpu_speedup": 1.5},
+        ...     {"method": "b", "status": "ok", "psnr": 27.0, "cpu_speedup": 2.5},
+        ...     {"method": "c", "status": "n/a", "psnr": None, "cpu_speedup": None}])
+        >>> r.best_at(30)["method"], r.best_at(25)["method"], r.best_at(40)
+        ('a', 'b', None)
+        """
+        if speed not in ("cpu_speedup", "speedup", "ideal_speedup"):
+            raise InputError(f"best_at speed={speed!r}: use 'cpu_speedup', 'speedup' or 'ideal_speedup'")
+        ok = [r for r in self.rows if r["status"] == "ok" and r.get("psnr") is not None and r["psnr"] >= min_psnr
+              and r.get(speed) is not None]
+        return max(ok, key=lambda r: r[speed], default=None)
+
     def markdown(self) -> str:
         """The table in Markdown (PSNR of the baseline is shown as ``inf``: identical by definition)."""
         head = ("| method | s/video | speedup | CPU s/video | CPU speedup | ideal FLOP speedup | cache peak | PSNR dB "

@@ -15,7 +15,8 @@ from graphpass import PAB
 from graphpass.cli import main
 from graphpass.eval import harness
 from graphpass.eval import bench as bench_module
-from graphpass.eval.bench import CALIBRATED, FIELDS, available_methods, bench, pareto_front, plot_bench
+from graphpass.eval.bench import (CALIBRATED, FIELDS, BenchResult, available_methods, bench, pareto_front,
+                                  plot_bench)
 from graphpass.eval.harness import ComputeAll, Workload
 from graphpass.errors import InputError
 
@@ -229,3 +230,21 @@ def test_magcache_and_teacache_rows_are_calibrated_on_a_seed_the_bench_does_not_
     res = bench(wl, [0, 1], ["baseline", "magcache", "magcache-0.12", "teacache", "teacache-0.4"], progress=False)
     assert sorted(calls) == [("fit_teacache", [2]), ("magcache_ratios", 2)]
     assert all(r["status"] == "ok" for r in res.rows)
+
+
+def test_best_at_a_quality_floor_is_the_fastest_row_that_reaches_it():
+    rows = [{"method": "baseline", "status": "ok", "psnr": None, "cpu_speedup": 1.0, "ideal_speedup": 1.0},
+            {"method": "exact", "status": "ok", "psnr": math.inf, "cpu_speedup": 0.9, "ideal_speedup": 1.0},
+            {"method": "mild", "status": "ok", "psnr": 33.0, "cpu_speedup": 1.4, "ideal_speedup": 2.5},
+            {"method": "edge", "status": "ok", "psnr": 30.0, "cpu_speedup": 1.6, "ideal_speedup": 1.7},
+            {"method": "rough", "status": "ok", "psnr": 26.0, "cpu_speedup": 3.0, "ideal_speedup": 3.5},
+            {"method": "broken", "status": "n/a: no chain", "psnr": None, "cpu_speedup": None}]
+    res = BenchResult("m", [0], 10, 1, rows=rows)
+    assert res.best_at(30)["method"] == "edge"  # the floor is inclusive; the baseline row does not compete
+    assert res.best_at(1000)["method"] == "exact"  # lossless: PSNR inf
+    assert res.best_at(30, "ideal_speedup")["method"] == "mild"
+    assert res.best_at(25)["method"] == "rough"
+    assert res.best_at(34)["method"] == "exact"
+    assert BenchResult("m", [0], 10, 1, rows=rows[3:]).best_at(34) is None
+    with pytest.raises(InputError, match="best_at speed"):
+        res.best_at(30, "psnr")
