@@ -18,8 +18,10 @@ video of the same seed (:mod:`graphpass.eval.metrics`), and for the VDT physics 
   0.05 and a sweep, its 10 forced steps of 50 scaled to the run's length (:func:`technique_variants`).
 * ``fbc``, ``fbc-0.1``, ``fbc-0.2``: :class:`~graphpass.FirstBlockCache` at diffusers' threshold 0.05 and a
   sweep; ``magcache``, ``magcache-0.12``, ``magcache-0.24``: :class:`~graphpass.MagCache` at diffusers' settings
-  (threshold 0.06, 3 skips, retention 0.2) and a threshold sweep; ``teacache``, ``teacache-0.2``,
-  ``teacache-0.4``: :class:`~graphpass.TeaCache` at thresholds 0.1 (the published "slow"), 0.2 ("fast") and 0.4.
+  (threshold 0.06, 3 skips, retention 0.2) and a threshold sweep; ``teacache-0.02``, ``teacache-0.05``,
+  ``teacache``: :class:`~graphpass.TeaCache` at thresholds 0.02, 0.05 and 0.1 (the published "slow" setting of
+  most video models; with a model's own polynomial the scale of the accumulated distance differs, so the sweep
+  goes down from it).
   MagCache's ratios and TeaCache's polynomial are the model's own, measured by
   :mod:`graphpass.eval.coefficients` on one seed that is not benched (:func:`calibration_seed`).
 * ``diffusers-pab``, ``diffusers-fbc``, ``diffusers-magcache``, ``diffusers-taylorseer``,
@@ -110,7 +112,7 @@ def technique_variants(num_steps: int) -> dict[str, Schedule]:
 #: Rows of the techniques that need the model's own constants (:func:`calibrated_variants`), and their thresholds.
 CALIBRATED = {"fbc": 0.05, "fbc-0.1": 0.1, "fbc-0.2": 0.2,
               "magcache": 0.06, "magcache-0.12": 0.12, "magcache-0.24": 0.24,
-              "teacache": 0.1, "teacache-0.2": 0.2, "teacache-0.4": 0.4}
+              "teacache-0.02": 0.02, "teacache-0.05": 0.05, "teacache": 0.1}
 
 
 def calibration_seed(seeds: Sequence[int]) -> int:

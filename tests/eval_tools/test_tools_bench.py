@@ -227,7 +227,7 @@ def test_magcache_and_teacache_rows_are_calibrated_on_a_seed_the_bench_does_not_
             return _real(workload, seed, *a, **k)
 
         monkeypatch.setattr(bench_module, name, spy)
-    res = bench(wl, [0, 1], ["baseline", "magcache", "magcache-0.12", "teacache", "teacache-0.4"], progress=False)
+    res = bench(wl, [0, 1], ["baseline", "magcache", "magcache-0.12", "teacache", "teacache-0.05"], progress=False)
     assert sorted(calls) == [("fit_teacache", [2]), ("magcache_ratios", 2)]
     assert all(r["status"] == "ok" for r in res.rows)
 
