@@ -26,7 +26,7 @@ from ..runtime.backends import PhaseRunner
 from ..runtime.executor import RuntimeCore
 from ..schedules.base import Phase, Plan, schedule_from_json
 from ..techniques import Decision, StepCall
-from .manifest import dtype_of, phases_of, regions_of, read_manifest
+from .manifest import dtype_of, read_manifest, regions_of, schedule_plan, step_feeds
 from .ort_runner import OrtOptions, ort_runner_factory
 from .tensorrt import trt_runner_factory
 
@@ -78,13 +78,14 @@ class ArtefactModel(RuntimeCore):
                          timestep_arg=manifest["timestep_arg"], backend=backend)
         self.folder = folder
         self.manifest = manifest
+        plan = schedule_plan(manifest)  # the schedule's own phases, which read_manifest matched with the files
         self.specs = [PhaseSpec(id=e["id"], phase=ph, file=e["file"], cache_inputs=e["cache_inputs"],
                                 cache_outputs=e["cache_outputs"], num_user_outputs=e["num_user_outputs"],
                                 engine=e.get("engine"))
-                      for e, ph in zip(manifest["phases"], phases_of(manifest))]
+                      for e, ph in zip(manifest["phases"], plan.distinct())]
         self._phase_graphs.update((s.phase, s) for s in self.specs)
-        self._plan = Plan([float(t) for t in manifest["plan"]["timesteps"]],
-                          [self.specs[i].phase for i in manifest["plan"]["phase_ids"]])
+        self._plan = Plan(plan.timesteps, [self.specs[i].phase for i in manifest["plan"]["phase_ids"]])
+        self._feeds = step_feeds(manifest)  # per step, what the phase reads in place of a cached tensor
 
     # --- the core's hooks ------------------------------------------------------------------------
     def phase_graph(self, phase: Phase) -> PhaseSpec:
@@ -104,7 +105,7 @@ class ArtefactModel(RuntimeCore):
             raise ArtefactError(f"step {i} got timestep {t:g}, but {self.folder} was exported for timestep "
                                 f"{plan.timesteps[i]:g} at that step (plan: {_short(plan.timesteps)}); only the "
                                 f"exported phases exist: sample with the exported timesteps or re-export with yours")
-        return Decision(plan.phases[i], on_plan=True)  # caches are freed by the plan's next phase
+        return Decision(plan.phases[i], on_plan=True, feeds=self._feeds[i])  # caches: freed by the next phase
 
     def plan(self, timesteps: Sequence[float] | torch.Tensor) -> Plan:
         """The exported plan, when ``timesteps`` are its own; an export serves no other."""

@@ -9,13 +9,17 @@ layout), one shared weights file (``weights.bin``), TensorRT engines when built 
      "inputs": [{"name": "hidden_states", "shape": [2, 4, 3, 16, 16], "dtype": "float32"}, ...],
      "constants": {}, "out_spec": "<pytree spec>", "user_outputs": [...],
      "schedule": {"type": "PAB", ...}, "regions": [{"path": ..., "kind": ..., "cache_keys": [...], ...}],
-     "plan": {"timesteps": [...], "phase_ids": [0, 1, 2, 1, ...]},
+     "plan": {"timesteps": [...], "phase_ids": [0, 1, 2, 1, ...], "feeds": [{}, {"taylorseer:gap": ...}, ...]},
      "phases": [{"id": 0, "label": ..., "actions": [[path, action], ...], "file": "phase_0.onnx",
                  "inputs": [...], "outputs": [...], "cache_inputs": [...], "cache_outputs": [...], ...}],
      "files": {"phase_0.onnx": "<sha256>", "weights.bin": "<sha256>", ...},
      "manifest_sha256": "<sha256 of every other field>"}
 
 :func:`read_manifest` checks all of it before anything runs: names, hashes, and plan against schedule.
+
+``plan.feeds`` holds, per step, the values the step's phase reads in place of cached tensors
+(:attr:`~graphpass.techniques.Decision.feeds`, e.g. TaylorSeer's step gap), which the loaded artefact feeds
+back at that step (:func:`step_feeds`).
 
 Cached tensors are named after their cache keys: key ``blocks.0.spatial_attn:0`` is the tensor
 ``cache.blocks.0.spatial_attn.0`` (see :func:`cache_tensor_name`).
@@ -33,7 +37,7 @@ import torch
 from ..errors import ArtefactError, GraphpassError
 from ..passes.capture import TensorSpec
 from ..passes.tag import Region
-from ..schedules.base import Action, Phase, schedule_from_json
+from ..schedules.base import Action, Phase, Plan, schedule_from_json
 from ..version import __version__
 
 MANIFEST = "manifest.json"
@@ -52,6 +56,16 @@ def cache_tensor_name(key: str, *, output: bool = False) -> str:
     """
     name = "cache." + key.replace(":", ".")
     return name + ".next" if output else name
+
+
+def phase_output_names(cache_inputs: list[str], cache_outputs: list[str]) -> list[str]:
+    """The tensor names of a per-phase file's cache outputs: a key the phase both reads and writes (a
+    TaylorSeer update refreshing its factors) gets ``.next``, as the single-file layout's do.
+
+        >>> phase_output_names(["blocks.0.attn1:0:F0"], ["blocks.0.attn1:0:F0", "blocks.0.attn1:0:F1"])
+        ['cache.blocks.0.attn1.0.F0.next', 'cache.blocks.0.attn1.0.F1']
+    """
+    return [cache_tensor_name(k, output=k in cache_inputs) for k in cache_outputs]
 
 
 def user_output_name(i: int) -> str:
@@ -222,6 +236,36 @@ def check_files(manifest: dict[str, Any]) -> None:
         raise _fail(f"lists {', '.join(unused)}, which no phase uses")
 
 
+def feed_entry(value: torch.Tensor) -> dict[str, Any]:
+    """A fed value as the manifest records it (feeds are small: a step gap is one number).
+
+        >>> feed_entry(torch.tensor(2.0))
+        {'shape': [], 'dtype': 'float32', 'values': [2.0]}
+    """
+    return {"shape": list(value.shape), "dtype": dtype_name(value.dtype),
+            "values": value.detach().cpu().flatten().tolist()}
+
+
+def step_feeds(manifest: dict[str, Any], device: torch.device | str = "cpu") -> list[dict[str, torch.Tensor]]:
+    """Per step of the plan, the values its phase is fed (``plan.feeds``; none when absent), as tensors on
+    ``device``; one tensor per distinct value, shared by the steps that feed it.
+
+        >>> [sorted(f) for f in step_feeds(manifest)][:3]           # TaylorSeer: no gap at the first call
+        [[], ['taylorseer:gap'], ['taylorseer:gap']]
+    """
+    made: dict[str, torch.Tensor] = {}
+    out = []
+    for step in manifest["plan"].get("feeds") or [{} for _ in manifest["plan"]["phase_ids"]]:
+        feeds = {}
+        for key, e in step.items():
+            text = json.dumps(e, sort_keys=True)
+            if text not in made:
+                made[text] = torch.tensor(e["values"], dtype=dtype_of(e["dtype"]), device=device).reshape(e["shape"])
+            feeds[key] = made[text]
+        out.append(feeds)
+    return out
+
+
 def regions_of(manifest: dict[str, Any]) -> list[Region]:
     """The tagged regions recorded in a manifest (no graph nodes: the phases are the exported files)."""
     return [Region(path=r["path"], module_type=r["module_type"], kind=r["kind"], nodes=[], exits=r["exits"],
@@ -240,6 +284,14 @@ def phases_of(manifest: dict[str, Any]) -> list[Phase]:
         except (ValueError, TypeError) as err:
             raise _fail(f"phase {i} has malformed actions ({err})") from None
     return out
+
+
+def schedule_plan(manifest: dict[str, Any]) -> Plan:
+    """The plan the manifest's schedule makes over its timesteps: the phases the loaded artefact runs (of the
+    schedule's own types, e.g. TaylorSeer's update and predict), which :func:`check_plan` matched with the
+    recorded ones."""
+    schedule = schedule_from_json(json.dumps(manifest["schedule"]))
+    return schedule.plan(regions_of(manifest), [float(t) for t in manifest["plan"]["timesteps"]])
 
 
 def check_plan(manifest: dict[str, Any], regions: list[Region], phases: list[Phase]) -> None:
@@ -264,12 +316,23 @@ def check_plan(manifest: dict[str, Any], regions: list[Region], phases: list[Pha
     except GraphpassError as e:
         raise _fail(f"holds a schedule that cannot plan its own regions ({e})") from None
     want = expected.distinct()
-    if phases != want or ids != [want.index(ph) for ph in expected.phases]:
+    # Phases compare by their actions: the schedule's own phase types (TaylorSeer's update and predict) say
+    # more than a manifest records, and the loaded artefact runs the schedule's phases, checked here.
+    want_ids = [want.index(ph) for ph in expected.phases]
+    if [ph.actions for ph in phases] != [ph.actions for ph in want] or ids != want_ids:
         raise _fail(f"holds a plan that its schedule ({schedule}) does not give for its timesteps: phases "
                     f"{[ph.label() for ph in phases]} with ids {ids}, expected {[ph.label() for ph in want]} with ids "
-                    f"{[want.index(ph) for ph in expected.phases]}")
+                    f"{want_ids}")
+    feeds = _checked_feeds(plan, manifest["phases"], ids)
     by_path = {r.path: r for r in regions}
-    for i, (e, ph) in enumerate(zip(manifest["phases"], phases)):
+    stored = {k for e in manifest["phases"] for k in e.get("cache_outputs") or []}
+    for i, (e, ph) in enumerate(zip(manifest["phases"], want)):
+        if not ph.caches_region_outputs:  # a technique's own cached values: each read is stored or fed
+            fed_always = set.intersection(*(set(feeds[s]) for s, j in enumerate(ids) if j == i))
+            unknown = [k for k in e.get("cache_inputs") or [] if k not in stored and k not in fed_always]
+            if unknown:
+                raise _fail(f"phase {i} reads {unknown}, which no phase stores and no step feeds")
+            continue
         for field_, action in (("cache_inputs", Action.REUSE), ("cache_outputs", Action.STORE)):
             want_keys = {k for p, a in ph.actions if a == action for k in by_path[p].cache_keys}
             got = e.get(field_)
@@ -283,6 +346,27 @@ def check_plan(manifest: dict[str, Any], regions: list[Region], phases: list[Pha
             raise _fail("single_file lists cache keys that its regions or inputs do not have")
         if not set(single.get("switch_regions", [])) <= set(by_path):
             raise _fail("single_file switches regions that it does not list")
+
+
+def _checked_feeds(plan: dict[str, Any], phases: list[dict[str, Any]], ids: list[int]) -> list[dict[str, Any]]:
+    """``plan.feeds`` (one object per step, each key a cache input of the step's phase, each value a
+    :func:`feed_entry`), or no feeds at all when absent."""
+    feeds = plan.get("feeds")
+    if feeds is None:
+        return [{} for _ in ids]
+    if not isinstance(feeds, list) or len(feeds) != len(ids) or not all(isinstance(f, dict) for f in feeds):
+        raise _fail(f"plan has feeds {str(feeds)[:80]}: one object per timestep is needed")
+    for step, (f, i) in enumerate(zip(feeds, ids)):
+        for key, e in f.items():
+            if key not in (phases[i].get("cache_inputs") or []):
+                raise _fail(f"plan feeds {key!r} at step {step}, which phase {i} does not read")
+            ok = (isinstance(e, dict) and isinstance(e.get("shape"), list) and isinstance(e.get("values"), list)
+                  and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                          for v in e["values"]) and len(e["values"]) == math.prod(e["shape"]))
+            if not ok:
+                raise _fail(f"plan feeds {key!r} at step {step} as {str(e)[:80]}, not a tensor entry")
+            dtype_of(e.get("dtype", ""))
+    return feeds
 
 
 def read_manifest(folder: str | Path, *, verify: bool = True) -> dict[str, Any]:

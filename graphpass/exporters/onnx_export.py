@@ -27,8 +27,8 @@ import torch
 
 from ..errors import ArtefactError, GraphpassError, InputError
 from ..schedules.base import Action, Plan
-from .manifest import (MANIFEST_FORMAT, WEIGHTS_FILE, cache_tensor_name, dtype_name, reuse_flag_name, tensor_entry,
-                       user_output_name, versions, write_manifest)
+from .manifest import (MANIFEST_FORMAT, WEIGHTS_FILE, cache_tensor_name, dtype_name, feed_entry,
+                       phase_output_names, reuse_flag_name, tensor_entry, user_output_name, versions, write_manifest)
 from .onnx_rewrites import rewrite_for_onnx, unlowered_op_error
 
 if TYPE_CHECKING:
@@ -191,12 +191,17 @@ def _cache_specs(opt: "OptimizedModel") -> dict[str, Any]:
     return {k: s for r in opt.regions for k, s in zip(r.cache_keys, r.exit_specs)}
 
 
-def _cache_args(pg, device: torch.device) -> list[torch.Tensor]:
-    """Example tensors of a phase graph's cache inputs, in order, from its placeholders (every phase graph
-    states the shape and dtype of what it reads, whichever pass built it)."""
+def cache_input_specs(pg) -> list[tuple[tuple[int, ...], torch.dtype]]:
+    """(shape, dtype) of a phase graph's cache inputs, in order, from its placeholders (every phase graph
+    states what it reads, whichever pass built it: region outputs, TaylorSeer's factors and step gap...)."""
     vals = {n.meta["graphpass_cache_key"]: n.meta["val"] for n in pg.gm.graph.nodes
             if n.op == "placeholder" and "graphpass_cache_key" in n.meta}
-    return [torch.zeros(tuple(vals[k].shape), dtype=vals[k].dtype, device=device) for k in pg.cache_inputs]
+    return [(tuple(vals[k].shape), vals[k].dtype) for k in pg.cache_inputs]
+
+
+def _cache_args(pg, device: torch.device) -> list[torch.Tensor]:
+    """Example tensors of a phase graph's cache inputs, in order (:func:`cache_input_specs`)."""
+    return [torch.zeros(shape, dtype=dtype, device=device) for shape, dtype in cache_input_specs(pg)]
 
 
 def _device_of(opt: "OptimizedModel") -> torch.device:
@@ -245,10 +250,18 @@ def base_manifest(opt: "OptimizedModel", plan: Plan, fmt: str, layout: str) -> d
         "regions": [{"path": r.path, "kind": r.kind, "module_type": r.module_type, "cache_keys": r.cache_keys,
                      "exits": r.exits, "exit_specs": [[list(s.shape), dtype_name(s.dtype)] for s in r.exit_specs],
                      "flops": r.flops, "reason": r.reason, "block": r.block} for r in opt.regions],
-        "plan": {"timesteps": list(plan.timesteps), "phase_ids": [ids[ph] for ph in plan.phases]},
+        "plan": {"timesteps": list(plan.timesteps), "phase_ids": [ids[ph] for ph in plan.phases],
+                 "feeds": plan_feeds(opt, plan)},
         "phases": [{"id": i, "label": ph.label(), "actions": [[p, a.value] for p, a in ph.actions]}
                    for i, ph in enumerate(phases)],
     }
+
+
+def plan_feeds(opt: "OptimizedModel", plan: Plan) -> list[dict[str, Any]]:
+    """Per step, the values the policy feeds its phase (:meth:`~graphpass.techniques.StepPolicy.feeds`) that
+    the phase graph reads, as manifest entries (:func:`~graphpass.exporters.manifest.feed_entry`)."""
+    return [{k: feed_entry(v) for k, v in feeds.items() if k in opt.phase_graph(ph).cache_inputs}
+            for ph, feeds in zip(plan.phases, opt.policy.feeds(plan))]
 
 
 def export_onnx(opt: "OptimizedModel", folder: str | Path, *, timesteps: Sequence[float] | None = None,
@@ -302,7 +315,7 @@ def export_onnx(opt: "OptimizedModel", folder: str | Path, *, timesteps: Sequenc
                 pg = opt.phase_graph(ph)
                 args = inputs + _cache_args(pg, device)
                 in_names = list(opt.captured.input_names) + [cache_tensor_name(k) for k in pg.cache_inputs]
-                out_names = user_names + [cache_tensor_name(k) for k in pg.cache_outputs]
+                out_names = user_names + phase_output_names(pg.cache_inputs, pg.cache_outputs)
                 proto = to_onnx(pg.gm, args, in_names, out_names, opset)
                 weights.externalise(proto)
                 name = f"phase_{entry['id']}.onnx"

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from ..errors import ArtefactError, InputError
-from .manifest import WEIGHTS_FILE, cache_tensor_name, dtype_of, single_file_consts
+from .manifest import WEIGHTS_FILE, cache_tensor_name, dtype_of, phase_output_names, single_file_consts
 
 ARENAS = ("shared", "per-session", "none")
 
@@ -338,7 +338,7 @@ class OrtRunnerFactory:
         io_binding = self.sessions.options.io_binding
         inputs = self._in_names + [cache_tensor_name(k) for k in spec.cache_inputs]
         if self._single is None:
-            outs = self._user_out + [cache_tensor_name(k) for k in spec.cache_outputs]
+            outs = self._user_out + phase_output_names(spec.cache_inputs, spec.cache_outputs)
             return OrtPhaseRunner(sess, inputs, output_specs(list(self._entries.values()), outs),
                                   io_binding=io_binding)
         consts = single_file_consts(self._single, spec.phase, spec.cache_inputs, zeros=self._unread)

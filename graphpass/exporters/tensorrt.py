@@ -33,7 +33,7 @@ from typing import Any, Callable
 import torch
 
 from ..errors import ArtefactError, InputError
-from .manifest import cache_tensor_name, read_manifest, single_file_consts, write_manifest
+from .manifest import cache_tensor_name, phase_output_names, read_manifest, single_file_consts, write_manifest
 from .onnx_export import graph_tensors
 
 PRECISIONS = ("fp32", "fp16", "bf16")
@@ -298,7 +298,7 @@ def trt_runner_factory(folder: Path, manifest: dict[str, Any]) -> Callable:
         inputs = in_names + [cache_tensor_name(k) for k in spec.cache_inputs]
         if single is None:
             return TrtPhaseRunner(trt, engine, context, inputs,
-                                  user_out + [cache_tensor_name(k) for k in spec.cache_outputs])
+                                  user_out + phase_output_names(spec.cache_inputs, spec.cache_outputs))
         return TrtPhaseRunner(trt, engine, context, inputs,
                               user_out + [cache_tensor_name(k, output=True) for k in spec.cache_outputs],
                               consts=single_file_consts(single, spec.phase, spec.cache_inputs, zeros=unread,

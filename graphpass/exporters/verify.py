@@ -23,6 +23,7 @@ import torch
 from ..errors import ArtefactError
 from ..schedules.base import Plan
 from .artefact import PhaseSpec
+from .onnx_export import cache_input_specs
 from .ort_runner import ort_runner_factory
 
 if TYPE_CHECKING:
@@ -131,11 +132,10 @@ def verify_export(opt: "OptimizedModel", folder: Path, manifest: dict[str, Any],
     tensors) and compare with the phase graph run eagerly; raise :class:`ArtefactError` naming the phase and its
     first output that differs."""
     make = ort_runner_factory(folder, manifest)
-    specs = {k: s for r in opt.regions for k, s in zip(r.cache_keys, r.exit_specs)}
     gen = torch.Generator().manual_seed(1)
     for entry, phase in zip(manifest["phases"], plan.distinct()):
         pg = opt.phase_graph(phase)
-        caches = [_seeded(specs[k].shape, specs[k].dtype, gen) for k in pg.cache_inputs]
+        caches = [_seeded(shape, dtype, gen) for shape, dtype in cache_input_specs(pg)]
         device = next((p.device for p in pg.gm.parameters()), torch.device("cpu"))
         args = [a.to(device) for a in inputs + caches]
         with torch.no_grad():

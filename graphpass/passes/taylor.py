@@ -33,7 +33,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import ClassVar, Iterable, Sequence
 
 import torch
 import torch.fx as fx
@@ -100,6 +100,7 @@ class TaylorPhase(Phase):
 
     mode: str = "update"
     orders: int = 0
+    caches_region_outputs: ClassVar[bool] = False  # it caches the modules' Taylor factors
 
     @staticmethod
     def update(modules: Sequence[TaylorModule], orders: int) -> "TaylorPhase":

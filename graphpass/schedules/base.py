@@ -40,6 +40,10 @@ class Phase:
     phase that computes everything is ``Phase(())`` and equal phases hash equal."""
 
     actions: tuple[tuple[str, Action], ...] = ()
+    #: The cache keys it reads and stores are its regions' outputs (``Region.cache_keys`` of the regions it
+    #: reuses and stores), which an export's manifest is checked against; False for a phase type that caches
+    #: values of its own (TaylorSeer's factors).
+    caches_region_outputs: ClassVar[bool] = True
 
     @staticmethod
     def of(actions: dict[str, Action]) -> "Phase":

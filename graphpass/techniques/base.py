@@ -155,6 +155,15 @@ class StepPolicy(ABC):
         """Make ``plan`` the one calls follow; returns the phases whose graphs to build up front."""
         return plan.distinct()
 
+    def feeds(self, plan: Plan) -> list[Mapping[str, torch.Tensor]]:
+        """The :attr:`Decision.feeds` of every step of ``plan``, as a generation following it gets them: what an
+        export records per step and its loaded artefact replays. Default: nothing fed.
+
+        >>> [dict(f) for f in opt.policy.feeds(opt.current_plan)][:5]   # TaylorSeer, diffusers' defaults
+        [{}, {'taylorseer:gap': tensor(1.)}, {'taylorseer:gap': tensor(1.)}, {'taylorseer:gap': tensor(1.)}, ...]
+        """
+        return [{} for _ in plan.phases]
+
     @abstractmethod
     def decide(self, call: StepCall) -> Decision | Probe:
         """The phase of ``call``, or a :class:`Probe` to run first when the decision reads the call itself."""

@@ -15,8 +15,8 @@ graphpass compiles the same thing: one update graph per number of factors held a
 number of factors (:mod:`graphpass.passes.taylor`); the gap is a graph input, so no graph is rebuilt per
 distance. The decisions depend on the call counter alone: no value is read back from the device, ever
 (``opt.metric_reads`` stays 0), and the whole plan is known up front, so the schedule is its own frozen form.
-Its phase graphs export to ONNX one by one (the gap is one more input); ``graphpass.export`` artefacts do not
-carry that input yet.
+``graphpass.export`` writes its plan's phases like any static plan; the manifest records each call's gap
+(the per-step feeds) and the loaded artefact feeds them back, so the exported loop equals the eager one.
 All modules of one call follow one counter: diffusers' per-module counters agree because every picked module
 runs once per call (graphpass refuses identifiers that pick nested modules, which would break that).
 
@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar, Mapping, Sequence
 
 import torch
 
@@ -181,6 +181,16 @@ class TaylorSeer(Schedule):
     def kinds(self) -> set[str]:
         return set()  # acts on modules picked by name, whatever their kind
 
+    def plan(self, regions: Sequence[RegionRef], timesteps: Sequence[float]) -> Plan:
+        """The phase of every call over ``timesteps``: they depend on the call counter alone, so the plan is
+        the whole run's (what an export holds; ``regions`` are the picked modules, ``opt.regions``).
+
+        >>> [ph.label() for ph in TaylorSeer(cache_interval=2, disable_cache_before_step=1).plan(mods, [3, 2, 1, 0]).phases]
+        ['update (first)', 'predict (1 factors)', 'update (1 factors held)', 'predict (2 factors)']
+        """
+        rule = TaylorSeerPolicy(self)
+        return Plan([float(t) for t in timesteps], [taylor_phase(regions, rule.step(i)) for i in range(len(timesteps))])
+
     def patterns(self, regions: Sequence[RegionRef] = ()) -> tuple[list[str], list[str]]:
         """(patterns of extrapolated modules, patterns of zeroed modules), resolved as diffusers does;
         ``cache_kinds`` picks the paths of the tagged ``regions`` of those kinds.
@@ -294,6 +304,12 @@ class TaylorSeerPolicy:
         return s
 
 
+def taylor_phase(modules: Sequence[RegionRef], step: TaylorStep) -> TaylorPhase:
+    """The phase graph a :class:`TaylorStep` runs over ``modules`` (anything with a ``path``)."""
+    make = TaylorPhase.update if step.mode == "update" else TaylorPhase.predict
+    return make(modules, step.orders)
+
+
 def _as_region(m: TaylorModule, tagged: Region | None, captured: CapturedGraph) -> Region:
     """A picked module as the region reports show (kind from the tagging where it is a tagged region)."""
     by_name = {n.name: n for n in captured.gm.graph.nodes}
@@ -351,14 +367,17 @@ class TaylorSeerSteps(StepPolicy):
         self.rules: dict[str, TaylorSeerPolicy] = {}
         self._gaps: dict[int, torch.Tensor] = {}  # one tensor per gap value, made once on the device
 
-    def phase(self, s: TaylorStep) -> TaylorPhase:
-        make = TaylorPhase.update if s.mode == "update" else TaylorPhase.predict
-        return make(self.target.modules, s.orders)
-
     def plan(self, timesteps: list[float], positions: list[float]) -> Plan:
         """The phases of a generation over ``timesteps``: they depend on the call count alone."""
+        return self.schedule.plan(self.target.modules, timesteps)
+
+    def feeds(self, plan: Plan) -> list[Mapping[str, torch.Tensor]]:
+        """The step gap of every call of ``plan`` (none on the first), as :meth:`decide` feeds it."""
         rule = TaylorSeerPolicy(self.schedule)
-        return Plan(list(timesteps), [self.phase(rule.step(i)) for i in range(len(timesteps))])
+        return [self._feeds(rule.step(i)) for i in range(len(plan))]
+
+    def _feeds(self, s: TaylorStep) -> Mapping[str, torch.Tensor]:
+        return {} if s.gap is None else {GAP_KEY: self.gap(s.gap)}
 
     def gap(self, calls: int) -> torch.Tensor:
         """The gap ``calls`` as the 0-d float32 graph input."""
@@ -370,12 +389,11 @@ class TaylorSeerSteps(StepPolicy):
         if call.counter == 0:
             self.rules[call.context] = TaylorSeerPolicy(self.schedule)
         s = self.rules[call.context].step(call.counter)
-        return Decision(self.phase(s), feeds={} if s.gap is None else {GAP_KEY: self.gap(s.gap)})
+        return Decision(taylor_phase(self.target.modules, s), feeds=self._feeds(s))
 
 
+#: Exports as any static plan: the manifest records each call's step gap (:meth:`TaylorSeerSteps.feeds`) and the
+#: loaded artefact feeds it back.
 TAYLORSEER = register(Technique(
     name="TaylorSeer", schedules=(TaylorSeer,), target=taylor_target, specialize=specialize_taylor,
-    policy=TaylorSeerSteps,
-    export=Export(refusal="TaylorSeer's predict graphs read the step gap as a per-call input, which exported "
-                          "artefacts do not carry yet; run it with graphpass.optimize(model, TaylorSeer(...)), or "
-                          "export its phase graphs one by one with torch.onnx (the gap is one more input)")))
+    policy=TaylorSeerSteps, export=Export()))
