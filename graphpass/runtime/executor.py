@@ -14,6 +14,7 @@ the cached tensors it reads, stores what it returns for later steps and frees wh
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
@@ -331,20 +332,28 @@ class RuntimeCore(ModelFacade):
             raise InputError(f"missing timestep: graphpass reads argument {self.timestep_arg!r} of every call to "
                              f"pick the schedule phase; pass it (or set timestep_arg= in graphpass.optimize)")
         t = kwargs[self.timestep_arg]
-        t = t.detach() if isinstance(t, torch.Tensor) else torch.tensor([float(t)])
+        if not isinstance(t, torch.Tensor):
+            t = float(t)
+            if not math.isfinite(t):
+                raise InputError(f"timestep argument {self.timestep_arg!r} is {t}; pass the sampler's timesteps")
+            return t
         if t.numel() == 0:
             raise InputError(f"timestep argument {self.timestep_arg!r} is empty")
-        if not bool(torch.isfinite(t).all()):
+        # One step for the whole call: per-sample timesteps must agree; per-token timesteps (a clean
+        # conditioning frame at 0 beside noisy tokens, Wan 2.2 TI2V) step at their noisiest token. Everything
+        # checked is reduced on the timestep's device and read back at once: one host read per call.
+        t = t.detach()
+        rows = t.reshape(t.shape[0], -1) if t.dim() > 0 else t.reshape(1, 1)
+        peaks = rows.amax(1).double()
+        finite, same, lo, hi = torch.stack([torch.isfinite(t).all().double(), (rows == rows[:1]).all().double(),
+                                            peaks.min(), peaks.max()]).tolist()
+        if not finite:
             raise InputError(f"timestep argument {self.timestep_arg!r} holds a non-finite value ({t.flatten()[:4].tolist()}"
                              f"...); pass the sampler's timesteps")
-        # One step for the whole call: per-sample timesteps must agree; per-token timesteps (a clean
-        # conditioning frame at 0 beside noisy tokens, Wan 2.2 TI2V) step at their noisiest token.
-        rows = t.reshape(t.shape[0], -1) if t.dim() > 0 else t.reshape(1, 1)
-        if rows.shape[0] > 1 and not bool((rows == rows[:1]).all()):
-            lo, hi = float(rows.amax(1).min()), float(rows.amax(1).max())
+        if not same:
             raise InputError(f"timestep holds different values in one call, one per sample ({lo:g}..{hi:g}); "
                              f"graphpass steps all samples of a call together: pass one timestep for the whole batch")
-        return float(rows[0].max())
+        return lo  # every row is the same: its noisiest token
 
     def _position(self, st: GenerationState, t: float) -> float:
         """What the schedule's windows read for this call: its timestep, or its position in the trajectory."""

@@ -18,7 +18,11 @@ computed call runs the model and emits ``D``, ``k``, ``|v|`` and copies of ``x``
 device. Host reads: the rule needs each call's own input change, so each call where it decides reads ONE
 value, the comparison ``E < threshold`` computed on the device (``opt.metric_reads``); forced calls and
 calls without ``k`` read nothing. A run's decisions replay as :class:`FrozenEasyCache` with no read at all
-(and export like any static schedule).
+(and export like any static schedule). One read per deciding call, reused ones included, is the minimum for
+the published rule: the error ``E`` already accumulates on the device with no new model measurement on a
+reused call, but its increment is this call's input change ``|x - x_prev|``, which the sampler makes from the
+previous output, so no earlier call can know whether ``E`` stays below the threshold (counted in
+``tests/techniques/test_host_reads.py``).
 
 Batches: one decision per call, on statistics over the whole batch (batched CFG: cond and uncond together,
 as the reference's means over the whole latent). Separate cond/uncond calls decide in their own

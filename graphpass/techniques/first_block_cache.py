@@ -15,6 +15,12 @@ on the host, then the rest of the call (the other blocks, or one add per stream)
 :mod:`graphpass.techniques.stepcache`. Batched classifier-free guidance decides once for the batch (as the
 hook does); separate cond/uncond calls decide in their own ``opt.cache_context``.
 
+Host reads (``tests/techniques/test_host_reads.py``): ONE per decided call, whether it then computes or
+reuses, and none on forced calls (the first, or any call before a reference exists). That is the minimum for
+this rule: ``d`` is measured by the call's own first block, so no earlier call can know it, and which graph
+finishes the call (the other blocks, or one add) must be chosen on the host. A run's decisions replay as
+:class:`FrozenFirstBlockCache` with no read at all.
+
 >>> FirstBlockCache.preset("paraattention").threshold
 0.08
 >>> schedule_from_json(FirstBlockCache(0.1).to_json()) == FirstBlockCache(0.1)

@@ -15,6 +15,11 @@ the whole chain of blocks, kept from the last computed call (``h_out = h_in + R`
 In graphpass a decided call runs a probe graph (embeddings and the first block's modulation, returning the
 distance), reads it once on the host, then the rest of the call; see :mod:`graphpass.techniques.stepcache`.
 
+Host reads (``tests/techniques/test_host_reads.py``): ONE per decided call, computed or reused; none on the
+forced first and last calls. That is the minimum for this rule: the distance is the call's own modulated
+input against the previous call's, so it exists only once the call has started, and the host must pick the
+graph that finishes the call. A run's decisions replay as a static schedule with no read (``opt.freeze()``).
+
 >>> t = TeaCache.preset("cogvideox-5b")
 >>> round(t.rescale(0.1), 6)
 0.090506

@@ -1,6 +1,5 @@
-"""Step-cache techniques at run time: an always-compute setting equals eager, host reads (one per decided
-call, none on forced calls, none at all for a table), frozen forms equal the adaptive run and export to ONNX,
-JSON round trips, presets and errors."""
+"""Step-cache techniques at run time: an always-compute setting equals eager, frozen forms equal the adaptive
+run and export to ONNX, JSON round trips, presets and errors (host reads: test_host_reads.py)."""
 from __future__ import annotations
 
 import pytest
@@ -27,50 +26,6 @@ def test_always_compute_equals_eager(schedule):
     got = denoise(opt, kw)
     assert opt.decisions("cond_uncond") == "C" * N
     assert max(rel_err(a, b) for a, b in zip(got, expected)) <= 1e-6
-
-
-def _count_reads(monkeypatch, opt, kw):
-    reads = []
-    for name in ("item", "tolist"):
-        orig = getattr(torch.Tensor, name)
-
-        def counting(self, *a, _orig=orig, **k):
-            reads.append(1)
-            return _orig(self, *a, **k)
-
-        monkeypatch.setattr(torch.Tensor, name, counting)
-    per_call = []
-    calls = opt.forward
-
-    def counted(**kwargs):
-        before = len(reads)
-        out = calls(**kwargs)
-        per_call.append(len(reads) - before)
-        return out
-
-    opt.forward = counted
-    denoise(opt, kw)
-    monkeypatch.undo()
-    return per_call
-
-
-@pytest.mark.parametrize("schedule", [FirstBlockCache(0.1), TeaCache(threshold=0.15, num_inference_steps=N),
-                                      MagCache(mag_ratios=[1.0] * 6 + [0.98] * 6, num_inference_steps=N)],
-                         ids=["fbc", "teacache", "magcache"])
-def test_host_reads_one_per_decided_call(monkeypatch, schedule):
-    _, kw, _, _ = captured("wan", 2)
-    opt = compiled("wan", schedule)
-    per_call = _count_reads(monkeypatch, opt, kw)
-    decisions = opt.decisions("cond_uncond")
-    assert len(per_call) == N and "R" in decisions
-    decided = [r.step for r in opt.records("cond_uncond")]
-    assert [i for i, n in enumerate(per_call) if n] == decided and max(per_call, default=0) <= 1
-    assert opt.metric_reads == len(decided)
-    if isinstance(schedule, MagCache):
-        assert decided == [] and sum(per_call) == 0
-    else:  # the first call (and TeaCache's last) compute without reading anything
-        assert per_call[0] == 0 and 0 not in decided
-        assert isinstance(schedule, FirstBlockCache) or per_call[-1] == 0
 
 
 @pytest.mark.parametrize("schedule", [FirstBlockCache(0.1), TeaCache(threshold=0.15, num_inference_steps=N),
