@@ -54,6 +54,7 @@ class GenerationState:
     shapes: tuple | None = None  # input shapes of the generation (a dynamic capture serves several)
     cache: CacheStore = field(default_factory=CacheStore)
     trace: list[tuple[float, Phase]] = field(default_factory=list)
+    probes: list[tuple[int, Phase]] = field(default_factory=list)  # (call, probe phase) of calls that probed
     off_plan: bool = False  # a call of this generation left the plan: the rest goes step by step
     single_call_generations: int = 0  # generations in a row that ended after one call (rising timesteps?)
     warned: set[str] = field(default_factory=set)  # warnings given once per context
@@ -67,6 +68,7 @@ class GenerationState:
         self.cache.clear()
         self.hoisted.clear()
         self.trace = []
+        self.probes = []
 
 
 class RuntimeCore(ModelFacade):
@@ -256,6 +258,7 @@ class RuntimeCore(ModelFacade):
         decision = self._decide(call)
         if isinstance(decision, Probe):  # the decision reads part of this call: run it, then ask again
             self._run(decision.phase, flat, st)
+            st.probes.append((st.counter, decision.phase))
             decision = self._complete(call)
         if not decision.on_plan:
             st.off_plan = decision.left_plan

@@ -1,6 +1,7 @@
 """Human-readable reports of an optimized model: regions, phases, plan; phase graphs as code and DOT."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any, Protocol, Sequence
 
@@ -13,6 +14,7 @@ from ..passes.hoist import Hoisting
 from ..passes.specialize import PhaseGraph
 from ..passes.tag import Region
 from ..schedules.base import Action, Phase, Plan, Schedule
+from ..techniques import StepPolicy
 from .cache import frees
 
 
@@ -26,8 +28,11 @@ class Inspected(Protocol):
     current_plan: Plan | None
     parallel: Any
     hoisting: Hoisting | None
+    policy: StepPolicy
 
     def contexts(self) -> dict[str, Any]: ...
+
+    def records(self, context: str | None = None) -> list: ...
 
     def preview_plan(self, timesteps: Sequence[float]) -> Plan: ...
 
@@ -92,25 +97,61 @@ def report(opt: Inspected, folder: str | None = None, timesteps: Sequence[float]
         plan = opt.preview_plan(default_timesteps())
         source = "50 DDIM-spaced timesteps (no plan or call yet)"
 
-    phases = plan.distinct()
+    adaptive = opt.policy.adaptive
+    phases = opt.policy.possible_phases(plan)
     ids = {ph: i for i, ph in enumerate(phases)}
-    lines += ["", f"phases ({len(phases)}, from {source}):",
-              f"  {'id':<3} {'nodes':>6} {'attn':>5} {'FLOP':>9} {'share':>6} {'steps':>5}  reuse / store"]
+    last = _last_generation(opt) if adaptive else None
+    if adaptive:
+        counted = (f"runs in the last generation of context {last[0]!r}" if last else
+                   "no generation ran yet: runs unknown")
+        lines += ["", f"phases ({len(phases)} a call may run; {counted}):", f"  {opt.policy.describe()}"]
+    else:
+        lines += ["", f"phases ({len(phases)}, from {source}):"]
+    lines.append(f"  {'id':<3} {'nodes':>6} {'attn':>5} {'FLOP':>9} {'share':>6} {'steps':>5}  reuse / store")
+    runs = _runs(plan, last)
     total = 0.0
     for ph in phases:
         pg = opt.phase_graph(ph)
-        steps = sum(1 for p in plan.phases if p == ph)
+        steps = runs.get(ph, 0)
         total += steps * pg.flops
         kinds_r = _kind_counts(opt, ph, Action.REUSE)
         kinds_s = _kind_counts(opt, ph, Action.STORE)
+        shown = steps if not adaptive or last else "-"
         lines.append(f"  P{ids[ph]:<2} {pg.node_count:>6} {pg.attention_ops():>5} {_fmt_flops(pg.flops):>9} "
-                     f"{pg.flops / full:>6.1%} {steps:>5}  reuse[{kinds_r or '-'}] store[{kinds_s or '-'}]")
-    n = len(plan)
-    lines.append(f"  plan FLOP share {total / (n * full):.1%} -> ideal speedup {n * full / total:.2f}x over {n} steps")
+                     f"{pg.flops / full:>6.1%} {shown:>5}  reuse[{kinds_r or '-'}] store[{kinds_s or '-'}]  {ph.label()}")
+    if not adaptive:
+        n = len(plan)
+        lines.append(f"  plan FLOP share {total / (n * full):.1%} -> ideal speedup {n * full / total:.2f}x over {n} "
+                     f"steps")
+    elif last:
+        n = len(last[1].trace)
+        lines.append(f"  last generation FLOP share {total / (n * full):.1%} -> ideal speedup {n * full / total:.2f}x "
+                     f"over {n} calls (probes included)")
     lines += _communication(opt, plan, phases, ids)
     lines += _hoisted(opt, plan, phases, ids)
 
-    lines += ["", "plan (step: timestep -> phase, cache held after the step):"]
+    if adaptive:
+        lines += _decisions(opt, ids)
+    else:
+        lines += _static_plan(opt, plan, ids)
+
+    if folder is not None:
+        out = Path(folder)
+        out.mkdir(parents=True, exist_ok=True)
+        for ph in phases:
+            pg = opt.phase_graph(ph)
+            stem = out / f"phase{ids[ph]}"
+            stem.with_suffix(".py").write_text(f"# phase P{ids[ph]}: {ph.label()}\n# reuse: {list(ph.reused)}\n"
+                                               f"# store: {list(ph.stored)}\n" + pg.gm.code)
+            stem.with_suffix(".dot").write_text(to_dot(pg.gm, opt.regions, f"P{ids[ph]}"))
+        (out / "report.txt").write_text("\n".join(lines) + "\n")
+        lines.append(f"\nwrote {len(phases)} phase graphs (.py, .dot) and report.txt to {out}")
+    return "\n".join(lines)
+
+
+def _static_plan(opt, plan: Plan, ids: dict[Phase, int]) -> list[str]:
+    """Per step of a static plan: its timestep, phase and the cache held after it (the runtime's freeing rule)."""
+    lines = ["", "plan (step: timestep -> phase, cache held after the step):"]
     held = 0
     keys_bytes = {r.path: r.exit_bytes for r in opt.regions}
     cache: set[str] = set()
@@ -129,19 +170,72 @@ def report(opt: Inspected, folder: str | None = None, timesteps: Sequence[float]
             row = []
     if row:
         lines.append("  " + "   ".join(row))
+    return lines
 
-    if folder is not None:
-        out = Path(folder)
-        out.mkdir(parents=True, exist_ok=True)
-        for ph in phases:
-            pg = opt.phase_graph(ph)
-            stem = out / f"phase{ids[ph]}"
-            stem.with_suffix(".py").write_text(f"# phase P{ids[ph]}: {ph.label()}\n# reuse: {list(ph.reused)}\n"
-                                               f"# store: {list(ph.stored)}\n" + pg.gm.code)
-            stem.with_suffix(".dot").write_text(to_dot(pg.gm, opt.regions, f"P{ids[ph]}"))
-        (out / "report.txt").write_text("\n".join(lines) + "\n")
-        lines.append(f"\nwrote {len(phases)} phase graphs (.py, .dot) and report.txt to {out}")
-    return "\n".join(lines)
+
+def _last_generation(opt) -> tuple[str, Any] | None:
+    """(name, state) of the cache context whose last generation ran the most calls; None before any call."""
+    traced = [(name, st) for name, st in opt.contexts().items() if st.trace]
+    return max(traced, key=lambda c: len(c[1].trace)) if traced else None
+
+
+def _runs(plan: Plan, last: tuple[str, Any] | None) -> dict[Phase, int]:
+    """Runs of each phase: in the plan, or in the last generation that ran (probes included)."""
+    phases = plan.phases if last is None else [ph for _, ph in last[1].trace] + [ph for _, ph in last[1].probes]
+    runs: dict[Phase, int] = {}
+    for ph in phases:
+        runs[ph] = runs.get(ph, 0) + 1
+    return runs
+
+
+def _decisions(opt, ids: dict[Phase, int]) -> list[str]:
+    """What a run-time policy decided in the last generation of each cache context: ``C``/``R`` per call, the
+    phases each call ran (``P1+P3``: a probe, then the phase finishing the call) and what it measured.
+
+        >>> print("\n".join(_decisions(opt, ids)))         # First Block Cache after one generation
+        <BLANKLINE>
+        decisions (taken at run time: before a run every call is planned to compute):
+          context 'cond_uncond': CRRRCRRRCRCR (8 of 12 calls reused, 11 probed)
+            0: t=1000.0 P0           1: t= 920.0 P1+P3        2: t= 840.0 P1+P3
+            3: t= 760.0 P1+P3        4: t= 680.0 P1+P2        5: t= 600.0 P1+P3
+          ...
+          measured (11): step=1 value=0.0623 reuse=True; step=2 value=0.09651 reuse=True; ...
+    """
+    lines = ["", "decisions (taken at run time: before a run every call is planned to compute):"]
+    traced = {name: st for name, st in opt.contexts().items() if st.trace}
+    if not traced:
+        return lines + ["  none yet: run a generation, then call inspect() again to see them"]
+    for name, st in traced.items():
+        d = "".join("R" if ph.reused else "C" for _, ph in st.trace)
+        probes = dict(st.probes)
+        lines.append(f"  context {name!r}: {d} ({d.count('R')} of {len(d)} calls reused, {len(probes)} probed)")
+        cells = [f"{i:>3}: t={t:>6.1f} " + "+".join(_phase_id(ids, p) for p in (probes.get(i), ph) if p is not None)
+                 for i, (t, ph) in enumerate(st.trace)]
+        lines += ["  " + "   ".join(f"{c:<22}" for c in cells[k:k + 3]).rstrip() for k in range(0, len(cells), 3)]
+        records = opt.records(name)
+        if records:
+            shown = "; ".join(_record(r) for r in records[:6])
+            lines.append(f"  measured ({len(records)}): {shown}{'; ...' if len(records) > 6 else ''}")
+    return lines
+
+
+def _phase_id(ids: dict[Phase, int], ph: Phase) -> str:
+    return f"P{ids[ph]}" if ph in ids else f"({ph.label()})"
+
+
+def _record(r: Any) -> str:
+    """One policy record as ``field=value`` pairs (floats to 4 significant digits)."""
+    if not dataclasses.is_dataclass(r):
+        return str(r)
+    return " ".join(f"{f.name}={_short(getattr(r, f.name))}" for f in dataclasses.fields(r))
+
+
+def _short(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, list):
+        return "[" + ", ".join(map(_short, v)) + "]"
+    return str(v)
 
 
 def _collective_bytes(node: fx.Node) -> int:

@@ -64,8 +64,15 @@ class AdaCachePolicy(StepPolicy):
     def adopt(self, plan: Plan) -> list[Phase]:
         """Calls must come at ``plan``'s timesteps; every phase a decision may pick is built."""
         self.timesteps = list(plan.timesteps)
+        return self.possible_phases(plan)
+
+    def possible_phases(self, plan: Plan) -> list[Phase]:
         return [span_phase(self.target, a, m) for a, m in ((Action.STORE, "store"), (Action.STORE, "measure"),
                                                            (Action.REUSE, "none"), (Action.COMPUTE, "none"))]
+
+    def describe(self) -> str:
+        return ("decided at run time, per cache context: a measuring compute step measures the residual's change; "
+                "the next call reads it once and the codebook says how many steps reuse")
 
     def decide(self, call: StepCall) -> Decision:
         if self.target.strides and call.shapes != self.captured_shapes:

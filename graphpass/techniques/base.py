@@ -155,6 +155,16 @@ class StepPolicy(ABC):
         """Make ``plan`` the one calls follow; returns the phases whose graphs to build up front."""
         return plan.distinct()
 
+    def possible_phases(self, plan: Plan) -> list[Phase]:
+        """Every phase a generation over ``plan``'s timesteps may run, in the order reports list them: the plan's
+        own for a static policy; for one deciding at run time, every phase a call may pick, probes included
+        (what ``opt.inspect()`` shows, since ``plan`` then only says what happens before any decision)."""
+        return plan.distinct()
+
+    def describe(self) -> str:
+        """How each call's phase is picked, in one sentence for ``opt.inspect()``."""
+        return "a static plan: every step's phase is fixed before sampling"
+
     def feeds(self, plan: Plan) -> list[Mapping[str, torch.Tensor]]:
         """The :attr:`Decision.feeds` of every step of ``plan``, as a generation following it gets them: what an
         export records per step and its loaded artefact replays. Default: nothing fed.

@@ -273,7 +273,14 @@ class EasyCacheSteps(StepPolicy):
     def adopt(self, plan: Plan) -> list[Phase]:
         """Generations have ``len(plan)`` calls (the last ones compute); every phase a call may pick is built."""
         self.num_steps = len(plan)
+        return self.possible_phases(plan)
+
+    def possible_phases(self, plan: Plan) -> list[Phase]:
         return list(ADAPTIVE_PHASES)
+
+    def describe(self) -> str:
+        return ("decided at run time, per call and cache context: forced calls compute; any other adds its input "
+                "change to the error on the device and reads 'error < threshold' once: reuse x + D, or compute")
 
     def decide(self, call: StepCall) -> Decision:
         i, ctx, c = call.counter, call.context, call.cache

@@ -246,8 +246,18 @@ class ProbePolicy(StepPolicy):
     def adopt(self, plan: Plan) -> list[Phase]:
         """Calls must come at ``plan``'s timesteps; every graph a call may run is built."""
         self.timesteps = list(plan.timesteps)
+        return self.possible_phases(plan)
+
+    def possible_phases(self, plan: Plan) -> list[Phase]:
+        """A forced call's whole graph, the probe, and the two ways a decided call finishes."""
         return [self._phase(Action.STORE), self.probe_phase, self._phase(Action.STORE, "rest"),
                 self._phase(Action.REUSE, "rest")]
+
+    def describe(self) -> str:
+        return (f"decided at run time, per call and cache context: a call the rule forces runs "
+                f"'{self._phase(Action.STORE).label()}'; any other runs the probe, reads its statistic once on "
+                f"the host, then finishes with '{self._phase(Action.STORE, 'rest').label()}' or "
+                f"'{self._phase(Action.REUSE, 'rest').label()}'")
 
     def _num_steps(self, call: StepCall) -> int | None:
         if self.timesteps is not None:
