@@ -77,10 +77,43 @@ class InductorRunner:
         return tuple(o.clone() if isinstance(o, torch.Tensor) else o for o in fn(*args))
 
 
+def bound_attributes(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A copy of ``gm`` whose weights are read as plain instance attributes: the copy of a captured graph reads
+    each parameter through its module path (``getattr(self.blocks, "0").attn1.to_q.weight``), one
+    ``nn.Module.__getattr__`` per level on every call, a few hundred per call of a small model; the copy
+    reads one instance attribute per weight, with the same tensors (nothing is copied).
+
+        >>> run = bound_attributes(pg.gm)
+        >>> [n.target for n in run.graph.nodes if n.op == "get_attr"][:2]
+        ['_w0', '_w1']
+    """
+    graph = torch.fx.Graph()
+    graph.output(graph.graph_copy(gm.graph, {}))
+    names: dict[str, str] = {}  # attribute path in gm -> its flat name in the copy
+    values: dict[str, object] = {}
+    for n in graph.nodes:
+        if n.op == "get_attr":
+            if n.target not in names:
+                names[n.target] = f"_w{len(names)}"
+                values[names[n.target]] = _attribute(gm, n.target)
+            n.target = names[n.target]
+    out = torch.fx.GraphModule(values, graph, class_name=type(gm).__name__)
+    out.__dict__.update(values)  # found by plain lookup, before nn.Module.__getattr__ is asked
+    return out
+
+
+def _attribute(gm: torch.nn.Module, target: str):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
 def make_runner(pg: PhaseGraph, backend: str) -> PhaseRunner:
-    """The runner of a phase graph on ``backend`` (``"eager"``: the FX graph itself)."""
+    """The runner of a phase graph on ``backend`` (``"eager"``: the FX graph with its weights bound as plain
+    attributes, :func:`bound_attributes`)."""
     if backend == "eager":
-        return pg.gm
+        return bound_attributes(pg.gm)
     if backend == "inductor":
         return InductorRunner(pg)
     raise GraphpassError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)} (ONNX Runtime and "

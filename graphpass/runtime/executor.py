@@ -41,6 +41,9 @@ def check_timestep_order(order: str) -> None:
                          f"timesteps move over a generation)")
 
 
+#: Timesteps of up to this many values are read to the host as they are (one read, checked in Python); larger
+#: ones (per-token timesteps) are reduced on their device first, then read once.
+_READ_WHOLE_TIMESTEP = 64
 #: Generations of a single call in a row after which the runtime says the timesteps look like they rise.
 _SINGLE_CALL_GENERATIONS = 3
 
@@ -343,20 +346,27 @@ class RuntimeCore(ModelFacade):
         if t.numel() == 0:
             raise InputError(f"timestep argument {self.timestep_arg!r} is empty")
         # One step for the whole call: per-sample timesteps must agree; per-token timesteps (a clean
-        # conditioning frame at 0 beside noisy tokens, Wan 2.2 TI2V) step at their noisiest token. Everything
-        # checked is reduced on the timestep's device and read back at once: one host read per call.
+        # conditioning frame at 0 beside noisy tokens, Wan 2.2 TI2V) step at their noisiest token. One host
+        # read per call: a few values are read as they are, more are reduced on their device first.
         t = t.detach()
         rows = t.reshape(t.shape[0], -1) if t.dim() > 0 else t.reshape(1, 1)
-        peaks = rows.amax(1).double()
-        finite, same, lo, hi = torch.stack([torch.isfinite(t).all().double(), (rows == rows[:1]).all().double(),
-                                            peaks.min(), peaks.max()]).tolist()
+        if t.numel() <= _READ_WHOLE_TIMESTEP:
+            values = rows.tolist()
+            finite = all(math.isfinite(v) for row in values for v in row)
+            same = all(row == values[0] for row in values)
+            peaks = [max(row) for row in values]
+            lo, hi = min(peaks), max(peaks)
+        else:
+            top = rows.amax(1).double()
+            finite, same, lo, hi = torch.stack([torch.isfinite(t).all().double(), (rows == rows[:1]).all().double(),
+                                                top.min(), top.max()]).tolist()
         if not finite:
             raise InputError(f"timestep argument {self.timestep_arg!r} holds a non-finite value ({t.flatten()[:4].tolist()}"
                              f"...); pass the sampler's timesteps")
         if not same:
             raise InputError(f"timestep holds different values in one call, one per sample ({lo:g}..{hi:g}); "
                              f"graphpass steps all samples of a call together: pass one timestep for the whole batch")
-        return lo  # every row is the same: its noisiest token
+        return float(lo)  # every row is the same: its noisiest token
 
     def _position(self, st: GenerationState, t: float) -> float:
         """What the schedule's windows read for this call: its timestep, or its position in the trajectory."""

@@ -212,6 +212,9 @@ def step_phase(target: StepCacheTarget, probe: str, action: Action, part: str = 
 
 
 # --- policies ------------------------------------------------------------------------------------------
+#: Prefix of the cache keys of values a probe hands over to the rest of its call (dropped after the call).
+_HAND_OVER = boundary_key("")
+
 def _check_on_plan(schedule: Schedule, timesteps: list[float] | None, call: StepCall) -> None:
     i, t, ts = call.counter, call.timestep, timesteps
     if ts is not None and (i >= len(ts) or abs(ts[i] - t) > 1e-6):
@@ -291,7 +294,7 @@ class ProbePolicy(StepPolicy):
             cache.drop(site.value_key)
         cache.drop(site.stats_key)
         for key in cache.keys():
-            if key.startswith(boundary_key("")):
+            if key.startswith(_HAND_OVER):
                 cache.drop(key)
 
     def records(self, context: str) -> list[StepRecord]:
