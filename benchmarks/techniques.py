@@ -21,9 +21,13 @@ all steps, relative to the largest prediction. MagCache's ratios come from graph
     python benchmarks/techniques.py --backend inductor --only FBC     # phase graphs compiled by inductor
 
 Measured (2 shared CPU cores under other jobs' load, so absolute seconds drift between rows; compare within a
-row): with eager phase graphs graphpass runs at 0.92-1.04x the hooks' speed (the same calls skipped, outputs
-bit-identical: max diff 0); with ``--backend inductor`` at 1.00-1.31x (max relative diff <= 3e-6), the hooks
-running on the eager model. FBC and TeaCache read one value per decided call (19 and 18 of 20), MagCache none.
+row): with eager phase graphs graphpass runs at 0.97-1.05x the hooks' speed for FBC and 1.00-1.15x for MagCache
+(``--only FBC MagCache --reps 5``; the same calls skipped, outputs bit-identical: max diff 0), up from 0.90-0.95x
+and 0.97-1.07x in the same run of the code before eager runners bound their weights as plain attributes
+(``runtime.backends.bound_attributes``: a captured graph otherwise walks ``nn.Module.__getattr__`` per module
+level for every weight of every call, about 600 lookups per call here) and the core read the timestep once;
+with ``--backend inductor`` at 1.00-1.31x (max relative diff <= 3e-6), the hooks running on the eager model.
+FBC and TeaCache read one value per decided call (19 and 18 of 20), MagCache none.
 """
 from __future__ import annotations
 
