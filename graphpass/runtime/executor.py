@@ -361,8 +361,8 @@ class RuntimeCore(ModelFacade):
             finite, same, lo, hi = torch.stack([torch.isfinite(t).all().double(), (rows == rows[:1]).all().double(),
                                                 top.min(), top.max()]).tolist()
         if not finite:
-            raise InputError(f"timestep argument {self.timestep_arg!r} holds a non-finite value ({t.flatten()[:4].tolist()}"
-                             f"...); pass the sampler's timesteps")
+            raise InputError(f"timestep argument {self.timestep_arg!r} holds a non-finite value "
+                             f"({t.flatten()[:4].tolist()}...); pass the sampler's timesteps")
         if not same:
             raise InputError(f"timestep holds different values in one call, one per sample ({lo:g}..{hi:g}); "
                              f"graphpass steps all samples of a call together: pass one timestep for the whole batch")

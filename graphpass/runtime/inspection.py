@@ -118,7 +118,8 @@ def report(opt: Inspected, folder: str | None = None, timesteps: Sequence[float]
         kinds_s = _kind_counts(opt, ph, Action.STORE)
         shown = steps if not adaptive or last else "-"
         lines.append(f"  P{ids[ph]:<2} {pg.node_count:>6} {pg.attention_ops():>5} {_fmt_flops(pg.flops):>9} "
-                     f"{pg.flops / full:>6.1%} {shown:>5}  reuse[{kinds_r or '-'}] store[{kinds_s or '-'}]  {ph.label()}")
+                     f"{pg.flops / full:>6.1%} {shown:>5}  reuse[{kinds_r or '-'}] store[{kinds_s or '-'}]  "
+                     f"{ph.label()}")
     if not adaptive:
         n = len(plan)
         lines.append(f"  plan FLOP share {total / (n * full):.1%} -> ideal speedup {n * full / total:.2f}x over {n} "
