@@ -278,6 +278,10 @@ def export_onnx(opt: "OptimizedModel", folder: str | Path, *, timesteps: Sequenc
     if any(folder.iterdir()):  # graphpass.export stages into a fresh folder; never write over other files
         raise ArtefactError(f"export_onnx writes into an empty folder and {folder} is not empty; use "
                             f"graphpass.export(opt, folder, overwrite=True) to replace an earlier export")
+    if single_file and not all(ph.caches_region_outputs for ph in plan.distinct()):
+        raise ArtefactError(f"{opt.technique.name}'s phases cache values of their own (not region outputs that an "
+                            f"If can switch between): export one file per phase (single_file=False, or "
+                            f"TensorRTConfig(layout='per-phase'))")
     manifest = base_manifest(opt, plan, "onnx", "single-file" if single_file else "per-phase")
     device = _device_of(opt)
     inputs = _example_inputs(opt, device)

@@ -6,7 +6,12 @@ decision is open, computed or reused (its statistic is measured at that call, so
 earlier one), and none to the calls their rules force."""
 from __future__ import annotations
 
+import math
+
 import pytest
+import torch
+
+from graphpass import InputError
 
 from graphpass.eval.harness import ComputeAll
 from graphpass.techniques.easycache import EasyCache, FrozenEasyCache
@@ -74,3 +79,20 @@ def test_deciding_techniques_read_once_per_open_decision(monkeypatch, schedule):
     records = opt.records("cond_uncond")
     if records:  # First Block Cache and TeaCache record the statistic of each read call
         assert [r.step for r in records] == [i for i, n in enumerate(extra) if n]
+
+
+def test_per_token_timesteps_are_read_once_too(monkeypatch):
+    """A timestep of many values (one per token) is reduced on its device and read once: its noisiest token
+    steps the call; rows that differ, or a non-finite value, are refused as with a few values."""
+    opt = compiled("wan", ComputeAll())
+    per_token = torch.full((2, 300), 0.0)
+    per_token[:, 7] = 640.0  # a noisy token beside clean ones
+    reads = HostReads(monkeypatch)
+    assert opt._timestep({"timestep": per_token}) == 640.0 and reads.count == 1
+    monkeypatch.undo()
+    for bad, words in ((torch.cat([per_token[:1], per_token[:1] + 1]), "different values in one call"),
+                       (per_token.clone().fill_(math.nan), "non-finite"),
+                       (torch.tensor([500.0, 400.0]), "different values in one call"),
+                       (torch.tensor([math.inf, math.inf]), "non-finite")):
+        with pytest.raises(InputError, match=words):
+            opt._timestep({"timestep": bad})

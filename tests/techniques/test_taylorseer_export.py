@@ -83,3 +83,10 @@ def test_feeds_that_do_not_fit_the_phases_are_refused(exported, tmp_path, edit, 
     _edit(folder, edit)
     with pytest.raises(ArtefactError, match=message):
         graphpass.load(folder)
+
+
+def test_single_file_layout_is_refused_with_the_fix(exported, tmp_path):
+    opt = exported[0]
+    with pytest.raises(ArtefactError, match=r"TaylorSeer's phases cache values of their own.*single_file=False"):
+        graphpass.export(opt, tmp_path / "single", single_file=True, verify=False)
+    assert not (tmp_path / "single").exists() or not any((tmp_path / "single").iterdir())
