@@ -90,3 +90,17 @@ def test_single_file_layout_is_refused_with_the_fix(exported, tmp_path):
     with pytest.raises(ArtefactError, match=r"TaylorSeer's phases cache values of their own.*single_file=False"):
         graphpass.export(opt, tmp_path / "single", single_file=True, verify=False)
     assert not (tmp_path / "single").exists() or not any((tmp_path / "single").iterdir())
+
+
+def test_separate_cond_uncond_contexts_replay_their_own_gaps(tmp_path):
+    """Cond and uncond calls in their own cache contexts: each context's counter picks the step, so each is fed
+    the gap of its own call; the loaded artefact equals eager graphpass TaylorSeer in both."""
+    model, kw = tiny("wan")
+    one = {k: v[:1] if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
+    opt = graphpass.optimize(model, SCHEDULE, example_kwargs=one, timesteps=TS)
+    contexts = {"cond": slice(0, 1), "uncond": slice(1, 2)}
+    ref = loop(graphpass_caller(opt), kw, contexts)
+    loaded = graphpass.load(graphpass.export(opt, tmp_path / "artefact", example_kwargs=one), threads=1)
+    ours = loop(graphpass_caller(loaded), kw, contexts)
+    assert all(loaded.decisions(c) == opt.decisions(c) == "CCRCRRRCRRRCRR" for c in contexts)
+    assert max(float((a - b).abs().max()) for a, b in zip(ours, ref)) < 1e-4
