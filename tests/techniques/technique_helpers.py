@@ -85,6 +85,10 @@ def hooked(model, apply: Callable, config, leader: str):
     """A copy of ``model`` with diffusers' hook applied, and ``decisions``: per context the list of
     per-call compute flags read from the leader hook's state."""
     m = copy.deepcopy(model)
+    # a cache_context call on the shared model (e.g. an eager reference loop) left diffusers' hook registries on
+    # it; copied, they would still point at the shared model's state: start the copy without any
+    for module in m.modules():
+        module.__dict__.pop("_diffusers_hook", None)
     apply(m, config)
     blocks = m.blocks if hasattr(m, "blocks") else m.transformer_blocks
     hook = blocks[0]._diffusers_hook.get_hook(leader)
