@@ -26,10 +26,11 @@ The published thresholds were tuned by hand per model ("1-2 h per model"); this 
 """
 from __future__ import annotations
 
-import torch
-
 import json
+import sys
 from pathlib import Path
+
+import torch
 
 from ..errors import GraphpassError, InputError
 from ..eval.calibrate import calibrate
@@ -110,6 +111,11 @@ def run_coefficients(args) -> int:
               f"({len(args.seeds)} seed(s) x {wl.num_steps} steps), input = relative L1 change of node {fit.probe} "
               f"(the first block's timestep-modulated input); rms error {fit.rms_error:.3g}")
         print(f"coefficients (highest power first): {fit.coefficients}")
+        if fit.negative_at() is not None:
+            print(f"warning: the polynomial predicts a negative change at input change {fit.negative_at():.4g}, "
+                  f"inside the fitted range: TeaCache would lower its accumulated distance there and reuse without "
+                  f"end. Fit on more seeds, lower --degree, or use raw distances (coefficients [1.0, 0.0])",
+                  file=sys.stderr)
     else:
         ratios = magcache_ratios(wl, args.seeds[0])
         result = {"model": wl.name, "method": "magcache", "num_inference_steps": wl.num_steps, "seed": args.seeds[0],

@@ -23,7 +23,9 @@ video of the same seed (:mod:`graphpass.eval.metrics`), and for the VDT physics 
   most video models; with a model's own polynomial the scale of the accumulated distance differs, so the sweep
   goes down from it).
   MagCache's ratios and TeaCache's polynomial are the model's own, measured by
-  :mod:`graphpass.eval.coefficients` on one seed that is not benched (:func:`calibration_seed`).
+  :mod:`graphpass.eval.coefficients` on one seed that is not benched (:func:`calibration_seed`); a polynomial
+  that predicts negative changes in its own range (:meth:`~graphpass.eval.coefficients.TeaCacheFit.negative_at`)
+  is replaced by raw distances, and the row's schedule says so.
 * ``diffusers-pab``, ``diffusers-fbc``, ``diffusers-magcache``, ``diffusers-taylorseer``,
   ``diffusers-fastercache``: diffusers' own cache hooks (``transformer.enable_cache``) for diffusers models:
   Pyramid Attention Broadcast (same ranges and window as the model's preset), First Block Cache (threshold
@@ -136,7 +138,9 @@ def calibrated_variants(workload: Workload, methods: Sequence[str], seed: int) -
         out.update({m: MagCache(threshold=CALIBRATED[m], mag_ratios=ratios, num_inference_steps=workload.num_steps)
                     for m in wanted if m.startswith("magcache")})
     if any(m.startswith("teacache") for m in wanted):
-        coefficients = fit_teacache(workload, [seed]).coefficients
+        fit = fit_teacache(workload, [seed])
+        # a fit that predicts negative changes would reuse without end: accumulate raw distances instead
+        coefficients = [1.0, 0.0] if fit.negative_at() is not None else fit.coefficients
         out.update({m: TeaCache(threshold=CALIBRATED[m], coefficients=coefficients,
                                 num_inference_steps=workload.num_steps)
                     for m in wanted if m.startswith("teacache")})

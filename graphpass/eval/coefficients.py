@@ -146,9 +146,22 @@ class TeaCacheFit:
     def __call__(self, x: float) -> float:
         return float(np.poly1d(self.coefficients)(x))
 
+    def negative_at(self, points: int = 256) -> float | None:
+        """The smallest input change in the fitted range (``min(input_changes)`` to ``max``) at which the
+        polynomial predicts a negative output change, or None. TeaCache adds the prediction to its accumulated
+        distance each call, so a negative one lowers the sum and the reuse never ends: such a fit is not usable
+        (more seeds, a lower degree, or raw distances ``coefficients=[1.0, 0.0]``).
+
+        >>> TeaCacheFit([1.0, 0.0, -0.01], "p", 2, [0.0, 0.2], [0.0, 0.03]).negative_at()
+        0.0
+        """
+        grid = np.linspace(min(self.input_changes), max(self.input_changes), points)
+        below = grid[np.poly1d(self.coefficients)(grid) < 0]
+        return float(below[0]) if below.size else None
+
     def to_dict(self) -> dict[str, Any]:
         return {"method": "teacache", "coefficients": self.coefficients, "probe": self.probe, "degree": self.degree,
-                "points": len(self.input_changes), "rms_error": self.rms_error,
+                "points": len(self.input_changes), "rms_error": self.rms_error, "negative_at": self.negative_at(),
                 "input_changes": self.input_changes, "output_changes": self.output_changes}
 
 

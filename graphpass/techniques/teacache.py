@@ -161,6 +161,8 @@ class TeaCache(StepCacheSchedule):
         return cls(**d)
 
     def __str__(self) -> str:
+        if self.coefficients == [1.0, 0.0]:
+            return f"TeaCache(threshold={self.threshold:g}, raw distances)"
         return f"TeaCache(threshold={self.threshold:g}, degree {len(self.coefficients) - 1})"
 
 

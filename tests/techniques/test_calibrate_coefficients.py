@@ -70,3 +70,15 @@ def test_calibrate_command_writes_coefficients(wan_folder, tmp_path, capsys):
     assert "wrote" in capsys.readouterr().out
     assert main(["calibrate", "--model", "vdt-tiny"]) == 1  # AdaCache without a target: the fix is named
     assert "--target-speedup" in capsys.readouterr().err
+
+
+def test_a_fit_that_predicts_negative_changes_is_flagged():
+    """TeaCache adds the prediction each call: a polynomial below zero inside its own fitted range would lower the
+    accumulated distance and reuse without end."""
+    from graphpass.eval.coefficients import TeaCacheFit
+
+    xs = [0.01, 0.02, 0.05, 0.1]
+    dips = TeaCacheFit([100.0, -10.0, 0.2], "p", 2, xs, [0.0] * 4)  # 100x^2 - 10x + 0.2 < 0 for 0.0276 < x < 0.0724
+    assert 0.0276 < dips.negative_at() < 0.03
+    assert TeaCacheFit([2.0, 0.001], "p", 1, xs, [0.0] * 4).negative_at() is None
+    assert TeaCacheFit([2.0, -0.03], "p", 1, xs, [0.0] * 4).negative_at() == pytest.approx(0.01)  # below at once
