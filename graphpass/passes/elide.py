@@ -44,10 +44,11 @@ META_KEY = "graphpass_collective"
 class CollectiveInfo:
     """What one collective node does, recorded when a pass creates it.
 
-    kind: ``"all_to_all"`` or ``"all_gather"``.
+    kind: ``"all_to_all"``, ``"all_gather"`` or ``"all_reduce"``.
     region: the region it serves (``blocks.0.temporal_attn``), or ``""`` for model inputs/outputs.
-    role: ``"enter"`` (before the region: frames -> tokens), ``"exit"`` (after it: tokens -> frames), or
-        ``"gather"`` (whole outputs from the ranks' frames).
+    role: ``"enter"`` (before the region: frames -> tokens), ``"exit"`` (after it: tokens -> frames),
+        ``"gather"`` (whole outputs from the ranks' frames), or ``"metric"`` (the sums of a distance an
+        adaptive technique decides from, all-reduced so that every rank decides alike).
     bytes_sent: bytes this rank sends to other ranks per call (its own chunk is not counted).
     """
 
@@ -104,3 +105,34 @@ def elide_collectives(graph: fx.Graph) -> list[str]:
 
 def collective_info(node: fx.Node) -> CollectiveInfo | None:
     return node.meta.get(META_KEY)
+
+
+#: The collective kind of each functional collective op, as reports name it.
+_KINDS = {_C10D.all_to_all_single.default: "all_to_all", _C10D.all_gather_into_tensor.default: "all_gather",
+          _C10D.all_reduce.default: "all_reduce", _C10D.reduce_scatter_tensor.default: "reduce_scatter",
+          _C10D.broadcast.default: "broadcast"}
+
+
+def describe_collectives(graph: fx.Graph, *, region: str, role: str) -> list[str]:
+    """Tag the collectives of ``graph`` that no pass described (a phase's own, such as the all-reduce of
+    AdaCache's distance sums) with a :class:`CollectiveInfo` of ``region`` and ``role``; returns their names.
+    Bytes are those the op hands to the group (the whole tensor for an all-reduce; an all-gather's input
+    once per other rank), as :func:`graphpass.runtime.parallel.count_collectives` counts them.
+
+        >>> describe_collectives(pg.gm.graph, region="blocks.1", role="metric")   # a measuring AdaCache phase
+        ['all_reduce']
+        >>> collective_info(next(n for n in pg.gm.graph.nodes if n.name == "all_reduce")).bytes_sent
+        16
+    """
+    named = []
+    for n in collective_nodes(graph):
+        if collective_info(n) is not None:
+            continue
+        v = n.args[0].meta.get("val") if isinstance(n.args[0], fx.Node) else None
+        nbytes = v.numel() * v.element_size() if isinstance(v, torch.Tensor) else 0
+        kind = _KINDS[n.target]
+        if kind == "all_gather":
+            nbytes *= n.args[1] - 1
+        n.meta[META_KEY] = CollectiveInfo(kind, region, role, nbytes)
+        named.append(n.name)
+    return named

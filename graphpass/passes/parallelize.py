@@ -154,6 +154,10 @@ class ShardedGraph:
         all-to-alls, so caching a temporal region stores (and reusing it skips) its communication too.
     frames: the frame split; ``frame_dim`` the video input's frame dimension.
     collectives: names of the collective nodes of the local graph, in order.
+    held: how this rank holds the value of each node of the captured graph (by name): ``"split"`` (its part
+        of the split axis: frames, tokens or heads), ``"whole"`` (the whole value, as on every rank), or
+        ``"segment"`` (whole text tokens around its part of the video tokens). Sums over the ranks of a
+        ``"split"`` value are the whole value's sums, e.g. for a distance measured on it.
     """
 
     captured: CapturedGraph
@@ -166,6 +170,7 @@ class ShardedGraph:
     keep_sharded: bool
     collectives: list[str] = field(default_factory=list)
     mode: str = "dsp"
+    held: dict[str, str] = field(default_factory=dict)
 
 
 def _shape(n) -> tuple[int, ...]:
@@ -1273,8 +1278,20 @@ def _finish(captured: CapturedGraph, regions: list[Region], b: _Builder, graph: 
                     value_checks=[] if b.keep_sharded else list(captured.value_checks))
     return ShardedGraph(captured=local, regions=local_regions, frames=b.frames, video_input=b.video,
                         frame_dim=b.frame_dim, rank=b.rank, world_size=b.world, keep_sharded=b.keep_sharded,
-                        mode=b.mode,
-                        collectives=[n.name for n in collective_nodes(gm.graph)])
+                        mode=b.mode, collectives=[n.name for n in collective_nodes(gm.graph)],
+                        held={n.name: _held(st) for n, st in b.state.items() if isinstance(st, _State)})
+
+
+def _held(st: _State) -> str:
+    """How a rank holds a value of this sharding (see :attr:`ShardedGraph.held`).
+
+        >>> _held(_State()), _held(_State(Axis(1, 16, 3), Split("frames", (2, 1)))), \
+        ...     _held(_State(Axis(1, 16, 3, pre=5), Split("frames", (2, 1))))
+        ('whole', 'split', 'segment')
+    """
+    if st.shard is None:
+        return "whole"
+    return "segment" if st.shard.segment else "split"
 
 
 def _propagate_shapes(gm: fx.GraphModule, specs: list[TensorSpec]) -> None:

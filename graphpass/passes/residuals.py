@@ -221,6 +221,9 @@ class MetricSite:
         it, sample-major).
     frame_layout: ``(X, F, Y)`` such that each sample's residual reshapes to ``(X, F, Y)`` with frames on the
         middle axis (for the MoReg frame differences), or None when the frame axis is unknown.
+    group: the process group (its name) whose ranks each hold a part of the residual (sequence parallelism),
+        or None when this process holds all of it. The distance's sums are then all-reduced over the group
+        inside the graph (:func:`residual_stats`), so every rank reads the whole residual's distance.
     """
 
     path: str
@@ -230,6 +233,7 @@ class MetricSite:
     spec: TensorSpec
     batch: int
     frame_layout: tuple[int, int, int] | None
+    group: str | None = None
 
     @property
     def residual_key(self) -> str:
@@ -719,7 +723,8 @@ def find_metric_site(captured: CapturedGraph, span: BlockSpan, regions: Sequence
 
 # --- graph building -------------------------------------------------------------------------------------
 def residual_stats(r_now: torch.Tensor, r_prev: torch.Tensor, batch: int,
-                   frame_layout: tuple[int, int, int] | None = None, strides: Sequence[int] = ()) -> torch.Tensor:
+                   frame_layout: tuple[int, int, int] | None = None, strides: Sequence[int] = (),
+                   group: str | None = None) -> torch.Tensor:
     """Per-sample statistics AdaCache reads after a compute step, as one ``(1 or 2, batch)`` tensor:
 
     * row 0, the distance ``||r_now - r_prev||_1 / ||r_prev||_1`` (not yet divided by the steps between the two
@@ -729,13 +734,25 @@ def residual_stats(r_now: torch.Tensor, r_prev: torch.Tensor, batch: int,
 
     A zero denominator counts as the smallest normal float, so two zero residuals are at distance 0.
 
+    ``group``: the residual is split over the ranks of this process group (each holds a part, or each the
+    whole); the numerator and denominator sums are all-reduced over it before dividing (not the per-rank
+    ratios), so every rank gets the whole residual's distance. A rank holding the whole residual adds
+    ``world_size`` equal copies to both sums, which leaves the ratio unchanged. Not with ``strides``.
+
     >>> residual_stats(torch.ones(2, 3), torch.full((2, 3), 2.0), batch=2)
     tensor([[0.5000, 0.5000]])
     """
     tiny = torch.finfo(torch.float32).tiny
     a = r_now.float().reshape(batch, -1)
     b = r_prev.float().reshape(batch, -1)
-    d = (a - b).abs().sum(1) / b.abs().sum(1).clamp_min(tiny)
+    num, den = (a - b).abs().sum(1), b.abs().sum(1)
+    if group is not None:
+        if strides:
+            raise GraphpassError("MoReg's motion score compares neighboring frames, which a split residual "
+                                 "holds on different ranks; use moreg=None with sequence parallelism")
+        c10d = torch.ops._c10d_functional
+        num, den = c10d.wait_tensor(c10d.all_reduce(torch.stack([num, den]), "sum", group)).unbind(0)
+    d = num / den.clamp_min(tiny)
     if not strides:
         return d.unsqueeze(0)
     x, f, y = frame_layout
@@ -801,7 +818,8 @@ def _entry_value(graph: fx.Graph, by_name: dict[str, fx.Node], x: str | Concat,
 
 
 def specialize_residual_phase(captured: CapturedGraph, span: BlockSpan, phase: Phase, metric: MetricSite | None = None,
-                              strides: Sequence[int] = (), unit: str = "residual") -> PhaseGraph:
+                              strides: Sequence[int] = (), unit: str = "residual", *,
+                              passes: Sequence[Callable[[fx.Graph], object]] = ()) -> PhaseGraph:
     """The graph of one residual-caching phase.
 
     ``phase.action(span.path)`` with ``unit="residual"``: REUSE -> the blocks are cut out and, for each
@@ -812,6 +830,8 @@ def specialize_residual_phase(captured: CapturedGraph, span: BlockSpan, phase: P
     ``phase.metric`` (a :class:`~graphpass.schedules.adacache.ResidualPhase`; ``"none"`` for plain phases):
     ``"store"`` also returns the metric residual; ``"measure"`` reads the previous metric residual from the
     cache and returns the new one and :func:`residual_stats` (with MoReg motion when ``strides`` are given).
+    ``passes`` run on the rewritten graph after dead-code elimination and before the checks, as in
+    :func:`~graphpass.passes.specialize.specialize_phase` (the collectives of skipped blocks go there).
     """
     action = phase.action(span.path)
     mode = phase.metric if isinstance(phase, ResidualPhase) else "none"
@@ -830,7 +850,7 @@ def specialize_residual_phase(captured: CapturedGraph, span: BlockSpan, phase: P
     cache_inputs: list[str] = []
     stored: list[tuple[str, fx.Node]] = []  # (cache key, node) returned after the model's outputs
     if unit == "outputs":
-        inner = specialize_phase(captured, span.inner, Phase.of({r.path: action for r in span.inner}))
+        inner = specialize_phase(captured, span.inner, Phase.of({r.path: action for r in span.inner}), passes=passes)
         graph, by_name, outs = copy_graph(inner.gm)
         rename = span.inner_keys()
         n_user = inner.num_user_outputs
@@ -880,12 +900,14 @@ def specialize_residual_phase(captured: CapturedGraph, span: BlockSpan, phase: P
                 layout, strides_ = metric.frame_layout, tuple(strides)
 
                 def stats(now, before):
-                    return residual_stats(now, before, metric.batch, layout, strides_)
+                    return residual_stats(now, before, metric.batch, layout, strides_, metric.group)
 
                 stored.append((metric.stats_key, inline(graph, stats, [r, prev])))
     cache_outputs = [k for k, _ in stored]
     graph.output(tuple(outs) + tuple(n for _, n in stored))
     eliminate_dead_code(graph)
+    for extra in passes:
+        extra(graph)
 
     # ensures: a reuse step runs nothing of the blocks (unit "residual") / of their regions (unit "outputs")
     if action == Action.REUSE:

@@ -28,7 +28,7 @@ from ..passes.residuals import BlockSpan, MetricSite
 from ..passes.specialize import PhaseGraph
 from ..passes.tag import Region
 from ..schedules.base import Phase, Plan, Schedule, progress_position
-from ..techniques import Decision, Probe, StepCall, technique_for
+from ..techniques import Decision, Probe, StepCall, Target, technique_for
 from .backends import PhaseProgram, PhaseRunner, make_runner
 from .cache import CacheStore, frees
 from .facade import ModelFacade
@@ -415,9 +415,12 @@ class OptimizedModel(RuntimeCore):
     """
 
     def __init__(self, model: torch.nn.Module, captured: CapturedGraph, regions: list[Region], schedule: Schedule,
-                 *, timestep_arg: str = "timestep", backend: str = "eager", timestep_order: str = "falling"):
+                 *, timestep_arg: str = "timestep", backend: str = "eager", timestep_order: str = "falling",
+                 target: Target | None = None):
         technique = technique_for(schedule)
-        target = technique.target(captured, regions, schedule)
+        # ``target``: found by the caller (sequence parallelism finds a residual technique's chain of blocks on
+        # the whole model's graph, where the collectives of the split do not hide it)
+        target = target if target is not None else technique.target(captured, regions, schedule)
         super().__init__(model, captured, schedule, {r.path: r.cache_keys for r in target.regions}, make_runner,
                          timestep_arg=timestep_arg, backend=backend, timestep_order=timestep_order)
         self.captured = captured

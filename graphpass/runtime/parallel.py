@@ -34,20 +34,25 @@ from __future__ import annotations
 
 import contextlib
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.fx as fx
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..errors import GraphpassError, InputError, ParallelError
-from ..passes.capture import CapturedGraph
-from ..passes.elide import COLLECTIVE_OPS, collective_info, collective_nodes
+from ..passes.capture import CapturedGraph, TensorSpec
+from ..passes.elide import COLLECTIVE_OPS, collective_info, collective_nodes, describe_collectives
+from ..passes.flops import node_flops
 from ..passes.parallelize import MODES, ShardedGraph, parallelize
+from ..passes.residuals import BlockSpan, MetricSite
+from ..passes.specialize import PhaseGraph
 from ..passes.tag import Region
 from ..schedules.base import Phase, Plan, Schedule
-from ..techniques import technique_for
+from ..techniques import Target, technique_for, techniques
+from ..techniques.residual import SpanTarget
 from .executor import OptimizedModel
 
 __all__ = ["SequenceParallel", "ParallelModel", "ParallelRuntime", "ParallelError", "count_collectives",
@@ -277,8 +282,9 @@ class ParallelModel(OptimizedModel):
     def __init__(self, model: torch.nn.Module, sharded: ShardedGraph, global_captured: CapturedGraph,
                  global_regions: list[Region], schedule: Schedule, runtime: ParallelRuntime, *,
                  timestep_arg: str = "timestep", backend: str = "eager"):
+        target = sharded_target(schedule, sharded, global_captured, global_regions, runtime.group_name)
         super().__init__(model, sharded.captured, sharded.regions, schedule, timestep_arg=timestep_arg,
-                         backend=backend)
+                         backend=backend, target=target)
         self.parallel = runtime
         self.sharded = sharded
         self.global_captured = global_captured
@@ -336,13 +342,26 @@ class ParallelModel(OptimizedModel):
         by_name = dict(zip(self.captured.input_names, flat))
         return {n: checksum(by_name[n]) for n in self._checked_inputs()}
 
+    def phase_graph(self, phase: Phase) -> PhaseGraph:
+        """The phase graph, its collectives described: those the phase adds to the sharded graph (the
+        all-reduce of an adaptive technique's distance sums) are tagged like the pass's own
+        (:func:`~graphpass.passes.elide.describe_collectives`), so reports and counts see them."""
+        built = phase in self._phase_graphs
+        pg = super().phase_graph(phase)
+        if not built:
+            metric = self.target.metric
+            describe_collectives(pg.gm.graph, region=metric.path if metric is not None else "", role="metric")
+        return pg
+
     # --- communication ---------------------------------------------------------------------------
     def collectives(self, phase: Phase) -> tuple[list[Any], list[Any]]:
         """(kept, removed) collectives of a phase graph, as (node name, CollectiveInfo) pairs: kept are
-        those its graph runs, removed those of the full sharded graph that elision took out."""
-        kept_names = {n.name for n in collective_nodes(self.phase_graph(phase).gm.graph)}
+        those its graph runs (with any the phase adds, such as the metric all-reduce of a measuring step),
+        removed those of the full sharded graph that elision took out."""
+        kept = [(n.name, collective_info(n)) for n in collective_nodes(self.phase_graph(phase).gm.graph)]
+        kept_names = {name for name, _ in kept}
         everything = [(n.name, collective_info(n)) for n in collective_nodes(self.captured.gm.graph)]
-        return ([c for c in everything if c[0] in kept_names], [c for c in everything if c[0] not in kept_names])
+        return kept, [c for c in everything if c[0] not in kept_names]
 
     def communication(self, plan: Plan | None = None) -> "CollectiveCounts":
         """Collectives (calls and bytes this rank sends) that a generation following ``plan`` (default: the
@@ -361,6 +380,71 @@ class ParallelModel(OptimizedModel):
                 f"{self.parallel.world_size}, frames {list(self.sharded.frames.sizes)})")
 
 
+def sharded_target(schedule: Schedule, sharded: ShardedGraph, global_captured: CapturedGraph,
+                   global_regions: list[Region], group_name: str) -> Target:
+    """What the schedule's technique acts on in this rank's graph.
+
+    Attention techniques (PAB) find it in the sharded graph itself. A residual technique's chain of blocks is
+    found on the whole model's graph (in the sharded one the collectives hide which node enters each block)
+    and carried over by node name, which sharding keeps, with this rank's shapes: each rank caches its part
+    of the residual. Its metric residual must be held in parts or whole on every rank (``"split"`` or
+    ``"whole"`` in :attr:`~graphpass.passes.parallelize.ShardedGraph.held`); its distance sums are then
+    all-reduced over ``group_name`` inside the measuring graph, so every rank decides alike.
+
+        >>> t = sharded_target(AdaCache.preset("slow"), sharded, whole, whole_regions, "0")
+        >>> t.span.specs[0].shape, t.metric.group        # VDT-tiny, 4 frames on 2 ranks: 2 each
+        ((2, 2, 16, 32), '0')
+    """
+    technique = technique_for(schedule)
+    whole = technique.target(global_captured, global_regions, schedule)
+    if whole.span is None:
+        return technique.target(sharded.captured, sharded.regions, schedule)
+    if not isinstance(whole, SpanTarget):
+        raise ParallelError(f"{technique.name} acts on the chain of blocks through a {type(whole).__name__}, which "
+                            f"SequenceParallel cannot carry to each rank's graph; run {type(schedule).__name__} on "
+                            f"one process")
+    if whole.strides:
+        raise ParallelError(f"{type(schedule).__name__} with MoReg measures motion between neighboring frames, "
+                            f"which sequence parallelism puts on different ranks; use moreg=None with parallel=, "
+                            f"or run it on one process")
+    nodes = {n.name: n for n in sharded.captured.gm.graph.nodes}
+    span = _local_span(whole.span, nodes, sharded.regions)
+    metric = whole.metric
+    if metric is not None:
+        metric = _local_metric(metric, nodes, sharded, group_name)
+    return replace(whole, regions=[span.as_region(whole.cache_unit)], attention_regions=list(sharded.regions),
+                   span=span, metric=metric)
+
+
+def _spec(node: fx.Node) -> TensorSpec:
+    v = node.meta["val"]
+    return TensorSpec(tuple(int(s) for s in v.shape), v.dtype)
+
+
+def _local_span(span: BlockSpan, nodes: dict[str, fx.Node], regions: list[Region]) -> BlockSpan:
+    """``span`` (found on the whole graph) in this rank's graph: same nodes, local shapes, local regions
+    (a temporal region's exits are its exit all-to-alls there)."""
+    flops = sum(node_flops(nodes[n]) for n in span.nodes if n in nodes)
+    region = replace(span.region, exit_specs=[_spec(nodes[e]) for e in span.region.exits], flops=flops)
+    by_path = {r.path: r for r in regions}
+    return replace(span, specs=[_spec(nodes[o]) for _, o in span.streams], flops=flops, region=region,
+                   inner=[by_path[r.path] for r in span.inner])
+
+
+def _local_metric(metric: MetricSite, nodes: dict[str, fx.Node], sharded: ShardedGraph,
+                  group_name: str) -> MetricSite:
+    """The metric site in this rank's graph, its distance sums all-reduced over ``group_name``."""
+    names = [metric.node] if metric.kind == "region" else list(metric.block_io)
+    held = {sharded.held.get(n, "whole") for n in names}
+    if len(held) > 1 or held == {"segment"}:
+        raise ParallelError(f"the metric residual at {metric.path} holds whole text tokens beside this rank's part "
+                            f"of the video tokens ({', '.join(sorted(held))}), so sums over the ranks would count "
+                            f"the text once per rank; measure where the video tokens are alone, e.g. "
+                            f"AdaCache(metric_at=<a block or region of the video stream>)")
+    return replace(metric, spec=_spec(nodes[names[-1]] if metric.kind == "block" else nodes[metric.node]),
+                   group=group_name)
+
+
 def connect(config: SequenceParallel, schedule: Schedule) -> ParallelRuntime:
     """Join the process group before anything is captured; collective (every rank calls it). The ranks
     check the options against the group and agree on them, so a wrong world size fails at once, on all ranks."""
@@ -370,9 +454,10 @@ def connect(config: SequenceParallel, schedule: Schedule) -> ParallelRuntime:
     err = None
     technique = technique_for(schedule)
     if not technique.parallel:
+        drives = ", ".join(t.name for t in techniques() if t.parallel)
         err = ParallelError(f"{type(schedule).__name__} is run by the {technique.name} technique, which "
-                            f"SequenceParallel does not drive yet; use a PAB schedule with parallel=, or run "
-                            f"{type(schedule).__name__} on one process")
+                            f"SequenceParallel does not drive (it drives {drives}); use one of those schedules "
+                            f"with parallel=, or run {type(schedule).__name__} on one process")
     elif config.mode not in MODES:
         err = ParallelError(f"SequenceParallel(mode={config.mode!r}) is not a mode; choose one of {', '.join(MODES)}")
     elif config.world_size is not None and config.world_size != rt.world_size:

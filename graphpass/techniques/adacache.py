@@ -116,10 +116,11 @@ ADACACHE = register(Technique(
     export=Export(refusal="AdaCache decides reuse at run time from measured values, so no fixed set of phases "
                           "exists to export; export its decisions of a run as a static schedule instead: "
                           "graphpass.optimize(model, opt.schedule.freeze(opt.decisions()), ...)",
-                  freeze=_freeze)))
+                  freeze=_freeze),
+    parallel=True))
 
 FROZEN_ADACACHE = register(Technique(
     name="FrozenAdaCache", schedules=(FrozenAdaCache,),
     target=lambda captured, regions, schedule: span_target(captured, regions, schedule.cache_unit),
     specialize=specialize_span, policy=static_plan,
-    export=Export(freeze=_freeze)))
+    export=Export(freeze=_freeze), parallel=True))

@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..passes.capture import CapturedGraph
+from ..passes.elide import elide_collectives
 from ..passes.residuals import find_block_span, specialize_residual_phase
 from ..passes.specialize import PhaseGraph
 from ..passes.tag import Region
@@ -45,8 +46,9 @@ def span_target(captured: CapturedGraph, regions: list[Region], unit: str = "res
 
 def specialize_span(captured: CapturedGraph, target: SpanTarget, phase: Phase) -> PhaseGraph:
     """One residual phase graph of a :class:`SpanTarget` (its metric site and strides measured when the
-    phase says so)."""
-    return specialize_residual_phase(captured, target.span, phase, target.metric, target.strides, target.cache_unit)
+    phase says so); collectives in the graph (sequence parallelism) that only skipped blocks needed go too."""
+    return specialize_residual_phase(captured, target.span, phase, target.metric, target.strides, target.cache_unit,
+                                     passes=(elide_collectives,))
 
 
 def span_phase(target: Target, action: Action, metric: str = "none") -> ResidualPhase:
