@@ -16,6 +16,8 @@ dict of measurements that the tests check in the parent process.
 from __future__ import annotations
 
 import math
+import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -24,11 +26,14 @@ from torch import nn
 
 import graphpass
 from conftest import DDIM_50, make_case, run_loop
-from graphpass import PAB, ParallelError, SequenceParallel
+from graphpass import PAB, AdaCache, FrozenAdaCache, ParallelError, SequenceParallel
 from graphpass.passes.elide import collective_info, collective_nodes
 from graphpass.runtime import parallel as sp
 from graphpass.runtime.parallel import count_collectives, plan_reuse_savings
 from reference_pab import ReferencePAB
+
+sys.path.insert(0, str(Path(__file__).parent.parent / "adacache"))
+from adacache_helpers import run_reference  # noqa: E402
 
 #: 10 calls from 981 down to 81: the first and last outside the PAB window below, reuse in between.
 TIMESTEPS = DDIM_50[::5]
@@ -449,3 +454,84 @@ def ulysses_all(rank: int, world_size: int) -> dict:
 
 def ring_all(rank: int, world_size: int) -> dict:
     return {name: ulysses_model_checks(rank, world_size, name, mode="ring") for name in RING_MODELS}
+
+
+# --- residual caching (AdaCache) --------------------------------------------------------------------
+#: The transformer blocks of each model, written from the model code, for the module-level reference.
+RESIDUAL_BLOCKS = {"vdt": [f"blocks.{i}" for i in range(2)],
+                   "cogvideox": [f"transformer_blocks.{i}" for i in range(2)]}
+#: Fixed decisions (FrozenAdaCache): reuse at 5 of the 10 steps.
+FROZEN_DECISIONS = "CCRRCRCRRC"
+#: A codebook whose bound lies among the tiny models' distances (about 0.10 to 0.24 on these 10 steps), so
+#: the adaptive run both reuses and computes.
+ADAPTIVE_SCHEDULE = AdaCache(codebook={0.125: 2, 1.0: 1})
+
+
+def _cache_shares(opt, schedule) -> list:
+    """(key, elements this rank caches, elements of the whole model's tensor) of each cached tensor."""
+    whole = opt.technique.target(opt.global_captured, opt.global_regions, schedule)
+    glob = {k: math.prod(s.shape) for r in whole.regions for k, s in zip(r.cache_keys, r.exit_specs)}
+    cache = opt.state().cache
+    return [(k, cache.get(k).numel(), glob[k]) for k in cache.keys() if k in glob]
+
+
+def _traced_counts(opt) -> list:
+    """The collectives each call of the last generation should have run: those its phase graph keeps."""
+    return [_counts(_phase_counts(opt, ph)) for _, ph in opt.state().trace]
+
+
+def residual_model_checks(rank: int, world_size: int, name: str) -> dict:
+    """AdaCache on ``name`` split over the ranks (mode "auto": DSP for VDT, Ulysses for CogVideoX): fixed
+    decisions against the module-level block-residual reference; adaptive decisions against a
+    single-process run (decisions, distances) and its outputs against the reference for those decisions;
+    collectives counted per call against each call's phase graph; what each rank caches."""
+    model, kwargs = joint_case(name)
+    blocks = RESIDUAL_BLOCKS[name]
+    res: dict = {"rank": rank}
+    frozen = FrozenAdaCache(FROZEN_DECISIONS)
+    opt = graphpass.optimize(model, frozen, example_kwargs=kwargs(), timesteps=TIMESTEPS,
+                             parallel=SequenceParallel())
+    outs, per_call = _per_call_counts(opt, kwargs(), TIMESTEPS)
+    ref = run_reference(joint_case(name)[0], kwargs(), TIMESTEPS, FROZEN_DECISIONS, blocks=blocks)
+    res["mode"] = opt.sharded.mode
+    res["frames"] = opt.sharded.frames.sizes
+    res["frozen"] = dict(rel=_rel(outs, ref), decisions=opt.decisions(), per_call=per_call,
+                         predicted=_traced_counts(opt),
+                         eager_rel=_rel(run_loop(model, kwargs(), TIMESTEPS), ref),
+                         full=[(collective_info(n).kind, collective_info(n).role)
+                               for n in collective_nodes(opt.captured.gm.graph)])
+    run_loop(opt, kwargs(), TIMESTEPS[:2])  # the second step stores the residual: what is cached?
+    res["frozen"]["cache"] = _cache_shares(opt, frozen)
+    res["inspect"] = opt.inspect()
+
+    single = graphpass.optimize(model, ADAPTIVE_SCHEDULE, example_kwargs=kwargs(), timesteps=TIMESTEPS)
+    single_outs = run_loop(single, kwargs(), TIMESTEPS)
+    par = graphpass.optimize(model, ADAPTIVE_SCHEDULE, example_kwargs=kwargs(), timesteps=TIMESTEPS,
+                             parallel=SequenceParallel())
+    outs, per_call = _per_call_counts(par, kwargs(), TIMESTEPS)
+    ref = run_reference(joint_case(name)[0], kwargs(), TIMESTEPS, par.decisions(), blocks=blocks)
+    res["adaptive"] = dict(
+        decisions=par.decisions(), single_decisions=single.decisions(), rel=_rel(outs, ref),
+        single_rel=_rel(outs, single_outs), distances=[r.distance for r in par.records()],
+        single_distances=[r.distance for r in single.records()], metric_reads=par.metric_reads,
+        per_call=per_call, predicted=_traced_counts(par), metric=par.metric.path,
+        metric_held=par.sharded.held.get(par.metric.node or par.metric.block_io[1]))
+    return res
+
+
+def refusal_checks(rank: int, world_size: int) -> dict:
+    """Techniques SequenceParallel does not drive, and MoReg (frame differences across ranks), are refused
+    on every rank with a ParallelError."""
+    case = make_case("vdt")
+    out = {}
+    for label, schedule in (("fbc", graphpass.FirstBlockCache(threshold=0.1)),
+                            ("teacache", graphpass.TeaCache(threshold=0.1)),
+                            ("moreg", AdaCache(moreg=graphpass.MoReg(window=(1, 10))))):
+        out[label] = _error(lambda: graphpass.optimize(case.model, schedule, example_kwargs=case.kwargs(),
+                                                       parallel=SequenceParallel()))
+    return out
+
+
+def residual_all(rank: int, world_size: int) -> dict:
+    return {**{name: residual_model_checks(rank, world_size, name) for name in RESIDUAL_BLOCKS},
+            "refused": refusal_checks(rank, world_size)}

@@ -1,0 +1,108 @@
+"""AdaCache (residual caching of the whole chain of blocks) on 2 CPU ranks (gloo), against single-process
+runs and a module-level reference: VDT split by frames (DSP) and diffusers CogVideoX split by tokens
+(Ulysses; its text stream whole on every rank).
+
+All checks run in one spawn of two processes (tests/parallel/_workers.py: ``residual_all``). Fixed decisions
+(FrozenAdaCache) are compared with the reference that wraps each block's forward (reuse: input + kept
+residual; tests/adacache/adacache_helpers.py). Adaptive decisions (AdaCache) must be the same on both ranks
+and the same as on one process, with the same distances: each rank measures its part of the residual and
+the numerator and denominator sums are all-reduced inside the measuring graph. Tolerance: 1e-5 relative
+to the output's largest magnitude.
+"""
+from __future__ import annotations
+
+import pytest
+
+from _launch import launch
+from _workers import FROZEN_DECISIONS, RESIDUAL_BLOCKS, residual_all
+
+REL = 1e-5
+MODES = {"vdt": "dsp", "cogvideox": "ulysses"}
+
+
+@pytest.fixture(scope="module")
+def ranks():
+    return launch(residual_all, world_size=2, timeout=300, preload=("_workers",))
+
+
+@pytest.mark.parametrize("name", RESIDUAL_BLOCKS)
+def test_fixed_decisions_equal_the_module_level_reference(ranks, name):
+    for r in ranks:
+        d = r[name]
+        assert d["mode"] == MODES[name]
+        assert d["frozen"]["decisions"] == FROZEN_DECISIONS
+        assert d["frozen"]["rel"] <= REL, (name, d["rank"], d["frozen"]["rel"])
+        assert d["frozen"]["eager_rel"] > 1e-3  # reuse changed the outputs: the comparison can fail
+
+
+@pytest.mark.parametrize("name", RESIDUAL_BLOCKS)
+def test_adaptive_decisions_are_the_single_process_decisions_on_every_rank(ranks, name):
+    runs = [r[name]["adaptive"] for r in ranks]
+    decisions = runs[0]["decisions"]
+    assert "R" in decisions and "C" in decisions[1:-2], decisions  # the codebook both reuses and computes
+    for a in runs:
+        assert a["decisions"] == decisions == a["single_decisions"]
+        assert a["metric_reads"] == len(a["distances"]) > 0
+        for got, want in zip(a["distances"], a["single_distances"], strict=True):
+            assert got == pytest.approx(want, rel=1e-5)
+        assert a["rel"] <= REL and a["single_rel"] <= REL, (name, a["rel"], a["single_rel"])
+        assert a["metric_held"] == "split"  # each rank measured its part of the residual
+
+
+@pytest.mark.parametrize("name", RESIDUAL_BLOCKS)
+@pytest.mark.parametrize("run", ["frozen", "adaptive"])
+def test_collectives_counted_per_call_equal_the_phase_graphs(ranks, name, run):
+    """A reuse step skips every block, and with them every collective inside (DSP's pairs around temporal
+    attention, Ulysses' all-to-alls and text all-gathers): only the output gather runs. A measuring step
+    adds one all-reduce (the distance sums) to the call's agreement all-reduce."""
+    for r in ranks:
+        d = r[name][run]
+        decisions = d["decisions"]
+        assert len(d["per_call"]) == len(d["predicted"]) == len(decisions)
+        for i, (counted, predicted) in enumerate(zip(d["per_call"], d["predicted"])):
+            for kind in ("all_to_all", "all_gather", "all_reduce"):
+                extra = 1 if kind == "all_reduce" else 0  # the per-call agreement
+                assert counted["calls"].get(kind, 0) == predicted["calls"].get(kind, 0) + extra, (i, kind)
+                if kind != "all_reduce":
+                    assert counted["bytes"].get(kind, 0) == predicted["bytes"].get(kind, 0), (i, kind)
+            if decisions[i] == "R":
+                assert counted["calls"] == {"all_gather": 1, "all_reduce": 1}, (i, counted)
+            else:
+                assert counted["calls"]["all_to_all"] > 0
+        measuring = [p for p in d["predicted"] if p["calls"].get("all_reduce")]
+        assert bool(measuring) == (run == "adaptive")
+        assert all(p["calls"]["all_reduce"] == 1 for p in measuring)
+
+
+@pytest.mark.parametrize("name", RESIDUAL_BLOCKS)
+def test_each_rank_caches_its_part_of_the_residual(ranks, name):
+    """The video stream's residual is this rank's frames or tokens; CogVideoX's text stream residual, carried
+    whole by every rank, is whole."""
+    for r in ranks:
+        d = r[name]
+        share = d["frames"][d["rank"]] / sum(d["frames"])
+        cache = d["frozen"]["cache"]
+        assert cache
+        video = cache[0]
+        assert video[1] == video[2] * share, video
+        for key, local, whole in cache[1:]:
+            assert local == whole and name == "cogvideox", key
+
+
+def test_inspect_lists_what_a_reuse_step_removes(ranks):
+    text = ranks[0]["cogvideox"]["inspect"]
+    assert "communication per step (rank 0 of 2" in text
+    lines = [ln for ln in text.splitlines() if "kept: all_gather/gather 1 (" in ln and "removed: -" not in ln]
+    assert len(lines) == 1, text  # the reuse phase: only the output gather is kept
+    for part in ("all_to_all/enter 6 ", "all_to_all/exit 2 ", "all_gather/exit 2 "):
+        assert part in lines[0].split("removed:")[1], lines[0]
+
+
+def test_techniques_sequence_parallel_does_not_drive_are_refused(ranks):
+    for r in ranks:
+        got = r["refused"]
+        assert "FirstBlockCache is run by the FirstBlockCache technique, which SequenceParallel does not drive" \
+            in got["fbc"]
+        assert "AdaCache" in got["fbc"] and "PAB" in got["fbc"]  # it names what it drives
+        assert "TeaCache" in got["teacache"] and "does not drive" in got["teacache"]
+        assert "MoReg" in got["moreg"] and "moreg=None" in got["moreg"]
