@@ -268,8 +268,8 @@ def _communication(opt, plan, phases, ids) -> list[str]:
     every_bytes = sum(_collective_bytes(c) for c in everything)
     by_kind = []
     for ph in phases:
-        kept = {c.name for c in collective_nodes(opt.phase_graph(ph).gm.graph)}
-        k = [c for c in everything if c.name in kept]
+        k = collective_nodes(opt.phase_graph(ph).gm.graph)  # with any the phase adds (a metric all-reduce)
+        kept = {c.name for c in k}
         r = [c for c in everything if c.name not in kept]
         kb, rb = sum(map(_collective_bytes, k)), sum(map(_collective_bytes, r))
         steps = sum(1 for p in plan.phases if p == ph)

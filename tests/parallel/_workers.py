@@ -504,10 +504,13 @@ def residual_model_checks(rank: int, world_size: int, name: str) -> dict:
     res["frozen"]["cache"] = _cache_shares(opt, frozen)
     res["inspect"] = opt.inspect()
 
-    single = graphpass.optimize(model, ADAPTIVE_SCHEDULE, example_kwargs=kwargs(), timesteps=TIMESTEPS)
+    # the same capture, optimized again (what graphpass.optimize would capture anew): one process, 2 ranks
+    single = graphpass.OptimizedModel(model, opt.global_captured, opt.global_regions, ADAPTIVE_SCHEDULE)
+    single.plan(TIMESTEPS)
     single_outs = run_loop(single, kwargs(), TIMESTEPS)
-    par = graphpass.optimize(model, ADAPTIVE_SCHEDULE, example_kwargs=kwargs(), timesteps=TIMESTEPS,
-                             parallel=SequenceParallel())
+    par = sp.build(model, opt.global_captured, opt.global_regions, ADAPTIVE_SCHEDULE,
+                   sp.connect(SequenceParallel(), ADAPTIVE_SCHEDULE), timestep_arg="timestep", backend="eager")
+    par.plan(TIMESTEPS)
     outs, per_call = _per_call_counts(par, kwargs(), TIMESTEPS)
     ref = run_reference(joint_case(name)[0], kwargs(), TIMESTEPS, par.decisions(), blocks=blocks)
     res["adaptive"] = dict(
@@ -515,7 +518,7 @@ def residual_model_checks(rank: int, world_size: int, name: str) -> dict:
         single_rel=_rel(outs, single_outs), distances=[r.distance for r in par.records()],
         single_distances=[r.distance for r in single.records()], metric_reads=par.metric_reads,
         per_call=per_call, predicted=_traced_counts(par), metric=par.metric.path,
-        metric_held=par.sharded.held.get(par.metric.node or par.metric.block_io[1]))
+        metric_held=par.sharded.held.get(par.metric.node or par.metric.block_io[1]), inspect=par.inspect())
     return res
 
 
