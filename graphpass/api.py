@@ -47,7 +47,9 @@ def optimize(model: torch.nn.Module, schedule: Schedule | str, *, example_kwargs
             output then carries the current step's modulation).
         parallel: a :class:`~graphpass.SequenceParallel` to split the frames over the ranks of a
             ``torch.distributed`` process group (DSP, or Ulysses/ring for joint attention; every rank calls
-            ``optimize`` and the model alike). Phases that reuse an attention also skip its collectives. See
+            ``optimize`` and the model alike). Phases that reuse an attention (PAB) or skip the blocks
+            (AdaCache) also skip their collectives. Without ``example_kwargs`` every rank captures at its
+            first call (collective: the ranks call in lockstep, as a pipeline run on every rank does). See
             :mod:`graphpass.runtime.parallel`.
         dynamic: keep the frame, height and width dimensions (and a conditioning sequence's length) free
             where the model allows, so one optimized model serves other video sizes; the dimensions the model
@@ -76,12 +78,17 @@ def optimize(model: torch.nn.Module, schedule: Schedule | str, *, example_kwargs
     if not isinstance(schedule, Schedule):
         raise TypeError(f"schedule must be a graphpass schedule (e.g. graphpass.PAB(...)), got {type(schedule).__name__}")
     check_timestep_order(timestep_order)  # here too: a model optimized on its first call builds later
+    if parallel is not None and not isinstance(parallel, sp.SequenceParallel):  # before a first call that may be late
+        raise TypeError(f"parallel= takes a graphpass.SequenceParallel, got {type(parallel).__name__}")
+    if parallel is not None and dynamic:
+        raise InputError("dynamic=True with parallel=: the sequence-parallel graphs split a fixed frame count "
+                         "over the ranks; optimize with dynamic=False (the default)")
     if example_kwargs is None:
-        if parallel is not None:
-            raise InputError("parallel= needs example_kwargs: every rank must capture the same call up front")
+        # with parallel=, every rank captures at its first call: the ranks call in lockstep, and they check
+        # there, collectively, that they captured the same call
         options = dict(timestep_arg=timestep_arg, video_input=video_input, kinds=kinds, backend=backend,
                        timesteps=timesteps, reuse_gated=reuse_gated, dynamic=dynamic, timestep_order=timestep_order,
-                       hoist=hoist, step_inputs=step_inputs)
+                       hoist=hoist, step_inputs=step_inputs, parallel=parallel)
         return LazyOptimizedModel(model, lambda kwargs: optimize(model, schedule, example_kwargs=kwargs, **options))
     if timestep_arg not in example_kwargs:
         raise InputError(f"example_kwargs has no {timestep_arg!r}: graphpass reads the timestep of every call to pick "
@@ -92,9 +99,6 @@ def optimize(model: torch.nn.Module, schedule: Schedule | str, *, example_kwargs
                          f"timestep must be a graph input, e.g. torch.full((batch,), 500.0)")
     technique_for(schedule)  # an unregistered schedule type fails here, before the capture
     session = None
-    if parallel is not None and dynamic:
-        raise InputError("dynamic=True with parallel=: the sequence-parallel graphs split a fixed frame count "
-                         "over the ranks; optimize with dynamic=False (the default)")
     if parallel is not None:  # collective: the ranks agree on the group and the options before capturing
         session = sp.connect(parallel, schedule)
     captured = capture(model, example_kwargs, dynamic=dynamic)

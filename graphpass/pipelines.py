@@ -40,8 +40,16 @@ def optimize_pipeline(pipe: Any, schedule: Schedule | str, *, components: Sequen
         pipe: a diffusers pipeline (anything with the ``components`` attributes and a ``scheduler``).
         schedule: as for :func:`graphpass.optimize`.
         components: the attributes holding transformers; absent or ``None`` ones are skipped.
-        options: passed to :func:`graphpass.optimize` (``backend=``, ``kinds=``, ``dynamic=``...); no
-            ``example_kwargs``: each transformer is captured on its first call.
+        options: passed to :func:`graphpass.optimize` (``backend=``, ``kinds=``, ``dynamic=``,
+            ``parallel=``...); no ``example_kwargs``: each transformer is captured on its first call. With
+            ``parallel=graphpass.SequenceParallel()`` run the pipeline on every rank with the same arguments
+            (the same ``generator`` seed or ``latents``): each transformer call is split over the ranks and
+            returns whole outputs, so the pipeline's own code runs unchanged on every rank.
+
+    >>> # torchrun --nproc_per_node 2 generate.py
+    >>> dist.init_process_group("gloo")
+    >>> pipe = graphpass.optimize_pipeline(pipe, graphpass.PAB(joint=2), parallel=graphpass.SequenceParallel())
+    >>> latents = pipe(prompt_embeds=e, generator=torch.Generator().manual_seed(0), output_type="latent")
 
     Returns ``pipe``, modified in place.
     """

@@ -33,7 +33,9 @@ from graphpass.runtime.parallel import count_collectives, plan_reuse_savings
 from reference_pab import ReferencePAB
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "adacache"))
+sys.path.insert(0, str(Path(__file__).parent.parent / "pipelines"))
 from adacache_helpers import run_reference  # noqa: E402
+from tiny_pipelines import PIPES  # noqa: E402
 
 #: 10 calls from 981 down to 81: the first and last outside the PAB window below, reuse in between.
 TIMESTEPS = DDIM_50[::5]
@@ -538,3 +540,77 @@ def refusal_checks(rank: int, world_size: int) -> dict:
 def residual_all(rank: int, world_size: int) -> dict:
     return {**{name: residual_model_checks(rank, world_size, name) for name in RESIDUAL_BLOCKS},
             "refused": refusal_checks(rank, world_size)}
+
+
+# --- the diffusers pipeline entry point -------------------------------------------------------------
+PIPELINE_SCHEDULE = PAB(joint=2, window=(100, 800))
+
+
+def _hooked_pipeline_latents(steps: int) -> torch.Tensor:
+    """One process: the tiny CogVideoX pipeline with diffusers' own Pyramid Attention Broadcast hook on its
+    joint attentions (PAB's "spatial" slot: full 3D attention, as diffusers' reference code treats it)."""
+    from diffusers import PyramidAttentionBroadcastConfig
+
+    case = PIPES["cogvideox"]()
+    pipe = case.pipe
+    config = PyramidAttentionBroadcastConfig(
+        spatial_attention_block_skip_range=PIPELINE_SCHEDULE.joint,
+        spatial_attention_timestep_skip_range=PIPELINE_SCHEDULE.window,
+        spatial_attention_block_identifiers=[rf"^transformer_blocks\.{i}\.attn1$" for i in range(2)],
+        temporal_attention_block_identifiers=[r"^$"], cross_attention_block_identifiers=[r"^$"],
+        current_timestep_callback=lambda: pipe.current_timestep)
+    pipe.transformer.enable_cache(config)
+    return case.run(steps=steps)
+
+
+def pipeline_checks(rank: int, world_size: int, steps: int = 10) -> dict:
+    """``optimize_pipeline(pipe, PAB, parallel=SequenceParallel())`` on the tiny CogVideoX pipeline (batched
+    classifier-free guidance; 3 latent frames: 2 + 1), every rank running the pipeline with the same seed:
+    two generations (the first captures at its first call; the second is counted) against the
+    single-process pipeline with diffusers' PAB hook, and the plain pipeline to show reuse changed the
+    latents."""
+    case = PIPES["cogvideox"]()
+    plain = case.run(steps=steps)
+    graphpass.optimize_pipeline(case.pipe, PIPELINE_SCHEDULE, parallel=SequenceParallel())
+    first = case.run(steps=steps)
+    with count_collectives() as counted:
+        second = case.run(steps=steps)
+    opt = case.pipe.transformer.optimized
+    ref = _hooked_pipeline_latents(steps)
+    (trace,) = [st.trace for st in opt.contexts().values() if st.trace]  # batched cond/uncond: one context
+    return dict(rel=(_rel([first], [ref]), _rel([second], [ref])), plain_rel=_rel([plain], [ref]),
+                mode=opt.sharded.mode, frames=opt.sharded.frames.sizes, calls=len(trace),
+                reusing=sum(1 for _, ph in trace if ph.reused), counted=_counts(counted),
+                predicted=_counts(opt.communication()), planned=len(opt.current_plan))
+
+
+# --- backend="inductor" ------------------------------------------------------------------------------
+INDUCTOR_TIMESTEPS = TIMESTEPS[2:6]  # 4 calls inside the PAB window: compute, reuse, compute, reuse
+
+
+def inductor_checks(rank: int, world_size: int) -> dict:
+    """Ulysses on tiny Wan with PAB, each phase graph (collectives included) compiled by Inductor, against a
+    single-process module-level PAB on the eager model."""
+    from graphpass.runtime.backends import InductorRunner
+
+    model, kwargs = joint_case("wan")
+    opt = graphpass.optimize(model, JOINT_SCHEDULE, example_kwargs=kwargs(), timesteps=INDUCTOR_TIMESTEPS,
+                             parallel=SequenceParallel(), backend="inductor")
+    out = run_loop(opt, kwargs(), INDUCTOR_TIMESTEPS)
+    ref = ReferencePAB(model, {p: "joint" for p in JOINT_MODULES["wan"]}, ranges={"joint": 2},
+                       window=JOINT_SCHEDULE.window)
+    try:
+        single = run_loop(ref, kwargs(), INDUCTOR_TIMESTEPS)
+    finally:
+        ref.restore()
+    runners = list(opt._runners.values())
+    return dict(rel=_rel(out, single), decisions=opt.decisions(), mode=opt.sharded.mode,
+                compiled=[isinstance(r, InductorRunner) and r._compiled is not None for r in runners],
+                phases=len(opt.current_plan.distinct()),
+                kept=[len(opt.collectives(ph)[0]) for ph in opt.current_plan.distinct()])
+
+
+def cache_pipeline_inductor(rank: int, world_size: int) -> dict:
+    """One spawn for the residual-caching, pipeline and inductor checks."""
+    return {"residual": residual_all(rank, world_size), "pipeline": pipeline_checks(rank, world_size),
+            "inductor": inductor_checks(rank, world_size)}

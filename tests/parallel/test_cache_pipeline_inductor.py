@@ -1,20 +1,27 @@
-"""AdaCache (residual caching of the whole chain of blocks) on 2 CPU ranks (gloo), against single-process
-runs and a module-level reference: VDT split by frames (DSP) and diffusers CogVideoX split by tokens
+"""Sequence parallelism on 2 CPU ranks (gloo) with residual caching, in a diffusers pipeline and compiled by
+Inductor, against single-process runs and references written independently of graphpass.
+
+AdaCache (residual caching of the whole chain of blocks) against single-process runs and a module-level
+reference: VDT split by frames (DSP) and diffusers CogVideoX split by tokens
 (Ulysses; its text tokens whole on every rank).
 
-All checks run in one spawn of two processes (tests/parallel/_workers.py: ``residual_all``). Fixed decisions
+All checks run in one spawn of two processes (tests/parallel/_workers.py: ``cache_pipeline_inductor``). Fixed decisions
 (FrozenAdaCache) are compared with the reference that wraps each block's forward (reuse: input + kept
 residual; tests/adacache/adacache_helpers.py). Adaptive decisions (AdaCache) must be the same on both ranks
 and the same as on one process, with the same distances: each rank measures its part of the residual and
 the numerator and denominator sums are all-reduced inside the measuring graph. Tolerance: 1e-5 relative
 to the output's largest magnitude.
+
+``optimize_pipeline(pipe, PAB, parallel=SequenceParallel())`` on the tiny CogVideoX pipeline is compared
+with the single-process pipeline under diffusers' own PAB hook; ``backend="inductor"`` with Ulysses on tiny
+Wan with a module-level PAB on the eager model (tests/reference_pab.py).
 """
 from __future__ import annotations
 
 import pytest
 
 from _launch import launch
-from _workers import FROZEN_DECISIONS, RESIDUAL_BLOCKS, residual_all
+from _workers import FROZEN_DECISIONS, INDUCTOR_TIMESTEPS, RESIDUAL_BLOCKS, cache_pipeline_inductor
 
 REL = 1e-5
 MODES = {"vdt": "dsp", "cogvideox": "ulysses"}
@@ -22,7 +29,8 @@ MODES = {"vdt": "dsp", "cogvideox": "ulysses"}
 
 @pytest.fixture(scope="module")
 def ranks():
-    return launch(residual_all, world_size=2, timeout=300, preload=("_workers",))
+    return [r["residual"] | {"pipeline": r["pipeline"], "inductor": r["inductor"]}
+            for r in launch(cache_pipeline_inductor, world_size=2, timeout=420, preload=("_workers",))]
 
 
 @pytest.mark.parametrize("name", RESIDUAL_BLOCKS)
@@ -110,3 +118,35 @@ def test_inspect_lists_the_metric_all_reduce_of_measuring_phases(ranks):
         text = ranks[0][name]["adaptive"]["inspect"]
         kept = [ln.split("kept:")[1].split("; removed:")[0] for ln in text.splitlines() if " kept: " in ln]
         assert sum("all_reduce/metric 1 (16 B)" in k for k in kept) == 1, text  # (2 sums x 2 samples) float32
+
+
+def test_optimize_pipeline_with_parallel_equals_the_single_process_pipeline(ranks):
+    """Both generations (the first captures the transformer at its first call, on every rank) equal the
+    single-process pipeline with diffusers' PAB hook; reuse changed the latents."""
+    for r in ranks:
+        d = r["pipeline"]
+        assert d["mode"] == "ulysses" and d["frames"] == (2, 1)
+        assert max(d["rel"]) <= REL, d["rel"]
+        assert d["plain_rel"] > 1e-4
+        assert d["calls"] == d["planned"] == 10 and d["reusing"] > 0  # planned from the pipeline's scheduler
+
+
+def test_optimize_pipeline_collectives_counted_equal_the_plan(ranks):
+    for r in ranks:
+        d = r["pipeline"]
+        for kind in ("all_to_all", "all_gather"):
+            assert d["counted"]["calls"][kind] == d["predicted"]["calls"][kind]
+            assert d["counted"]["bytes"][kind] == d["predicted"]["bytes"][kind]
+        assert d["counted"]["calls"]["all_reduce"] == d["calls"]  # one agreement per call
+
+
+def test_inductor_with_ulysses_equals_single_process_pab(ranks):
+    """Every phase graph, with its all-to-alls, is compiled by Inductor and runs; outputs equal a
+    single-process PAB on the eager model."""
+    for r in ranks:
+        d = r["inductor"]
+        assert d["mode"] == "ulysses"
+        assert d["decisions"] == "CRCR" and len(d["decisions"]) == len(INDUCTOR_TIMESTEPS)
+        assert d["compiled"] == [True] * d["phases"] and d["phases"] == 2
+        assert sorted(d["kept"]) == [1, 9]  # reuse: the output gather only; compute: 2 x 4 all-to-alls + gather
+        assert d["rel"] <= REL, d["rel"]
