@@ -18,6 +18,11 @@ attention). Each phase graph then goes through :func:`~graphpass.passes.elide.el
 attention the phase reuses needs none of its collectives, and they disappear from that phase's graph.
 Caches hold each rank's shard only.
 
+Residual caching (AdaCache, FrozenAdaCache) works the same way: the chain of blocks is found on the whole
+model's graph and carried to each rank's graph by node name (:func:`sharded_target`); a step that reuses the
+blocks' residual skips every collective inside them (only the output gather is left), and each rank caches
+its part of the residual.
+
 Ranks must call the model in lockstep (same timesteps, same number of calls, same input values); with
 ``check_calls`` (the default) each call first checks that, and that every rank's inputs are valid, with one
 small all-reduce (it carries a checksum of every input, ``check_inputs``), so an error or a mismatch on one
@@ -26,9 +31,12 @@ result. A rank that dies during a call ends the call on the others with a :class
 as the process group notices (at once for a dead process; a hung one after the group's timeout,
 ``init_process_group(timeout=...)``); later calls raise it again without touching the broken group.
 
-Adaptive schedules decide from a metric measured on each rank's shard; ranks must decide alike, so such a
-runtime calls ``opt.parallel.reduce_metric(metric)`` once per compute step (an all-reduce max): every
-rank then sees the same value.
+Adaptive schedules decide from a metric measured on each rank's shard; ranks must decide alike. AdaCache's
+distance ``||r_now - r_prev||_1 / ||r_prev||_1`` is a ratio of sums over the residual: its measuring graph
+all-reduces the numerator and denominator sums over the group before dividing (one small all-reduce in the
+graph, no extra host read), so every rank reads the whole residual's distance, as one process would. A
+policy that reads some other per-rank value can call ``opt.parallel.reduce_metric(value)`` (an all-reduce
+max) instead.
 """
 from __future__ import annotations
 
@@ -228,8 +236,9 @@ class ParallelRuntime:
         return self.lost
 
     def reduce_metric(self, t: torch.Tensor | float) -> torch.Tensor | float:
-        """All-reduce (max) of a metric over the ranks, so that every rank takes the same decision.
-        Adaptive schedules measure their metric on this rank's shard and call this once per compute step.
+        """All-reduce (max) of a metric over the ranks, so that every rank takes the same decision. For a
+        value measured on this rank's shard that is not a ratio of sums (those are reduced inside the graph,
+        see the module doc).
 
         >>> d = opt.parallel.reduce_metric(local_distance)   # same value on every rank
         """
