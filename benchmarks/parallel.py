@@ -9,8 +9,11 @@ Run on N ranks (CPU, gloo; one thread per rank)::
 ``--model wan`` compares, on a small diffusers Wan (joint 3D attention), one process with and without PAB
 against Ulysses (sequence split by frames, all-to-alls between sequence and heads around every joint
 attention) and ring attention (keys and values passed round the ranks), each with and without
-``PAB(joint=2)``: a step that reuses a joint attention skips its four all-to-alls (ring: its exchanges). Flow-matching Euler sampling from the same noise; the table counts all-to-all and all-gather
-calls per rank and bytes summed over the ranks per video.
+``PAB(joint=2)``: a step that reuses a joint attention skips its four all-to-alls (ring: its exchanges).
+``Ulysses+AdaCache`` (``--adacache``, a codebook preset) skips the whole chain of blocks at the steps its
+measured distance allows, and with them every all-to-all inside; the distance's sums are all-reduced in the
+measuring graph (the "ar" column). Flow-matching Euler sampling from the same noise; the table counts
+all-to-all, all-gather and in-graph all-reduce calls per rank and bytes summed over the ranks per video.
 
 Every variant samples one video with the DDIM sampler (batched classifier-free guidance: one model call of
 batch 2 per step) from the same seed:
@@ -56,13 +59,14 @@ def joint_model(frames: int, size: int) -> tuple[torch.nn.Module, dict]:
 def joint_main(args, rank: int, world: int) -> None:
     """Ulysses vs Ulysses+PAB on a joint-attention model (Wan): communication and seconds per video."""
     import graphpass
-    from graphpass import PAB, SequenceParallel
+    from graphpass import PAB, AdaCache, SequenceParallel
     from graphpass.runtime.parallel import count_collectives
 
     model, kwargs = joint_model(args.frames, args.size)
-    timesteps = [999.0 * (1 - i / args.steps) for i in range(args.steps)]
+    timesteps = [float(int(999.0 * (1 - i / args.steps))) for i in range(args.steps)]  # the int timesteps Wan gets
     pab = PAB(joint=args.joint_range, window=(100, 900))
     never = PAB(joint=args.joint_range, window=(2000.0, 3000.0))
+    ada = AdaCache.preset(args.adacache)
 
     def sample(opt):  # flow-matching Euler from the same noise
         kw, x = dict(kwargs), kwargs["hidden_states"]
@@ -77,11 +81,14 @@ def joint_main(args, rank: int, world: int) -> None:
     if rank == 0:
         variants["1 process, no reuse"] = graphpass.optimize(model, never, example_kwargs=kwargs, timesteps=timesteps)
         variants["1 process, PAB"] = graphpass.optimize(model, pab, example_kwargs=kwargs, timesteps=timesteps)
+        variants["1 process, AdaCache"] = graphpass.optimize(model, ada, example_kwargs=kwargs, timesteps=timesteps)
     for label, sched, mode in (("Ulysses", never, "ulysses"), ("Ulysses+PAB", pab, "ulysses"),
-                               ("Ring", never, "ring"), ("Ring+PAB", pab, "ring")):
+                               ("Ring", never, "ring"), ("Ring+PAB", pab, "ring"),
+                               ("Ulysses+AdaCache", ada, "ulysses")):
         variants[label] = graphpass.optimize(model, sched, example_kwargs=kwargs, timesteps=timesteps,
                                              parallel=SequenceParallel(mode=mode))
-    labels = ["1 process, no reuse", "1 process, PAB", "Ulysses", "Ulysses+PAB", "Ring", "Ring+PAB"]
+    labels = ["1 process, no reuse", "1 process, PAB", "1 process, AdaCache", "Ulysses", "Ulysses+PAB", "Ring",
+              "Ring+PAB", "Ulysses+AdaCache"]
     videos, comm, times = {}, {}, {k: [] for k in labels}
     for label in labels:
         dist.barrier()
@@ -106,9 +113,15 @@ def joint_main(args, rank: int, world: int) -> None:
         dist.all_reduce(v)
         return float(v)
 
+    def graph_reduces(label):  # all-reduces the graphs ran: on several ranks, all but one agreement per call
+        if label not in comm:
+            return 0
+        return comm[label].calls["all_reduce"] - (len(timesteps) if variants[label].parallel is not None else 0)
+
     rows = [(label, comm[label].calls["all_to_all"] if label in comm else 0,
-             comm[label].calls["all_gather"] if label in comm else 0, total(label, "all_to_all"),
+             comm[label].calls["all_gather"] if label in comm else 0, graph_reduces(label), total(label, "all_to_all"),
              total(label, "all_gather"), statistics.median(times[label])) for label in labels]
+    by_label = {row[0]: row for row in rows}
     if rank != 0:
         return
     opt = variants["Ulysses+PAB"]
@@ -117,23 +130,30 @@ def joint_main(args, rank: int, world: int) -> None:
     share = reused / (len(joint) * len(timesteps))
     base = rows[0][-1]
     ref = {"Ulysses": videos["1 process, no reuse"], "Ulysses+PAB": videos["1 process, PAB"],
-           "Ring": videos["1 process, no reuse"], "Ring+PAB": videos["1 process, PAB"]}
+           "Ring": videos["1 process, no reuse"], "Ring+PAB": videos["1 process, PAB"],
+           "Ulysses+AdaCache": videos["1 process, AdaCache"]}
     kib = 1024.0
     tokens = args.frames * (args.size // 2) ** 2
     print(f"\nWan (4 heads x 24, 4 blocks, random weights), {args.frames} frames of {args.size}x{args.size} latents "
           f"({tokens} tokens), {pab}, {args.steps} steps, {world} ranks x {args.threads} thread(s), frames "
           f"{list(opt.sharded.frames.sizes)}, median of {args.reps}")
-    print(f"{'variant':<20} {'a2a/rank':>8} {'ag/rank':>7} {'a2a KiB':>9} {'gather KiB':>10} {'s/video':>8} "
-          f"{'speedup':>7} {'max|d|':>9}")
-    for label, a2a, ag, a2a_b, ag_b, t in rows:
+    print(f"{'variant':<20} {'a2a/rank':>8} {'ag/rank':>7} {'ar/rank':>7} {'a2a KiB':>9} {'gather KiB':>10} "
+          f"{'s/video':>8} {'speedup':>7} {'max|d|':>9}")
+    for label, a2a, ag, ar, a2a_b, ag_b, t in rows:
         d = float((videos[label] - ref[label]).abs().max()) if label in ref else 0.0
-        print(f"{label:<20} {a2a:>8} {ag:>7} {a2a_b / kib:>9.1f} {ag_b / kib:>10.1f} {t:>8.2f} {base / t:>6.2f}x "
-              f"{d:>9.2e}")
-    for plain, reuse in ((rows[2], rows[3]), (rows[4], rows[5])):
-        print(f"\n{plain[0]}+PAB vs {plain[0]}: all-to-all calls {reuse[1]} vs {plain[1]} per rank "
-              f"({1 - reuse[1] / plain[1]:.0%} fewer), bytes {reuse[3] / kib:.1f} vs {plain[3] / kib:.1f} KiB "
-              f"({1 - reuse[3] / plain[3]:.0%} less); the plan reuses {share:.0%} of the joint-attention steps", end="")
-    print()
+        print(f"{label:<20} {a2a:>8} {ag:>7} {ar:>7} {a2a_b / kib:>9.1f} {ag_b / kib:>10.1f} {t:>8.2f} "
+              f"{base / t:>6.2f}x {d:>9.2e}")
+    for plain, reuse in (("Ulysses", "Ulysses+PAB"), ("Ring", "Ring+PAB")):
+        plain, reuse = by_label[plain], by_label[reuse]
+        print(f"\n{reuse[0]} vs {plain[0]}: all-to-all calls {reuse[1]} vs {plain[1]} per rank "
+              f"({1 - reuse[1] / plain[1]:.0%} fewer), bytes {reuse[4] / kib:.1f} vs {plain[4] / kib:.1f} KiB "
+              f"({1 - reuse[4] / plain[4]:.0%} less); the plan reuses {share:.0%} of the joint-attention steps", end="")
+    plain, cached = by_label["Ulysses"], by_label["Ulysses+AdaCache"]
+    decisions = variants["Ulysses+AdaCache"].decisions()
+    print(f"\n{cached[0]} vs {plain[0]}: all-to-all calls {cached[1]} vs {plain[1]} per rank "
+          f"({1 - cached[1] / plain[1]:.0%} fewer); decisions {decisions} (the blocks skipped at "
+          f"{decisions.count('R') / len(decisions):.0%} of the steps, as on one process: "
+          f"{variants['1 process, AdaCache'].decisions()})")
     report = opt.inspect().split("\n\n")
     print("\nUlysses+PAB, from opt.inspect():\n" + next(b for b in report if b.startswith("communication")))
 
@@ -145,6 +165,7 @@ def main() -> None:
     ap.add_argument("--frames", type=int, default=4, help="wan: latent frames")
     ap.add_argument("--size", type=int, default=16, help="wan: latent height and width")
     ap.add_argument("--joint-range", type=int, default=2, help="wan: PAB broadcast range of joint attention")
+    ap.add_argument("--adacache", default="fast", help="wan: AdaCache codebook preset (fast, slow, 100-step)")
     ap.add_argument("--schedule", default="pab246", help="PAB preset: pab246, pab357, latte, open-sora, ...")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--reps", type=int, default=3)
