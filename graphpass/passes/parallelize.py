@@ -1285,8 +1285,8 @@ def _finish(captured: CapturedGraph, regions: list[Region], b: _Builder, graph: 
 def _held(st: _State) -> str:
     """How a rank holds a value of this sharding (see :attr:`ShardedGraph.held`).
 
-        >>> _held(_State()), _held(_State(Axis(1, 16, 3), Split("frames", (2, 1)))), \
-        ...     _held(_State(Axis(1, 16, 3, pre=5), Split("frames", (2, 1))))
+        >>> frames = Split("frames", (2, 1))
+        >>> _held(_State()), _held(_State(Axis(1, 16, 3), frames)), _held(_State(Axis(1, 16, 3, pre=5), frames))
         ('whole', 'split', 'segment')
     """
     if st.shard is None:

@@ -433,7 +433,7 @@ def _spec(node: fx.Node) -> TensorSpec:
 def _local_span(span: BlockSpan, nodes: dict[str, fx.Node], regions: list[Region]) -> BlockSpan:
     """``span`` (found on the whole graph) in this rank's graph: same nodes, local shapes, local regions
     (a temporal region's exits are its exit all-to-alls there)."""
-    flops = sum(node_flops(nodes[n]) for n in span.nodes if n in nodes)
+    flops = sum(node_flops(nodes[n]) for n in span.nodes)
     region = replace(span.region, exit_specs=[_spec(nodes[e]) for e in span.region.exits], flops=flops)
     by_path = {r.path: r for r in regions}
     return replace(span, specs=[_spec(nodes[o]) for _, o in span.streams], flops=flops, region=region,
@@ -450,8 +450,7 @@ def _local_metric(metric: MetricSite, nodes: dict[str, fx.Node], sharded: Sharde
                             f"of the video tokens ({', '.join(sorted(held))}), so sums over the ranks would count "
                             f"the text once per rank; measure where the video tokens are alone, e.g. "
                             f"AdaCache(metric_at=<a block or region of the video stream>)")
-    return replace(metric, spec=_spec(nodes[names[-1]] if metric.kind == "block" else nodes[metric.node]),
-                   group=group_name)
+    return replace(metric, spec=_spec(nodes[names[-1]]), group=group_name)  # a block's: its output's shape
 
 
 def connect(config: SequenceParallel, schedule: Schedule) -> ParallelRuntime:
