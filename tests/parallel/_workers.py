@@ -29,6 +29,7 @@ from conftest import DDIM_50, make_case, run_loop
 from graphpass import PAB, AdaCache, FrozenAdaCache, ParallelError, SequenceParallel
 from graphpass.passes.elide import collective_info, collective_nodes
 from graphpass.runtime import parallel as sp
+from graphpass.runtime.backends import InductorRunner
 from graphpass.runtime.parallel import count_collectives, plan_reuse_savings
 from reference_pab import ReferencePAB
 
@@ -591,8 +592,6 @@ INDUCTOR_TIMESTEPS = TIMESTEPS[2:6]  # 4 calls inside the PAB window: compute, r
 def inductor_checks(rank: int, world_size: int) -> dict:
     """Ulysses on tiny Wan with PAB, each phase graph (collectives included) compiled by Inductor, against a
     single-process module-level PAB on the eager model."""
-    from graphpass.runtime.backends import InductorRunner
-
     model, kwargs = joint_case("wan")
     opt = graphpass.optimize(model, JOINT_SCHEDULE, example_kwargs=kwargs(), timesteps=INDUCTOR_TIMESTEPS,
                              parallel=SequenceParallel(), backend="inductor")
