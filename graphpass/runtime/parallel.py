@@ -384,6 +384,20 @@ class ParallelModel(OptimizedModel):
                 out.add(info.kind, info.bytes_sent)
         return out
 
+    def with_schedule(self, schedule: Schedule) -> "ParallelModel":
+        """This rank's graphs run under another schedule (no capture, no sharding, no collective), planned for
+        the same timesteps; every rank calls it alike. E.g. replay an adaptive run's decisions on the ranks:
+        ``opt.with_schedule(opt.freeze())``."""
+        technique = technique_for(schedule)
+        if not technique.parallel:
+            raise ParallelError(f"{type(schedule).__name__} is run by the {technique.name} technique, which "
+                                f"SequenceParallel does not drive; run it on one process")
+        opt = ParallelModel(self.model, self.sharded, self.global_captured, self.global_regions, schedule,
+                            self.parallel, timestep_arg=self.timestep_arg, backend=self.backend)
+        if self._plan is not None:
+            opt.plan(self._plan.timesteps)
+        return opt
+
     def __repr__(self) -> str:
         return (f"ParallelModel({self.captured.model_type}, {self.schedule}, rank {self.parallel.rank} of "
                 f"{self.parallel.world_size}, frames {list(self.sharded.frames.sizes)})")

@@ -522,6 +522,9 @@ def residual_model_checks(rank: int, world_size: int, name: str) -> dict:
         single_distances=[r.distance for r in single.records()], metric_reads=par.metric_reads,
         per_call=per_call, predicted=_traced_counts(par), metric=par.metric.path,
         metric_held=par.sharded.held.get(par.metric.node or par.metric.block_io[1]), inspect=par.inspect())
+    replay = par.with_schedule(par.freeze())  # the decisions, frozen, on the same sharded graphs
+    res["adaptive"]["replay_diff"] = _max_diff(run_loop(replay, kwargs(), TIMESTEPS), outs)
+    res["adaptive"]["replay"] = (type(replay).__name__, replay.decisions())
     return res
 
 

@@ -55,6 +55,8 @@ def test_adaptive_decisions_are_the_single_process_decisions_on_every_rank(ranks
             assert got == pytest.approx(want, rel=1e-5)
         assert a["rel"] <= REL and a["single_rel"] <= REL, (name, a["rel"], a["single_rel"])
         assert a["metric_held"] == "split"  # each rank measured its part of the residual
+        assert a["replay"] == ("ParallelModel", decisions)  # frozen and replayed on the ranks: the same run
+        assert a["replay_diff"] == 0.0
 
 
 @pytest.mark.parametrize("name", RESIDUAL_BLOCKS)
