@@ -101,11 +101,16 @@ def optimize(model: torch.nn.Module, schedule: Schedule | str, *, example_kwargs
     session = None
     if parallel is not None:  # collective: the ranks agree on the group and the options before capturing
         session = sp.connect(parallel, schedule)
-    captured = capture(model, example_kwargs, dynamic=dynamic)
-    regions = tag_attention(captured, video_input=video_input, kinds=kinds)
-    if reuse_gated:
-        regions = include_gates(captured, regions)
-    schedule.check_model({r.kind for r in regions})
+    try:
+        captured = capture(model, example_kwargs, dynamic=dynamic)
+        regions = tag_attention(captured, video_input=video_input, kinds=kinds)
+        if reuse_gated:
+            regions = include_gates(captured, regions)
+        schedule.check_model({r.kind for r in regions})
+    except Exception as e:
+        if session is not None:  # collective: the other ranks learn of it at their next agreement, not wait
+            session.agree(e)
+        raise
     if session is not None:
         opt = sp.build(model, captured, regions, schedule, session, timestep_arg=timestep_arg, backend=backend,
                        video_input=video_input)

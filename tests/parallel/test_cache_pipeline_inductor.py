@@ -152,3 +152,12 @@ def test_inductor_with_ulysses_equals_single_process_pab(ranks):
         assert d["compiled"] == [True] * d["phases"] and d["phases"] == 2
         assert sorted(d["kept"]) == [1, 9]  # reuse: the output gather only; compute: 2 x 4 all-to-alls + gather
         assert d["rel"] <= REL, d["rel"]
+
+
+def test_a_capture_failing_on_one_rank_fails_on_every_rank_at_once(ranks):
+    """Rank 1's capture raises; rank 0, which captured fine, gets the same ParallelError at its next
+    agreement instead of waiting in it for the process group's timeout (60 s here)."""
+    for r in ranks:
+        got = r["refused"]
+        assert got["capture"] is not None and "failed on 1 of 2 ranks (rank 1: " in got["capture"], got["capture"]
+        assert got["capture_seconds"] < 30
