@@ -22,8 +22,8 @@ def add_parser(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace the earlier graphpass export in --out (only "
                    "once the new one is complete; a folder holding other files is never touched)")
     p.add_argument("--format", choices=["onnx", "tensorrt"], default="onnx", help="artefact format (default onnx)")
-    p.add_argument("--single-file", action="store_true", help="ONNX: one graph with an If per reusable region "
-                   "instead of one file per phase")
+    p.add_argument("--layout", choices=["single-file", "per-phase"], default=None, help="ONNX: one graph with an "
+                   "If per reusable region (default) or one file per phase")
     p.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32", help="TensorRT kernel precision")
     p.add_argument("--keep-weights", action="store_true", help="TensorRT: embed weights in every engine instead of "
                    "weight-stripped engines refitted from the shared ONNX weights")
@@ -52,7 +52,8 @@ def run(args) -> int:
     model, kwargs, timesteps = example_call(args.model, batch=args.batch, num_steps=args.steps)
     sched = args.schedule
     opt = optimize(model, sched, example_kwargs=kwargs, timesteps=timesteps)
-    folder = export(opt, args.out, format=args.format, single_file=args.single_file, tensorrt=trt,
+    folder = export(opt, args.out, format=args.format, tensorrt=trt,
+                    single_file=None if args.layout is None else args.layout == "single-file",
                     overwrite=args.overwrite)
     m = read_manifest(folder, verify=False)
     n = len(m["phases"])

@@ -24,7 +24,7 @@ FORMATS = ("onnx", "tensorrt")
 
 
 def export(opt: "OptimizedModel", folder: str | Path, format: str = "onnx", *,
-           timesteps: Sequence[float] | None = None, single_file: bool = False, opset: int | None = None,
+           timesteps: Sequence[float] | None = None, single_file: bool | None = None, opset: int | None = None,
            tensorrt: TensorRTConfig | None = None, overwrite: bool = False, verify: bool = True,
            example_kwargs: dict[str, Any] | None = None) -> Path:
     """Save the phases of ``opt``'s plan to ``folder`` for deployment; load them with :func:`graphpass.load`.
@@ -92,12 +92,9 @@ def export(opt: "OptimizedModel", folder: str | Path, format: str = "onnx", *,
         raise ArtefactError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
     if format == "onnx" and tensorrt is not None:
         raise ArtefactError("tensorrt= options apply to format='tensorrt' only")
+    single_file = _single_file(single_file, tensorrt or TensorRTConfig() if format == "tensorrt" else None)
     if format == "tensorrt":
         tensorrt = tensorrt or TensorRTConfig()
-        if single_file and tensorrt.layout == "per-phase":
-            raise ArtefactError("single_file=True asks for one engine, TensorRTConfig(layout='per-phase') for one per "
-                                "phase; drop one of them (the TensorRT layout is chosen by TensorRTConfig.layout)")
-        single_file = tensorrt.layout == "single-file"
     check_destination(folder, overwrite)  # before the (slow) export: a refused folder costs nothing
     if opt.captured.value_checks:  # the phase files cannot check them: a changed value would run silently
         first = opt.captured.value_checks[0]
@@ -118,6 +115,24 @@ def export(opt: "OptimizedModel", folder: str | Path, format: str = "onnx", *,
         if format == "tensorrt":
             export_tensorrt(tmp, tensorrt)
     return Path(folder)
+
+
+def _single_file(single_file: bool | None, tensorrt: TensorRTConfig | None) -> bool:
+    """The layout an export writes: ``single_file`` if given, else the single file (ONNX; the layout chosen by
+    measurement, see :func:`export`) or ``TensorRTConfig.layout`` (TensorRT), which an explicit
+    ``single_file`` must agree with.
+
+        >>> _single_file(None, None), _single_file(False, None), _single_file(None, TensorRTConfig(layout="per-phase"))
+        (True, False, False)
+    """
+    if tensorrt is None:
+        return True if single_file is None else single_file
+    wanted = tensorrt.layout == "single-file"
+    if single_file is not None and single_file != wanted:
+        asked = "one engine" if single_file else "one engine per phase"
+        raise ArtefactError(f"single_file={single_file} asks for {asked}, TensorRTConfig(layout={tensorrt.layout!r}) "
+                            f"for the other; drop one of them (the TensorRT layout is chosen by TensorRTConfig.layout)")
+    return wanted
 
 
 __all__ = ["export", "load", "ArtefactModel", "TensorRTConfig", "FORMATS", "check_destination"]

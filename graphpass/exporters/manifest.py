@@ -78,14 +78,15 @@ def reuse_flag_name(path: str) -> str:
 
 
 def single_file_consts(single: dict[str, Any], phase: Phase, cache_inputs: list[str],
-                       zeros: dict[tuple, torch.Tensor] | None = None,
+                       zeros: dict[str, torch.Tensor] | None = None,
                        device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
     """Inputs of the single-file graph that the runtime fills for ``phase`` itself: each ``reuse.<path>`` flag
     (true where the phase reuses the region) and zeros for the cached tensors the phase does not read (the
     branch that reads them is not taken, so they are never read).
 
-    ``zeros`` (``(shape, dtype) -> tensor``) is shared by the caller across phases: one zero tensor per
-    shape serves every unread cache input of every phase, instead of one per input and phase.
+    ``zeros`` (dtype name -> flat tensor) is shared by the caller across phases: one zero buffer per dtype,
+    as large as the largest cache input, serves every unread cache input of every phase as a view, instead
+    of one tensor per input and phase (vdt-s: 0.75 MiB in place of 2.25 MiB for its three cache shapes).
 
         >>> c = single_file_consts(manifest["single_file"], store_phase, [], zeros={})
         >>> c["reuse.blocks.0.spatial_attn"], c["cache.blocks.0.spatial_attn.0"].abs().sum()
@@ -93,15 +94,16 @@ def single_file_consts(single: dict[str, Any], phase: Phase, cache_inputs: list[
     """
     zeros = {} if zeros is None else zeros
     specs = {e["name"]: e for e in single["inputs"]}
+    cached = [specs[cache_tensor_name(k)] for k in single["cache_keys"]]
     consts = {reuse_flag_name(p): torch.tensor(phase.action(p) == Action.REUSE, device=device)
               for p in single["switch_regions"]}
     for k in single["cache_keys"]:
         if k not in cache_inputs:
             e = specs[cache_tensor_name(k)]
-            key = (tuple(e["shape"]), e["dtype"])
-            if key not in zeros:
-                zeros[key] = torch.zeros(e["shape"], dtype=dtype_of(e["dtype"]), device=device)
-            consts[e["name"]] = zeros[key]
+            if e["dtype"] not in zeros:  # sized once for every cache input of this dtype
+                largest = max(math.prod(x["shape"]) for x in cached if x["dtype"] == e["dtype"])
+                zeros[e["dtype"]] = torch.zeros(largest, dtype=dtype_of(e["dtype"]), device=device)
+            consts[e["name"]] = zeros[e["dtype"]][:math.prod(e["shape"])].view(e["shape"])
     return consts
 
 

@@ -244,10 +244,22 @@ class OrtPhaseRunner:
     the phase does not take). With IO binding, inputs are bound to the torch tensors' memory and outputs
     are written straight into fresh torch tensors: a cached tensor goes from one phase to the next
     without a copy.
+
+    Graph outputs the phase does not return (the single-file layout returns every switchable region's
+    exits at every step) are bound too, so that ONNX Runtime never allocates them in its arena, which
+    would keep that memory for good: ``aliases`` (output -> input) writes an output into the memory of an
+    input it equals (a reused region's exit is its cached tensor: the ``If`` branch copies it onto itself,
+    no new memory), and ``discard`` lists outputs written into fresh tensors that are dropped after the run.
+
+        >>> runner = OrtPhaseRunner(sess, ["x", "cache.a"], [("y", (2, 4), torch.float32)],
+        ...                         aliases={"cache.a.next": "cache.a"})
+        >>> y, = runner(x, cached_a)                                 # cache.a.next written over cached_a
     """
 
     def __init__(self, session, input_names: list[str], outputs: Sequence[tuple[str, tuple[int, ...], torch.dtype]],
-                 consts: dict[str, torch.Tensor] | None = None, io_binding: bool = True):
+                 consts: dict[str, torch.Tensor] | None = None, io_binding: bool = True,
+                 aliases: dict[str, str] | None = None,
+                 discard: Sequence[tuple[str, tuple[int, ...], torch.dtype]] = ()):
         self.session = session
         self.input_names = input_names
         self.outputs = list(outputs)
@@ -256,6 +268,8 @@ class OrtPhaseRunner:
         self._keep = [n in wanted for n in input_names]
         self._consts = {n: t.contiguous() for n, t in (consts or {}).items() if n in wanted}
         self._io_binding = io_binding
+        self.aliases = dict(aliases or {})
+        self.discard = list(discard)
 
     def __call__(self, *args: torch.Tensor) -> list[torch.Tensor]:
         if len(args) != len(self.input_names):
@@ -271,16 +285,26 @@ class OrtPhaseRunner:
     def _run_bound(self, feed: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         binding = self.session.io_binding()
         for name, t in feed.items():
-            binding.bind_input(name, "cpu", 0, _numpy_dtype(t.dtype), tuple(t.shape), t.data_ptr())
+            _bind(binding.bind_input, name, t)
         outs = [torch.empty(shape, dtype=dt) for _, shape, dt in self.outputs]
         for (name, _, _), o in zip(self.outputs, outs):
-            binding.bind_output(name, "cpu", 0, _numpy_dtype(o.dtype), tuple(o.shape), o.data_ptr())
+            _bind(binding.bind_output, name, o)
+        for name, source in self.aliases.items():
+            _bind(binding.bind_output, name, feed[source])
+        scratch = [torch.empty(shape, dtype=dt) for _, shape, dt in self.discard]  # alive until the run ends
+        for (name, _, _), t in zip(self.discard, scratch):
+            _bind(binding.bind_output, name, t)
         self.session.run_with_iobinding(binding)
         return outs
 
     def _run_numpy(self, feed: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         outs = self.session.run(self.output_names, {n: t.numpy() for n, t in feed.items()})
         return [torch.from_numpy(o) for o in outs]
+
+
+def _bind(bind, name: str, t: torch.Tensor) -> None:
+    """Bind ``name`` to the memory of ``t`` (``bind`` is an IO binding's ``bind_input`` or ``bind_output``)."""
+    bind(name, "cpu", 0, _numpy_dtype(t.dtype), tuple(t.shape), t.data_ptr())
 
 
 _NUMPY = {torch.float32: np.float32, torch.float16: np.float16, torch.float64: np.float64, torch.int64: np.int64,
@@ -343,8 +367,12 @@ class OrtRunnerFactory:
                                   io_binding=io_binding)
         consts = single_file_consts(self._single, spec.phase, spec.cache_inputs, zeros=self._unread)
         outs = self._user_out + [cache_tensor_name(k, output=True) for k in spec.cache_outputs]
-        return OrtPhaseRunner(sess, inputs, output_specs(list(self._entries.values()), outs), consts=consts,
-                              io_binding=io_binding)
+        unused = [k for k in self._single["cache_keys"] if k not in spec.cache_outputs]
+        aliases = {cache_tensor_name(k, output=True): cache_tensor_name(k) for k in unused if k in spec.cache_inputs}
+        discard = [cache_tensor_name(k, output=True) for k in unused if k not in spec.cache_inputs]
+        entries = list(self._entries.values())
+        return OrtPhaseRunner(sess, inputs, output_specs(entries, outs), consts=consts, io_binding=io_binding,
+                              aliases=aliases, discard=output_specs(entries, discard))
 
     def _zeros(self, name: str) -> torch.Tensor:
         e = self._entries[name]

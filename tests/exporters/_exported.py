@@ -1,8 +1,22 @@
-"""The exported VDT the ONNX export and session tests share: a PAB plan whose steps store and reuse in turn,
-its eager outputs, and the folder it was exported to."""
+"""The exported VDT the ONNX export, session and TensorRT-plan tests share: a PAB plan whose steps store and
+reuse in turn, its eager outputs, and the folder it was exported to.
+
+An export costs seconds per phase, so :func:`shared_export` exports each (model, layout) once per test
+process and every module reads the same folder (tests that change a folder work on a copy). It exports with
+``verify=False``: the tests that use it compare ONNX Runtime with the eager outputs themselves, so the
+export's own check would run the same phases a second time.
+
+    >>> ex = shared_export("vdt")                  # per phase; shared_export("vdt", single_file=True)
+    >>> max_diff(run_loop(graphpass.load(ex.folder), ex.kw, STEPS), ex.eager) <= ATOL
+    True
+"""
 from __future__ import annotations
 
+import atexit
+import functools
 import json
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -28,5 +42,18 @@ class Exported:
         self.kw = self.case.kwargs()
         self.opt = graphpass.optimize(self.case.model, SCHEDULE, example_kwargs=self.kw, timesteps=steps)
         self.eager = run_loop(self.opt, self.kw, steps)
-        self.folder = graphpass.export(self.opt, folder, single_file=single_file)
+        self.folder = graphpass.export(self.opt, folder, single_file=single_file, verify=False)
         self.manifest = json.loads((folder / "manifest.json").read_text())
+
+
+@functools.cache
+def _root() -> Path:
+    root = Path(tempfile.mkdtemp(prefix="graphpass-shared-exports-"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    return root
+
+
+@functools.cache
+def shared_export(name: str, single_file: bool = False) -> Exported:
+    """``name`` under :data:`SCHEDULE` and :data:`STEPS`, exported once per process (read-only for tests)."""
+    return Exported(name, _root() / f"{name}-{'single' if single_file else 'per-phase'}", single_file=single_file)

@@ -20,20 +20,20 @@ import graphpass
 from graphpass import ArtefactError, InputError
 from graphpass.exporters.manifest import cache_tensor_name, manifest_digest, render_manifest
 from conftest import make_case, run_loop
-from _exported import ATOL, SCHEDULE, STEPS, Exported, max_diff
+from _exported import ATOL, SCHEDULE, STEPS, Exported, max_diff, shared_export
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
 @pytest.fixture(scope="module")
-def vdt(tmp_path_factory) -> Exported:
-    return Exported("vdt", tmp_path_factory.mktemp("vdt_onnx"))
+def vdt() -> Exported:
+    return shared_export("vdt")
 
 
 @pytest.fixture(scope="module")
-def vdt_single(tmp_path_factory) -> Exported:
-    return Exported("vdt", tmp_path_factory.mktemp("vdt_single"), single_file=True)
+def vdt_single() -> Exported:
+    return shared_export("vdt", single_file=True)
 
 
 def copy_of(ex: Exported, tmp_path: Path) -> Path:
@@ -231,7 +231,7 @@ def test_shipped_vdt_s_onnxruntime_matches_eager(tmp_path):
     steps = STEPS[:4]
     opt = graphpass.optimize(model, SCHEDULE, example_kwargs=kw, timesteps=steps)
     eager = run_loop(opt, kw, steps)
-    graphpass.export(opt, tmp_path / "vdt-s")
+    graphpass.export(opt, tmp_path / "vdt-s", verify=False)  # compared with eager below
     outs = run_loop(graphpass.load(tmp_path / "vdt-s", threads=1), kw, steps)
     assert max_diff(outs, eager) <= ATOL
 

@@ -1,7 +1,7 @@
-"""ONNX Runtime sessions of a per-phase export: one copy of each weight for every phase, outputs unchanged.
+"""ONNX Runtime sessions of an export: one copy of each weight for every phase, outputs unchanged.
 
-The tiny VDT is exported under a PAB schedule whose 6-step plan has two phases (store, reuse), so two
-sessions read the same weights. Checks:
+The tiny VDT is exported under a PAB schedule whose 6-step plan has two phases (store, reuse), so in the
+per-phase layout two sessions read the same weights (the single-file layout serves both from one). Checks:
 
 * every initializer that a phase file keeps in ``weights.bin`` (read with ``onnx``, independently of the
   loader) is handed to its session as one shared OrtValue, and the distinct OrtValues hold exactly the
@@ -9,7 +9,12 @@ sessions read the same weights. Checks:
 * the sessions hold no private copy (no copy read from the file, no pre-packed or constant-folded one):
   after the shared buffer is changed in memory, the loaded model gives the outputs of a reference folder
   whose ``weights.bin`` holds the same change on disk, loaded with ONNX Runtime's own per-session weights;
-* outputs match the eager executor within 1e-4, with and without IO binding, warmed up at load or not.
+* outputs match the eager executor within 1e-4, with and without IO binding, warmed up at load or not;
+* what memory a load holds, by structure rather than by RSS (which other processes on a shared machine
+  move; ``benchmarks/backends.py`` reports the peak RSS): one session per file, each built without
+  pre-packed weight copies, on the one shared arena, with no per-session memory pattern; in the
+  single-file layout every graph output of every phase is bound to torch memory (ONNX Runtime allocates
+  none in its arena), a reused region's output written over its own cached tensor, which stays intact.
 """
 from __future__ import annotations
 
@@ -18,20 +23,27 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import graphpass
 from graphpass import ArtefactError
+from graphpass.exporters.manifest import cache_tensor_name
 from graphpass.exporters.ort_runner import OrtOptions
-from conftest import run_loop
-from _exported import ATOL, STEPS, Exported, max_diff
+from conftest import first, run_loop
+from _exported import ATOL, SCHEDULE, STEPS, Exported, max_diff, shared_export
 
 onnx = pytest.importorskip("onnx")
-pytest.importorskip("onnxruntime")
+ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
 @pytest.fixture(scope="module")
-def vdt(tmp_path_factory) -> Exported:
-    return Exported("vdt", tmp_path_factory.mktemp("vdt_sessions") / "export")
+def vdt() -> Exported:
+    return shared_export("vdt")
+
+
+@pytest.fixture(scope="module")
+def vdt_single() -> Exported:
+    return shared_export("vdt", single_file=True)
 
 
 def external_spans(folder: Path, file: str, float32_only: bool = False) -> dict[str, tuple[int, int]]:
@@ -148,3 +160,54 @@ def test_bad_options_name_the_choices():
         OrtOptions(arena="big")
     with pytest.raises(ArtefactError, match="threads=0"):
         OrtOptions(threads=0)
+
+
+# --- what a load holds ----------------------------------------------------------------------------
+@pytest.mark.parametrize("layout", ["per-phase", "single-file"])
+def test_one_session_per_file_without_private_weight_copies(vdt, vdt_single, layout):
+    ex = vdt_single if layout == "single-file" else vdt
+    model = graphpass.load(ex.folder, threads=1)
+    sessions = model._make_runner.sessions._sessions
+    files = {e["file"] for e in ex.manifest["phases"]}
+    assert set(sessions) == files and len(files) == (1 if layout == "single-file" else 2)
+    for sess in sessions.values():
+        so = sess.get_session_options()
+        assert so.get_session_config_entry("session.disable_prepacking") == "1"  # no packed copy per session
+        assert so.get_session_config_entry("session.use_env_allocators") == "1"  # the one shared arena
+        assert not so.enable_mem_pattern
+        assert so.graph_optimization_level != ort.GraphOptimizationLevel.ORT_ENABLE_ALL  # no NCHWc weight copies
+    assert max_diff(run_loop(model, ex.kw, STEPS), ex.eager) <= ATOL
+
+
+def test_single_file_binds_every_output_of_every_phase(vdt_single):
+    """ONNX Runtime allocates an unbound output in its arena, which keeps that memory for good: every output
+    of the one graph is bound, the phase's own outputs and the others alike."""
+    model = graphpass.load(vdt_single.folder, threads=1)
+    make = model._make_runner
+    graph_outputs = [o.name for o in make.sessions.session("model.onnx").get_outputs()]
+    for spec in model.specs:
+        runner = make(spec, "onnxruntime")
+        bound = runner.output_names + list(runner.aliases) + [n for n, _, _ in runner.discard]
+        assert sorted(bound) == sorted(graph_outputs)
+        # aliased: the regions the phase reuses, each written over its own cached tensor
+        assert runner.aliases == {cache_tensor_name(k, output=True): cache_tensor_name(k) for k in spec.cache_inputs}
+    assert {len(make(s, "onnxruntime").aliases) for s in model.specs} == {0, 4}  # store 4, reuse 4
+
+
+def test_single_file_reuse_leaves_the_cached_tensors_intact(vdt_single):
+    """The reused regions' outputs are written over their cached tensors: after the reuse step those tensors
+    hold the values the store step gave them, and the reuse step's output is eager's."""
+    model = graphpass.load(vdt_single.folder, threads=1)
+    kw, t = dict(vdt_single.kw), vdt_single.kw["timestep"]
+    with torch.no_grad():
+        model(**kw | {"timestep": torch.full_like(t, STEPS[0])})  # store 4
+        cached = [(model.state().cache.get(k), model.state().cache.get(k).clone())
+                  for k in model.state().cache.keys()]
+        assert len(cached) == 4
+        out = model(**kw | {"timestep": torch.full_like(t, STEPS[1])})  # reuse 4
+    assert all(torch.equal(held, value) for held, value in cached)
+    opt = graphpass.optimize(vdt_single.case.model, SCHEDULE, example_kwargs=kw, timesteps=STEPS)
+    with torch.no_grad():
+        opt(**kw | {"timestep": torch.full_like(t, STEPS[0])})
+        want = opt(**kw | {"timestep": torch.full_like(t, STEPS[1])})
+    assert max_diff([first(out)], [first(want)]) <= ATOL

@@ -14,34 +14,31 @@ from pathlib import Path
 import pytest
 
 import graphpass
-from graphpass import PAB, ArtefactError
+from graphpass import ArtefactError
 from graphpass.exporters import TensorRTConfig
 from graphpass.exporters.manifest import read_manifest
 from graphpass.exporters.tensorrt import engine_plan
-from conftest import make_case, run_loop
+from conftest import run_loop
+from _exported import STEPS, shared_export
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
-STEPS = [741.0 - 120 * i for i in range(6)]
-SCHEDULE = PAB(spatial=2, cross=2, window=(100, 800))
-
 
 class Exports:
-    def __init__(self, root: Path):
-        self.case = make_case("vdt")
-        self.kw = self.case.kwargs()
-        self.opt = graphpass.optimize(self.case.model, SCHEDULE, example_kwargs=self.kw, timesteps=STEPS)
-        self.eager = run_loop(self.opt, self.kw, STEPS)
-        self.single = graphpass.export(self.opt, root / "single", single_file=True)
-        self.per_phase = graphpass.export(self.opt, root / "per_phase")
+    """The tiny VDT's two layouts (exported once per test process, shared with the other export tests)."""
+
+    def __init__(self):
+        single, per_phase = shared_export("vdt", single_file=True), shared_export("vdt")
+        self.case, self.kw, self.opt, self.eager = single.case, single.kw, single.opt, single.eager
+        self.single, self.per_phase = single.folder, per_phase.folder
         self.param_bytes = sum(p.numel() * p.element_size() for p in self.case.model.parameters())
 
 
 @pytest.fixture(scope="module")
-def ex(tmp_path_factory) -> Exports:
-    return Exports(tmp_path_factory.mktemp("trt_plan"))
+def ex() -> Exports:
+    return Exports()
 
 
 def loaded_initializer_bytes(path: Path) -> int:
@@ -89,11 +86,11 @@ def test_the_file_tensorrt_builds_from_has_an_if_per_reused_region_and_matches_e
     assert max(float((a - b).abs().max()) for a, b in zip(outs, ex.eager)) <= 1e-4
 
 
-def test_layout_mismatch_and_bad_layout_are_refused(ex):
+def test_layout_mismatch_and_bad_layout_are_refused(ex, tmp_path):
     with pytest.raises(ArtefactError, match="per-phase.*single-file one"):
         engine_plan(ex.single, read_manifest(ex.single), TensorRTConfig(layout="per-phase"))
     with pytest.raises(ArtefactError, match="layout 'per-block'.*single-file, per-phase"):
         TensorRTConfig(layout="per-block")
     with pytest.raises(ArtefactError, match="single_file=True asks for one engine"):
-        graphpass.export(ex.opt, ex.single.parent / "x", format="tensorrt", single_file=True,
+        graphpass.export(ex.opt, tmp_path / "x", format="tensorrt", single_file=True,
                          tensorrt=TensorRTConfig(layout="per-phase"))
