@@ -7,10 +7,12 @@ core (backends that run phase graphs in process, eager and Inductor, are :mod:`g
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from ..errors import ArtefactError
+from ..schedules.base import Plan
 from .artefact import ArtefactModel, load
 from .destination import check_destination, staged
 from .onnx_export import export_onnx, plan_for_export
@@ -31,26 +33,19 @@ def export(opt: "OptimizedModel", folder: str | Path, format: str = "onnx", *,
 
     Layouts (``format="onnx"``):
 
-    * per phase (default): ``phase_<i>.onnx`` for each distinct phase of the plan, cached tensors as named
-      inputs/outputs (``cache.blocks.0.spatial_attn.0``), all files reading one shared ``weights.bin``.
-    * ``single_file=True``: ``model.onnx``, one graph where every reusable region is an ONNX ``If`` on a
-      boolean input ``reuse.<path>``; one file and one session serve every phase.
+    * single file (default when the plan reuses a region): ``model.onnx``, one graph where every reusable
+      region is an ONNX ``If`` on a boolean input ``reuse.<path>``; one file and one session serve every
+      phase. Where the model's regions cannot become ``If`` branches (``torch.cond`` refuses branches
+      whose outputs alias each other, for one) or the single file fails the export's check below, the
+      default falls back to per phase with a warning; ``single_file=True`` makes that an error.
+    * per phase (``single_file=False``, and a plan that reuses nothing): ``phase_<i>.onnx`` for each distinct
+      phase, cached tensors as named inputs/outputs (``cache.blocks.0.spatial_attn.0``).
 
-    Why per phase is the default (``benchmarks/backends.py`` on vdt-s, pab246, 30 steps, 1 thread, CPU
-    time per step, peak RSS added by load + one generation; ONNX Runtime sessions as :func:`graphpass.load`
-    builds them: one shared copy of the weights, one shared arena, IO binding)::
-
-        layout                    ms/step   PAB speedup vs no-reuse ORT   peak RSS
-        no reuse (1 phase)          57.8                          1.00x     59 MiB
-        per phase (6 files)         44.2                          1.31x     85 MiB
-        single file (If)            47.6                          1.21x     76 MiB
-        per phase, ORT defaults     44.8                          1.29x    333 MiB   (a copy and an arena per session)
-
-    (eager PAB speedup in the same run: 1.41x.)
-    Both layouts hold every weight once in memory, so for a large model they cost the same; per phase is
-    a few percent faster (graphs without control flow) and exports for any plan, single file holds one
-    session instead of one per phase (about 2.5 MiB each here) and is what TensorRT builds from. The
-    folders differ only by graph files (6.2 vs 5.6 MiB, weights.bin 5.3 MiB either way).
+    Both read one shared ``weights.bin`` and, once loaded, hold every weight once. Why the single file is
+    the default: the memory a load holds beyond the weights. Each ONNX Runtime session holds its graph,
+    kernels and plans (about 2.5 MiB per 650-node phase of vdt-s), so per phase that cost is paid once
+    per phase; the single file pays it once and runs a few percent slower (``If`` dispatch). Measured
+    with ``benchmarks/backends.py`` (figures and reasoning in ``docs/deployment.md``).
 
     ``format="tensorrt"`` writes the single-file ONNX export and builds one engine from it
     (``model.engine``): TensorRT cannot share weights between engines, so one engine with conditionals is
@@ -79,7 +74,9 @@ def export(opt: "OptimizedModel", folder: str | Path, format: str = "onnx", *,
         opt: the optimized model; its plan (``opt.plan(timesteps)``) fixes which phases exist.
         folder: output folder (created, with its parents).
         timesteps: the sampler's timesteps, if ``opt.plan`` was not called.
-        single_file: the single-graph layout above (for TensorRT the layout is ``TensorRTConfig.layout``).
+        single_file: ``True`` the single file, ``False`` one file per phase, ``None`` (default) the single file
+            where the plan reuses a region and the model allows it (for TensorRT the layout is
+            ``TensorRTConfig.layout``).
         opset: ONNX opset (default: the exporter's).
         tensorrt: engine options for ``format="tensorrt"``.
         overwrite: replace an earlier graphpass export in ``folder``.
@@ -92,7 +89,6 @@ def export(opt: "OptimizedModel", folder: str | Path, format: str = "onnx", *,
         raise ArtefactError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
     if format == "onnx" and tensorrt is not None:
         raise ArtefactError("tensorrt= options apply to format='tensorrt' only")
-    single_file = _single_file(single_file, tensorrt or TensorRTConfig() if format == "tensorrt" else None)
     if format == "tensorrt":
         tensorrt = tensorrt or TensorRTConfig()
     check_destination(folder, overwrite)  # before the (slow) export: a refused folder costs nothing
@@ -103,6 +99,7 @@ def export(opt: "OptimizedModel", folder: str | Path, format: str = "onnx", *,
                             f"exported artefact cannot check them. Export a model whose call does not branch on "
                             f"values, or serve it with graphpass.optimize")
     plan = plan_for_export(opt, timesteps)  # an empty or missing plan is refused before the folder is touched
+    single_file = _single_file(single_file, tensorrt, plan)
     if format == "tensorrt":
         require_tensorrt()
     if verify:  # before the export: a missing runtime or a bad call costs nothing
@@ -111,22 +108,37 @@ def export(opt: "OptimizedModel", folder: str | Path, format: str = "onnx", *,
     with staged(folder, overwrite) as tmp:
         manifest = export_onnx(opt, tmp, timesteps=timesteps, single_file=single_file, opset=opset)
         if verify:
-            verify_export(opt, tmp, manifest, plan, inputs)
+            try:
+                verify_export(opt, tmp, manifest, plan, inputs)
+            except ArtefactError as e:
+                if single_file is not None or manifest["layout"] != "single-file":
+                    raise
+                warnings.warn(f"graphpass: the single-file export of {opt.captured.model_type} does not reproduce "
+                              f"its graph ({e}); exported one file per phase instead (single_file=False asks for "
+                              f"that layout, True makes this an error)", stacklevel=2)
+                for f in tmp.iterdir():
+                    f.unlink()
+                manifest = export_onnx(opt, tmp, timesteps=timesteps, single_file=False, opset=opset)
+                verify_export(opt, tmp, manifest, plan, inputs)
         if format == "tensorrt":
             export_tensorrt(tmp, tensorrt)
     return Path(folder)
 
 
-def _single_file(single_file: bool | None, tensorrt: TensorRTConfig | None) -> bool:
-    """The layout an export writes: ``single_file`` if given, else the single file (ONNX; the layout chosen by
-    measurement, see :func:`export`) or ``TensorRTConfig.layout`` (TensorRT), which an explicit
+def _single_file(single_file: bool | None, tensorrt: TensorRTConfig | None, plan: Plan) -> bool | None:
+    """The layout an export writes (``True``: single file, ``False``: per phase, ``None``: the single file where
+    the model allows it, else per phase): ``single_file`` if given; else, for ONNX, ``None`` when the plan reuses
+    a region (the single file is the layout chosen by measurement, see :func:`export`) and per phase when it
+    reuses none (one phase, one file); for TensorRT, ``TensorRTConfig.layout``, which an explicit
     ``single_file`` must agree with.
 
-        >>> _single_file(None, None), _single_file(False, None), _single_file(None, TensorRTConfig(layout="per-phase"))
-        (True, False, False)
+        >>> _single_file(None, None, pab_plan), _single_file(None, None, no_reuse_plan), _single_file(True, None, pab_plan)
+        (None, False, True)
     """
     if tensorrt is None:
-        return True if single_file is None else single_file
+        if single_file is None and not any(ph.reused for ph in plan.distinct()):
+            return False
+        return single_file
     wanted = tensorrt.layout == "single-file"
     if single_file is not None and single_file != wanted:
         asked = "one engine" if single_file else "one engine per phase"

@@ -71,9 +71,12 @@ def _region_body(src: fx.GraphModule, nodes: list[fx.Node], exits: list[fx.Node]
     env: dict[fx.Node, fx.Node] = {}
     ext: list[fx.Node] = []
 
-    def arg(n: fx.Node) -> fx.Node:
+    def arg(n: fx.Node) -> fx.Node | int | float | bool:
         if n in env:
             return env[n]
+        val = n.meta.get("val")
+        if isinstance(val, (int, float, bool)):  # a size the capture fixed (shapes are static): a constant of
+            return val                           # the body, since torch.cond takes tensor operands only
         if n.op == "get_attr":  # weights stay attributes of the body
             env[n] = graph.node_copy(n)
         else:

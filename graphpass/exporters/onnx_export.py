@@ -20,6 +20,7 @@ import logging
 import time
 import warnings
 from contextlib import redirect_stdout
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Sequence
 
@@ -27,6 +28,7 @@ import torch
 
 from ..errors import ArtefactError, GraphpassError, InputError
 from ..schedules.base import Action, Plan
+from .cond import SwitchGraph, build_switch_graph
 from .manifest import (MANIFEST_FORMAT, WEIGHTS_FILE, cache_tensor_name, dtype_name, feed_entry,
                        phase_output_names, reuse_flag_name, tensor_entry, user_output_name, versions, write_manifest)
 from .onnx_rewrites import rewrite_for_onnx, unlowered_op_error
@@ -264,11 +266,45 @@ def plan_feeds(opt: "OptimizedModel", plan: Plan) -> list[dict[str, Any]]:
             for ph, feeds in zip(plan.phases, opt.policy.feeds(plan))]
 
 
+@dataclass
+class _SwitchExport:
+    """The single-file graph of a plan, exported to ONNX (weights still inline)."""
+
+    proto: "onnx.ModelProto"
+    switch: SwitchGraph
+    args: list[torch.Tensor]
+    in_names: list[str]
+    seconds: float
+
+
+def _switch_export(opt: "OptimizedModel", plan: Plan, inputs: list[torch.Tensor], user_names: list[str],
+                   opset: int | None) -> _SwitchExport:
+    """Build the plan's switch graph (:func:`~graphpass.exporters.cond.build_switch_graph`) and export it;
+    raises :class:`~graphpass.errors.GraphpassError` when the model's regions cannot become ``If`` branches."""
+    t0 = time.perf_counter()
+    device = _device_of(opt)
+    cache_specs = _cache_specs(opt)
+    sw = build_switch_graph(opt.captured, opt.regions, plan)
+    args = inputs + [torch.zeros((), dtype=torch.bool, device=device) for _ in sw.switch_paths] + [
+        torch.zeros(cache_specs[k].shape, dtype=cache_specs[k].dtype, device=device) for k in sw.cache_keys]
+    in_names = (list(opt.captured.input_names) + [reuse_flag_name(p) for p in sw.switch_paths]
+                + [cache_tensor_name(k) for k in sw.cache_keys])
+    out_names = user_names + [cache_tensor_name(k, output=True) for k in sw.cache_keys]
+    proto = to_onnx(sw.gm, args, in_names, out_names, opset)
+    return _SwitchExport(proto, sw, args, in_names, time.perf_counter() - t0)
+
+
 def export_onnx(opt: "OptimizedModel", folder: str | Path, *, timesteps: Sequence[float] | None = None,
-                single_file: bool = False, opset: int | None = None) -> dict[str, Any]:
+                single_file: bool | None = False, opset: int | None = None) -> dict[str, Any]:
     """Write the ONNX files, ``weights.bin`` and ``manifest.json`` of ``opt``'s plan into the empty (or new)
     ``folder``; returns the manifest. See :func:`graphpass.export` for the layouts and for writing into a
-    folder safely."""
+    folder safely.
+
+    ``single_file=None`` writes the single file, or one file per phase when the phases cache values of their
+    own (TaylorSeer) or the model's regions cannot become ``If`` branches (``torch.cond`` refuses branches
+    whose outputs alias each other, for one; a warning says why); the manifest's ``layout`` records which
+    was written.
+    """
     require_onnx()
     import onnx
 
@@ -278,34 +314,34 @@ def export_onnx(opt: "OptimizedModel", folder: str | Path, *, timesteps: Sequenc
     if any(folder.iterdir()):  # graphpass.export stages into a fresh folder; never write over other files
         raise ArtefactError(f"export_onnx writes into an empty folder and {folder} is not empty; use "
                             f"graphpass.export(opt, folder, overwrite=True) to replace an earlier export")
-    if single_file and not all(ph.caches_region_outputs for ph in plan.distinct()):
+    switchable = all(ph.caches_region_outputs for ph in plan.distinct())
+    if single_file and not switchable:
         raise ArtefactError(f"{opt.technique.name}'s phases cache values of their own (not region outputs that an "
                             f"If can switch between): export one file per phase (single_file=False, or "
                             f"TensorRTConfig(layout='per-phase'))")
-    manifest = base_manifest(opt, plan, "onnx", "single-file" if single_file else "per-phase")
     device = _device_of(opt)
     inputs = _example_inputs(opt, device)
-    cache_specs = _cache_specs(opt)
-    user_names = [e["name"] for e in manifest["user_outputs"]]
+    user_names = [e["name"] for e in _user_output_entries(opt)]
+    single = None
+    if single_file is not False and switchable:
+        try:
+            single = _switch_export(opt, plan, inputs, user_names, opset)
+        except GraphpassError as e:
+            if single_file:
+                raise
+            warnings.warn(f"graphpass: {opt.captured.model_type} cannot be exported as one graph ({e}); exported one "
+                          f"file per phase instead (single_file=False asks for that layout, True makes this an error)",
+                          stacklevel=3)
+    manifest = base_manifest(opt, plan, "onnx", "single-file" if single else "per-phase")
     weights = SharedWeights(folder / WEIGHTS_FILE)
     try:
-        if single_file:
-            from .cond import build_switch_graph
-
-            t0 = time.perf_counter()
-            sw = build_switch_graph(opt.captured, opt.regions, plan)
-            args = inputs + [torch.zeros((), dtype=torch.bool, device=device) for _ in sw.switch_paths] + [
-                torch.zeros(cache_specs[k].shape, dtype=cache_specs[k].dtype, device=device) for k in sw.cache_keys]
-            in_names = (list(opt.captured.input_names) + [reuse_flag_name(p) for p in sw.switch_paths]
-                        + [cache_tensor_name(k) for k in sw.cache_keys])
-            out_names = user_names + [cache_tensor_name(k, output=True) for k in sw.cache_keys]
-            proto = to_onnx(sw.gm, args, in_names, out_names, opset)
-            weights.externalise(proto)
-            onnx.save_model(proto, str(folder / "model.onnx"))
+        if single:
+            weights.externalise(single.proto)
+            onnx.save_model(single.proto, str(folder / "model.onnx"))
             manifest["single_file"] = {
-                "file": "model.onnx", "switch_regions": sw.switch_paths, "cache_keys": sw.cache_keys,
-                "inputs": _entries(args, in_names), "outputs": _output_entries(proto),
-                "export_seconds": round(time.perf_counter() - t0, 3)}
+                "file": "model.onnx", "switch_regions": single.switch.switch_paths,
+                "cache_keys": single.switch.cache_keys, "inputs": _entries(single.args, single.in_names),
+                "outputs": _output_entries(single.proto), "export_seconds": round(single.seconds, 3)}
             for entry, ph in zip(manifest["phases"], plan.distinct()):
                 entry.update(file="model.onnx",
                              cache_inputs=[k for r in opt.regions if ph.action(r.path) == Action.REUSE

@@ -126,10 +126,25 @@ def first_nonfinite_node(path: Path, feed: dict[str, Any]) -> str | None:
     return None
 
 
+def at_timestep(opt: "OptimizedModel", inputs: list[torch.Tensor], t: float) -> list[torch.Tensor]:
+    """``inputs`` with the timestep input set to ``t``: each phase is checked at a step where the plan runs it,
+    since a lowering may hold at one timestep and overflow at another (e.g. an op of an ``If`` branch at the
+    first, noisiest step). Unchanged when the timestep is not one of the graph's tensor inputs.
+
+        >>> [float(x) for x in at_timestep(opt, inputs, 981.0)[2]]     # vdt: inputs (x, ids, timestep)
+        [981.0, 981.0]
+    """
+    names = list(opt.captured.input_names)
+    if opt.timestep_arg not in names:
+        return list(inputs)
+    i = names.index(opt.timestep_arg)
+    return inputs[:i] + [torch.full_like(inputs[i], t)] + inputs[i + 1:]
+
+
 def verify_export(opt: "OptimizedModel", folder: Path, manifest: dict[str, Any], plan: Plan,
                   inputs: list[torch.Tensor]) -> None:
-    """Run every phase of the export in ``folder`` once under ONNX Runtime on ``inputs`` (plus seeded cached
-    tensors) and compare with the phase graph run eagerly; raise :class:`ArtefactError` naming the phase and its
+    """Run every phase of the export in ``folder`` once under ONNX Runtime on ``inputs`` (at the first timestep
+    where the plan runs the phase, :func:`at_timestep`; plus seeded cached tensors) and compare with the phase graph run eagerly; raise :class:`ArtefactError` naming the phase and its
     first output that differs."""
     make = ort_runner_factory(folder, manifest)
     gen = torch.Generator().manual_seed(1)
@@ -137,7 +152,7 @@ def verify_export(opt: "OptimizedModel", folder: Path, manifest: dict[str, Any],
         pg = opt.phase_graph(phase)
         caches = [_seeded(shape, dtype, gen) for shape, dtype in cache_input_specs(pg)]
         device = next((p.device for p in pg.gm.parameters()), torch.device("cpu"))
-        args = [a.to(device) for a in inputs + caches]
+        args = [a.to(device) for a in at_timestep(opt, inputs, plan.timesteps[plan.phases.index(phase)]) + caches]
         with torch.no_grad():
             want = [w.detach().cpu() for w in pg.gm(*args)]
         spec = PhaseSpec(id=entry["id"], phase=phase, file=entry["file"], cache_inputs=entry["cache_inputs"],
