@@ -18,6 +18,8 @@ import torch
 
 import graphpass
 from graphpass import ArtefactError, InputError
+from graphpass.errors import GraphpassError
+from graphpass.exporters import onnx_export
 from graphpass.exporters.manifest import cache_tensor_name, manifest_digest, render_manifest
 from conftest import make_case, run_loop
 from _exported import ATOL, SCHEDULE, STEPS, Exported, max_diff, shared_export
@@ -251,3 +253,47 @@ def test_single_file_runs_every_phase_with_if_branches(vdt_single, vdt):
     assert len(model.phase_calls) == 2 and model.cache_nbytes == ex.opt.cache_nbytes
     # same weights bytes as the per-phase export, referenced once
     assert ex.manifest["weights"]["stored_bytes"] == vdt.manifest["weights"]["stored_bytes"]
+
+
+# --- the default layout -----------------------------------------------------------------------------
+def test_default_export_is_the_single_file_where_the_plan_reuses(vdt, tmp_path):
+    folder = graphpass.export(vdt.opt, tmp_path / "default", verify=False)  # compared with eager below
+    m = json.loads((folder / "manifest.json").read_text())
+    assert m["layout"] == "single-file" and sorted(p.name for p in folder.glob("*.onnx")) == ["model.onnx"]
+    assert max_diff(run_loop(graphpass.load(folder, threads=1), vdt.kw, STEPS), vdt.eager) <= ATOL
+
+
+def test_default_falls_back_to_per_phase_when_the_single_file_cannot_be_built(vdt, tmp_path, monkeypatch):
+    def refuse(*a, **k):
+        raise GraphpassError("region blocks.0.spatial_attn is not convex")
+
+    monkeypatch.setattr(onnx_export, "build_switch_graph", refuse)
+    with pytest.warns(UserWarning, match=r"cannot be exported as one graph \(region blocks\.0\.spatial_attn is not "
+                                         r"convex\); exported one file per phase instead"):
+        folder = graphpass.export(vdt.opt, tmp_path / "fallback", verify=False)
+    assert json.loads((folder / "manifest.json").read_text())["layout"] == "per-phase"
+    assert max_diff(run_loop(graphpass.load(folder, threads=1), vdt.kw, STEPS), vdt.eager) <= ATOL
+    with pytest.raises(GraphpassError, match="not convex"):  # asked for explicitly: no fallback
+        graphpass.export(vdt.opt, tmp_path / "asked", single_file=True, verify=False)
+    assert not (tmp_path / "asked").exists()
+
+
+def test_default_falls_back_to_per_phase_when_the_single_file_fails_the_check(vdt, tmp_path, monkeypatch):
+    """A single file whose outputs differ from its graph's (an op lowered wrongly inside an If branch) is
+    replaced by the per-phase export, which is checked in turn."""
+    real = graphpass.exporters.verify_export
+    checked = []
+
+    def check(opt, folder, manifest, plan, inputs):
+        checked.append(manifest["layout"])
+        if manifest["layout"] == "single-file":
+            raise ArtefactError("phase 0 (store 4) exported to ONNX does not reproduce its graph")
+        return real(opt, folder, manifest, plan, inputs)
+
+    monkeypatch.setattr(graphpass.exporters, "verify_export", check)
+    with pytest.warns(UserWarning, match="single-file export of .* does not reproduce its graph"):
+        folder = graphpass.export(vdt.opt, tmp_path / "fallback")
+    assert checked == ["single-file", "per-phase"]
+    assert sorted(p.name for p in folder.iterdir()) == ["manifest.json", "phase_0.onnx", "phase_1.onnx",
+                                                        "weights.bin"]
+    assert max_diff(run_loop(graphpass.load(folder, threads=1), vdt.kw, STEPS), vdt.eager) <= ATOL
