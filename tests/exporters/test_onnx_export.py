@@ -256,11 +256,12 @@ def test_single_file_runs_every_phase_with_if_branches(vdt_single, vdt):
 
 
 # --- the default layout -----------------------------------------------------------------------------
-def test_default_export_is_the_single_file_where_the_plan_reuses(vdt, tmp_path):
-    folder = graphpass.export(vdt.opt, tmp_path / "default", verify=False)  # compared with eager below
-    m = json.loads((folder / "manifest.json").read_text())
-    assert m["layout"] == "single-file" and sorted(p.name for p in folder.glob("*.onnx")) == ["model.onnx"]
-    assert max_diff(run_loop(graphpass.load(folder, threads=1), vdt.kw, STEPS), vdt.eager) <= ATOL
+def test_default_export_is_the_single_file_where_the_plan_reuses(vdt_single):
+    """``vdt_single`` is exported with graphpass.export's default layout."""
+    assert vdt_single.manifest["layout"] == "single-file"
+    assert sorted(p.name for p in vdt_single.folder.glob("*.onnx")) == ["model.onnx"]
+    assert max_diff(run_loop(graphpass.load(vdt_single.folder, threads=1), vdt_single.kw, STEPS),
+                    vdt_single.eager) <= ATOL
 
 
 def test_default_falls_back_to_per_phase_when_the_single_file_cannot_be_built(vdt, tmp_path, monkeypatch):
