@@ -51,6 +51,8 @@ from pathlib import Path
 
 import torch
 
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # measure this checkout's graphpass, not an installed one (the children get it too)
 
 #: Rows that export a folder (the others load one of these).
 EXPORTED_ROWS = ("onnxruntime", "onnxruntime per-phase")
@@ -169,8 +171,7 @@ def measure_once(spec: dict) -> dict:
 
 def measure_in_subprocess(spec: dict) -> dict:
     cmd = [sys.executable, __file__, "--measure", json.dumps(spec)]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]),
-                                                       os.environ.get("PYTHONPATH", "")]))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if out.returncode != 0:
         raise RuntimeError(f"measuring {spec['schedule']}/{spec['backend']} failed:\n{out.stderr[-2000:]}")

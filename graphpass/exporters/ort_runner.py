@@ -1,11 +1,11 @@
 """ONNX Runtime sessions for an exported folder: one copy of the weights, one arena, zero-copy phase calls.
 
-An exported folder holds one ONNX file per phase (or one file for every phase), all reading one
+An exported folder holds one ONNX file for every phase (or one file per phase), all reading one
 ``weights.bin``. Left to itself, ONNX Runtime gives every session its own copy of every weight (read
 from ``weights.bin``, then packed again for its MatMul kernels) and its own memory arena, so memory
-grows with the number of phases (vdt-s under pab246, 6 phases: 333 MiB of peak RSS added by load + one
-generation, against 85 MiB with the sharing below and 59 MiB for the one-phase no-reuse export;
-``benchmarks/backends.py``). :class:`OrtSessions` builds the sessions of one folder
+grows with the number of phases (vdt-s under pab246, a file per phase for its 6 phases: 334 MiB of peak RSS added by
+load + one generation, against 87 MiB with the sharing below; ``benchmarks/backends.py``, figures in
+``docs/deployment.md``). :class:`OrtSessions` builds the sessions of one folder
 so that they share what can be shared:
 
 * weights: ``weights.bin`` is mapped once (copy-on-write ``numpy.memmap``: the pages are the OS file
@@ -21,7 +21,9 @@ so that they share what can be shared:
   (``create_and_register_allocator``) and used by every session (``session.use_env_allocators``), tensor
   by tensor (no per-session memory pattern), so the phases, which run one at a time, reuse the same blocks;
 * phase calls: inputs and outputs are bound to torch tensors' memory (IO binding), so the cached tensors
-  a phase stores are the tensors the next phase reads, with no copy in between.
+  a phase stores are the tensors the next phase reads, with no copy in between; in the single-file
+  layout, the graph outputs a phase does not keep are bound too (see :class:`OrtPhaseRunner`), so that
+  ONNX Runtime never grows its arena for them.
 
     >>> sessions = OrtSessions(folder, manifest, OrtOptions(threads=2))
     >>> for e in manifest["phases"]:
