@@ -33,13 +33,16 @@ def export(opt: "OptimizedModel", folder: str | Path, format: str = "onnx", *,
 
     Layouts (``format="onnx"``):
 
-    * single file (default when the plan reuses a region): ``model.onnx``, one graph where every reusable
-      region is an ONNX ``If`` on a boolean input ``reuse.<path>``; one file and one session serve every
-      phase. Where the model's regions cannot become ``If`` branches (``torch.cond`` refuses branches
-      whose outputs alias each other, for one) or the single file fails the export's check below, the
-      default falls back to per phase with a warning; ``single_file=True`` makes that an error.
-    * per phase (``single_file=False``, and a plan that reuses nothing): ``phase_<i>.onnx`` for each distinct
-      phase, cached tensors as named inputs/outputs (``cache.blocks.0.spatial_attn.0``).
+    * single file (default when the plan reuses region outputs and ``verify`` is on): ``model.onnx``, one
+      graph where every reusable region is an ONNX ``If`` on a boolean input ``reuse.<path>``; one file and
+      one session serve every phase. Where the model's regions cannot become ``If`` branches
+      (``torch.cond`` refuses branches whose outputs alias each other, for one) or the single file fails
+      the export's check below, the default falls back to per phase with a warning; ``single_file=True``
+      makes that an error.
+    * per phase (``single_file=False``; the default for a plan that reuses nothing, for phases that cache
+      values of their own such as TaylorSeer's, and with ``verify=False``, since an unchecked ``If`` branch
+      could compute something else unseen): ``phase_<i>.onnx`` for each distinct phase, cached tensors as
+      named inputs/outputs (``cache.blocks.0.spatial_attn.0``).
 
     Both read one shared ``weights.bin`` and, once loaded, hold every weight once. Why the single file is
     the default: the memory a load holds beyond the weights. Each ONNX Runtime session holds its graph,
@@ -99,7 +102,7 @@ def export(opt: "OptimizedModel", folder: str | Path, format: str = "onnx", *,
                             f"exported artefact cannot check them. Export a model whose call does not branch on "
                             f"values, or serve it with graphpass.optimize")
     plan = plan_for_export(opt, timesteps)  # an empty or missing plan is refused before the folder is touched
-    single_file = _single_file(single_file, tensorrt, plan)
+    single_file = _single_file(single_file, tensorrt, plan, verify)
     if format == "tensorrt":
         require_tensorrt()
     if verify:  # before the export: a missing runtime or a bad call costs nothing
@@ -125,19 +128,25 @@ def export(opt: "OptimizedModel", folder: str | Path, format: str = "onnx", *,
     return Path(folder)
 
 
-def _single_file(single_file: bool | None, tensorrt: TensorRTConfig | None, plan: Plan) -> bool | None:
-    """The layout an export writes (``True``: single file, ``False``: per phase, ``None``: the single file where
-    the model allows it, else per phase): ``single_file`` if given; else, for ONNX, ``None`` when the plan reuses
-    a region (the single file is the layout chosen by measurement, see :func:`export`) and per phase when it
-    reuses none (one phase, one file); for TensorRT, ``TensorRTConfig.layout``, which an explicit
+def _single_file(single_file: bool | None, tensorrt: TensorRTConfig | None, plan: Plan,
+                 verify: bool) -> bool | None:
+    """The layout an export writes (``True``: single file, ``False``: per phase, ``None``: the single file if it
+    can be built and passes the check, else per phase): ``single_file`` if given; else, for ONNX, ``None``
+    when the plan reuses region outputs and the export checks its files (the single file is the layout
+    chosen by measurement, see :func:`export`; unchecked, its ``If`` branches could compute something else
+    unseen), per phase otherwise; for TensorRT, ``TensorRTConfig.layout``, which an explicit
     ``single_file`` must agree with.
 
-        >>> _single_file(None, None, pab_plan), _single_file(None, None, no_reuse_plan), _single_file(True, None, pab_plan)
-        (None, False, True)
+        >>> _single_file(None, None, pab_plan, True), _single_file(None, None, pab_plan, False)
+        (None, False)
+        >>> _single_file(None, None, no_reuse_plan, True), _single_file(True, None, pab_plan, False)
+        (False, True)
     """
     if tensorrt is None:
-        if single_file is None and not any(ph.reused for ph in plan.distinct()):
-            return False
+        if single_file is None:
+            phases = plan.distinct()
+            switchable = any(ph.reused for ph in phases) and all(ph.caches_region_outputs for ph in phases)
+            return None if switchable and verify else False
         return single_file
     wanted = tensorrt.layout == "single-file"
     if single_file is not None and single_file != wanted:

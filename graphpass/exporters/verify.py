@@ -144,8 +144,8 @@ def at_timestep(opt: "OptimizedModel", inputs: list[torch.Tensor], t: float) -> 
 def verify_export(opt: "OptimizedModel", folder: Path, manifest: dict[str, Any], plan: Plan,
                   inputs: list[torch.Tensor]) -> None:
     """Run every phase of the export in ``folder`` once under ONNX Runtime on ``inputs`` (at the first timestep
-    where the plan runs the phase, :func:`at_timestep`; plus seeded cached tensors) and compare with the phase graph run eagerly; raise :class:`ArtefactError` naming the phase and its
-    first output that differs."""
+    where the plan runs the phase, :func:`at_timestep`; plus seeded cached tensors) and compare with the phase
+    graph run eagerly; raise :class:`ArtefactError` naming the phase and its first output that differs."""
     make = ort_runner_factory(folder, manifest)
     gen = torch.Generator().manual_seed(1)
     for entry, phase in zip(manifest["phases"], plan.distinct()):

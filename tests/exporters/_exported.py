@@ -6,7 +6,7 @@ process and every module reads the same folder (tests that change a folder work 
 ``verify=False``: the tests that use it compare ONNX Runtime with the eager outputs themselves, so the
 export's own check would run the same phases a second time.
 
-    >>> ex = shared_export("vdt")                  # per phase; single_file=True: the default layout
+    >>> ex = shared_export("vdt")                  # per phase; shared_export("vdt", single_file=True)
     >>> max_diff(run_loop(graphpass.load(ex.folder), ex.kw, STEPS), ex.eager) <= ATOL
     True
 """
@@ -37,9 +37,7 @@ def max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
 
 
 class Exported:
-    """``single_file``: as :func:`graphpass.export` takes it (``None``: the default layout)."""
-
-    def __init__(self, name: str, folder: Path, single_file: bool | None = False, steps: list[float] = STEPS):
+    def __init__(self, name: str, folder: Path, single_file: bool = False, steps: list[float] = STEPS):
         self.case = make_case(name)
         self.kw = self.case.kwargs()
         self.opt = graphpass.optimize(self.case.model, SCHEDULE, example_kwargs=self.kw, timesteps=steps)
@@ -57,7 +55,5 @@ def _root() -> Path:
 
 @functools.cache
 def shared_export(name: str, single_file: bool = False) -> Exported:
-    """``name`` under :data:`SCHEDULE` and :data:`STEPS`, exported once per process (read-only for tests):
-    per phase, or with ``single_file`` in the default layout (the single file, which the tests check)."""
-    folder = _root() / f"{name}-{'default' if single_file else 'per-phase'}"
-    return Exported(name, folder, single_file=None if single_file else False)
+    """``name`` under :data:`SCHEDULE` and :data:`STEPS`, exported once per process (read-only for tests)."""
+    return Exported(name, _root() / f"{name}-{'single' if single_file else 'per-phase'}", single_file=single_file)

@@ -256,12 +256,14 @@ def test_single_file_runs_every_phase_with_if_branches(vdt_single, vdt):
 
 
 # --- the default layout -----------------------------------------------------------------------------
-def test_default_export_is_the_single_file_where_the_plan_reuses(vdt_single):
-    """``vdt_single`` is exported with graphpass.export's default layout."""
-    assert vdt_single.manifest["layout"] == "single-file"
-    assert sorted(p.name for p in vdt_single.folder.glob("*.onnx")) == ["model.onnx"]
-    assert max_diff(run_loop(graphpass.load(vdt_single.folder, threads=1), vdt_single.kw, STEPS),
-                    vdt_single.eager) <= ATOL
+def test_default_export_is_the_checked_single_file_where_the_plan_reuses(vdt, tmp_path):
+    folder = graphpass.export(vdt.opt, tmp_path / "default")
+    m = json.loads((folder / "manifest.json").read_text())
+    assert m["layout"] == "single-file" and sorted(p.name for p in folder.glob("*.onnx")) == ["model.onnx"]
+    assert max_diff(run_loop(graphpass.load(folder, threads=1), vdt.kw, STEPS), vdt.eager) <= ATOL
+    # unchecked, the default is the per-phase layout (an If branch that computes something else would go unseen)
+    unchecked = graphpass.export(vdt.opt, tmp_path / "unchecked", verify=False)
+    assert json.loads((unchecked / "manifest.json").read_text())["layout"] == "per-phase"
 
 
 def test_default_falls_back_to_per_phase_when_the_single_file_cannot_be_built(vdt, tmp_path, monkeypatch):
@@ -269,9 +271,10 @@ def test_default_falls_back_to_per_phase_when_the_single_file_cannot_be_built(vd
         raise GraphpassError("region blocks.0.spatial_attn is not convex")
 
     monkeypatch.setattr(onnx_export, "build_switch_graph", refuse)
+    monkeypatch.setattr(graphpass.exporters, "verify_export", lambda *a: None)  # the check is not the point here
     with pytest.warns(UserWarning, match=r"cannot be exported as one graph \(region blocks\.0\.spatial_attn is not "
                                          r"convex\); exported one file per phase instead"):
-        folder = graphpass.export(vdt.opt, tmp_path / "fallback", verify=False)
+        folder = graphpass.export(vdt.opt, tmp_path / "fallback")
     assert json.loads((folder / "manifest.json").read_text())["layout"] == "per-phase"
     assert max_diff(run_loop(graphpass.load(folder, threads=1), vdt.kw, STEPS), vdt.eager) <= ATOL
     with pytest.raises(GraphpassError, match="not convex"):  # asked for explicitly: no fallback
