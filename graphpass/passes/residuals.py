@@ -36,7 +36,13 @@ Finding the span (structure, not names):
   encoder blocks, whose decoder restarts from a clone of the patch embeddings) stay outside and run every
   step;
 * ``h_out`` is the last block's output, followed through re-layout ops until it has ``h_in``'s shape again
-  (Latte's temporal blocks work on ``(B*tokens, F, D)``, its spatial ones on ``(B*F, tokens, D)``).
+  (Latte's temporal blocks work on ``(B*tokens, F, D)``, its spatial ones on ``(B*F, tokens, D)``), then
+  through adds of terms computed from ``h_in`` but not from the last block's output (WanVACE adds its last
+  control block's hint after the last main block);
+* modules between blocks that add to the hidden state (Wan-Animate's face adapters, ConsisID's identity
+  cross-attention) depend on it and feed the next block: they are part of the span, skipped on a reuse step
+  with their contribution inside ``R``; WanVACE's control blocks, which read ``h_in`` and whose hints are
+  added between the main blocks, likewise.
 
 In-place writes count as data flow: Wan and CogVideoX write rotary embeddings into q/k buffers
 (``aten.copy_``); the span includes them, and a reuse graph drops the writes nobody reads any more
@@ -505,6 +511,39 @@ def _back_to_layout(block: str, out: fx.Node, like: str, shape: tuple[int, ...],
     return out
 
 
+def _descendants(node: fx.Node) -> set[fx.Node]:
+    """``node`` and every node computed from it."""
+    found, todo = {node}, [node]
+    while todo:
+        for u in todo.pop().users:
+            if u not in found:
+                found.add(u)
+                todo.append(u)
+    return found
+
+
+def _through_late_terms(out: fx.Node, after: set[fx.Node], live: set[fx.Node]) -> fx.Node:
+    """``out``, the hidden state after the last block, followed through adds of terms that the chain's inputs
+    computed (``after``) without it: WanVACE adds each control block's hint after its main block
+    (``h = block(h); h = h + hint * scale``), the last one after the last main block, and the control blocks
+    read the hidden state entering the chain. Such a term is work of the chain, skipped on a reuse step, so
+    the chain ends after its add. A term computed from ``out`` itself (an adapter after the last block reading
+    its output) is not: it runs on every step, after the chain.
+
+    For WanVACE with ``vace_layers=[0, 1]`` and two blocks, ``out`` is ``blocks.1``'s output and the chain
+    ends at ``out + hint_1 * scale_1``.
+    """
+    while True:
+        users = [u for u in out.users if u in live]
+        if len(users) != 1 or users[0].op != "call_function" or users[0].target not in _ADD:
+            return out
+        add = users[0]
+        terms = [a for a in add.args if isinstance(a, fx.Node) and a is not out]
+        if _shape(add) != _shape(out) or len(terms) != 1 or terms[0] not in after or terms[0] in _descendants(out):
+            return out
+        out = add
+
+
 def _chain_blocks(regions: Sequence[Region], name_order: dict[str, int], model_type: str) -> list[str]:
     """The blocks owning attention regions, outermost module lists only: a block list nested in another module
     (HunyuanVideo's text token refiner in ``context_embedder``) belongs to an embedder, which always runs."""
@@ -590,13 +629,13 @@ def find_block_span(captured: CapturedGraph, regions: Sequence[Region]) -> Block
     nodes = {n.name: n for n in gm.graph.nodes}
     entries = [t.resolve() for t in tracks]
     h_ins = [nodes[name] for x in entries for name in input_names(x)]
-    h_outs = [_back_to_layout(last, o, str(x), _entry_shape(x, nodes), live) for o, x in zip(outs, entries)]
-
     # The span: nodes depending on a stream input that feed a stream output.
     after: set[fx.Node] = set(h_ins)
     for n in gm.graph.nodes:
         if any(a in after for a in _value_inputs(n, set(h_ins))):
             after.add(n)
+    h_outs = [_through_late_terms(_back_to_layout(last, o, str(x), _entry_shape(x, nodes), live), after, live)
+              for o, x in zip(outs, entries)]
     before: set[fx.Node] = set(h_outs)
     bases, writers = in_place_writers(gm.graph)
     for n in reversed(gm.graph.nodes):
