@@ -71,17 +71,11 @@ def test_pab_equals_the_reference_for_every_kind(name):
 
 
 #: Residual caching needs every block to be ``x -> x + f(x)`` per hidden state it carries, in one chain.
-ADACACHE_UNSUPPORTED: dict[str, str] = {
-    # the control blocks read the hidden state entering the main chain (vace_blocks.0: proj_in(control) +
-    # hidden_states) and their hints are added between the main blocks: the control chain lands inside the span
-    # while its values also feed later main blocks, so no single residual covers the chain
-    "wan-vace": r"values computed inside the blocks are used after them",
-}
-#: Runs, but the per-block reference does something else: the face adapter adds to the hidden state between
-#: blocks, so graphpass's reused span residual includes it while a per-block reference recomputes it.
-ADACACHE_OTHER_REFERENCE = {"wan-animate",
-                            # the perceiver cross-attention adds face features between blocks, as above
-                            "consisid"}
+ADACACHE_UNSUPPORTED: dict[str, str] = {}
+#: Runs, but the per-block reference does something else: modules between blocks add to the hidden state (face
+#: adapter, perceiver cross-attention, VACE hints), so graphpass's reused span residual includes them while a
+#: per-block reference recomputes them. tests/zoo/test_adapter_adacache.py checks these against a chain reference.
+ADACACHE_OTHER_REFERENCE = {"wan-animate", "consisid", "wan-vace"}
 DECISIONS = "CCRCRRCCRC"  # over the first 10 steps
 
 
