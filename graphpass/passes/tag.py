@@ -283,26 +283,74 @@ def _product_core(p1: fx.Node, path: str, deps: dict) -> AttentionCore | None:
                          len(q_shape) == 3)
 
 
+def _projecting_paths(gm: fx.GraphModule) -> set[str]:
+    """Paths of the modules that hold a projection (a linear op), at any depth."""
+    return {p for n in gm.graph.nodes if n.op == "call_function" and n.target in LINEAR_OPS
+            for p, _ in module_path(n)}
+
+
+def _query_projection(query: fx.Node) -> fx.Node | None:
+    """The nearest projection (linear op) the query is computed from, walking back through its inputs."""
+    todo, seen = [query], set()
+    while todo:
+        n = todo.pop(0)
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "call_function" and n.target in LINEAR_OPS:
+            return n
+        todo.extend(n.all_input_nodes)
+    return None
+
+
+def _region_module(core: AttentionCore, path: str, mtype: str, projecting: set[str]) -> tuple[str, str]:
+    """The module a region of ``core`` covers: its attention module ``path``; or, when that module holds no
+    projection (a parameter-free core that another module calls with the queries, keys and values it
+    projected), the innermost module around it that also computes the query's projection, unless that module
+    is a block (an entry of a module list: its path ends in an index).
+
+    SANA-WM's ``blocks.0.attn`` projects q/k/v and calls the cores ``blocks.0.attn.attn`` and
+    ``blocks.0.attn.cam_attn``: both give ``blocks.0.attn``, whose output the block adds to its hidden state.
+    """
+    if path in projecting:
+        return path, mtype
+    projection = _query_projection(core.query)
+    if projection is None:
+        return path, mtype
+    shared = [entry for entry, other in zip(module_path(core.node), module_path(projection)) if entry == other]
+    if not shared or not path.startswith(shared[-1][0] + ".") or re.search(r"(?:^|\.)\d+$", shared[-1][0]):
+        return path, mtype
+    return shared[-1]
+
+
 def find_attention_cores(gm: fx.GraphModule, deps: dict) -> dict[str, tuple[AttentionCore, str]]:
     """The first attention core of every attention module, keyed by module path, with the module type.
 
     SDPA calls come first; a module without one is searched for two chained products of activations
-    (:func:`_product_core`).
+    (:func:`_product_core`). A parameter-free core is keyed by the module that projects its inputs
+    (:func:`_region_module`).
     """
+    projecting = _projecting_paths(gm)
     cores: dict[str, tuple[AttentionCore, str]] = {}
+    searched: set[str] = set()
     for n in gm.graph.nodes:
         if n.op == "call_function" and n.target in ATTENTION_OPS:
             path, mtype = _attention_module(n)
+            searched.add(path)
             q, k = n.args[0], n.args[1]
-            cores.setdefault(path, (AttentionCore(n, q, k, _shape_of(q), _shape_of(k), "sdpa"), mtype))
+            core = AttentionCore(n, q, k, _shape_of(q), _shape_of(k), "sdpa")
+            region, rtype = _region_module(core, path, mtype, projecting)
+            cores.setdefault(region, (core, rtype))
     for n in gm.graph.nodes:
         if n.op == "call_function" and n.target in PRODUCT_OPS and module_path(n):
             path, mtype = _attention_module(n)
-            if path in cores:
+            if path in searched:
                 continue
             core = _product_core(n, path, deps)
             if core is not None:
-                cores[path] = (core, mtype)
+                searched.add(path)
+                region, rtype = _region_module(core, path, mtype, projecting)
+                cores.setdefault(region, (core, rtype))
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     return dict(sorted(cores.items(), key=lambda kv: order[kv[1][0].node]))
 
@@ -366,6 +414,7 @@ def input_roles(captured: CapturedGraph, video: str) -> InputRoles:
 
     LTX-2 (video packed as ``(2, 48, 4)``, outputs ``(2, 48, 4)`` and ``(2, 6, 4)``): ``audio_hidden_states``
     ``(2, 6, 4)`` is a stream, ``encoder_hidden_states`` ``(2, 5, 16)`` text, ``timestep`` ``(2,)`` nothing.
+    SANA-WM's caption ``(2, 1, 5, 16)`` is text too (tokens with a singleton axis), read as ``(2, 5, 16)``.
     """
     outputs = _output_shapes(captured.gm)
     streams, text, features = {}, {}, {}
@@ -374,8 +423,9 @@ def input_roles(captured: CapturedGraph, video: str) -> InputRoles:
             continue
         if spec.shape in outputs:
             streams[name] = spec.shape
-        elif len(spec.shape) == 3:
-            text[name] = spec.shape
+        elif len(spec.shape) == 3 or set(spec.shape[1:-2]) == {1}:
+            # (B, 1, L, D): a token sequence with singleton axes (SANA's caption embedding), read as (B, L, D)
+            text[name] = (spec.shape[0], *spec.shape[-2:])
         else:
             features[name] = spec.shape
     vshape = captured.input_specs[captured.input_names.index(video)].shape
@@ -432,7 +482,38 @@ def _classify(core: AttentionCore, deps: dict, roles: InputRoles, path: str) -> 
         return "cross", f"keys/values are {lk} tokens of {k_src}, not of {video}"
     if core.heads_folded:
         return _by_name(path, f"its bmm query {core.query_shape} folds the heads into the batch")
-    return _video_kind(core.query_shape, roles.vshape, path)
+    q_shape = core.query_shape
+    whole = _batch_sliced_from(core.query)
+    if whole is not None and len(q_shape) <= 4 and q_shape[0] < roles.vshape[0]:
+        kind, reason = _video_kind((whole, *q_shape[1:]), roles.vshape, path)
+        return kind, f"{reason} (one attention call per slice of the batch: queries sliced from batch {whole})"
+    return _video_kind(q_shape, roles.vshape, path)
+
+
+def _batch_sliced_from(query: fx.Node) -> int | None:
+    """The batch a query was sliced from when the attention runs once per slice of the batch, else None.
+
+    Mochi loops over the samples: ``cat([q[i:i+1], text_q[i:i+1, :, valid]], dim=2)`` queries one sample of
+    the batch of 2, so its query batch 1 stands for 2 samples of one sequence each. The walk goes back through
+    concatenations and slices along other axes, token selections and casts, to a slice of axis 0.
+    """
+    todo, seen = [query], set()
+    while todo:
+        n = todo.pop()
+        if n in seen or n.op != "call_function":
+            continue
+        seen.add(n)
+        if n.target == aten.slice.Tensor:
+            if int(n.args[1] if len(n.args) > 1 else 0) % n.args[0].meta["val"].dim() == 0:
+                return int(n.args[0].meta["val"].shape[0])
+            todo.append(n.args[0])
+        elif n.target == aten.cat.default and int(n.args[1] if len(n.args) > 1 else 0) % n.meta["val"].dim():
+            todo.extend(n.args[0])
+        elif n.target == aten.index.Tensor and n.args[1] and n.args[1][0] is None:
+            todo.append(n.args[0])
+        elif n.target in {aten.to.dtype, aten._to_copy.default, aten.contiguous.default, aten.clone.default}:
+            todo.append(n.args[0])
+    return None
 
 
 def _video_kind(q: tuple, vshape: tuple, path: str) -> tuple[str, str]:

@@ -401,7 +401,8 @@ _MOCHI_KINDS = {
                                   "(F.scaled_dot_product_attention with the padding mask)"),
     **_blocks("transformer_blocks", 2, {
         "attn1": ("joint", "MochiAttnProcessor2_0: per sample, cat(video q/k/v, valid text q/k/v) into one "
-                           "sequence, one SDPA per sample"),
+                           "sequence, one SDPA per sample (`for idx in range(batch_size)`, query[idx : idx + 1]): "
+                           "each call's batch 1 is one sample, all its video tokens in one sequence"),
         "ff": ("mlp", "video feed-forward (swiglu)"),
     }),
     "transformer_blocks.0.ff_context": ("mlp", "text stream feed-forward (absent in the last block: "
@@ -688,10 +689,7 @@ CASES: list[ZooCase] = [
                   "tokens, and a separate per-sample audio_timestep (B,). " + _LTX2_NOTES),
     ZooCase("ltx2.3", "LTX2VideoTransformer3DModel", _ltx2_build("split", v23=True), _ltx2_kwargs("split", True),
             _LTX2_KINDS, notes=_LTX23_NOTES),
-    ZooCase("mochi", "MochiTransformer3DModel", _mochi, _mochi_kwargs, _MOCHI_KINDS, notes=_MOCHI_NOTES,
-            # Mochi's processor loops over the samples (one SDPA of batch 1 per sample, after dropping padded
-            # text tokens): the graph cannot show the kind, graphpass asks for it and is told
-            extra={"kinds_override": {"transformer_blocks.*.attn1": "joint"}}),
+    ZooCase("mochi", "MochiTransformer3DModel", _mochi, _mochi_kwargs, _MOCHI_KINDS, notes=_MOCHI_NOTES),
     ZooCase("kandinsky5", "Kandinsky5Transformer3DModel", _kandinsky5, _kandinsky5_kwargs, _K5_KINDS,
             notes=_K5_NOTES, extra=dict(_K5_CHAIN, adacache_rtol=(
                 1e-4, "eager itself turns a 2e-7 relative change of its input into 6e-5 over the 10-step loop "

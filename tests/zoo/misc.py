@@ -628,18 +628,20 @@ def _sana_wm_kwargs() -> dict[str, Any]:
 
 SANA_WM = ZooCase(
     name="sana-wm", cls="SanaWMTransformer3DModel", build=_seeded(_sana_wm), kwargs=_sana_wm_kwargs,
-    extra={"tags_differ": "graphpass finds the softmax and camera attention cores inside blocks.N.attn as two "
-                          "regions (blocks.N.attn.attn, .cam_attn) and misses the gated-delta linear attention of "
-                          "blocks.0.attn; cross_attn reads the text through the camera-conditioned path (other)"},
     kinds={
         "blocks.0.attn": ("joint", "BidirectionalGDNUCPESinglePathLiteLA: LINEAR (ReLU kernel, gated delta rule, "
                                    "non-softmax) attention; the D x D state sums k v^T over all spatial tokens of a "
                                    "frame and is scanned over frames both ways, so every token sees every frame; "
-                                   "a second camera (UCPE) branch runs the same recurrence"),
+                                   "a second camera (UCPE) branch runs the same recurrence. The attention "
+                                   "module is blocks.0.attn: it projects q/k/v and calls the parameter-free cores "
+                                   "attn (SanaWMBidirectionalGDNAttention) and cam_attn, then gates and projects "
+                                   "their sum; its output is what the block adds to the hidden state"),
         "blocks.1.attn": ("joint", "_SoftmaxUCPESinglePathLiteLA (every softmax_every_n-th block): softmax "
-                                   "self-attention over all T*H*W tokens plus the UCPE camera branch"),
+                                   "self-attention over all T*H*W tokens plus the UCPE camera branch, computed by "
+                                   "the parameter-free cores attn / cam_attn it calls (as blocks.0.attn)"),
         **_per_layer(2, "blocks", {
-            "cross_attn": ("cross", "MultiHeadCrossAttention: queries video tokens, keys/values the caption"),
+            "cross_attn": ("cross", "MultiHeadCrossAttention: queries video tokens, keys/values the caption "
+                                    "(encoder_hidden_states (B, 1, L, D): tokens with a singleton axis)"),
             "mlp": ("mlp", "GLUMBConvTemp: conv feed-forward with a temporal conv (mixes neighbouring frames)"),
         }),
     },
