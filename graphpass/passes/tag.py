@@ -409,6 +409,33 @@ def _output_shapes(gm: fx.GraphModule) -> set[tuple[int, ...]]:
     return {_shape_of(n) for n in out.all_input_nodes if isinstance(n.meta.get("val"), torch.Tensor)}
 
 
+#: Ops that pass an input's values on unchanged (re-layouts, casts), between an input and its projection.
+_PASS_ON = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.squeeze.dim,
+            aten.squeeze.dims, aten.unsqueeze.default, aten.permute.default, aten.transpose.int,
+            aten.contiguous.default, aten.clone.default, aten.to.dtype, aten._to_copy.default,
+            aten.flatten.using_ints, aten.slice.Tensor, aten.select.int}
+
+
+def _projected(gm: fx.GraphModule, name: str) -> bool:
+    """Whether the input ``name`` reaches, unchanged but for re-layouts and casts, the data operand of a
+    projection (a linear op): token embeddings do (a caption projection), coordinates and masks do not."""
+    todo = [n for n in gm.graph.nodes if n.op == "placeholder" and n.name == name]
+    seen = set()
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        for u in n.users:
+            if u.op != "call_function":
+                continue
+            if u.target in LINEAR_OPS and u.args[0] is n:
+                return True
+            if u.target in _PASS_ON and u.args[0] is n:
+                todo.append(u)
+    return False
+
+
 def input_roles(captured: CapturedGraph, video: str) -> InputRoles:
     """Roles of the capture's inputs besides ``video``, from their shapes and the outputs' shapes.
 
@@ -423,8 +450,9 @@ def input_roles(captured: CapturedGraph, video: str) -> InputRoles:
             continue
         if spec.shape in outputs:
             streams[name] = spec.shape
-        elif len(spec.shape) == 3 or set(spec.shape[1:-2]) == {1}:
-            # (B, 1, L, D): a token sequence with singleton axes (SANA's caption embedding), read as (B, L, D)
+        elif len(spec.shape) == 3 or (set(spec.shape[1:-2]) == {1} and _projected(captured.gm, name)):
+            # (B, 1, L, D) read by a projection: token embeddings with singleton axes (SANA's caption), read
+            # as (B, L, D); LTX-2's audio coordinates (B, 1, N, 2) only feed rotary tables: features
             text[name] = (spec.shape[0], *spec.shape[-2:])
         else:
             features[name] = spec.shape

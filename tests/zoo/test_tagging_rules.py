@@ -5,7 +5,8 @@ from the code (the zoo tests check the real models):
   queries are sliced from: one sequence of all a sample's video tokens is ``joint``;
 * a parameter-free attention core (a module that only computes ``softmax(q k^T) v`` on what its caller
   projected) gives its region to the module that projects the queries, unless that module is a block;
-* a ``(B, 1, L, D)`` caption is text: an attention reading it is ``cross``.
+* a ``(B, 1, L, D)`` caption is text (an attention reading it is ``cross``), a ``(B, 1, N, 2)`` input that no
+  projection reads (coordinates) is not.
 
     cd <repo> && python -m pytest tests/zoo/test_tagging_rules.py -q -n 0
 """
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from graphpass.passes.capture import capture
-from graphpass.passes.tag import tag_attention
+from graphpass.passes.tag import input_roles, tag_attention
 
 torch.set_num_threads(1)
 
@@ -141,3 +142,26 @@ def test_a_caption_with_a_singleton_axis_is_text():
     caption = torch.randn(B, 1, L, D, generator=torch.Generator().manual_seed(1))
     tags = _tags(Tiny([Block(CaptionCross())]), caption=caption)
     assert tags == {"blocks.0.attn": "cross"}
+
+
+class CaptionAndCoords(nn.Module):
+    """A caption (B, 1, L, D) projected to keys/values, and positions (B, 1, N, 2) that only scale the queries
+    through a sine table (as LTX-2's audio coordinates feed its rotary embedding)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.cross = nn.Linear(C, D), CaptionCross()
+
+    def forward(self, hidden_states, caption, coords):
+        h = self.embed(_tokens(hidden_states))
+        h = h * torch.sin(coords.squeeze(1)).sum(-1, keepdim=True)
+        return h + self.cross(h, caption)
+
+
+def test_singleton_axis_inputs_are_text_only_when_projected():
+    g = torch.Generator().manual_seed(2)
+    kwargs = {"hidden_states": _video(), "caption": torch.randn(B, 1, L, D, generator=g),
+              "coords": torch.randn(B, 1, TOKENS, 2, generator=g)}
+    roles = input_roles(capture(CaptionAndCoords().eval(), kwargs), "hidden_states")
+    assert roles.text == {"caption": (B, L, D)}
+    assert roles.features == {"coords": (B, 1, TOKENS, 2)}
