@@ -11,9 +11,14 @@ Attention is found from ops and data flow, in three forms (the first of a module
 * ``linear``   the same chain without a softmax: ``Q (K^T V)`` with a kernel feature map and a normaliser
   (Sana's ``(V K^T) Q``); the first product sums over the key tokens, the queries enter at the second.
 
+A region covers the core's attention module: the innermost enclosing module whose class is named like one,
+or, when that module holds no projection (SANA-WM's parameter-free ``blocks.0.attn.attn``), the module that
+projects the core's queries (``blocks.0.attn``).
+
 Kinds come from graph structure, not names. The graph inputs get roles from their shapes (see
 :class:`InputRoles`): the video; *streams* denoised alongside it (an input shaped like an output: LTX-2's
-audio); *text* (other ``(batch, tokens, width)`` inputs); *features* (other inputs of rank >= 4). An operand
+audio); *text* (other ``(batch, tokens, width)`` inputs, and ``(batch, 1, tokens, width)`` ones that a projection
+reads); *features* (other inputs of rank >= 4). An operand
 of the core holds the tokens of the inputs it depends on, narrowed by its token count when that is one
 input's (:func:`token_roles`: the text positions of a single-stream block are text although joint attention
 mixed video into them). Then, with a query of shape ``(B*G, heads, L, d)`` for a video batch ``B``:
@@ -26,9 +31,10 @@ mixed video into them). Then, with a query of shape ``(B*G, heads, L, d)`` for a
 * ``temporal`` the sequence is the frames (L is a frame-count candidate) and G*p*p == H*W for an integer p;
 * ``spatial``  the batch groups frames (G is a frame-count candidate) and L*p*p == H*W.
 
-Frame-count candidates are dims 1 and 2 of a 5-D video input (B, C, F, H, W) or (B, F, C, H, W). When the
-structure is ambiguous the module name decides, and users can force kinds by module-path glob pattern (a
-pattern that matches no region is an error)::
+An attention run once per slice of the batch (Mochi loops over the samples: ``sdpa(q[i:i+1], ...)``) is read
+with the batch its queries were sliced from. Frame-count candidates are dims 1 and 2 of a 5-D video input
+(B, C, F, H, W) or (B, F, C, H, W). When the structure is ambiguous the module name decides, and users can
+force kinds by module-path glob pattern (a pattern that matches no region is an error)::
 
     >>> regions = tag_attention(captured, kinds={"temporal_transformer_blocks.*.attn1": "temporal"})
     >>> [(r.path, r.kind) for r in regions][:2]
