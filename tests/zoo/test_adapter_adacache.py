@@ -17,6 +17,7 @@ outputs within 1e-5 relative over a 10-step loop; its always-compute sequence eq
 """
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass
 import pytest
@@ -164,6 +165,7 @@ def _reference_outputs(name: str, decisions: str) -> list[torch.Tensor]:
     return loop(case, call, case.kwargs(), STEPS_10)
 
 
+@functools.lru_cache(maxsize=None)  # shared by the tests of a case; they do not modify the outputs
 def _graphpass_outputs(name: str, decisions: str) -> list[torch.Tensor]:
     case = ZOO[name]
     model, cap, regions = captured(name)
@@ -172,6 +174,7 @@ def _graphpass_outputs(name: str, decisions: str) -> list[torch.Tensor]:
     return loop(case, opt, case.kwargs(), STEPS_10)
 
 
+@functools.lru_cache(maxsize=None)
 def _eager(name: str) -> list[torch.Tensor]:
     case = ZOO[name]
     return loop(case, case.build(), case.kwargs(), STEPS_10)
