@@ -20,7 +20,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE.parent)]  # tests/: the zoo package and the references
+# the checkout's graphpass (not an installed one) and tests/: the zoo package and the references
+sys.path[:0] = [str(HERE.parent.parent), str(HERE.parent)]
 
 import torch  # noqa: E402
 
