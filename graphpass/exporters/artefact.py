@@ -13,6 +13,7 @@ that does not raises :class:`~graphpass.errors.ArtefactError` saying which step 
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -181,7 +182,11 @@ def load(folder: str | Path, backend: str | None = None, *, providers: Sequence[
             make = trt_runner_factory(folder, manifest)
         model = ArtefactModel(folder, manifest, backend, make)
         if warmup and backend == "onnxruntime":
-            make.warm_up(model.specs)
+            skipped = make.warm_up(model.specs)
+            if skipped:
+                warnings.warn(f"graphpass.load({folder}): phase(s) {sorted(skipped)} were built but not run at load "
+                              f"(zero inputs are not a call this model takes: {next(iter(skipped.values()))}); "
+                              f"their first call finishes the warm-up", stacklevel=2)
         return model
     except (KeyError, TypeError, ValueError) as e:
         raise ArtefactError(f"{folder / 'manifest.json'} is incomplete or malformed ({type(e).__name__}: {e}); "
