@@ -26,7 +26,7 @@ def exported(tmp_path_factory):
     model, kw = tiny("wan")
     opt = graphpass.optimize(model, SCHEDULE, example_kwargs=kw, timesteps=TS)
     ref = loop(graphpass_caller(opt), kw)
-    folder = graphpass.export(opt, tmp_path_factory.mktemp("taylor") / "artefact", example_kwargs=kw)
+    folder = graphpass.export(opt, tmp_path_factory.mktemp("taylor") / "artefact", verify=False)  # the tests compare
     return opt, kw, ref, folder
 
 
@@ -100,7 +100,7 @@ def test_separate_cond_uncond_contexts_replay_their_own_gaps(tmp_path):
     opt = graphpass.optimize(model, SCHEDULE, example_kwargs=one, timesteps=TS)
     contexts = {"cond": slice(0, 1), "uncond": slice(1, 2)}
     ref = loop(graphpass_caller(opt), kw, contexts)
-    loaded = graphpass.load(graphpass.export(opt, tmp_path / "artefact", example_kwargs=one), threads=1)
+    loaded = graphpass.load(graphpass.export(opt, tmp_path / "artefact", verify=False), threads=1)
     ours = loop(graphpass_caller(loaded), kw, contexts)
     assert all(loaded.decisions(c) == opt.decisions(c) == "CCRCRRRCRRRCRR" for c in contexts)
     assert max(float((a - b).abs().max()) for a, b in zip(ours, ref)) < 1e-4

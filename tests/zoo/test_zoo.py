@@ -37,9 +37,9 @@ def test_never_reusing_schedule_is_bit_identical(name):
     model, cap, regions = captured(name)
     kind = next(iter(attention_kinds(case).values()))
     opt = OptimizedModel(model, cap, regions, PAB(**{kind: 2}, window=(2000, 3000)))
-    eager = eager_loop(name, SHORT)
-    got = loop(case, opt, case.kwargs(), SHORT)
-    assert all(torch.equal(a, b) for a, b in zip(got, eager))
+    # the loop is sequential: the first steps of the shared 10-step eager run are a 5-step eager run
+    got = loop(case, opt, case.kwargs(), SHORT[:5])
+    assert len(got) == 5 and all(torch.equal(a, b) for a, b in zip(got, eager_loop(name, SHORT)))
 
 
 @pytest.mark.parametrize("name", SUPPORTED)
