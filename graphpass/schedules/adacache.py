@@ -42,7 +42,8 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Sequence
 
 from ..errors import ScheduleError
-from .base import Action, Phase, Plan, RegionRef, Schedule, parse_decisions, schedule_from_json  # noqa: F401 (doctest)
+from .base import (Action, Phase, Plan, RegionRef, ReplaysDecisions, Schedule, parse_decisions,  # noqa: F401
+                   schedule_from_json)  # (doctest)
 
 #: Published codebooks (distance upper bound -> steps until the next compute).
 CODEBOOKS: dict[str, dict[float, int]] = {
@@ -332,7 +333,7 @@ class AdaCache(ResidualSchedule):
 
 
 @dataclass
-class FrozenAdaCache(ResidualSchedule):
+class FrozenAdaCache(ReplaysDecisions, ResidualSchedule):
     """A static residual-caching schedule: an explicit compute ('C') or reuse ('R') per model call, e.g. the
     decisions of an adaptive run, replayed like PAB (no metric, no host sync). Calls past the end compute.
 
@@ -356,12 +357,6 @@ class FrozenAdaCache(ResidualSchedule):
     @property
     def computed_steps(self) -> int:
         return self.decisions.count("C")
-
-    def reuses(self, region: RegionRef, t: float, counter: int) -> bool:
-        return counter < len(self.decisions) and self.decisions[counter] == "R"
-
-    def may_reuse_next(self, region: RegionRef, t: float, counter: int) -> bool:
-        return self.reuses(region, t, counter + 1)
 
     def to_dict(self) -> dict[str, Any]:
         return {"decisions": self.decisions, "cache_unit": self.cache_unit}

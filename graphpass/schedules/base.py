@@ -243,6 +243,26 @@ def _read_schedule_file(p: Path) -> str:
         raise ScheduleError(f"cannot read schedule file {p} ({e.strerror}); check the path and its permissions") from None
 
 
+class ReplaysDecisions:
+    """For a schedule whose ``decisions`` attribute holds one ``"C"`` (compute) or ``"R"`` (reuse) per model call
+    of a generation (a frozen run, or a table decided from the config): the call numbered ``counter`` reuses when
+    its letter is ``"R"``; calls past the end compute. Put it before the schedule's base class.
+
+    >>> class Replay(ReplaysDecisions):
+    ...     decisions = "CRC"
+    >>> [Replay().reuses(None, 0.0, i) for i in range(4)]
+    [False, True, False, False]
+    """
+
+    decisions: str
+
+    def reuses(self, region: RegionRef, t: float, counter: int) -> bool:
+        return counter < len(self.decisions) and self.decisions[counter] == "R"
+
+    def may_reuse_next(self, region: RegionRef, t: float, counter: int) -> bool:
+        return self.reuses(region, t, counter + 1)
+
+
 def parse_decisions(decisions) -> str:
     """A replayed run's decisions as text: one ``"C"`` (compute) or ``"R"`` (reuse) per model call, from a string
     or a sequence of booleans (True: compute) or letters; the first must compute (nothing is cached yet).

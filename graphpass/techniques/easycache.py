@@ -47,7 +47,8 @@ from ..passes.specialize import PhaseGraph
 from ..passes.tag import Region, _pick_video_input
 from ..passes.transform_rate import (KEYS, MODEL_REGION, TransformPhase, accumulate, model_io, specialize_frozen_phase,
                                      specialize_transform_phase)
-from ..schedules.base import Phase, Plan, RegionRef, Schedule, parse_decisions, schedule_from_json  # noqa: F401 (doctest)
+from ..schedules.base import (Phase, Plan, RegionRef, ReplaysDecisions, Schedule, parse_decisions,  # noqa: F401
+                               schedule_from_json)  # (doctest)
 from .base import Decision, Export, StepCall, StepPolicy, Target, Technique, static_plan
 from .registry import register
 
@@ -136,7 +137,7 @@ class EasyCache(_EasyCacheBase):
 
 
 @dataclass
-class FrozenEasyCache(_EasyCacheBase):
+class FrozenEasyCache(ReplaysDecisions, _EasyCacheBase):
     """EasyCache's decisions replayed: ``"C"`` (compute) or ``"R"`` (reuse ``x + D``) per call; calls past
     the end compute. No statistics, no host read.
 
@@ -150,12 +151,6 @@ class FrozenEasyCache(_EasyCacheBase):
 
     def __post_init__(self):
         self.decisions = parse_decisions(self.decisions)
-
-    def reuses(self, region: RegionRef, t: float, counter: int) -> bool:
-        return counter < len(self.decisions) and self.decisions[counter] == "R"
-
-    def may_reuse_next(self, region: RegionRef, t: float, counter: int) -> bool:
-        return self.reuses(region, t, counter + 1)
 
     def to_dict(self) -> dict[str, Any]:
         return {"decisions": self.decisions}

@@ -37,7 +37,7 @@ from ..errors import ScheduleError
 from ..passes.capture import CapturedGraph
 from .base import StaticPlan, StepPolicy
 from .stepcache import CalibrationPolicy, FrozenStepCache, StepCacheSchedule, StepCacheTarget, step_cache_technique
-from ..schedules.base import RegionRef, schedule_from_json  # noqa: F401 (doctest)
+from ..schedules.base import RegionRef, ReplaysDecisions, schedule_from_json  # noqa: F401 (doctest)
 from .first_block_cache import check_threshold
 
 #: diffusers' ``FLUX_MAG_RATIOS`` (FLUX.1-dev, 28 steps; the same as MagCache4FLUX).
@@ -107,7 +107,7 @@ def magcache_decisions(ratios: Sequence[float], threshold: float, max_skip_steps
 
 
 @dataclass
-class MagCache(StepCacheSchedule):
+class MagCache(ReplaysDecisions, StepCacheSchedule):
     """MagCache: reuse the chain's residual while the accumulated magnitude-ratio error stays small.
 
     Fields (diffusers ``MagCacheConfig``):
@@ -177,13 +177,6 @@ class MagCache(StepCacheSchedule):
     @property
     def probe(self) -> str:
         return "ratio" if self.calibrate else "none"
-
-    # --- decisions: a table ----------------------------------------------------------------------
-    def reuses(self, region: RegionRef, t: float, counter: int) -> bool:
-        return counter < len(self.decisions) and self.decisions[counter] == "R"
-
-    def may_reuse_next(self, region: RegionRef, t: float, counter: int) -> bool:
-        return self.reuses(region, t, counter + 1)
 
     def freeze(self, decisions: str | None = None) -> "FrozenMagCache":
         """The decisions (by default the table's) as a :class:`FrozenMagCache`. MagCache's own plan is

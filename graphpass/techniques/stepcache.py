@@ -38,7 +38,7 @@ from ..passes.residuals import ProbeSite, StepCachePhase, boundary_key, find_blo
 from ..passes.specialize import PhaseGraph
 from ..passes.tag import Region
 from ..schedules.adacache import ResidualSchedule
-from ..schedules.base import Action, Phase, Plan, RegionRef, Schedule, parse_decisions
+from ..schedules.base import Action, Phase, Plan, RegionRef, ReplaysDecisions, Schedule, parse_decisions
 from .base import Decision, Export, Probe, StepCall, StepPolicy, Technique, static_plan
 from .registry import register
 from .residual import SpanTarget
@@ -119,7 +119,7 @@ class StepCacheSchedule(ResidualSchedule):
 
 
 @dataclass
-class FrozenStepCache(StepCacheSchedule):
+class FrozenStepCache(ReplaysDecisions, StepCacheSchedule):
     """Base of a step cache's static form: one ``"C"`` (compute; keep the residual when a reuse follows) or
     ``"R"`` (reuse) per model call of a generation, the first ``"C"``; calls past the end compute. No probe,
     no host read; exports to ONNX. Subclasses set ``type_name`` and the technique's class attributes.
@@ -132,12 +132,6 @@ class FrozenStepCache(StepCacheSchedule):
 
     def __post_init__(self):
         self.decisions = parse_decisions(self.decisions)
-
-    def reuses(self, region: RegionRef, t: float, counter: int) -> bool:
-        return counter < len(self.decisions) and self.decisions[counter] == "R"
-
-    def may_reuse_next(self, region: RegionRef, t: float, counter: int) -> bool:
-        return self.reuses(region, t, counter + 1)
 
     def freeze(self, decisions) -> "FrozenStepCache":
         return type(self)(decisions)
