@@ -82,3 +82,17 @@ class HostReads:
                 return _orig(t, *a, **k)
 
             monkeypatch.setattr(torch.Tensor, n, counted)
+
+
+def reads_per_call(opt, kw, monkeypatch) -> list[int]:
+    """Host reads (:class:`HostReads`) of each call of one batched loop over :data:`TS`, feeding
+    ``x - 0.1 * eps`` back."""
+    reads = HostReads(monkeypatch)
+    calls, x = [], kw["hidden_states"]
+    with torch.no_grad():
+        for t in TS:
+            before = reads.count
+            x = x - 0.1 * opt(**dict(kw, hidden_states=x, timestep=torch.full((2,), int(t))))[0]
+            calls.append(reads.count - before)
+    monkeypatch.undo()
+    return calls

@@ -13,7 +13,7 @@ import graphpass
 from graphpass import ScheduleError, schedule_from_json
 from graphpass.eval.harness import ComputeAll
 from graphpass.techniques.easycache import EasyCache, FrozenEasyCache
-from technique_loops import TS, HostReads, graphpass_caller, loop, rel_err, tiny
+from technique_loops import TS, graphpass_caller, loop, reads_per_call, rel_err, tiny
 
 torch.set_num_threads(1)
 
@@ -100,26 +100,14 @@ def test_separate_cond_uncond_contexts_equal_reference(name):
         assert opt.decisions(c) == ref.decisions[c] and "R" in ref.decisions[c]
 
 
-def _reads_per_call(opt, kw, monkeypatch) -> list[int]:
-    reads = HostReads(monkeypatch)
-    calls, x = [], kw["hidden_states"]
-    with torch.no_grad():
-        for t in TS:
-            before = reads.count
-            x = x - 0.1 * opt(**dict(kw, hidden_states=x, timestep=torch.full((2,), int(t))))[0]
-            calls.append(reads.count - before)
-    monkeypatch.undo()
-    return calls
-
-
 def test_host_reads_and_frozen_replay(monkeypatch):
     """Reads beyond those of every graphpass call (the timestep's): one on each call that tests the error
     (the rule needs that call's input change), none on forced calls; the frozen replay reads none and gives
     the same outputs."""
     model, kw = tiny("wan")
-    base = _reads_per_call(graphpass.optimize(model, ComputeAll(), example_kwargs=kw, timesteps=TS), kw, monkeypatch)
+    base = reads_per_call(graphpass.optimize(model, ComputeAll(), example_kwargs=kw, timesteps=TS), kw, monkeypatch)
     opt = graphpass.optimize(model, EasyCache(threshold=0.5, warmup_steps=3), example_kwargs=kw, timesteps=TS)
-    extra = [a - b for a, b in zip(_reads_per_call(opt, kw, monkeypatch), base)]
+    extra = [a - b for a, b in zip(reads_per_call(opt, kw, monkeypatch), base)]
     d = opt.decisions()
     assert d == "CCCRRRCRRRRCRC"
     tested = [i for i in range(len(TS)) if 3 <= i < len(TS) - 1]  # after warm-up, before the forced last call
@@ -129,7 +117,7 @@ def test_host_reads_and_frozen_replay(monkeypatch):
     frozen = opt.freeze()
     assert frozen == FrozenEasyCache(d) and schedule_from_json(frozen.to_json()) == frozen
     rep = graphpass.optimize(model, frozen, example_kwargs=kw, timesteps=TS)
-    assert _reads_per_call(rep, kw, monkeypatch) == base and rep.metric_reads == 0
+    assert reads_per_call(rep, kw, monkeypatch) == base and rep.metric_reads == 0
     ours = loop(graphpass_caller(rep), kw)
     adaptive = graphpass.optimize(model, EasyCache(threshold=0.5, warmup_steps=3), example_kwargs=kw, timesteps=TS)
     assert rel_err(ours, loop(graphpass_caller(adaptive), kw)) < 1e-6

@@ -11,7 +11,7 @@ import torch
 import graphpass
 from graphpass import ScheduleError, schedule_from_json
 from graphpass.techniques.taylorseer import TaylorSeer
-from technique_loops import TS, HostReads, graphpass_caller, loop, rel_err, tiny
+from technique_loops import TS, graphpass_caller, loop, reads_per_call, rel_err, tiny
 
 torch.set_num_threads(1)
 
@@ -93,19 +93,6 @@ def test_separate_cond_uncond_contexts_equal_diffusers_hook(name, config, expect
         assert opt.decisions(c) == hook.decisions[c] == expected
 
 
-def _reads_per_call(opt, kw, monkeypatch) -> list[int]:
-    reads = HostReads(monkeypatch)
-    calls = []
-    x = kw["hidden_states"]
-    with torch.no_grad():
-        for t in TS:
-            before = reads.count
-            x = x - 0.1 * opt(**dict(kw, hidden_states=x, timestep=torch.full((2,), int(t))))[0]
-            calls.append(reads.count - before)
-    monkeypatch.undo()
-    return calls
-
-
 def test_no_value_read_back_from_the_device(monkeypatch):
     """TaylorSeer decides from the call counter: it adds no read to the ones every graphpass call makes (the
     timestep's value, which picks the generation), on computed and predicted calls alike."""
@@ -114,8 +101,8 @@ def test_no_value_read_back_from_the_device(monkeypatch):
     model, kw = tiny("wan")
     opt = graphpass.optimize(model, TaylorSeer.preset("attention", taylor_factors_dtype="float32"),
                              example_kwargs=kw, timesteps=TS)
-    ours = _reads_per_call(opt, kw, monkeypatch)
-    plain = _reads_per_call(graphpass.optimize(model, ComputeAll(), example_kwargs=kw, timesteps=TS), kw, monkeypatch)
+    ours = reads_per_call(opt, kw, monkeypatch)
+    plain = reads_per_call(graphpass.optimize(model, ComputeAll(), example_kwargs=kw, timesteps=TS), kw, monkeypatch)
     assert ours == plain and len(set(plain)) == 1
     assert opt.decisions() == "CCCRCRRRRCRRRR" and opt.metric_reads == 0
     # one graph per phase kind, whatever the gap (2 updates seeding the factors, the steady update, predict)
