@@ -25,7 +25,8 @@ Public API::
 """
 from .api import optimize
 from .pipelines import optimize_pipeline
-from .errors import ArtefactError, CaptureError, GraphpassError, InputError, ParallelError, ScheduleError, TaggingError
+from .errors import (ArtefactError, CaptureError, GraphpassError, InputError, ParallelError, ScheduleError, TaggingError,
+                     UnloweredOpError)
 from .exporters import export, load
 from .runtime.cache import CacheStore
 from .runtime.executor import OptimizedModel
@@ -45,6 +46,7 @@ __all__ = [
     "MagCache", "FrozenMagCache", "TeaCache", "TaylorSeer", "EasyCache",
     "FrozenEasyCache", "Schedule", "Phase", "Plan", "Action", "schedule_from_json",
     "SequenceParallel", "export", "load",
-    "GraphpassError", "CaptureError", "TaggingError", "ScheduleError", "InputError", "ArtefactError", "ParallelError",
+    "GraphpassError", "CaptureError", "TaggingError", "ScheduleError", "InputError", "ArtefactError",
+    "UnloweredOpError", "ParallelError",
     "__version__",
 ]

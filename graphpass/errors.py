@@ -25,6 +25,11 @@ class ArtefactError(GraphpassError):
     """A saved artefact (weights, exported folder, manifest) is missing, corrupt or from another version."""
 
 
+class UnloweredOpError(ArtefactError):
+    """The model calls an op that the ONNX exporter has no lowering for (the message names the op and the module
+    calling it): no layout of the export can hold it."""
+
+
 class SearchError(ScheduleError):
     """No schedule in the search space meets the target on the seeds measured."""
 

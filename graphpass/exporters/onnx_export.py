@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Sequence
 
 import torch
 
-from ..errors import ArtefactError, GraphpassError, InputError
+from ..errors import ArtefactError, GraphpassError, InputError, UnloweredOpError
 from ..schedules.base import Action, Plan
 from .cond import SwitchGraph, build_switch_graph
 from .manifest import (MANIFEST_FORMAT, WEIGHTS_FILE, cache_tensor_name, dtype_name, feed_entry,
@@ -95,8 +95,10 @@ def to_onnx(module: torch.nn.Module, args: Sequence[torch.Tensor], input_names: 
                                      output_names=output_names, opset_version=opset, optimize=True, verbose=False,
                                      external_data=False)
         except Exception as e:
+            unlowered = unlowered_op_error(module, e)  # name the op and its module when one does not lower
+            if unlowered:
+                raise UnloweredOpError(f"torch.onnx.export failed on {type(module).__name__}: {unlowered}") from e
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            first = unlowered_op_error(module, e) or first  # name the op and its module when one does not lower
             raise ArtefactError(f"torch.onnx.export failed on {type(module).__name__}: {first}") from e
     proto = prog.model_proto
     _strip_node_metadata(proto.graph)
@@ -327,7 +329,9 @@ def export_onnx(opt: "OptimizedModel", folder: str | Path, *, timesteps: Sequenc
         try:
             single = _switch_export(opt, plan, inputs, user_names, opset)
         except GraphpassError as e:
-            if single_file:
+            # An op without a lowering is in some phase too (the single file holds every phase's ops): retrying
+            # per phase would fail on it again, after as many exports as the plan has phases.
+            if single_file or isinstance(e, UnloweredOpError):
                 raise
             warnings.warn(f"graphpass: {opt.captured.model_type} cannot be exported as one graph ({e}); exported one "
                           f"file per phase instead (single_file=False asks for that layout, True makes this an error)",
