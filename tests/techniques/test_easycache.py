@@ -137,7 +137,7 @@ def test_frozen_form_exports_to_onnx_and_runs_in_onnxruntime(tmp_path):
     ref = loop(graphpass_caller(opt), kw)
     assert opt.decisions("cond_uncond") == frozen.decisions
     assert sorted(ph.label() for ph in opt.current_plan.distinct()) == ["compute-all", "reuse 1", "store 1"]
-    graphpass.export(opt, tmp_path / "easycache")
+    graphpass.export(opt, tmp_path / "easycache", verify=False)  # the loop below compares the artefact
     loaded = graphpass.load(tmp_path / "easycache")
     ours = loop(graphpass_caller(loaded), kw)
     assert max(float((a - b).abs().max()) for a, b in zip(ours, ref)) < 1e-4

@@ -21,24 +21,30 @@ SCHEDULE = TaylorSeer(cache_identifiers=[r"blocks\.\d+\.attn\d"], skip_predict_i
                       taylor_factors_dtype="float32", disable_cache_before_step=2, cache_interval=4, max_order=2)
 
 
+#: cond and uncond calls in their own cache contexts: each context's counter picks the step, so each is fed the
+#: gap of its own call (batched guidance is one context: the same mechanism with one counter)
+CONTEXTS = {"cond": slice(0, 1), "uncond": slice(1, 2)}
+
+
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     model, kw = tiny("wan")
-    opt = graphpass.optimize(model, SCHEDULE, example_kwargs=kw, timesteps=TS)
-    ref = loop(graphpass_caller(opt), kw)
+    one = {k: v[:1] if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
+    opt = graphpass.optimize(model, SCHEDULE, example_kwargs=one, timesteps=TS)
+    ref = loop(graphpass_caller(opt), kw, CONTEXTS)
     folder = graphpass.export(opt, tmp_path_factory.mktemp("taylor") / "artefact", verify=False)  # the tests compare
     return opt, kw, ref, folder
 
 
-def test_exported_loop_equals_eager_graphpass_taylorseer(exported):
+def test_exported_loop_replays_each_contexts_gaps_and_equals_eager_graphpass_taylorseer(exported):
     opt, kw, ref, folder = exported
     loaded = graphpass.load(folder, threads=1)
-    ours = loop(graphpass_caller(loaded), kw)
-    assert loaded.decisions("cond_uncond") == opt.decisions("cond_uncond") == "CCRCRRRCRRRCRR"
+    ours = loop(graphpass_caller(loaded), kw, CONTEXTS)
+    assert all(loaded.decisions(c) == opt.decisions(c) == "CCRCRRRCRRRCRR" for c in CONTEXTS)
     assert max(float((a - b).abs().max()) for a, b in zip(ours, ref)) < 1e-4
     # the comparison can fail: the same artefact fed a wrong gap at every predict call drifts away
     loaded._feeds = [{k: v + 1 for k, v in f.items()} for f in loaded._feeds]
-    wrong = loop(graphpass_caller(loaded), kw)
+    wrong = loop(graphpass_caller(loaded), kw, CONTEXTS)
     assert max(float((a - b).abs().max()) for a, b in zip(wrong, ref)) > 1e-3
 
 
@@ -47,7 +53,7 @@ def test_manifest_records_the_gap_of_every_call(exported):
     phases that read them."""
     opt, _, _, folder = exported
     manifest = json.loads((folder / "manifest.json").read_text())
-    decisions = opt.decisions("cond_uncond")
+    decisions = opt.decisions("cond")
     gaps, last = [], None
     for i, d in enumerate(decisions):
         gaps.append(None if last is None else i - last)
@@ -90,17 +96,3 @@ def test_single_file_layout_is_refused_with_the_fix(exported, tmp_path):
     with pytest.raises(ArtefactError, match=r"TaylorSeer's phases cache values of their own.*single_file=False"):
         graphpass.export(opt, tmp_path / "single", single_file=True, verify=False)
     assert not (tmp_path / "single").exists() or not any((tmp_path / "single").iterdir())
-
-
-def test_separate_cond_uncond_contexts_replay_their_own_gaps(tmp_path):
-    """Cond and uncond calls in their own cache contexts: each context's counter picks the step, so each is fed
-    the gap of its own call; the loaded artefact equals eager graphpass TaylorSeer in both."""
-    model, kw = tiny("wan")
-    one = {k: v[:1] if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
-    opt = graphpass.optimize(model, SCHEDULE, example_kwargs=one, timesteps=TS)
-    contexts = {"cond": slice(0, 1), "uncond": slice(1, 2)}
-    ref = loop(graphpass_caller(opt), kw, contexts)
-    loaded = graphpass.load(graphpass.export(opt, tmp_path / "artefact", verify=False), threads=1)
-    ours = loop(graphpass_caller(loaded), kw, contexts)
-    assert all(loaded.decisions(c) == opt.decisions(c) == "CCRCRRRCRRRCRR" for c in contexts)
-    assert max(float((a - b).abs().max()) for a, b in zip(ours, ref)) < 1e-4
