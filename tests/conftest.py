@@ -183,8 +183,9 @@ def cogvideox_tiny() -> tuple[torch.nn.Module, Callable[[], dict[str, Any]]]:
 
 
 #: Directories whose test modules share captures through a process-wide cache (``functools.lru_cache`` in
-#: their helpers): all their tests go to one xdist worker, so each capture is made once.
-_SHARED_CAPTURE_DIRS = ("techniques", "adacache")
+#: their helpers): all their tests go to one xdist worker, so each capture is made once. tests/parallel's
+#: spawned modules read one spawn's results (``_launch.launch_once``), and its spawns share one forkserver.
+_SHARED_CAPTURE_DIRS = ("techniques", "adacache", "parallel")
 
 
 def _xdist_group(item: pytest.Item) -> str:

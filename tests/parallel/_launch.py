@@ -9,10 +9,15 @@ the test fails instead of blocking.
 The ranks are forked from this process when it runs no other thread (they inherit its imports: torch,
 diffusers and graphpass are not imported again, and set_num_threads(1) keeps OpenMP out of the children);
 otherwise from a clean server process that imports ``preload`` once (``forkserver``).
+
+``launch_once(fn, ...)`` is ``launch`` whose per-rank dicts are kept for the life of the process: the test
+modules that read parts of one spawn's results (tests/parallel/_workers.py: ``parallel_checks``) pay for one
+spawn between them (their tests share one xdist group, tests/conftest.py).
 """
 from __future__ import annotations
 
 import datetime
+import functools
 import os
 import socket
 import sys
@@ -67,6 +72,12 @@ def launch(fn, world_size: int = 2, timeout: float = 120.0, preload: tuple[str, 
                 if p.is_alive():
                     p.kill()
         return [torch.load(Path(folder) / f"rank{r}.pt", weights_only=False) for r in range(world_size)]
+
+
+@functools.cache
+def launch_once(fn, world_size: int = 2, timeout: float = 120.0, preload: tuple[str, ...] = ()) -> list[dict]:
+    """:func:`launch`, once per process for the same arguments; callers must not change the dicts."""
+    return launch(fn, world_size=world_size, timeout=timeout, preload=preload)
 
 
 def launch_allowing_exits(fn, world_size: int = 2, timeout: float = 120.0,

@@ -12,9 +12,13 @@ dict of measurements that the tests check in the parent process.
   45 tokens), CogVideoX (text tokens before the video; also with rotary embeddings written in place into
   the video part of q and k), HunyuanVideo (text after it, padded text masked) and VDT (forced Ulysses): outputs with and without PAB against single-process runs, collectives counted
   per call against the phase graphs, what each rank caches.
+* :func:`parallel_checks`: every check above but the rank deaths, and the residual-caching, pipeline and
+  Inductor checks, in one spawn: each model is captured once per rank (:func:`optimize_shared`) and each
+  reference run made once.
 """
 from __future__ import annotations
 
+import functools
 import math
 import sys
 import time
@@ -36,6 +40,7 @@ from reference_pab import ReferencePAB
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "adacache"))
 sys.path.insert(0, str(Path(__file__).parent.parent / "pipelines"))
+from _launch import launch_once  # noqa: E402
 from adacache_helpers import run_reference  # noqa: E402
 from tiny_pipelines import PIPES  # noqa: E402
 
@@ -78,6 +83,38 @@ def _error(fn) -> str | None:
     return None
 
 
+#: name -> (whole-model capture, its regions), from the first ``graphpass.optimize`` of that model on this rank.
+_CAPTURES: dict[str, tuple] = {}
+
+
+def optimize_shared(name: str, model, schedule, kwargs: dict, parallel: SequenceParallel, timesteps=None,
+                    backend: str = "eager"):
+    """``graphpass.optimize(model, schedule, example_kwargs=kwargs, timesteps=..., parallel=..., backend=...)``,
+    capturing each model ``name`` once per rank: the first call is that public call; later ones build the
+    same capture and regions for their schedule and ``parallel`` (what optimize does after capturing), so a
+    model is not captured again by every check that runs it. ``model`` is a fresh model of the same seeded
+    weights as the captured one.
+
+        >>> kw = make_case("vdt").kwargs()
+        >>> a = optimize_shared("vdt", make_case("vdt").model, PAB_SCHEDULE, kw, SequenceParallel())  # captures
+        >>> b = optimize_shared("vdt", make_case("vdt").model, FrozenAdaCache("CR"), kw,
+        ...                     SequenceParallel(mode="ulysses"))                                 # builds
+        >>> a.global_captured is b.global_captured
+        True
+    """
+    if name not in _CAPTURES:
+        opt = graphpass.optimize(model, schedule, example_kwargs=kwargs, timesteps=timesteps, parallel=parallel,
+                                 backend=backend)
+        _CAPTURES[name] = (opt.global_captured, opt.global_regions)
+        return opt
+    captured, regions = _CAPTURES[name]
+    opt = sp.build(model, captured, regions, schedule, sp.connect(parallel, schedule), timestep_arg="timestep",
+                   backend=backend)
+    if timesteps is not None:
+        opt.plan(timesteps)
+    return opt
+
+
 def all_checks(rank: int, world_size: int) -> dict:
     return {"dsp": dsp_checks(rank, world_size), "ulysses": ulysses_checks(rank, world_size)}
 
@@ -101,8 +138,7 @@ def dsp_checks(rank: int, world_size: int) -> dict:
         case = make_case(name)
         eager = run_loop(case.model, case.kwargs(), ABOVE)
         single_pab = _reference_pab(case)
-        opt = graphpass.optimize(case.model, PAB_SCHEDULE, example_kwargs=case.kwargs(), timesteps=TIMESTEPS,
-                                 parallel=SequenceParallel())
+        opt = optimize_shared(name, case.model, PAB_SCHEDULE, case.kwargs(), SequenceParallel(), TIMESTEPS)
         for label, ts, ref in (("dsp", ABOVE, eager), ("dsp+pab", TIMESTEPS, single_pab)):
             with count_collectives() as counted:
                 out = run_loop(opt, case.kwargs(), ts)
@@ -365,23 +401,35 @@ def _per_call_counts(opt, kwargs, timesteps) -> tuple[list, list]:
     return outs, per_call
 
 
+def _joint_schedule(name: str) -> PAB:
+    return VDT_ULYSSES_SCHEDULE if name == "vdt" else JOINT_SCHEDULE
+
+
+@functools.lru_cache(maxsize=None)
+def joint_references(name: str) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(eager outputs above the PAB window, single-process module-level PAB outputs through it) of the
+    joint-attention model ``name``, made once per rank for the Ulysses and the ring checks (read only)."""
+    model, kwargs = joint_case(name)
+    vdt = name == "vdt"
+    modules = REFERENCE_MODULES["vdt"] if vdt else {p: "joint" for p in JOINT_MODULES[name]}
+    ranges = {"temporal": 2, "cross": 2} if vdt else {"joint": 2}
+    eager = run_loop(model, kwargs(), ABOVE)
+    ref = ReferencePAB(model, modules, ranges=ranges, window=_joint_schedule(name).window)
+    try:
+        return eager, run_loop(ref, kwargs(), TIMESTEPS)
+    finally:
+        ref.restore()
+
+
 def ulysses_model_checks(rank: int, world_size: int, name: str, mode: str | None = None) -> dict:
     """One joint-attention model in Ulysses mode (or ``mode``): without reuse (above the window) against
     eager, with PAB against single-process PAB on the eager model; collectives counted per call against the
     phase graphs."""
     model, kwargs = joint_case(name)
-    vdt = name == "vdt"
-    schedule = VDT_ULYSSES_SCHEDULE if vdt else JOINT_SCHEDULE
-    modules = REFERENCE_MODULES["vdt"] if vdt else {p: "joint" for p in JOINT_MODULES[name]}
-    ranges = {"temporal": 2, "cross": 2} if vdt else {"joint": 2}
-    eager = run_loop(model, kwargs(), ABOVE)
-    ref = ReferencePAB(model, modules, ranges=ranges, window=schedule.window)
-    try:
-        single_pab = run_loop(ref, kwargs(), TIMESTEPS)
-    finally:
-        ref.restore()
-    opt = graphpass.optimize(model, schedule, example_kwargs=kwargs(), timesteps=TIMESTEPS,
-                             parallel=SequenceParallel(mode=mode or ("ulysses" if vdt else "auto")))
+    schedule = _joint_schedule(name)
+    eager, single_pab = joint_references(name)
+    opt = optimize_shared(name, model, schedule, kwargs(), SequenceParallel(
+        mode=mode or ("ulysses" if name == "vdt" else "auto")), TIMESTEPS)
     res: dict = {"rank": rank, "mode": opt.sharded.mode, "frames": opt.sharded.frames.sizes}
     outs = {}
     for label, ts, want in (("plain", ABOVE, eager), ("pab", TIMESTEPS, single_pab)):
@@ -493,8 +541,7 @@ def residual_model_checks(rank: int, world_size: int, name: str) -> dict:
     blocks = RESIDUAL_BLOCKS[name]
     res: dict = {"rank": rank}
     frozen = FrozenAdaCache(FROZEN_DECISIONS)
-    opt = graphpass.optimize(model, frozen, example_kwargs=kwargs(), timesteps=TIMESTEPS,
-                             parallel=SequenceParallel())
+    opt = optimize_shared(name, model, frozen, kwargs(), SequenceParallel(), TIMESTEPS)
     outs, per_call = _per_call_counts(opt, kwargs(), TIMESTEPS)
     ref = run_reference(joint_case(name)[0], kwargs(), TIMESTEPS, FROZEN_DECISIONS, blocks=blocks)
     res["mode"] = opt.sharded.mode
@@ -604,8 +651,8 @@ def inductor_checks(rank: int, world_size: int) -> dict:
     """Ulysses on tiny Wan with PAB, each phase graph (collectives included) compiled by Inductor, against a
     single-process module-level PAB on the eager model."""
     model, kwargs = joint_case("wan")
-    opt = graphpass.optimize(model, JOINT_SCHEDULE, example_kwargs=kwargs(), timesteps=INDUCTOR_TIMESTEPS,
-                             parallel=SequenceParallel(), backend="inductor")
+    opt = optimize_shared("wan", model, JOINT_SCHEDULE, kwargs(), SequenceParallel(), INDUCTOR_TIMESTEPS,
+                          backend="inductor")
     out = run_loop(opt, kwargs(), INDUCTOR_TIMESTEPS)
     ref = ReferencePAB(model, {p: "joint" for p in JOINT_MODULES["wan"]}, ranges={"joint": 2},
                        window=JOINT_SCHEDULE.window)
@@ -620,7 +667,18 @@ def inductor_checks(rank: int, world_size: int) -> dict:
                 kept=[len(opt.collectives(ph)[0]) for ph in opt.current_plan.distinct()])
 
 
-def cache_pipeline_inductor(rank: int, world_size: int) -> dict:
-    """One spawn for the residual-caching, pipeline and inductor checks."""
-    return {"residual": residual_all(rank, world_size), "pipeline": pipeline_checks(rank, world_size),
-            "inductor": inductor_checks(rank, world_size)}
+def parallel_checks(rank: int, world_size: int) -> dict:
+    """One spawn for every check but the rank deaths, keyed by test module. The residual checks run first, so
+    VDT and CogVideoX are captured by ``graphpass.optimize`` with AdaCache; DSP then captures Latte, Ulysses
+    Wan, Wan-odd, CogVideoX-rope and HunyuanVideo with PAB; the rest reuse those captures."""
+    residual = residual_all(rank, world_size)
+    return {"dsp": all_checks(rank, world_size), "ulysses": ulysses_all(rank, world_size),
+            "ring": ring_all(rank, world_size),
+            "cache_pipeline_inductor": {**residual, "pipeline": pipeline_checks(rank, world_size),
+                                        "inductor": inductor_checks(rank, world_size)}}
+
+
+def parallel_results(part: str) -> list[dict]:
+    """Per rank, the ``part`` of :func:`parallel_checks`'s results ("dsp", "ulysses", "ring",
+    "cache_pipeline_inductor"), from one spawn per test process (bounded: a hang fails after 900 s)."""
+    return [r[part] for r in launch_once(parallel_checks, world_size=2, timeout=900, preload=("_workers",))]

@@ -5,7 +5,8 @@ AdaCache (residual caching of the whole chain of blocks) against single-process 
 reference: VDT split by frames (DSP) and diffusers CogVideoX split by tokens
 (Ulysses; its text tokens whole on every rank).
 
-All checks run in one spawn of two processes (tests/parallel/_workers.py: ``cache_pipeline_inductor``). Fixed decisions
+All checks run in one spawn of two processes (tests/parallel/_workers.py: ``parallel_checks``, shared with
+the DSP, Ulysses and ring tests). Fixed decisions
 (FrozenAdaCache) are compared with the reference that wraps each block's forward (reuse: input + kept
 residual; tests/adacache/adacache_helpers.py). Adaptive decisions (AdaCache) must be the same on both ranks
 and the same as on one process, with the same distances: each rank measures its part of the residual and
@@ -20,8 +21,7 @@ from __future__ import annotations
 
 import pytest
 
-from _launch import launch
-from _workers import FROZEN_DECISIONS, INDUCTOR_TIMESTEPS, RESIDUAL_BLOCKS, cache_pipeline_inductor
+from _workers import FROZEN_DECISIONS, INDUCTOR_TIMESTEPS, RESIDUAL_BLOCKS, parallel_results
 
 REL = 1e-5
 MODES = {"vdt": "dsp", "cogvideox": "ulysses"}
@@ -29,8 +29,7 @@ MODES = {"vdt": "dsp", "cogvideox": "ulysses"}
 
 @pytest.fixture(scope="module")
 def ranks():
-    return [r["residual"] | {"pipeline": r["pipeline"], "inductor": r["inductor"]}
-            for r in launch(cache_pipeline_inductor, world_size=2, timeout=420, preload=("_workers",))]
+    return parallel_results("cache_pipeline_inductor")
 
 
 @pytest.mark.parametrize("name", RESIDUAL_BLOCKS)

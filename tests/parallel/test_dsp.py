@@ -1,7 +1,8 @@
 """Sequence-parallel (DSP) inference on 2 CPU ranks (gloo), against single-process runs.
 
-All checks run in ONE spawn of two processes (tests/parallel/_workers.py: ``all_checks``), bounded by a
-timeout so that a hang fails instead of blocking; the tests below read its measurements.
+All checks but the rank deaths run in ONE spawn of two processes (tests/parallel/_workers.py:
+``parallel_checks``, shared with the other spawned tests), bounded by a timeout so that a hang fails
+instead of blocking; the tests below read its measurements.
 
 Tolerance: 1e-5 (the ranks run the same kernels on slices of the same tensors; attention over frames sees
 all frames after the all-to-all, so results match up to summation order).
@@ -13,15 +14,15 @@ import signal
 
 import pytest
 
-from _launch import launch, launch_allowing_exits
-from _workers import all_checks, rank_death_checks, rank_death_checks_unchecked
+from _launch import launch_allowing_exits
+from _workers import parallel_results, rank_death_checks, rank_death_checks_unchecked
 
 ATOL = 1e-5
 
 
 @pytest.fixture(scope="module")
 def ranks():
-    return launch(all_checks, world_size=2, timeout=240, preload=("_workers",))
+    return parallel_results("dsp")
 
 
 @pytest.mark.parametrize("name", ["vdt", "latte"])

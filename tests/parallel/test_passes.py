@@ -6,9 +6,8 @@ import pytest
 import torch
 import torch.fx as fx
 
-from conftest import make_case
+from _captures import captured
 from graphpass.errors import GraphpassError
-from graphpass.passes.capture import capture
 from graphpass.passes.elide import WAIT_OP, collective_info, collective_nodes, elide_collectives
 from graphpass.passes import parallelize as par
 from graphpass.passes.parallelize import ParallelError, choose_mode, parallelize
@@ -21,12 +20,7 @@ C10D = torch.ops._c10d_functional
 
 @pytest.fixture(scope="module")
 def captures():
-    out = {}
-    for name in ("vdt", "latte", "cogvideox"):
-        case = make_case(name)
-        cap = capture(case.model, case.kwargs())
-        out[name] = (cap, tag_attention(cap))
-    return out
+    return {name: captured(name) for name in ("vdt", "latte", "cogvideox")}
 
 
 @pytest.mark.parametrize("name, frames", [("vdt", (2, 2)), ("latte", (2, 1))])

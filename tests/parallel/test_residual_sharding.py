@@ -9,12 +9,10 @@ import functools
 import pytest
 import torch
 
-from conftest import make_case
+from _captures import captured
 from graphpass import AdaCache, FrozenAdaCache, MoReg, ParallelError
-from graphpass.passes.capture import capture
 from graphpass.passes.elide import collective_info, collective_nodes, describe_collectives
 from graphpass.passes.parallelize import parallelize
-from graphpass.passes.tag import tag_attention
 from graphpass.runtime.parallel import sharded_target
 from graphpass.schedules.base import Action
 from graphpass.techniques import technique_for
@@ -26,9 +24,7 @@ MODES = {"vdt": "dsp", "cogvideox": "ulysses"}
 
 @functools.lru_cache(maxsize=None)
 def sharded(name: str, rank: int = 0):
-    case = make_case(name)
-    cap = capture(case.model, case.kwargs())
-    regions = tag_attention(cap)
+    cap, regions = captured(name)
     return cap, regions, parallelize(cap, regions, rank=rank, world_size=2, group_name="7", mode=MODES[name])
 
 

@@ -2,7 +2,8 @@
 tokens), CogVideoX (text before the video) and HunyuanVideo (text after it, padded text masked), against
 single-process runs, with and without PAB.
 
-One spawn of two processes (tests/parallel/_workers.py: ``ring_all``), bounded by a timeout. Ring attention
+One spawn of two processes (tests/parallel/_workers.py: ``parallel_checks``, shared with the other spawned
+tests; the ring reuses the Ulysses tests' captures and references), bounded by a timeout. Ring attention
 computes softmax blockwise and merges the blocks by log-sum-exp, so it matches SDPA up to rounding:
 tolerance 1e-5 relative to the output's largest magnitude.
 """
@@ -10,15 +11,14 @@ from __future__ import annotations
 
 import pytest
 
-from _launch import launch
-from _workers import JOINT_MODULES, RING_MODELS, ring_all
+from _workers import JOINT_MODULES, RING_MODELS, parallel_results
 
 REL = 1e-5
 
 
 @pytest.fixture(scope="module")
 def ranks():
-    return launch(ring_all, world_size=2, timeout=300, preload=("_workers",))
+    return parallel_results("ring")
 
 
 @pytest.mark.parametrize("name", RING_MODELS)

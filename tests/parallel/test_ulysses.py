@@ -2,8 +2,8 @@
 runs: diffusers Wan, CogVideoX (with and without rotary embeddings) and HunyuanVideo (tiny random configs),
 and VDT forced into Ulysses mode.
 
-All checks run in one spawn of two processes (tests/parallel/_workers.py: ``ulysses_all``), bounded by a
-timeout; the tests read its measurements. Without reuse the outputs are compared with the eager model; with
+All checks run in one spawn of two processes (tests/parallel/_workers.py: ``parallel_checks``, shared with
+the other spawned tests), bounded by a timeout; the tests read its measurements. Without reuse the outputs are compared with the eager model; with
 PAB with a module-level PAB on the eager model (tests/reference_pab.py). Tolerance: 1e-5 relative to the
 output's largest magnitude (each rank runs the same kernels on a slice of the tokens or heads).
 """
@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import pytest
 
-from _launch import launch
-from _workers import JOINT_MODULES, TEXT_MODELS, ULYSSES_MODELS, ulysses_all
+from _workers import JOINT_MODULES, TEXT_MODELS, ULYSSES_MODELS, parallel_results
 
 REL = 1e-5
 
 
 @pytest.fixture(scope="module")
 def ranks():
-    return launch(ulysses_all, world_size=2, timeout=420, preload=("_workers",))
+    return parallel_results("ulysses")
 
 
 @pytest.mark.parametrize("name", ULYSSES_MODELS)
