@@ -16,7 +16,6 @@ import torch
 import graphpass
 from graphpass import PAB
 from graphpass.errors import InputError
-from graphpass.passes.capture import capture
 from conftest import DDIM_50, make_case, run_loop
 from reference_pab import ReferencePAB
 from test_equivalence import ATOL, MODULES
@@ -38,10 +37,15 @@ def vdt_dynamic():
     return case, graphpass.optimize(case.model, SCHED, example_kwargs=case.kwargs(), dynamic=True)
 
 
-def test_vdt_free_dimensions():
+@pytest.fixture(scope="module")
+def vdt_static():
+    """VDT optimized for SCHED without ``dynamic``: only the batch is free."""
     case = make_case("vdt")
-    cap = capture(case.model, case.kwargs(), dynamic=True)
-    free = cap.dynamic_dims
+    return graphpass.optimize(case.model, SCHED, example_kwargs=case.kwargs())
+
+
+def test_vdt_free_dimensions(vdt_dynamic, vdt_static):
+    free = vdt_dynamic[1].captured.dynamic_dims
     # (B, F, C, H, W): batch, frames, height and width free; channels (conv weight) static.
     assert sorted(free["hidden_states"]) == [0, 1, 3, 4]
     assert free["cond_mask"] == {0: free["hidden_states"][0], 1: free["hidden_states"][1]}  # one B, one F
@@ -49,7 +53,7 @@ def test_vdt_free_dimensions():
     assert free["encoder_hidden_states"] == {0: free["hidden_states"][0]}  # integer ids: only the batch
     # The static capture keeps every shape but the batch fixed.
     batch = free["hidden_states"][0]
-    static = capture(case.model, case.kwargs()).dynamic_dims
+    static = vdt_static.captured.dynamic_dims
     assert static == {k: {0: static["hidden_states"][0]} for k in free} and batch
 
 
@@ -125,11 +129,9 @@ def test_latte_keeps_its_fixed_size_dimensions_static():
     assert torch.equal(opt(**kw2)[0], case.model(**kw2)[0])
 
 
-def test_static_capture_error_names_dynamic_option():
-    case = make_case("vdt")
-    opt = graphpass.optimize(case.model, SCHED, example_kwargs=case.kwargs())
+def test_static_capture_error_names_dynamic_option(vdt_static):
     with pytest.raises(InputError, match=r"dimension\(s\) \[3, 4\] are static.*dynamic=True"):
-        opt(**_vdt_kwargs(4, 20, 12))
+        vdt_static(**_vdt_kwargs(4, 20, 12))
 
 
 def test_inspect_reports_free_sizes(vdt_dynamic):

@@ -157,27 +157,36 @@ def test_pab_variants_match_reference(name, sched):
             assert set(phase.reused) == {p for p, reused in ref.steps[i].items() if reused}, f"{mode}, step {i}"
 
 
-def test_plan_for_other_timesteps_falls_back_to_step_by_step(latte_tiny):
+@pytest.fixture(scope="module")
+def latte_planned():
+    """Latte optimized for its PAB preset with a plan for DDIM_50, shared by the tests that leave the plan
+    (each starts with ``reset()``: a fresh generation, as after optimize)."""
+    case = make_case("latte")
+    return case.model, case.kwargs, graphpass.optimize(case.model, PAB.preset("latte"),
+                                                       example_kwargs=case.kwargs(), timesteps=DDIM_50)
+
+
+def test_plan_for_other_timesteps_falls_back_to_step_by_step(latte_planned):
     """A plan made for 50 steps does not apply to a 25-step generation: it runs step by step, still PAB."""
-    model, make_kwargs = latte_tiny
+    model, make_kwargs, opt = latte_planned
+    opt.reset()
     ts = [float(i * 40 + 1) for i in range(25)][::-1]
     ref = ReferencePAB(model, MODULES["latte"], {"spatial": 2, "temporal": 3, "cross": 6})
     ref_outs = run_loop(ref, make_kwargs(), ts)
     ref.restore()
-    opt = graphpass.optimize(model, PAB.preset("latte"), example_kwargs=make_kwargs(), timesteps=DDIM_50)
     assert _max_diff(run_loop(opt, make_kwargs(), ts), ref_outs) <= ATOL
 
 
-def test_generation_leaving_the_plan_midway_stays_safe(latte_tiny):
+def test_generation_leaving_the_plan_midway_stays_safe(latte_planned):
     """Timesteps that follow the plan for 9 steps and then leave it: the executor goes on step by step. A
     reuse whose tensors the plan did not keep computes instead, so every reuse is one the reference makes
     and nothing is read from an empty cache."""
-    model, make_kwargs = latte_tiny
+    model, make_kwargs, opt = latte_planned
+    opt.reset()
     ts = DDIM_50[:9] + [float(t) for t in range(790, 0, -30)]
     ref = ReferencePAB(model, MODULES["latte"], {"spatial": 2, "temporal": 3, "cross": 6})
     run_loop(ref, make_kwargs(), ts)
     ref.restore()
-    opt = graphpass.optimize(model, PAB.preset("latte"), example_kwargs=make_kwargs(), timesteps=DDIM_50)
     outs = run_loop(opt, make_kwargs(), ts)
     assert all(torch.isfinite(o).all() for o in outs)
     trace = opt.state().trace
