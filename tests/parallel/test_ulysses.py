@@ -3,9 +3,10 @@ runs: diffusers Wan, CogVideoX (with and without rotary embeddings) and HunyuanV
 and VDT forced into Ulysses mode.
 
 All checks run in one spawn of two processes (tests/parallel/_workers.py: ``parallel_checks``, shared with
-the other spawned tests), bounded by a timeout; the tests read its measurements. Without reuse the outputs are compared with the eager model; with
-PAB with a module-level PAB on the eager model (tests/reference_pab.py). Tolerance: 1e-5 relative to the
-output's largest magnitude (each rank runs the same kernels on a slice of the tokens or heads).
+the other spawned tests), bounded by a timeout; the tests read its measurements. Without reuse the outputs
+are compared with the eager model; with PAB with a module-level PAB on the eager model
+(tests/reference_pab.py). Tolerance: 1e-5 relative to the output's largest magnitude (each rank runs the
+same kernels on a slice of the tokens or heads).
 """
 from __future__ import annotations
 
