@@ -53,6 +53,19 @@ def test_two_generations_are_identical(latte, planned):
     opt._plan = None
 
 
+def test_with_schedule_runs_the_new_schedule_hoisted_like_optimize(latte):
+    """The same capture under another schedule keeps the step-invariant hoisting optimize set up: its outputs
+    and its prologue runs equal a fresh graphpass.optimize with that schedule."""
+    case, opt = latte
+    other = PAB(spatial=3, temporal=2, window=(100, 900))
+    again = opt.with_schedule(other)
+    fresh = graphpass.optimize(case.model, other, example_kwargs=case.kwargs())
+    assert fresh.hoisting is not None and again.hoisting is opt.hoisting
+    steps = DDIM_50[:12]
+    assert _equal(run_loop(again, case.kwargs(), steps), run_loop(fresh, case.kwargs(), steps))
+    assert again.state().hoisted.runs == fresh.state().hoisted.runs == 1  # one prologue run per generation
+
+
 def test_reset_mid_generation(latte):
     case, opt = latte
     opt.reset()

@@ -485,9 +485,11 @@ class OptimizedModel(RuntimeCore):
         return freeze(self.schedule, self.decisions(context))
 
     def with_schedule(self, schedule: Schedule) -> "OptimizedModel":
-        """A model running ``schedule`` on the same capture (no new export), planned for the same timesteps."""
+        """A model running ``schedule`` on the same capture (no new export) and its hoisting, planned for the
+        same timesteps."""
         opt = OptimizedModel(self.model, self.captured, self.attention_regions, schedule,
                              timestep_arg=self.timestep_arg, backend=self.backend, timestep_order=self.timestep_order)
+        opt.hoisting = self.hoisting  # per capture: its step graphs are keyed by phase, its values live per model
         if self._plan is not None:
             opt.plan(self._plan.timesteps)
         return opt
