@@ -2,9 +2,11 @@
 reuse in turn, its eager outputs, and the folder it was exported to.
 
 An export costs seconds per phase, so :func:`shared_export` exports each (model, layout) once per test
-process and every module reads the same folder (tests that change a folder work on a copy). It exports with
-``verify=False``: the tests that use it compare ONNX Runtime with the eager outputs themselves, so the
-export's own check would run the same phases a second time.
+process and every module reads the same folder (tests that change a folder work on a copy). Both layouts are
+what ``graphpass.export`` writes by default: the per-phase folder is the unchecked default
+(``verify=False``: the tests compare ONNX Runtime with the eager outputs themselves, so the export's own
+check would run the same phases a second time), the single file the checked default (``verify=True``), so
+the tests of the default layout read these folders instead of exporting the same plan again.
 
     >>> ex = shared_export("vdt")                  # per phase; shared_export("vdt", single_file=True)
     >>> max_diff(run_loop(graphpass.load(ex.folder), ex.kw, STEPS), ex.eager) <= ATOL
@@ -42,7 +44,8 @@ class Exported:
         self.kw = self.case.kwargs()
         self.opt = graphpass.optimize(self.case.model, SCHEDULE, example_kwargs=self.kw, timesteps=steps)
         self.eager = run_loop(self.opt, self.kw, steps)
-        self.folder = graphpass.export(self.opt, folder, single_file=single_file, verify=False)
+        # the defaults: unchecked, a file per phase; checked, the single file (the plan reuses)
+        self.folder = graphpass.export(self.opt, folder, verify=single_file)
         self.manifest = json.loads((folder / "manifest.json").read_text())
 
 
@@ -55,5 +58,6 @@ def _root() -> Path:
 
 @functools.cache
 def shared_export(name: str, single_file: bool = False) -> Exported:
-    """``name`` under :data:`SCHEDULE` and :data:`STEPS`, exported once per process (read-only for tests)."""
+    """``name`` under :data:`SCHEDULE` and :data:`STEPS`, exported once per process (read-only for tests):
+    ``single_file=True`` is ``graphpass.export(opt, folder)``, ``False`` the same with ``verify=False``."""
     return Exported(name, _root() / f"{name}-{'single' if single_file else 'per-phase'}", single_file=single_file)

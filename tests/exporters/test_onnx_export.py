@@ -256,14 +256,15 @@ def test_single_file_runs_every_phase_with_if_branches(vdt_single, vdt):
 
 
 # --- the default layout -----------------------------------------------------------------------------
-def test_default_export_is_the_checked_single_file_where_the_plan_reuses(vdt, tmp_path):
-    folder = graphpass.export(vdt.opt, tmp_path / "default")
-    m = json.loads((folder / "manifest.json").read_text())
-    assert m["layout"] == "single-file" and sorted(p.name for p in folder.glob("*.onnx")) == ["model.onnx"]
-    assert max_diff(run_loop(graphpass.load(folder, threads=1), vdt.kw, STEPS), vdt.eager) <= ATOL
-    # unchecked, the default is the per-phase layout (an If branch that computes something else would go unseen)
-    unchecked = graphpass.export(vdt.opt, tmp_path / "unchecked", verify=False)
-    assert json.loads((unchecked / "manifest.json").read_text())["layout"] == "per-phase"
+def test_default_export_is_the_checked_single_file_where_the_plan_reuses(vdt_single, vdt):
+    """Both shared folders were written with export's defaults (tests/exporters/_exported.py). Checked: the
+    single file, which test_single_file_runs_every_phase_with_if_branches runs against eager. Unchecked: a file
+    per phase (an If branch that computes something else would go unseen), which
+    test_vdt_per_phase_onnxruntime_matches_eager runs against eager."""
+    assert vdt_single.manifest["layout"] == "single-file"
+    assert sorted(p.name for p in vdt_single.folder.glob("*.onnx")) == ["model.onnx"]
+    assert vdt.manifest["layout"] == "per-phase"
+    assert sorted(p.name for p in vdt.folder.glob("*.onnx")) == ["phase_0.onnx", "phase_1.onnx"]
 
 
 def test_default_falls_back_to_per_phase_when_the_single_file_cannot_be_built(vdt, tmp_path, monkeypatch):
