@@ -1,14 +1,15 @@
-"""One graph for every phase: each switchable region becomes ``torch.cond(reuse, cached, compute)``.
+"""One graph for every phase: each switchable region becomes ``cond(reuse, cached, compute)``.
 
 The single-file export layout. Starting from the captured graph, every region that some phase of the plan
 reuses is cut out into its own subgraph and replaced by a :class:`RegionSwitch`::
 
-    exits = torch.cond(reuse_flag, lambda *a: tuple(c.clone() for c in cached), region_subgraph, operands)
+    exits = cond(reuse_flag, lambda *a: tuple(c.clone() for c in cached), region_subgraph, operands)
 
 so the graph takes, after the model's inputs, one boolean ``reuse.<path>`` per switchable region and the
 cached tensors of those regions (``cache.<key>``), and returns, after the model's outputs, every
-switchable region's exits (``cache.<key>.next``): the runtime keeps those the phase stores. torch.cond
-exports to ONNX ``If`` (TensorRT ``IIfConditional``), so only the chosen branch runs.
+switchable region's exits (``cache.<key>.next``): the runtime keeps those the phase stores. ``cond`` (the
+operator behind ``torch.cond``) exports to ONNX ``If`` (TensorRT ``IIfConditional``), so only the chosen
+branch runs.
 
     >>> sw = build_switch_graph(opt.captured, opt.regions, opt.current_plan)
     >>> sw.switch_paths[:2]
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
+from torch._higher_order_ops.cond import cond_op
 
 from ..errors import GraphpassError
 from ..passes.capture import CapturedGraph
@@ -33,23 +35,36 @@ class RegionSwitch(torch.nn.Module):
     """Runs a region's subgraph, or returns clones of its cached exits, depending on a boolean tensor.
 
     Call: ``switch(reuse, *cached_exits, *region_inputs)`` -> tuple of the region's exits.
+
+    The ``cond`` operator is called directly, with the body's weights as operands, rather than through
+    ``torch.cond``: outside a compiler, ``torch.cond`` hands each branch to Dynamo to check it (seconds per
+    region when torch.export traces the graph), and lifts the weights the branch reads into operands; our
+    branches are FX graphs already, so tracing them as they are gives the same ``cond`` node without Dynamo.
+
+        >>> switch = RegionSwitch(body, num_exits=1)          # body: x -> (x @ w,)
+        >>> switch(torch.tensor(True), cached, x)[0].equal(cached)
+        True
     """
 
     def __init__(self, body: fx.GraphModule, num_exits: int):
         super().__init__()
         self.body = body
         self.num_exits = num_exits
+        # every tensor the body reads from itself: passed as operands, as a branch may not close over tensors
+        self.weight_names = [t for t in dict.fromkeys(n.target for n in body.graph.nodes if n.op == "get_attr")
+                             if isinstance(_fetch(body, t), torch.Tensor)]
 
     def forward(self, reuse: torch.Tensor, *operands: torch.Tensor):
-        n = self.num_exits
+        n, k = self.num_exits, len(self.weight_names)
+        weights = tuple(_fetch(self.body, name) for name in self.weight_names)
 
         def reuse_fn(*ops):
-            return tuple(c.clone() for c in ops[:n])  # a branch may not alias its inputs
+            return tuple(c.clone() for c in ops[k:k + n])  # a branch may not alias its inputs
 
         def compute_fn(*ops):
-            return tuple(self.body(*ops[n:]))
+            return tuple(torch.func.functional_call(self.body, dict(zip(self.weight_names, ops[:k])), ops[k + n:]))
 
-        return torch.cond(reuse, reuse_fn, compute_fn, tuple(operands))
+        return cond_op(reuse, reuse_fn, compute_fn, weights + tuple(operands))
 
 
 @dataclass

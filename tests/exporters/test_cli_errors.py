@@ -4,7 +4,6 @@ traceback, and never touches files it did not write."""
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 from pathlib import Path
@@ -154,20 +153,3 @@ def test_read_only_place_is_refused_before_the_model_as_root_too(tmp_path, capsy
     err = parse_error(["analyze", "vdt-tiny", "--out", str(tmp_path / "a")], capsys)
     assert "argument --out: cannot write" in err and "Read-only file system" in err
     assert list(tmp_path.iterdir()) == []
-
-
-def test_export_command_replaces_an_export_only_with_overwrite(tmp_path, capsys):
-    out = tmp_path / "cli"
-    window = [0, 1]  # 2 DDIM steps (501, 1), none inside: one phase keeps the export short
-    argv = ["export", "--model", "vdt-tiny", "--schedule", json.dumps({"type": "PAB", "spatial": 2, "window": window}),
-            "--steps", "2", "--out", str(out)]
-    assert main(argv) == 0
-    capsys.readouterr()
-    before = digest(out)
-    err = command_error(argv, capsys)
-    assert "already holds a graphpass export; pass overwrite=True (--overwrite)" in err
-    assert digest(out) == before
-    assert main([*argv[:-4], "--steps", "3", "--out", str(out), "--overwrite"]) == 0
-    m = json.loads((out / "manifest.json").read_text())
-    assert len(m["plan"]["timesteps"]) == 3  # the new export, complete, in place of the old one
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["cli"]  # no staging folder left behind

@@ -20,6 +20,7 @@ import graphpass
 from graphpass import ArtefactError, InputError
 from graphpass.errors import GraphpassError
 from graphpass.exporters import onnx_export
+from graphpass.exporters.cond import build_switch_graph
 from graphpass.exporters.manifest import cache_tensor_name, manifest_digest, render_manifest
 from conftest import make_case, run_loop
 from _exported import ATOL, SCHEDULE, STEPS, Exported, max_diff, shared_export
@@ -253,6 +254,40 @@ def test_single_file_runs_every_phase_with_if_branches(vdt_single, vdt):
     assert len(model.phase_calls) == 2 and model.cache_nbytes == ex.opt.cache_nbytes
     # same weights bytes as the per-phase export, referenced once
     assert ex.manifest["weights"]["stored_bytes"] == vdt.manifest["weights"]["stored_bytes"]
+
+
+def test_switch_graph_exports_without_dynamo_and_computes_each_phase(vdt, monkeypatch):
+    """torch.export traces the If branches as the FX graphs they are, without handing each to Dynamo (seconds
+    per region, paid by every single-file export): with torch.compile refused, the switch graph exports, and
+    its program computes the captured model when no region is reused and the reuse phase graph when all are."""
+    opt = vdt.opt
+    sw = build_switch_graph(opt.captured, opt.regions, opt.current_plan)
+    exit_specs = {k: s for r in opt.regions for k, s in zip(r.cache_keys, r.exit_specs)}
+    torch.manual_seed(0)
+    cached = [torch.randn(exit_specs[k].shape, dtype=exit_specs[k].dtype) for k in sw.cache_keys]
+    inputs = [vdt.kw[n] for n in opt.captured.input_names]
+
+    def flags(reuse: bool) -> list[torch.Tensor]:
+        return [torch.tensor(reuse) for _ in sw.switch_paths]
+
+    def refuse(*a, **k):
+        raise AssertionError("torch.compile was called while exporting the switch graph")
+
+    monkeypatch.setattr(torch, "compile", refuse)
+    program = torch.export.export(sw.gm, (*inputs, *flags(False), *cached), strict=False).module()
+    monkeypatch.undo()
+    with torch.no_grad():
+        computed = program(*inputs, *flags(False), *cached)
+        reused = program(*inputs, *flags(True), *cached)
+        want_computed = opt.captured.gm(*inputs)
+        reuse_graph = opt.phase_graph(opt.current_plan.distinct()[1])
+        by_key = dict(zip(sw.cache_keys, cached))
+        want_reused = reuse_graph.gm(*inputs, *(by_key[k] for k in reuse_graph.cache_inputs))
+    assert float((computed[0] - want_computed[0]).abs().max()) <= 1e-5
+    assert float((reused[0] - want_reused[0]).abs().max()) <= 1e-5
+    assert float((reused[0] - computed[0]).abs().max()) > 1e-2  # the reuse branches did run
+    for got, want in zip(reused[sw.num_user_outputs:], cached):  # a reused region hands back its cached exits
+        assert torch.equal(got, want)
 
 
 # --- the default layout -----------------------------------------------------------------------------

@@ -1,9 +1,12 @@
 """TensorRT engines against eager (with a GPU and the tensorrt package; the error path without them is in
-test_onnx_export.py, which has an exported folder at hand) and the ``graphpass export`` command."""
+test_onnx_export.py, which has an exported folder at hand) and the ``graphpass export`` command: it writes a
+folder that loads and matches eager, and replaces it only with ``--overwrite``."""
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +15,7 @@ import graphpass
 from graphpass import PAB, ArtefactError
 from graphpass.cli import main
 from graphpass.exporters import TensorRTConfig
+from graphpass.workloads import example_call
 from conftest import make_case, run_loop
 
 STEPS = [741.0 - 120 * i for i in range(6)]  # inside the window: phases "store 2", "reuse 2"
@@ -43,23 +47,36 @@ def test_tensorrt_engines_match_eager(tmp_path, strip):
     assert max(float((a - b).abs().max()) for a, b in zip(outs, eager)) <= 1e-3
 
 
-def test_export_command_writes_a_loadable_folder(tmp_path, capsys):
+def digest(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+def test_export_command_writes_a_loadable_folder_and_replaces_it_only_with_overwrite(tmp_path, capsys):
     out = tmp_path / "cli"
     window = [0, 1]  # 2 DDIM steps (501, 1), none inside: one phase keeps the export short
-    sched = json.dumps({"type": "PAB", "spatial": 2, "window": window})
-    assert main(["export", "--model", "vdt-tiny", "--schedule", sched, "--steps", "2", "--out", str(out)]) == 0
+    argv = ["export", "--model", "vdt-tiny", "--schedule", json.dumps({"type": "PAB", "spatial": 2, "window": window}),
+            "--steps", "2", "--out", str(out)]
+    assert main(argv) == 0
     text = capsys.readouterr().out
     m = json.loads((out / "manifest.json").read_text())
     assert [e["label"] for e in m["phases"]] == ["compute-all"] and m["plan"]["phase_ids"] == [0, 0]
     assert "1 phase)" in text and "weights stored once" in text
     assert m["inputs"][0]["shape"][0] == 2  # batch 2: one video with batched CFG
-    from graphpass.workloads import example_call
-
     model, kw, ts = example_call("vdt-tiny", batch=2, num_steps=2)
     assert m["plan"]["timesteps"] == ts
     outs = run_loop(graphpass.load(out, threads=1), kw, ts)
     eager = run_loop(model, kw, ts)
     assert max(float((a - b).abs().max()) for a, b in zip(outs, eager)) <= 1e-4
+    # the same command again is refused, leaving the export as it was; with --overwrite it is replaced
+    before = digest(out)
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "already holds a graphpass export; pass overwrite=True (--overwrite)" in err and "Traceback" not in err
+    assert digest(out) == before
+    assert main([*argv[:-4], "--steps", "3", "--out", str(out), "--overwrite"]) == 0
+    m = json.loads((out / "manifest.json").read_text())
+    assert len(m["plan"]["timesteps"]) == 3  # the new export, complete, in place of the old one
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cli"]  # no staging folder left behind
 
 
 def test_export_command_reports_errors(tmp_path, capsys):
