@@ -182,10 +182,11 @@ def cogvideox_tiny() -> tuple[torch.nn.Module, Callable[[], dict[str, Any]]]:
     return c.model, c.kwargs
 
 
-#: Directories whose test modules share captures through a process-wide cache (``functools.lru_cache`` in
-#: their helpers): all their tests go to one xdist worker, so each capture is made once. tests/parallel's
-#: spawned modules read one spawn's results (``_launch.launch_once``), and its spawns share one forkserver.
-_SHARED_CAPTURE_DIRS = ("techniques", "adacache", "parallel")
+#: Directories whose test modules share captures or exports through a process-wide cache (``functools.lru_cache``
+#: in their helpers; tests/exporters/_exported.py): all their tests go to one xdist worker, so each is made once.
+#: tests/parallel's spawned modules read one spawn's results (``_launch.launch_once``), and its spawns share one
+#: forkserver.
+_SHARED_CAPTURE_DIRS = ("techniques", "adacache", "parallel", "exporters")
 
 
 def _xdist_group(item: pytest.Item) -> str:
