@@ -36,9 +36,9 @@ def export(opt: "OptimizedModel", folder: str | Path, format: str = "onnx", *,
     * single file (default when the plan reuses region outputs and ``verify`` is on): ``model.onnx``, one
       graph where every reusable region is an ONNX ``If`` on a boolean input ``reuse.<path>``; one file and
       one session serve every phase. Where the model's regions cannot become ``If`` branches
-      (``torch.cond`` refuses branches whose outputs alias each other, for one) or the single file fails
-      the export's check below, the default falls back to per phase with a warning; ``single_file=True``
-      makes that an error.
+      (torch.export cannot trace a region whose exits are views of one tensor as a ``cond`` branch, for one)
+      or the single file fails the export's check below, the default falls back to per phase with a
+      warning; ``single_file=True`` makes that an error.
     * per phase (``single_file=False``; the default for a plan that reuses nothing, for phases that cache
       values of their own such as TaylorSeer's, and with ``verify=False``, since an unchecked ``If`` branch
       could compute something else unseen): ``phase_<i>.onnx`` for each distinct phase, cached tensors as

@@ -303,9 +303,9 @@ def export_onnx(opt: "OptimizedModel", folder: str | Path, *, timesteps: Sequenc
     folder safely.
 
     ``single_file=None`` writes the single file, or one file per phase when the phases cache values of their
-    own (TaylorSeer) or the model's regions cannot become ``If`` branches (``torch.cond`` refuses branches
-    whose outputs alias each other, for one; a warning says why); the manifest's ``layout`` records which
-    was written.
+    own (TaylorSeer) or the model's regions cannot become ``If`` branches (torch.export cannot trace a
+    region whose exits are views of one tensor as a ``cond`` branch, for one; a warning says why); the
+    manifest's ``layout`` records which was written.
     """
     require_onnx()
     import onnx
