@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 import tiny_video_dits as dits
-from graphpass import PAB
+from graphpass import PAB, ScheduleError
 from graphpass.passes.capture import capture
 from graphpass.passes.tag import tag_attention
 
@@ -72,3 +72,12 @@ def test_family_preset_reuses_every_video_kind_of_its_model_and_nothing_else(tag
     schedule = PAB.preset(PRESETS[name])
     schedule.check_model(kinds)  # would raise if the preset named a kind the model lacks
     assert schedule.kinds() == kinds - {"text", "other"}
+
+
+def test_preset_naming_a_kind_the_model_lacks_is_refused(tagged):
+    """HunyuanVideo has no cross-attention (text joins the joint attention): Wan's preset, which reuses
+    cross-attention, is refused by the check ``graphpass.optimize`` runs after tagging (tests/test_errors.py
+    checks that ``optimize`` raises it)."""
+    kinds = {r.kind for r in tagged["hunyuan_video"].values()}
+    with pytest.raises(ScheduleError, match="cross"):
+        PAB.preset("wan").check_model(kinds)
