@@ -18,6 +18,7 @@ import torch.utils._pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import ModelCase, first, make_case, step
+from graphpass.runtime.executor import OptimizedModel
 
 torch.set_num_threads(1)
 
@@ -46,6 +47,21 @@ def _wan() -> ModelCase:
 def model_case(name: str) -> ModelCase:
     """A conftest case ("vdt", "latte", "cogvideox") or "wan"."""
     return _wan() if name == "wan" else make_case(name)
+
+
+def without_hoisting(opt: OptimizedModel, timesteps: Sequence[float] | None = None) -> OptimizedModel:
+    """What ``graphpass.optimize(..., hoist=False)`` builds for ``opt``'s model and schedule, on ``opt``'s capture
+    and regions (one capture serves both; the option itself is checked in test_hoisting_pass).
+
+        >>> plain = without_hoisting(graphpass.optimize(model, PAB.preset("latte"), example_kwargs=kw))
+        >>> plain.hoisting is None
+        True
+    """
+    plain = OptimizedModel(opt.model, opt.captured, opt.attention_regions, opt.schedule,
+                           timestep_arg=opt.timestep_arg, timestep_order=opt.timestep_order)
+    if timesteps is not None:
+        plain.plan(timesteps)
+    return plain
 
 
 #: Each model's cross-attention key/value projections, from the model code (None: no cross-attention).

@@ -16,7 +16,7 @@ import torch
 import graphpass
 from graphpass import PAB, AdaCache
 from conftest import DDIM_50, run_loop
-from hoisting_helpers import STEPS_20, model_case
+from hoisting_helpers import STEPS_20, model_case, without_hoisting
 from reference_pab import ReferencePAB
 
 MODELS = ("vdt", "latte", "wan", "cogvideox")
@@ -72,10 +72,9 @@ def test_hoisted_pab_equals_pab_and_reference(name):
     case = model_case(name)
     kw = case.kwargs()
     schedule = SCHEDULES[name]
-    plain = graphpass.optimize(case.model, schedule, example_kwargs=kw, hoist=False)
-    assert plain.hoisting is None
-    want = run_loop(plain, kw, STEPS_20)
     opt = graphpass.optimize(case.model, schedule, example_kwargs=kw)
+    plain = without_hoisting(opt)
+    want = run_loop(plain, kw, STEPS_20)
     got = run_loop(opt, kw, STEPS_20)
     _assert_identical(got, want)
     assert [ph for _, ph in opt.state().trace] == [ph for _, ph in plain.state().trace]
@@ -91,8 +90,8 @@ def test_hoisted_pab_equals_pab_and_reference(name):
 def test_hoisted_pab_with_plan_over_50_steps_equals_pab():
     case = model_case("latte")
     kw = case.kwargs()
-    plain = graphpass.optimize(case.model, PAB.preset("latte"), example_kwargs=kw, hoist=False, timesteps=DDIM_50)
     opt = graphpass.optimize(case.model, PAB.preset("latte"), example_kwargs=kw, timesteps=DDIM_50)
+    plain = without_hoisting(opt, timesteps=DDIM_50)
     _assert_identical(run_loop(opt, kw, DDIM_50), run_loop(plain, kw, DDIM_50))
     st = opt.state()
     assert st.hoisted.runs == 1
@@ -103,8 +102,8 @@ def test_hoisted_adacache_equals_adacache():
     case = model_case("vdt")
     kw = case.kwargs()
     steps = DDIM_50[:20]
-    plain = graphpass.optimize(case.model, AdaCache.preset("fast"), example_kwargs=kw, hoist=False, timesteps=steps)
     opt = graphpass.optimize(case.model, AdaCache.preset("fast"), example_kwargs=kw, timesteps=steps)
+    plain = without_hoisting(opt, timesteps=steps)
     assert opt.hoisting is not None
     _assert_identical(run_loop(opt, kw, steps), run_loop(plain, kw, steps))
     assert opt.decisions() == plain.decisions()

@@ -14,7 +14,7 @@ import torch
 import graphpass
 from graphpass import PAB
 from graphpass.schedules.base import Action, Phase
-from hoisting_helpers import CROSS_KV, STEPS_20, WeightReads, cfg_loop, model_case
+from hoisting_helpers import CROSS_KV, STEPS_20, WeightReads, cfg_loop, model_case, without_hoisting
 
 STEPS = STEPS_20[:10]
 
@@ -60,7 +60,7 @@ def test_prologue_runs_once_per_generation_and_context(name, schedule):
             for i, (g, e) in enumerate(zip(got, eager)):
                 assert torch.equal(g, e), f"call {i}: max diff {float((g - e).abs().max())}"
     else:
-        plain = graphpass.optimize(case.model, schedule, example_kwargs=kw, timesteps=STEPS, hoist=False)
+        plain = without_hoisting(opt, timesteps=STEPS)
         want = cfg_loop(plain, kw, uncond, STEPS, contexts=True)
         assert all(torch.equal(g, w) for g, w in zip(outs[1], want))
         assert any(ph.reused for _, ph in opt.state("cond").trace)
