@@ -22,17 +22,19 @@ from graphpass.runtime.adaptive import ResidualModel
 
 
 @functools.lru_cache(maxsize=None)
-def captured(name: str):
-    """(model case, capture, tagged regions) of a conftest model, captured once per test session. Do not
-    modify the case's model: graphs read its parameters."""
+def captured(name: str, dynamic: bool = False):
+    """(model case, capture, tagged regions) of a conftest model, captured once per test session (with free
+    sizes when ``dynamic``). Do not modify the case's model: graphs read its parameters."""
     case = make_case(name)
-    cap = capture(case.model, case.kwargs())
+    cap = capture(case.model, case.kwargs(), dynamic=dynamic)
     return case, cap, tag_attention(cap)
 
 
-def residual_model(name: str, schedule, timesteps: Sequence[float] | None = None) -> ResidualModel:
-    """What ``graphpass.optimize(model, schedule, timesteps=...)`` returns, on the session's capture."""
-    case, cap, regions = captured(name)
+def residual_model(name: str, schedule, timesteps: Sequence[float] | None = None,
+                   dynamic: bool = False) -> ResidualModel:
+    """What ``graphpass.optimize(model, schedule, timesteps=..., dynamic=..., hoist=False)`` returns, on the
+    session's capture."""
+    case, cap, regions = captured(name, dynamic)
     opt = ResidualModel(case.model, cap, regions, schedule)
     if timesteps is not None:
         opt.plan(timesteps)

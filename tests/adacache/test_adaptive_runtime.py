@@ -192,16 +192,14 @@ def test_dynamic_capture_at_another_size_equals_reference():
 def test_dynamic_capture_moreg_refuses_another_size_and_plain_metric_serves_it():
     from test_dynamic import _vdt_kwargs
 
-    case = make_case("vdt")
     kw = _vdt_kwargs(6, 20, 12)
-    opt = graphpass.optimize(case.model, AdaCache(codebook=ALWAYS, moreg=MoReg(window=(1, 10))),
-                             example_kwargs=case.kwargs(), timesteps=TS, dynamic=True)
+    # both schedules on one capture with free sizes (dynamic=True)
+    opt = residual_model("vdt", AdaCache(codebook=ALWAYS, moreg=MoReg(window=(1, 10))), TS, dynamic=True)
     with pytest.raises(graphpass.InputError, match="MoReg measures motion over the frames of the captured shapes"):
         run_loop(opt, kw, TS)
     # Without MoReg the metric (an L1 ratio over all of a sample's elements) runs at the new size, and an
     # always-compute codebook equals eager there.
-    opt = graphpass.optimize(case.model, AdaCache(codebook=ALWAYS, metric_at="blocks.1"),
-                             example_kwargs=case.kwargs(), timesteps=TS, dynamic=True)
+    opt = residual_model("vdt", AdaCache(codebook=ALWAYS, metric_at="blocks.1"), TS, dynamic=True)
     model = make_case("vdt").model
     res = _block_residuals(model, "blocks.1")
     assert _max_diff(run_loop(opt, kw, TS), run_loop(model, kw, TS)) == 0.0
