@@ -303,20 +303,20 @@ def test_pipe_to_bfloat16_recaptures():
     assert case.pipe.transformer.captured.input_specs[0].dtype == torch.bfloat16
 
 
-@pytest.mark.parametrize("change", ["guidance-off", "two-prompts"])
-def test_batch_changes_between_generations(change):
-    """Captured with batched guidance (batch 2), then guidance off (batch 1) and two prompts (batch 4):
-    each equals the hook on the same call."""
+def test_batch_changes_between_generations():
+    """Captured with batched guidance (batch 2), then guidance off (batch 1) and two prompts (batch 4), one
+    generation after the other: each equals the hook on the same call."""
     ranges, window = PAB_CASES["cogvideox"], (100, 800)
     case = PIPES["cogvideox"]()
     pe, ne = case.kwargs["prompt_embeds"], case.kwargs["negative_prompt_embeds"]
-    overrides = (dict(guidance_scale=1.0) if change == "guidance-off" else
-                 dict(prompt_embeds=torch.cat([pe, ne]), negative_prompt_embeds=torch.cat([ne, pe])))
+    changes = {"guidance-off": (dict(guidance_scale=1.0), 1),
+               "two-prompts": (dict(prompt_embeds=torch.cat([pe, ne]), negative_prompt_embeds=torch.cat([ne, pe])), 2)}
     case.pipe.transformer = graphpass.optimize(case.pipe.transformer, PAB(**ranges, window=window))
     case.run(steps=3)
-    got = case.run(steps=10, **overrides)
-    assert got.shape[0] == (1 if change == "guidance-off" else 2)
-    assert _rel(got, hook_run(PIPES["cogvideox"](), ranges, window, steps=10, **overrides)) <= RTOL
+    for change, (overrides, batch) in changes.items():
+        got = case.run(steps=10, **overrides)
+        assert got.shape[0] == batch, change
+        assert _rel(got, hook_run(PIPES["cogvideox"](), ranges, window, steps=10, **overrides)) <= RTOL, change
 
 
 def test_adacache_in_a_pipeline_runs_and_reuses():
