@@ -10,6 +10,7 @@ with separate cond/uncond calls.
 """
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from typing import Sequence
 
@@ -17,7 +18,9 @@ import torch
 import torch.utils._pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import graphpass
 from conftest import ModelCase, first, make_case, step
+from graphpass import PAB
 from graphpass.runtime.executor import OptimizedModel
 
 torch.set_num_threads(1)
@@ -49,19 +52,33 @@ def model_case(name: str) -> ModelCase:
     return _wan() if name == "wan" else make_case(name)
 
 
-def without_hoisting(opt: OptimizedModel, timesteps: Sequence[float] | None = None) -> OptimizedModel:
-    """What ``graphpass.optimize(..., hoist=False)`` builds for ``opt``'s model and schedule, on ``opt``'s capture
-    and regions (one capture serves both; the option itself is checked in test_hoisting_pass).
+@functools.lru_cache(maxsize=None)
+def optimized(name: str) -> OptimizedModel:
+    """``graphpass.optimize`` of :func:`model_case` ``(name)`` with its example call (hoisting on, as by
+    default), once per test module. Never run it: tests take models of their own schedule on its capture
+    with :func:`for_schedule`."""
+    case = model_case(name)
+    kind = "joint" if name in ("cogvideox", "wan") else "spatial"
+    return graphpass.optimize(case.model, PAB(**{kind: 2}), example_kwargs=case.kwargs())
 
-        >>> plain = without_hoisting(graphpass.optimize(model, PAB.preset("latte"), example_kwargs=kw))
-        >>> plain.hoisting is None
+
+def for_schedule(opt: OptimizedModel, schedule, timesteps: Sequence[float] | None = None,
+                 hoist: bool = True) -> OptimizedModel:
+    """What ``graphpass.optimize(model, schedule, example_kwargs=..., timesteps=..., hoist=...)`` builds, on
+    ``opt``'s capture, regions and hoisting analysis (which depends on the capture and the per-step inputs
+    only, and holds no run state: each model keeps its hoisted values in its own state).
+
+        >>> plain = for_schedule(optimized("latte"), PAB.preset("latte"), hoist=False)
+        >>> plain.hoisting is None and plain.state().trace == []
         True
     """
-    plain = OptimizedModel(opt.model, opt.captured, opt.attention_regions, opt.schedule,
-                           timestep_arg=opt.timestep_arg, timestep_order=opt.timestep_order)
+    schedule.check_model({r.kind for r in opt.attention_regions})
+    twin = OptimizedModel(opt.model, opt.captured, opt.attention_regions, schedule, timestep_arg=opt.timestep_arg,
+                          timestep_order=opt.timestep_order)
+    twin.hoisting = opt.hoisting if hoist else None
     if timesteps is not None:
-        plain.plan(timesteps)
-    return plain
+        twin.plan(timesteps)
+    return twin
 
 
 #: Each model's cross-attention key/value projections, from the model code (None: no cross-attention).

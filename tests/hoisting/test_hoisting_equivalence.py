@@ -16,7 +16,7 @@ import torch
 import graphpass
 from graphpass import PAB, AdaCache
 from conftest import DDIM_50, run_loop
-from hoisting_helpers import STEPS_20, model_case, without_hoisting
+from hoisting_helpers import STEPS_20, for_schedule, model_case, optimized
 from reference_pab import ReferencePAB
 
 MODELS = ("vdt", "latte", "wan", "cogvideox")
@@ -58,8 +58,8 @@ def test_hoisted_full_graph_equals_eager(name):
     case = model_case(name)
     kw = case.kwargs()
     eager = run_loop(case.model, kw, STEPS_20)
-    opt = graphpass.optimize(case.model, _never_reuse(name), example_kwargs=kw)
-    assert opt.hoisting is not None  # on by default: every model has step-invariant work
+    assert optimized(name).hoisting is not None  # on by default: every model has step-invariant work
+    opt = for_schedule(optimized(name), _never_reuse(name))
     got = run_loop(opt, kw, STEPS_20)
     _assert_identical(got, eager)
     sg = opt.hoisting.step_graph(opt.phase_graph(opt.state().trace[0][1]))
@@ -72,8 +72,8 @@ def test_hoisted_pab_equals_pab_and_reference(name):
     case = model_case(name)
     kw = case.kwargs()
     schedule = SCHEDULES[name]
-    opt = graphpass.optimize(case.model, schedule, example_kwargs=kw)
-    plain = without_hoisting(opt)
+    opt = for_schedule(optimized(name), schedule)
+    plain = for_schedule(optimized(name), schedule, hoist=False)
     want = run_loop(plain, kw, STEPS_20)
     got = run_loop(opt, kw, STEPS_20)
     _assert_identical(got, want)
@@ -90,8 +90,8 @@ def test_hoisted_pab_equals_pab_and_reference(name):
 def test_hoisted_pab_with_plan_over_50_steps_equals_pab():
     case = model_case("latte")
     kw = case.kwargs()
-    opt = graphpass.optimize(case.model, PAB.preset("latte"), example_kwargs=kw, timesteps=DDIM_50)
-    plain = without_hoisting(opt, timesteps=DDIM_50)
+    opt = for_schedule(optimized("latte"), PAB.preset("latte"), timesteps=DDIM_50)
+    plain = for_schedule(optimized("latte"), PAB.preset("latte"), timesteps=DDIM_50, hoist=False)
     _assert_identical(run_loop(opt, kw, DDIM_50), run_loop(plain, kw, DDIM_50))
     st = opt.state()
     assert st.hoisted.runs == 1
@@ -102,9 +102,8 @@ def test_hoisted_adacache_equals_adacache():
     case = model_case("vdt")
     kw = case.kwargs()
     steps = DDIM_50[:20]
-    opt = graphpass.optimize(case.model, AdaCache.preset("fast"), example_kwargs=kw, timesteps=steps)
-    plain = without_hoisting(opt, timesteps=steps)
-    assert opt.hoisting is not None
+    opt = for_schedule(optimized("vdt"), AdaCache.preset("fast"), timesteps=steps)
+    plain = for_schedule(optimized("vdt"), AdaCache.preset("fast"), timesteps=steps, hoist=False)
     _assert_identical(run_loop(opt, kw, steps), run_loop(plain, kw, steps))
     assert opt.decisions() == plain.decisions()
     assert "R" in opt.decisions()  # reuse steps skip the blocks, and with them the hoisted K/V's readers

@@ -11,18 +11,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-import graphpass
 from graphpass import PAB
 from graphpass.schedules.base import Action, Phase
-from hoisting_helpers import CROSS_KV, STEPS_20, WeightReads, cfg_loop, model_case, without_hoisting
+from hoisting_helpers import CROSS_KV, STEPS_20, WeightReads, cfg_loop, for_schedule, model_case, optimized
 
 STEPS = STEPS_20[:10]
 
 
 @pytest.mark.parametrize("name", ["latte", "wan", "vdt"])
 def test_every_cross_attention_key_and_value_is_hoisted(name):
-    case = model_case(name)
-    opt = graphpass.optimize(case.model, PAB(cross=2, window=(100, 800)), example_kwargs=case.kwargs())
+    opt = for_schedule(optimized(name), PAB(cross=2, window=(100, 800)))
     sources = [v.source for v in opt.hoisting.values_info().values()]
     for path in CROSS_KV[name]:
         assert sources.count(path) == 1, f"{path} hoisted {sources.count(path)} times: {sources}"
@@ -43,13 +41,14 @@ def test_prologue_runs_once_per_generation_and_context(name, schedule):
     case = model_case(name)
     kw = case.kwargs()
     uncond = torch.zeros_like(kw["encoder_hidden_states"])
-    weights = {p: case.model.get_submodule(p).weight for p in CROSS_KV[name]}
-    with WeightReads(weights) as eager_reads:
+    eager_weights = {p: case.model.get_submodule(p).weight for p in CROSS_KV[name]}
+    with WeightReads(eager_weights) as eager_reads:
         eager = cfg_loop(case.model, kw, uncond, STEPS, contexts=False)
     assert set(eager_reads.counts.values()) == {2 * len(STEPS)}  # eager: every step, both calls
 
     never = PAB(**{"joint" if name == "wan" else "spatial": 2}, window=(2000, 3000))  # no step in the window
-    opt = graphpass.optimize(case.model, schedule or never, example_kwargs=kw, timesteps=STEPS)
+    opt = for_schedule(optimized(name), schedule or never, timesteps=STEPS)
+    weights = {p: opt.model.get_submodule(p).weight for p in CROSS_KV[name]}  # those the graphs read
     generations = 2
     with WeightReads(weights) as reads:
         outs = [cfg_loop(opt, kw, uncond, STEPS, contexts=True) for _ in range(generations)]
@@ -60,15 +59,14 @@ def test_prologue_runs_once_per_generation_and_context(name, schedule):
             for i, (g, e) in enumerate(zip(got, eager)):
                 assert torch.equal(g, e), f"call {i}: max diff {float((g - e).abs().max())}"
     else:
-        plain = without_hoisting(opt, timesteps=STEPS)
+        plain = for_schedule(optimized(name), schedule, timesteps=STEPS, hoist=False)
         want = cfg_loop(plain, kw, uncond, STEPS, contexts=True)
         assert all(torch.equal(g, w) for g, w in zip(outs[1], want))
         assert any(ph.reused for _, ph in opt.state("cond").trace)
 
 
 def test_inspect_reports_hoisted_values_and_flops_saved():
-    case = model_case("latte")
-    opt = graphpass.optimize(case.model, PAB.preset("latte"), example_kwargs=case.kwargs())
+    opt = for_schedule(optimized("latte"), PAB.preset("latte"))
     full = opt.phase_graph(Phase(()))
     # What no step computes any more, counted by hand from the tiny Latte's sizes (batch 2, 5 text tokens
     # of 16 channels, 3 frames, inner dim 16), with flops.py's rules (2*M*N*K per matmul, one per element

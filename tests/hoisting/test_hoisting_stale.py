@@ -11,10 +11,9 @@ from typing import Callable
 
 import torch
 
-import graphpass
 from graphpass import PAB
 from conftest import first, step
-from hoisting_helpers import STEPS_20, model_case
+from hoisting_helpers import STEPS_20, for_schedule, model_case, optimized
 
 STEPS = STEPS_20[:10]
 NEVER = PAB(spatial=2, window=(2000, 3000))  # no step of the loop is in the window: the full graph runs
@@ -38,7 +37,7 @@ def _run_both(before_factory):
     """(eager outputs, graphpass outputs, the optimized model), each loop with its own ``before``."""
     case = model_case("latte")
     eager = _loop(case.model, case.kwargs(), before_factory())
-    opt = graphpass.optimize(case.model, NEVER, example_kwargs=case.kwargs())
+    opt = for_schedule(optimized("latte"), NEVER)
     return eager, _loop(opt, case.kwargs(), before_factory()), opt
 
 
@@ -91,7 +90,7 @@ def test_fresh_copy_each_step_recomputes_each_step():
 def test_inference_mode_tensors():
     case = model_case("latte")
     kw = case.kwargs()
-    opt = graphpass.optimize(case.model, NEVER, example_kwargs=kw)
+    opt = for_schedule(optimized("latte"), NEVER)
     with torch.inference_mode():
         kw = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
         got = _loop(opt, kw, lambda i, kw: None)
@@ -102,7 +101,7 @@ def test_inference_mode_tensors():
 
 def test_each_generation_recomputes_and_reset_frees():
     case = model_case("latte")
-    opt = graphpass.optimize(case.model, NEVER, example_kwargs=case.kwargs())
+    opt = for_schedule(optimized("latte"), NEVER)
     for _ in range(2):  # the timestep going back up starts a new generation
         _loop(opt, case.kwargs(), lambda i, kw: None)
     assert opt.state().hoisted.runs == 2
