@@ -205,14 +205,25 @@ def test_wan_hook_as_shipped_mixes_cond_and_uncond():
 
 # --- schedules on the trajectory (flow matching) ----------------------------------------------------
 
+#: PAB with Wan's ranges over the middle 70% of any trajectory.
+PROGRESS = PAB(joint=2, cross=3, window=(0.15, 0.85), window_unit="progress")
+
+
+@functools.lru_cache(maxsize=None)
+def _wan_progress_planned() -> tuple[PipeCase, torch.Tensor]:
+    """(the Wan pipeline optimized with ``optimize_pipeline`` for :data:`PROGRESS`, the latents of its 10-step
+    generation), made once per module; read it, do not run it again."""
+    case = PIPES["wan"]()
+    graphpass.optimize_pipeline(case.pipe, PROGRESS)
+    return case, case.run(steps=10)
+
+
 def test_progress_window_reuses_the_middle_of_a_flow_matching_trajectory():
     """Wan's shifted flow-matching timesteps sit mostly above 800, so a timestep window (100, 800) covers
     few steps; a progress window covers the same fraction of steps on any sampler. Reference: diffusers'
     hook with the timestep window that selects exactly those steps."""
-    steps, lo, hi = 10, 0.15, 0.85
-    case = PIPES["wan"]()
-    graphpass.optimize_pipeline(case.pipe, PAB(joint=2, cross=3, window=(lo, hi), window_unit="progress"))
-    got = case.run(steps=steps)
+    steps, (lo, hi) = 10, PROGRESS.window
+    case, got = _wan_progress_planned()
     ts = [float(t) for t in case.pipe.scheduler.timesteps]
     inside = [i for i in range(steps) if lo < i / (steps - 1) < hi]
     assert inside == list(range(2, 8))
@@ -229,12 +240,9 @@ def test_progress_window_reuses_the_middle_of_a_flow_matching_trajectory():
 def test_progress_window_from_cache_context_info_in_the_one_line_form():
     """Wan's pipeline passes step_index and num_inference_steps to cache_context: enough for progress
     windows without optimize_pipeline; the result equals the planned form."""
-    sched = PAB(joint=2, cross=3, window=(0.15, 0.85), window_unit="progress")
-    a = PIPES["wan"]()
-    graphpass.optimize_pipeline(a.pipe, sched)
     b = PIPES["wan"]()
-    b.pipe.transformer = graphpass.optimize(b.pipe.transformer, sched)
-    assert torch.equal(a.run(steps=10), b.run(steps=10))
+    b.pipe.transformer = graphpass.optimize(b.pipe.transformer, PROGRESS)
+    assert torch.equal(_wan_progress_planned()[1], b.run(steps=10))
 
 
 def test_progress_window_without_trajectory_says_how():
