@@ -160,6 +160,13 @@ def on_capture_of(opt: OptimizedModel, schedule: PAB) -> OptimizedModel:
     return twin
 
 
+def one_line(case: PipeCase, schedule: PAB) -> LazyOptimizedModel:
+    """``graphpass.optimize(case.pipe.transformer, schedule)``, the one line's lazy model, built at its first
+    call on the capture the never-reusing check made of the same call (the same seeded weights)."""
+    never = _never_reusing(case.name)[2].optimized
+    return LazyOptimizedModel(case.pipe.transformer, lambda kwargs: on_capture_of(never, schedule))
+
+
 @pytest.mark.parametrize("name", ["cogvideox", "cogvideox-rope", "latte", "wan", "hunyuanvideo", "ltx", "wan-ti2v"])
 def test_one_line_never_reusing_is_bit_identical(name):
     base, got, opt = _never_reusing(name)
@@ -186,11 +193,7 @@ def test_pab_equals_diffusers_hook(name):
     case = PIPES[name]()
     window = (100, 900) if case.pipe.scheduler.__class__.__name__.startswith("FlowMatch") else (100, 800)
     ref = hook_run(name, ranges, window, steps=10)
-    # the one line's lazy model, built at the first call on the capture the never-reusing check made of the
-    # same call (the same seeded weights)
-    never = _never_reusing(name)[2].optimized
-    case.pipe.transformer = LazyOptimizedModel(case.pipe.transformer,
-                                               lambda kwargs: on_capture_of(never, PAB(**ranges, window=window)))
+    case.pipe.transformer = one_line(case, PAB(**ranges, window=window))
     got = case.run(steps=10)
     assert _rel(got, ref) <= RTOL
     opt = case.pipe.transformer
@@ -269,8 +272,7 @@ def test_progress_window_from_cache_context_info_in_the_one_line_form():
 
 def test_progress_window_without_trajectory_says_how():
     case = PIPES["cogvideox"]()  # its pipeline passes no step_index to cache_context
-    case.pipe.transformer = graphpass.optimize(case.pipe.transformer, PAB(joint=2, window=(0.1, 0.9),
-                                                                          window_unit="progress"))
+    case.pipe.transformer = one_line(case, PAB(joint=2, window=(0.1, 0.9), window_unit="progress"))
     with pytest.raises(graphpass.ScheduleError, match="optimize_pipeline"):
         case.run(steps=4)
 
@@ -292,7 +294,7 @@ def test_stale_plan_warns_and_stays_pab():
     (still equal to the hook)."""
     ranges, window = PAB_CASES["latte"], (100, 800)
     case = PIPES["latte"]()
-    case.pipe.transformer = graphpass.optimize(case.pipe.transformer, PAB(**ranges, window=window))
+    case.pipe.transformer = one_line(case, PAB(**ranges, window=window))
     case.pipe.scheduler.set_timesteps(10)
     case.pipe.transformer.plan(case.pipe.scheduler.timesteps)
     with pytest.warns(UserWarning, match="leaves the plan"):
@@ -354,7 +356,7 @@ def test_batch_changes_between_generations():
     pe, ne = case.kwargs["prompt_embeds"], case.kwargs["negative_prompt_embeds"]
     changes = {"guidance-off": (dict(guidance_scale=1.0), 1),
                "two-prompts": (dict(prompt_embeds=torch.cat([pe, ne]), negative_prompt_embeds=torch.cat([ne, pe])), 2)}
-    case.pipe.transformer = graphpass.optimize(case.pipe.transformer, PAB(**ranges, window=window))
+    case.pipe.transformer = one_line(case, PAB(**ranges, window=window))
     case.run(steps=3)
     for change, (overrides, batch) in changes.items():
         got = case.run(steps=10, **overrides)
