@@ -12,8 +12,8 @@ from torch.utils.flop_counter import FlopCounterMode
 import graphpass
 import tiny_video_dits as dits
 from conftest import run_loop
-from graphpass import PAB, ScheduleError
-from graphpass.passes.capture import capture, module_path
+from graphpass import PAB
+from graphpass.passes.capture import module_path
 from graphpass.passes.flops import node_flops
 from graphpass.passes.specialize import specialize_phase
 from graphpass.passes.tag import tag_attention
