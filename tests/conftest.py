@@ -186,7 +186,7 @@ def cogvideox_tiny() -> tuple[torch.nn.Module, Callable[[], dict[str, Any]]]:
 #: in their helpers; tests/exporters/_exported.py): all their tests go to one xdist worker, so each is made once.
 #: tests/parallel's spawned modules read one spawn's results (``_launch.launch_once``), and its spawns share one
 #: forkserver.
-_SHARED_CAPTURE_DIRS = ("techniques", "adacache", "parallel", "exporters")
+_SHARED_CAPTURE_DIRS = ("techniques", "adacache", "parallel", "exporters", "hoisting")
 
 
 def _xdist_group(item: pytest.Item) -> str:
