@@ -17,7 +17,6 @@ import torch
 
 import graphpass
 from graphpass import PAB
-from graphpass.runtime.executor import OptimizedModel
 from conftest import first, run_loop
 from reference_pab import ReferencePAB
 
@@ -78,11 +77,11 @@ def check_never_reusing(case: Case, schedule: PAB, steps=STEPS_20[:6], **optimiz
     return opt
 
 
-def check_pab_reference(case: Case, modules: dict[str, str], schedule: PAB, kw=None, on: OptimizedModel | None = None,
-                        **optimize_kw):
+def check_pab_reference(case: Case, modules: dict[str, str], schedule: PAB, kw=None,
+                        on: graphpass.OptimizedModel | None = None, **optimize_kw):
     """graphpass's PAB over :data:`STEPS_20` against the reference wrapping ``modules``; returns the
-    optimized model. ``on``: an optimized model of the same case whose capture and regions serve (what
-    :func:`graphpass.optimize` builds on them for ``schedule``, without hoisting) instead of a new capture."""
+    optimized model. ``on``: an optimized model of the same case and example call whose capture, regions and
+    hoisting serve (``on.with_schedule(schedule)``) instead of a new capture."""
     kw = kw or case.kwargs()
     ranges = {k: schedule.range_of(k) for k in ("spatial", "temporal", "cross", "joint", "mlp")}
     ref = ReferencePAB(case.build(), modules, ranges, window=schedule.window)
@@ -93,7 +92,7 @@ def check_pab_reference(case: Case, modules: dict[str, str], schedule: PAB, kw=N
         opt = graphpass.optimize(case.build(), schedule, example_kwargs=case.kwargs(), **optimize_kw)
     else:
         schedule.check_model({r.kind for r in on.attention_regions})
-        opt = OptimizedModel(on.model, on.captured, on.attention_regions, schedule)
+        opt = on.with_schedule(schedule)
     got = run_loop(opt, kw, STEPS_20)
     rel = max_rel(got, want)
     assert rel <= RTOL, f"max relative |graphpass - reference| = {rel}"

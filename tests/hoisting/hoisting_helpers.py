@@ -64,18 +64,18 @@ def optimized(name: str) -> OptimizedModel:
 
 def for_schedule(opt: OptimizedModel, schedule, timesteps: Sequence[float] | None = None,
                  hoist: bool = True) -> OptimizedModel:
-    """What ``graphpass.optimize(model, schedule, example_kwargs=..., timesteps=..., hoist=...)`` builds, on
-    ``opt``'s capture, regions and hoisting analysis (which depends on the capture and the per-step inputs
-    only, and holds no run state: each model keeps its hoisted values in its own state).
+    """What ``graphpass.optimize(model, schedule, example_kwargs=..., timesteps=..., hoist=...)`` builds:
+    ``opt.with_schedule(schedule)`` (``opt``'s capture, regions and hoisting analysis, fresh run state), its
+    hoisting dropped unless ``hoist``, planned for ``timesteps`` if given.
 
         >>> plain = for_schedule(optimized("latte"), PAB.preset("latte"), hoist=False)
         >>> plain.hoisting is None and plain.state().trace == []
         True
     """
-    schedule.check_model({r.kind for r in opt.attention_regions})
-    twin = OptimizedModel(opt.model, opt.captured, opt.attention_regions, schedule, timestep_arg=opt.timestep_arg,
-                          timestep_order=opt.timestep_order)
-    twin.hoisting = opt.hoisting if hoist else None
+    schedule.check_model({r.kind for r in opt.attention_regions})  # as optimize refuses a kind the model lacks
+    twin = opt.with_schedule(schedule)
+    if not hoist:
+        twin.hoisting = None
     if timesteps is not None:
         twin.plan(timesteps)
     return twin

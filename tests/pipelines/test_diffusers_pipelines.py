@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import graphpass
-from graphpass import PAB, OptimizedModel
+from graphpass import PAB
 from graphpass.runtime.lazy import LazyOptimizedModel
 from tiny_pipelines import PIPES, PipeCase
 
@@ -150,21 +150,12 @@ def _never_reusing(name: str) -> tuple[torch.Tensor, torch.Tensor, LazyOptimized
     return base, case.run(steps=6), case.pipe.transformer
 
 
-def on_capture_of(opt: OptimizedModel, schedule: PAB) -> OptimizedModel:
-    """What ``graphpass.optimize`` builds for ``schedule`` on ``opt``'s capture, regions and hoisting analysis
-    (which holds no run state): the model of another schedule without capturing again."""
-    schedule.check_model({r.kind for r in opt.attention_regions})
-    twin = OptimizedModel(opt.model, opt.captured, opt.attention_regions, schedule, timestep_arg=opt.timestep_arg,
-                          timestep_order=opt.timestep_order)
-    twin.hoisting = opt.hoisting
-    return twin
-
-
 def one_line(case: PipeCase, schedule: PAB) -> LazyOptimizedModel:
     """``graphpass.optimize(case.pipe.transformer, schedule)``, the one line's lazy model, built at its first
-    call on the capture the never-reusing check made of the same call (the same seeded weights)."""
+    call with ``with_schedule`` on the capture (and hoisting) the never-reusing check made of the same call
+    (the same seeded weights)."""
     never = _never_reusing(case.name)[2].optimized
-    return LazyOptimizedModel(case.pipe.transformer, lambda kwargs: on_capture_of(never, schedule))
+    return LazyOptimizedModel(case.pipe.transformer, lambda kwargs: never.with_schedule(schedule))
 
 
 @pytest.mark.parametrize("name", ["cogvideox", "cogvideox-rope", "latte", "wan", "hunyuanvideo", "ltx", "wan-ti2v"])
