@@ -3,6 +3,7 @@ sampling-like loop over batched-CFG calls or separate cond/uncond cache contexts
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 
@@ -30,6 +31,30 @@ def tiny(name: str):
     text = torch.randn(2, 5, 16, generator=g)
     return model, dict(hidden_states=x, timestep=torch.full((2,), 500, dtype=torch.int64),
                        encoder_hidden_states=text, return_dict=False)
+
+
+@functools.lru_cache(maxsize=None)
+def optimized_tiny(name: str, batch: int = 2):
+    """(model, kwargs at ``batch``, ``graphpass.optimize(model, ComputeAll(), example_kwargs=kwargs)``) of a tiny
+    model, made once per pytest process: tests build their schedule on it with :func:`on_tiny` (do not modify
+    the model or run the shared base)."""
+    import graphpass
+    from graphpass.eval.harness import ComputeAll
+
+    model, kw = tiny(name)
+    kw = {k: v[:batch] if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
+    return model, kw, graphpass.optimize(model, ComputeAll(), example_kwargs=kw)
+
+
+def on_tiny(name: str, schedule, batch: int = 2, timesteps=None):
+    """(model, kwargs, model optimized for ``schedule``): what ``graphpass.optimize(model, schedule,
+    example_kwargs=kwargs, timesteps=timesteps)`` returns, built on the shared capture of :func:`optimized_tiny`
+    with ``with_schedule`` (same capture, regions and hoisting; fresh run state)."""
+    model, kw, base = optimized_tiny(name, batch)
+    opt = base.with_schedule(schedule)
+    if timesteps is not None:
+        opt.plan(timesteps)
+    return model, kw, opt
 
 
 def loop(call, kw, contexts=None):

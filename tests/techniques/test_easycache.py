@@ -13,7 +13,7 @@ import graphpass
 from graphpass import ScheduleError, schedule_from_json
 from graphpass.eval.harness import ComputeAll
 from graphpass.techniques.easycache import EasyCache, FrozenEasyCache
-from technique_loops import TS, graphpass_caller, loop, reads_per_call, rel_err, tiny
+from technique_loops import TS, graphpass_caller, loop, on_tiny, reads_per_call, rel_err, tiny
 
 torch.set_num_threads(1)
 
@@ -72,8 +72,7 @@ class EasyCacheReference:
 @pytest.mark.parametrize("name, thresh, expected", [("wan", 0.5, "CCCRRRCRRRRCRC"), ("wan", 0.2, "CCCRCRCRCRCRCC"),
                                                      ("cogvideox", 0.5, "CCCRRRRRRRRRCC")])
 def test_equals_reference_batched_cfg(name, thresh, expected):
-    model, kw = tiny(name)
-    opt = graphpass.optimize(model, EasyCache(threshold=thresh, warmup_steps=3), example_kwargs=kw, timesteps=TS)
+    _, kw, opt = on_tiny(name, EasyCache(threshold=thresh, warmup_steps=3), timesteps=TS)
     assert opt.technique.name == "EasyCache"
     ours = loop(graphpass_caller(opt), kw)
     ref_model, _ = tiny(name)
@@ -87,9 +86,8 @@ def test_equals_reference_batched_cfg(name, thresh, expected):
 
 @pytest.mark.parametrize("name", ["wan", "cogvideox"])
 def test_separate_cond_uncond_contexts_equal_reference(name):
-    model, kw = tiny(name)
-    half = {k: v[:1] if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
-    opt = graphpass.optimize(model, EasyCache(threshold=0.5, warmup_steps=3), example_kwargs=half, timesteps=TS)
+    _, _, opt = on_tiny(name, EasyCache(threshold=0.5, warmup_steps=3), batch=1, timesteps=TS)
+    _, kw = tiny(name)
     contexts = {"cond": slice(0, 1), "uncond": slice(1, 2)}
     ours = loop(graphpass_caller(opt), kw, contexts)
     ref_model, _ = tiny(name)
@@ -104,9 +102,8 @@ def test_host_reads_and_frozen_replay(monkeypatch):
     """Reads beyond those of every graphpass call (the timestep's): one on each call that tests the error
     (the rule needs that call's input change), none on forced calls; the frozen replay reads none and gives
     the same outputs."""
-    model, kw = tiny("wan")
-    base = reads_per_call(graphpass.optimize(model, ComputeAll(), example_kwargs=kw, timesteps=TS), kw, monkeypatch)
-    opt = graphpass.optimize(model, EasyCache(threshold=0.5, warmup_steps=3), example_kwargs=kw, timesteps=TS)
+    model, kw, opt = on_tiny("wan", EasyCache(threshold=0.5, warmup_steps=3), timesteps=TS)
+    base = reads_per_call(on_tiny("wan", ComputeAll(), timesteps=TS)[2], kw, monkeypatch)
     extra = [a - b for a, b in zip(reads_per_call(opt, kw, monkeypatch), base)]
     d = opt.decisions()
     assert d == "CCCRRRCRRRRCRC"
@@ -119,7 +116,7 @@ def test_host_reads_and_frozen_replay(monkeypatch):
     rep = graphpass.optimize(model, frozen, example_kwargs=kw, timesteps=TS)
     assert reads_per_call(rep, kw, monkeypatch) == base and rep.metric_reads == 0
     ours = loop(graphpass_caller(rep), kw)
-    adaptive = graphpass.optimize(model, EasyCache(threshold=0.5, warmup_steps=3), example_kwargs=kw, timesteps=TS)
+    adaptive = on_tiny("wan", EasyCache(threshold=0.5, warmup_steps=3), timesteps=TS)[2]
     assert rel_err(ours, loop(graphpass_caller(adaptive), kw)) < 1e-6
     # a reuse call runs x + D only: one add per latent element, no weight
     reuse = rep.phase_graph(rep.current_plan.phases[d.index("R")])
@@ -183,9 +180,8 @@ def test_model_that_does_not_fit_and_unknown_length_are_refused():
     latte = make_case("latte")  # predicts 8 channels (noise and variance) for a 4-channel latent
     with pytest.raises(ScheduleError, match="shaped like its latent input"):
         graphpass.optimize(latte.model, EasyCache(), example_kwargs=latte.kwargs())
-    model, kw = tiny("wan")
-    opt = graphpass.optimize(model, EasyCache(warmup_steps=2), example_kwargs=kw)  # no timesteps
+    model, kw, opt = on_tiny("wan", EasyCache(warmup_steps=2))  # no timesteps
     with pytest.raises(ScheduleError, match="number of calls is unknown"):
         opt(**kw)
-    ok = graphpass.optimize(model, EasyCache(warmup_steps=2, always_compute_last=0), example_kwargs=kw)
+    ok = on_tiny("wan", EasyCache(warmup_steps=2, always_compute_last=0))[2]
     assert torch.equal(ok(**kw)[0], model(**kw)[0])

@@ -11,7 +11,7 @@ import torch
 import graphpass
 from graphpass import ScheduleError, schedule_from_json
 from graphpass.techniques.taylorseer import TaylorSeer
-from technique_loops import TS, graphpass_caller, loop, reads_per_call, rel_err, tiny
+from technique_loops import TS, graphpass_caller, loop, on_tiny, reads_per_call, rel_err, tiny
 
 torch.set_num_threads(1)
 
@@ -58,8 +58,7 @@ def test_equals_diffusers_hook_batched_cfg(name, config):
     from diffusers import TaylorSeerCacheConfig
 
     cfg = TaylorSeerCacheConfig(**CONFIGS[config])
-    model, kw = tiny(name)
-    opt = graphpass.optimize(model, TaylorSeer.from_diffusers(cfg), example_kwargs=kw)
+    _, kw, opt = on_tiny(name, TaylorSeer.from_diffusers(cfg))
     assert opt.technique.name == "TaylorSeer"
     ours = loop(graphpass_caller(opt), kw)
     ref_model, _ = tiny(name)
@@ -81,8 +80,7 @@ def test_separate_cond_uncond_contexts_equal_diffusers_hook(name, config, expect
     from diffusers import TaylorSeerCacheConfig
 
     cfg = TaylorSeerCacheConfig(**CONFIGS[config])
-    model, kw = tiny(name)
-    opt = graphpass.optimize(model, TaylorSeer.from_diffusers(cfg), example_kwargs=kw)
+    _, kw, opt = on_tiny(name, TaylorSeer.from_diffusers(cfg))
     contexts = {"cond": slice(0, 1), "uncond": slice(1, 2)}
     ours = loop(graphpass_caller(opt), kw, contexts)
     ref_model, _ = tiny(name)
@@ -98,11 +96,9 @@ def test_no_value_read_back_from_the_device(monkeypatch):
     timestep's value, which picks the generation), on computed and predicted calls alike."""
     from graphpass.eval.harness import ComputeAll
 
-    model, kw = tiny("wan")
-    opt = graphpass.optimize(model, TaylorSeer.preset("attention", taylor_factors_dtype="float32"),
-                             example_kwargs=kw, timesteps=TS)
+    _, kw, opt = on_tiny("wan", TaylorSeer.preset("attention", taylor_factors_dtype="float32"), timesteps=TS)
     ours = reads_per_call(opt, kw, monkeypatch)
-    plain = reads_per_call(graphpass.optimize(model, ComputeAll(), example_kwargs=kw, timesteps=TS), kw, monkeypatch)
+    plain = reads_per_call(on_tiny("wan", ComputeAll(), timesteps=TS)[2], kw, monkeypatch)
     assert ours == plain and len(set(plain)) == 1
     assert opt.decisions() == "CCCRCRRRRCRRRR" and opt.metric_reads == 0
     # one graph per phase kind, whatever the gap (2 updates seeding the factors, the steady update, predict)

@@ -40,7 +40,8 @@ def test_frozen_form_replays_and_exports_to_onnx(tmp_path, schedule):
     frozen = opt.freeze("cond_uncond")
     assert isinstance(frozen, {FirstBlockCache: FrozenFirstBlockCache, TeaCache: FrozenAdaCache,
                                MagCache: FrozenMagCache}[type(schedule)])
-    replay = graphpass.optimize(model, frozen, example_kwargs=kw, timesteps=TIMESTEPS)
+    replay = opt.with_schedule(frozen)  # the same capture, as graphpass.optimize(model, frozen, ...) would make
+    replay.plan(TIMESTEPS)
     replayed = denoise(replay, kw)
     assert replay.decisions("cond_uncond") == opt.decisions("cond_uncond") == frozen.decisions
     assert max(rel_err(a, b) for a, b in zip(replayed, adaptive)) <= 1e-6
