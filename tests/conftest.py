@@ -11,12 +11,16 @@ output is returned (``first(out)``: the tensor of a diffusers ``return_dict=Fals
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import pytest
 import torch
+
+from graphpass.passes.capture import capture
+from graphpass.passes.tag import tag_attention
 
 # Tiny models: one thread avoids thread start-up and contention costs that dwarf the work (2 shared cores).
 torch.set_num_threads(1)
@@ -112,6 +116,15 @@ MODEL_NAMES = tuple(_FACTORIES)
 def make_case(name: str) -> ModelCase:
     """A fresh :class:`ModelCase` (new model object, same seeded weights every time)."""
     return _FACTORIES[name]()
+
+
+@functools.lru_cache(maxsize=None)
+def captured_case(name: str, dynamic: bool = False):
+    """(model case, capture, tagged regions) of :func:`make_case`'s ``name``, captured once per process (with
+    free sizes when ``dynamic``). Do not modify the case's model: graphs read its parameters."""
+    case = make_case(name)
+    cap = capture(case.model, case.kwargs(), dynamic=dynamic)
+    return case, cap, tag_attention(cap)
 
 
 def step(x: torch.Tensor, out) -> torch.Tensor:

@@ -5,17 +5,14 @@ One capture per model is shared by every example; hypothesis draws the schedule,
 """
 from __future__ import annotations
 
-import functools
 import sys
 from pathlib import Path
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import make_case, run_loop
+from conftest import captured_case, make_case, run_loop
 from graphpass import PAB, FrozenAdaCache
-from graphpass.passes.capture import capture
-from graphpass.passes.tag import tag_attention
 from graphpass.runtime.executor import OptimizedModel
 from reference_pab import ReferencePAB
 
@@ -28,13 +25,6 @@ MODULES = {f"blocks.{i}.{name}": kind for i in range(2)
                               ("cross_attn", "cross"), ("mlp", "mlp"))}
 SETTINGS = settings(max_examples=12, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
-
-
-@functools.lru_cache(maxsize=None)
-def _vdt():
-    case = make_case("vdt")
-    cap = capture(case.model, case.kwargs())
-    return case, cap, tag_attention(cap)
 
 
 _range = st.one_of(st.none(), st.integers(1, 5))
@@ -58,7 +48,7 @@ def pab_schedules(draw):
 @SETTINGS
 @given(schedule=pab_schedules(), planned=st.booleans())
 def test_random_pab_schedules_equal_the_reference(schedule, planned):
-    case, cap, regions = _vdt()
+    case, cap, regions = captured_case("vdt")
     opt = OptimizedModel(case.model, cap, regions, schedule)
     if planned:
         opt.plan(TS)

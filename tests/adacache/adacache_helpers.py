@@ -1,5 +1,5 @@
-"""Helpers of the AdaCache tests: captures shared by all tests of a session, and plain module-level
-implementations of residual reuse written independently of graphpass's passes.
+"""Helpers of the AdaCache tests: captures shared by all tests of a session (``conftest.captured_case``), and
+plain module-level implementations of residual reuse written independently of graphpass's passes.
 
 The reference wraps every transformer block's ``forward``: on a compute step the block runs and its residual
 (output - input) is kept; on a reuse step the block returns its input plus the kept residual. This is what
@@ -9,25 +9,14 @@ the block's gates and skip adds still run with the current step's conditioning.
 """
 from __future__ import annotations
 
-import functools
 import inspect
 from typing import Sequence
 
 import torch
 
-from conftest import first, make_case, step
-from graphpass.passes.capture import capture
-from graphpass.passes.tag import tag_attention
+from conftest import captured_case as captured  # noqa: F401 (the AdaCache tests import it from here)
+from conftest import first, step
 from graphpass.runtime.adaptive import ResidualModel
-
-
-@functools.lru_cache(maxsize=None)
-def captured(name: str, dynamic: bool = False):
-    """(model case, capture, tagged regions) of a conftest model, captured once per test session (with free
-    sizes when ``dynamic``). Do not modify the case's model: graphs read its parameters."""
-    case = make_case(name)
-    cap = capture(case.model, case.kwargs(), dynamic=dynamic)
-    return case, cap, tag_attention(cap)
 
 
 def residual_model(name: str, schedule, timesteps: Sequence[float] | None = None,

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.fx as fx
 
-from _captures import captured
+from conftest import captured_case
 from graphpass.errors import GraphpassError
 from graphpass.passes.elide import WAIT_OP, collective_info, collective_nodes, elide_collectives
 from graphpass.passes import parallelize as par
@@ -20,7 +20,7 @@ C10D = torch.ops._c10d_functional
 
 @pytest.fixture(scope="module")
 def captures():
-    return {name: captured(name) for name in ("vdt", "latte", "cogvideox")}
+    return {name: captured_case(name)[1:] for name in ("vdt", "latte", "cogvideox")}
 
 
 @pytest.mark.parametrize("name, frames", [("vdt", (2, 2)), ("latte", (2, 1))])

@@ -9,7 +9,7 @@ import functools
 import pytest
 import torch
 
-from _captures import captured
+from conftest import captured_case
 from graphpass import AdaCache, FrozenAdaCache, MoReg, ParallelError
 from graphpass.passes.elide import collective_info, collective_nodes, describe_collectives
 from graphpass.passes.parallelize import parallelize
@@ -24,7 +24,7 @@ MODES = {"vdt": "dsp", "cogvideox": "ulysses"}
 
 @functools.lru_cache(maxsize=None)
 def sharded(name: str, rank: int = 0):
-    cap, regions = captured(name)
+    _, cap, regions = captured_case(name)
     return cap, regions, parallelize(cap, regions, rank=rank, world_size=2, group_name="7", mode=MODES[name])
 
 
